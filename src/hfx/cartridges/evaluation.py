@@ -1,0 +1,252 @@
+"""Stage 4: how good and how cheap a cartridge is, against no context and the document in context (ICL).
+
+Three conditions on the same base model, one table:
+
+* ``no context``: the question alone;
+* ``ICL``: the document in the system turn (prefilled once, shared by every question);
+* ``cartridge``: the trained KV prefix instead of the document.
+
+Measured per condition: multiple-choice accuracy by answer log-likelihood, log-perplexity of the reference answers,
+the KV-cache bytes of what stands in for the document, and batched greedy decode throughput.
+
+Questions file format (JSONL, one object per line)::
+
+    {"question": "How many classes does the wine dataset have?", "choices": ["2", "3", "4", "5"], "answer": 1}
+
+``answer`` is the 0-based index of the correct choice (the choice's text is accepted too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hfx.cartridges.corpus import document_prefix_ids, user_turn_ids
+from hfx.cartridges.prefix import PrefixKV, forward_with_prefix
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MCQuestion:
+    question: str
+    choices: list[str]
+    answer: int
+
+
+def load_questions(path: str | Path) -> list[MCQuestion]:
+    """Read a questions JSONL file; a malformed row raises ``ValueError`` naming the file and line."""
+    path = Path(path)
+    questions = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg}).") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected an object with question, choices, answer.")
+            missing = [key for key in ("question", "choices", "answer") if key not in row]
+            if missing:
+                raise ValueError(f"{where}: missing field(s) {', '.join(missing)}.")
+            question, choices, answer = row["question"], row["choices"], row["answer"]
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{where}: field 'question' must be a non-empty string.")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+                raise ValueError(f"{where}: field 'choices' must be a list of at least two non-empty strings.")
+            if isinstance(answer, str):
+                if answer not in choices:
+                    raise ValueError(f"{where}: field 'answer' {answer!r} is not one of the choices.")
+                answer = choices.index(answer)
+            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+                raise ValueError(f"{where}: field 'answer' must be a choice index in [0, {len(choices) - 1}].")
+            questions.append(MCQuestion(question.strip(), choices, answer))
+    if not questions:
+        raise ValueError(f"{path}: no questions.")
+    return questions
+
+
+@dataclass
+class Condition:
+    """One way of giving the model the document: nothing, the document's KV (ICL), or a cartridge."""
+
+    name: str
+    prefix: PrefixKV | None
+    #: Whether the prefix already contains a system turn (ICL), so prompts continue after it.
+    prompt_after_system: bool
+
+
+@dataclass
+class ConditionResult:
+    condition: str
+    accuracy: float
+    answer_log_ppl: float
+    kv_tokens: int
+    kv_bytes: int
+    decode_tokens_per_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_multiple_choice(
+    model, tokenizer, condition: Condition, questions: list[MCQuestion], batch_size: int = 16, progress: bool = True
+) -> tuple[float, float]:
+    """Accuracy (choice with the highest mean token log-likelihood) and the reference answers' log-perplexity."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    items = []  # (question index, choice index, prompt length, full ids)
+    for q_idx, q in enumerate(questions):
+        prompt = user_turn_ids(tokenizer, q.question, after_system=condition.prompt_after_system)
+        for c_idx, choice in enumerate(q.choices):
+            answer_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            items.append((q_idx, c_idx, len(prompt), prompt + answer_ids))
+    sum_logprob = torch.zeros(len(questions), max(len(q.choices) for q in questions))
+    num_tokens = torch.ones_like(sum_logprob)
+    for start in tqdm(range(0, len(items), batch_size), desc=f"score [{condition.name}]", disable=not progress):
+        batch = items[start : start + batch_size]
+        ids, mask = _right_pad([it[3] for it in batch], pad_id)
+        logits = forward_with_prefix(model, condition.prefix, ids.to(model.device), mask.to(model.device)).logits
+        for row, (q_idx, c_idx, prompt_len, seq) in enumerate(batch):
+            targets = torch.tensor(seq[prompt_len:], device=logits.device)
+            logprobs = torch.log_softmax(logits[row, prompt_len - 1 : len(seq) - 1].float(), dim=-1)
+            sum_logprob[q_idx, c_idx] = logprobs.gather(-1, targets[:, None]).sum().item()
+            num_tokens[q_idx, c_idx] = len(targets)
+    mean_logprob = sum_logprob / num_tokens
+    correct, ref_logprob, ref_tokens = 0, 0.0, 0
+    for q_idx, q in enumerate(questions):
+        scores = mean_logprob[q_idx, : len(q.choices)]
+        correct += int(scores.argmax().item() == q.answer)
+        ref_logprob += sum_logprob[q_idx, q.answer].item()
+        ref_tokens += int(num_tokens[q_idx, q.answer].item())
+    return correct / len(questions), -ref_logprob / ref_tokens
+
+
+@torch.no_grad()
+def decode_throughput(
+    model, tokenizer, condition: Condition, prompts: list[str], new_tokens: int = 32, repeats: int = 1
+) -> float:
+    """Greedy decode tokens/s for ``prompts`` as one batch after the condition's prefix (``model.generate``)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seqs = [user_turn_ids(tokenizer, p, after_system=condition.prompt_after_system) for p in prompts]
+    width = max(len(s) for s in seqs)
+    prefix_len = condition.prefix.num_tokens if condition.prefix is not None else 0
+    ids = torch.full((len(seqs), prefix_len + width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    mask[:, :prefix_len] = 1
+    for row, seq in enumerate(seqs):  # left-pad between prefix and prompt: generate derives positions from the mask
+        ids[row, prefix_len + width - len(seq) :] = torch.tensor(seq)
+        mask[row, prefix_len + width - len(seq) :] = 1
+    best = 0.0
+    for _ in range(repeats):
+        cache = condition.prefix.cache(len(seqs), model.config) if condition.prefix is not None else None
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        elapsed = time.perf_counter() - start
+        generated = (out.shape[1] - ids.shape[1]) * len(seqs)
+        best = max(best, generated / elapsed)
+    return best
+
+
+def icl_condition(model, tokenizer, document: str, max_context_tokens: int | None = None) -> Condition:
+    """The document in the system turn, prefilled once; truncated to ``max_context_tokens`` if given."""
+    prefix_ids = document_prefix_ids(tokenizer, document)
+    name = "ICL"
+    if max_context_tokens is not None and len(prefix_ids) > max_context_tokens:
+        # Truncate the document, not the template, so the system turn stays well formed.
+        doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+        overhead = len(prefix_ids) - len(doc_ids)
+        kept = tokenizer.decode(doc_ids[: max(0, max_context_tokens - overhead - 4)])
+        prefix_ids = document_prefix_ids(tokenizer, kept)
+        name = f"ICL (first {len(prefix_ids)} tokens)"
+    return Condition(name, PrefixKV.prefill(model, prefix_ids), prompt_after_system=True)
+
+
+def cartridge_condition(peft_model, name: str = "cartridge") -> Condition:
+    return Condition(name, PrefixKV.from_peft_model(peft_model), prompt_after_system=False)
+
+
+def evaluate_conditions(
+    model,
+    tokenizer,
+    conditions: list[Condition],
+    questions: list[MCQuestion],
+    throughput_batch: int = 8,
+    throughput_tokens: int = 32,
+    progress: bool = True,
+) -> list[ConditionResult]:
+    """Score every condition on the questions; decode throughput for the conditions that have a prefix."""
+    results = []
+    prompts = [q.question for q in questions[:throughput_batch]]
+    for condition in conditions:
+        accuracy, log_ppl = score_multiple_choice(model, tokenizer, condition, questions, progress=progress)
+        throughput = None
+        if condition.prefix is not None and throughput_batch > 0:
+            throughput = decode_throughput(model, tokenizer, condition, prompts, new_tokens=throughput_tokens)
+        prefix = condition.prefix
+        results.append(
+            ConditionResult(
+                condition=condition.name,
+                accuracy=accuracy,
+                answer_log_ppl=log_ppl,
+                kv_tokens=prefix.num_tokens if prefix is not None else 0,
+                kv_bytes=prefix.nbytes if prefix is not None else 0,
+                decode_tokens_per_s=throughput,
+            )
+        )
+        logger.info("%s: accuracy %.3f, answer log-ppl %.3f", condition.name, accuracy, log_ppl)
+    return results
+
+
+def _fmt_bytes(n: int) -> str:
+    if n == 0:
+        return "0"
+    units = ["B", "KiB", "MiB", "GiB"]
+    power = min(int(math.log(n, 1024)), len(units) - 1)
+    return f"{n / 1024**power:.1f} {units[power]}"
+
+
+def format_table(results: list[ConditionResult], num_questions: int | None = None) -> str:
+    """A markdown table of the results (the same table the CLI prints and the model card embeds)."""
+    lines = [
+        "| condition | MC accuracy | answer log-ppl | KV tokens | KV bytes | decode tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        tput = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s is not None else "—"
+        lines.append(
+            f"| {r.condition} | {r.accuracy:.3f} | {r.answer_log_ppl:.3f} | {r.kv_tokens} | {_fmt_bytes(r.kv_bytes)} | {tput} |"
+        )
+    if num_questions is not None:
+        lines.append(f"\n{num_questions} multiple-choice questions.")
+    return "\n".join(lines)
+
+
+def results_to_json(results: list[ConditionResult]) -> list[dict]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,79 @@
+"""A KV-cache prefix shared by many sequences: a document prefilled once (ICL, synthesis) or a cartridge.
+
+Both are the same object to the model, a per-layer (key, value) cache that later tokens attend to, so the
+evaluation conditions and the synthesis teacher share one code path: prefill or load the prefix once, then
+expand it to each batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class PrefixKV:
+    """Per-layer keys and values ``[1, kv_heads, tokens, head_dim]`` of a prefix."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the prefix occupies in the KV cache of one sequence."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @classmethod
+    def from_cache(cls, cache) -> PrefixKV:
+        layers = cache.layers if hasattr(cache, "layers") else cache
+        keys, values = [], []
+        for layer in layers:
+            k, v = (layer.keys, layer.values) if hasattr(layer, "keys") else (layer[0], layer[1])
+            keys.append(k[:1].detach())
+            values.append(v[:1].detach())
+        return cls(keys, values)
+
+    @classmethod
+    @torch.no_grad()
+    def prefill(cls, model, input_ids: list[int]) -> PrefixKV:
+        """Run the model once over ``input_ids`` and keep its cache."""
+        ids = torch.tensor([input_ids], device=model.device)
+        out = model(input_ids=ids, use_cache=True)
+        return cls.from_cache(out.past_key_values)
+
+    @classmethod
+    def from_peft_model(cls, peft_model) -> PrefixKV:
+        """The prefix a PEFT prompt-learning adapter (CARTRIDGE) feeds the base model."""
+        with torch.no_grad():
+            return cls.from_cache(peft_model.get_prompt(batch_size=1))
+
+    def cache(self, batch_size: int, config) -> DynamicCache:
+        """A fresh cache holding this prefix for ``batch_size`` sequences (the model appends to it)."""
+        cache = DynamicCache(config=config)
+        for layer_idx, (k, v) in enumerate(zip(self.keys, self.values)):
+            cache.update(
+                k.expand(batch_size, -1, -1, -1).contiguous(),
+                v.expand(batch_size, -1, -1, -1).contiguous(),
+                layer_idx,
+            )
+        return cache
+
+
+def forward_with_prefix(model, prefix: PrefixKV | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """Forward ``input_ids`` (right-padded) after ``prefix``; returns the model output."""
+    if prefix is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    batch = input_ids.shape[0]
+    prefix_mask = torch.ones(batch, prefix.num_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
+    return model(
+        input_ids=input_ids,
+        attention_mask=torch.cat([prefix_mask, attention_mask], dim=1),
+        past_key_values=prefix.cache(batch, model.config),
+        **kwargs,
+    )

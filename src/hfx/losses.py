@@ -1,0 +1,55 @@
+"""Loss functions shared by hfx trainers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_distillation_loss(
+    student_hidden: torch.Tensor,
+    output_embeddings: torch.nn.Module,
+    loss_mask: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's stored top-k distribution.
+
+    Only positions with a label are projected to the vocabulary and normalised: ``student_hidden`` is the final
+    (normed) hidden state ``[batch, seq, hidden]``, and the LM head plus log-softmax run on the ``loss_mask``
+    positions alone, which is most of the memory and time of a full-vocabulary loss at these sequence lengths.
+
+    Args:
+        student_hidden: ``[batch, seq, hidden]`` final hidden states of the student.
+        output_embeddings: the LM head (``model.get_output_embeddings()``).
+        loss_mask: ``[batch, seq]`` bool, True where the next token has a teacher distribution.
+        teacher_topk_ids: ``[batch, seq, k]`` token ids of the teacher's top-k at each position.
+        teacher_topk_logprobs: ``[batch, seq, k]`` the teacher's log-probabilities of those ids (full-vocabulary
+            normalised; their mass over the top-k is used as the target weights, as stored).
+
+    Returns:
+        Mean over labelled positions of ``-sum_k p_teacher(k) * log p_student(k)``.
+    """
+    if loss_mask.sum() == 0:
+        # Keep the graph connected so DDP/accumulation see a gradient (of zero).
+        return student_hidden.sum() * 0.0
+    hidden = student_hidden[loss_mask]
+    student_logprobs = torch.log_softmax(output_embeddings(hidden).float(), dim=-1)
+    ids = teacher_topk_ids[loss_mask].long()
+    teacher_probs = teacher_topk_logprobs[loss_mask].float().exp()
+    student_at_teacher_topk = student_logprobs.gather(-1, ids)
+    return -(teacher_probs * student_at_teacher_topk).sum(-1).mean()
+
+
+def full_vocab_distillation_loss(
+    student_logits: torch.Tensor,
+    loss_mask: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+) -> torch.Tensor:
+    """The straightforward form of :func:`topk_distillation_loss`: log-softmax over every position's full logits.
+
+    Same value; kept as the baseline the trainer benchmark compares against.
+    """
+    student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
+    per_position = -(teacher_topk_logprobs.float().exp() * student_logprobs.gather(-1, teacher_topk_ids.long())).sum(-1)
+    return per_position[loss_mask].mean()
