@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hfx.cartridges.corpus import document_prefix_ids, user_turn_ids
-from hfx.cartridges.prefix import PrefixKV, forward_with_prefix
+from hfx.cartridges.prefix import PrefixKV, forward_with_prefix, generate_after_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -147,30 +147,20 @@ def decode_throughput(
     """Greedy decode tokens/s for ``prompts`` as one batch after the condition's prefix (``model.generate``)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs = [user_turn_ids(tokenizer, p, after_system=condition.prompt_after_system) for p in prompts]
-    width = max(len(s) for s in seqs)
-    prefix_len = condition.prefix.num_tokens if condition.prefix is not None else 0
-    ids = torch.full((len(seqs), prefix_len + width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    mask[:, :prefix_len] = 1
-    for row, seq in enumerate(seqs):  # left-pad between prefix and prompt: generate derives positions from the mask
-        ids[row, prefix_len + width - len(seq) :] = torch.tensor(seq)
-        mask[row, prefix_len + width - len(seq) :] = 1
     best = 0.0
     for _ in range(repeats):
-        cache = condition.prefix.cache(len(seqs), model.config) if condition.prefix is not None else None
         start = time.perf_counter()
-        out = model.generate(
-            input_ids=ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            past_key_values=cache,
+        out, width = generate_after_prefix(
+            model,
+            condition.prefix,
+            seqs,
+            pad_id,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
-            pad_token_id=pad_id,
         )
         elapsed = time.perf_counter() - start
-        generated = (out.shape[1] - ids.shape[1]) * len(seqs)
-        best = max(best, generated / elapsed)
+        best = max(best, (out.shape[1] - width) * len(seqs) / elapsed)
     return best
 
 

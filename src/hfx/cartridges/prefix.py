@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 
 @dataclass
@@ -53,9 +53,13 @@ class PrefixKV:
         with torch.no_grad():
             return cls.from_cache(peft_model.get_prompt(batch_size=1))
 
-    def cache(self, batch_size: int, config) -> DynamicCache:
-        """A fresh cache holding this prefix for ``batch_size`` sequences (the model appends to it)."""
-        cache = DynamicCache(config=config)
+    def cache(self, batch_size: int, config, max_cache_len: int | None = None) -> DynamicCache | StaticCache:
+        """A fresh cache holding this prefix for ``batch_size`` sequences (the model appends to it).
+
+        With ``max_cache_len`` it is a preallocated ``StaticCache``: decoding then writes each new token in place
+        instead of re-concatenating the whole cache at every step, which dominates decode time on CPU.
+        """
+        cache = StaticCache(config=config, max_cache_len=max_cache_len) if max_cache_len else DynamicCache(config=config)
         for layer_idx, (k, v) in enumerate(zip(self.keys, self.values)):
             cache.update(
                 k.expand(batch_size, -1, -1, -1).contiguous(),
@@ -77,3 +81,35 @@ def forward_with_prefix(model, prefix: PrefixKV | None, input_ids: torch.Tensor,
         past_key_values=prefix.cache(batch, model.config),
         **kwargs,
     )
+
+
+def generate_after_prefix(
+    model, prefix: PrefixKV | None, prompts: list[list[int]], pad_token_id: int, **generate_kwargs
+):
+    """``model.generate`` for a batch of prompts that all continue the same prefix.
+
+    The prefix's KV is expanded to the batch instead of being recomputed per sequence. Prompts are left-padded
+    *between* the prefix and themselves; ``generate`` derives positions from the attention mask, so each prompt
+    starts right after the prefix. Returns generate's output; new tokens start at ``output.sequences[:, width:]``
+    where ``width`` is the returned second value.
+    """
+    prefix_len = prefix.num_tokens if prefix is not None else 0
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), prefix_len + width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    mask[:, :prefix_len] = 1  # the prefix's own ids are never read: its KV is already in the cache
+    for row, prompt in enumerate(prompts):
+        ids[row, prefix_len + width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, prefix_len + width - len(prompt) :] = 1
+    max_new_tokens = generate_kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens
+    cache = None
+    if prefix is not None:
+        cache = prefix.cache(len(prompts), model.config, max_cache_len=prefix_len + width + max_new_tokens)
+    output = model.generate(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        past_key_values=cache,
+        pad_token_id=pad_token_id,
+        **generate_kwargs,
+    )
+    return output, prefix_len + width

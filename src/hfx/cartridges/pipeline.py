@@ -1,0 +1,289 @@
+"""The whole self-study job, stage after stage: corpus -> synthesis -> training -> evaluation -> saved cartridge.
+
+Every stage writes into one output directory and picks up where a killed run stopped: synthesis skips finished
+shards, training resumes from the last Trainer checkpoint, and a finished cartridge is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hfx import embedded
+from hfx.cartridges.attention import use_grouped_sdpa
+from hfx.cartridges.corpus import Corpus, load_corpus
+from hfx.cartridges.evaluation import (
+    Condition,
+    cartridge_condition,
+    evaluate_conditions,
+    format_table,
+    icl_condition,
+    load_questions,
+    results_to_json,
+)
+from hfx.cartridges.synthesis import SynthesisConfig, synthesize
+from hfx.cartridges.training import (
+    CartridgeCollator,
+    CartridgeTrainer,
+    CartridgeTrainingArguments,
+    create_cartridge,
+    load_cartridge,
+    read_metadata,
+    write_metadata,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(model_name_or_path: str | None, dtype: str = "float32"):
+    """(model, tokenizer, resolved path); ``None``/``"embedded"`` is the embedded SmolLM2-135M-Instruct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded.resolve_model_path(model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.eval()
+    use_grouped_sdpa(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, path
+
+
+def model_display_name(model_name_or_path: str | None) -> str:
+    resolved = embedded.resolve_model_path(model_name_or_path)
+    return embedded.EMBEDDED_MODEL_ID if resolved == str(embedded.embedded_model_path()) else str(model_name_or_path)
+
+
+def train_cartridge(
+    corpus_source: str,
+    dataset,
+    args: CartridgeTrainingArguments,
+    model_name_or_path: str | None = None,
+) -> Path:
+    """Train a cartridge on a synthesized dataset and save it (adapter + metadata) in ``args.output_dir``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    model, tokenizer, _ = load_model(model_name_or_path, dtype=args.model_dtype)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    corpus = load_corpus(corpus_source, tokenizer)
+    peft_model = create_cartridge(
+        model,
+        tokenizer,
+        corpus,
+        args.num_virtual_tokens,
+        num_frozen_tokens=args.num_frozen_tokens,
+        initialization=args.initialization,
+        seed=args.seed,
+    )
+    trainer = CartridgeTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=CartridgeCollator(tokenizer.pad_token_id),
+    )
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last:
+        logger.info("Resuming training from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(args.output_dir)
+    write_metadata(
+        args.output_dir,
+        {
+            "base_model": model_display_name(model_name_or_path),
+            "corpus": corpus.name,
+            "corpus_tokens": corpus.num_tokens,
+            "num_virtual_tokens": args.num_virtual_tokens,
+            "num_frozen_tokens": args.num_frozen_tokens,
+            "initialization": args.initialization,
+            "learning_rate": args.learning_rate,
+            "global_steps": trainer.state.global_step,
+            "train_conversations": len(dataset),
+            "train_loss": result.training_loss,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+        },
+    )
+    return Path(args.output_dir)
+
+
+def evaluate_cartridge(
+    cartridge_dir: str | Path,
+    corpus_source: str,
+    questions_path: str | Path,
+    model_name_or_path: str | None = None,
+    max_context_tokens: int | None = None,
+    throughput_batch: int = 8,
+    throughput_tokens: int = 32,
+) -> dict:
+    """The three-condition table for a saved cartridge; also written to ``<cartridge>/eval_results.json``."""
+    model, tokenizer, _ = load_model(model_name_or_path)
+    questions = load_questions(questions_path)
+    corpus = load_corpus(corpus_source, tokenizer)
+    window = getattr(model.config, "max_position_embeddings", None)
+    if max_context_tokens is None and window is not None:
+        max_context_tokens = window - 256  # room for the question and its answer
+    peft_model = load_cartridge(model, cartridge_dir)
+    conditions = [
+        Condition("no context", None, prompt_after_system=False),
+        icl_condition(model, tokenizer, corpus.text, max_context_tokens=max_context_tokens),
+        cartridge_condition(peft_model, name=f"cartridge (p={peft_model.active_peft_config.num_virtual_tokens})"),
+    ]
+    base = peft_model.get_base_model()
+    with peft_model.disable_adapter():
+        results = evaluate_conditions(
+            base, tokenizer, conditions, questions, throughput_batch=throughput_batch, throughput_tokens=throughput_tokens
+        )
+    report = {
+        "corpus": corpus.name,
+        "corpus_tokens": corpus.num_tokens,
+        "questions": str(questions_path),
+        "num_questions": len(questions),
+        "results": results_to_json(results),
+        "table": format_table(results, num_questions=len(questions)),
+    }
+    path = Path(cartridge_dir) / "eval_results.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+    return report
+
+
+def write_cartridge_card(cartridge_dir: str | Path, report: dict | None = None) -> None:
+    from hfx.hub import render_card
+
+    metadata = read_metadata(cartridge_dir)
+    render_card(
+        "cartridge_card.md",
+        Path(cartridge_dir) / "README.md",
+        card_data={
+            "library_name": "peft",
+            "base_model": metadata.get("base_model"),
+            "tags": ["hfx", "cartridges", "peft", "cartridge", "self-study"],
+        },
+        meta=metadata,
+        report=report,
+    )
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    cartridge_dir: Path
+    report: dict
+    seconds: float
+
+
+def run_self_study(
+    output_dir: str | Path,
+    corpus_source: str = embedded.DEFAULT_CORPUS,
+    questions_path: str | Path | None = None,
+    synthesis: SynthesisConfig | None = None,
+    training: dict | None = None,
+    model_name_or_path: str | None = None,
+) -> RunResult:
+    """The main job: synthesize, train, evaluate, save the cartridge with its card. Resumable."""
+    start = time.perf_counter()
+    output_dir = Path(output_dir)
+    synthesis = synthesis or SynthesisConfig()
+    model, tokenizer, _ = load_model(model_name_or_path)
+    corpus: Corpus = load_corpus(corpus_source, tokenizer)
+    dataset = synthesize(
+        model, tokenizer, corpus, output_dir / "synthesis", synthesis, model_name=model_display_name(model_name_or_path)
+    )
+    del model
+
+    cartridge_dir = output_dir / "cartridge"
+    if not (cartridge_dir / "adapter_model.safetensors").is_file():
+        args = CartridgeTrainingArguments(
+            output_dir=str(output_dir / "cartridge"), seed=synthesis.seed, use_cpu=not torch.cuda.is_available(), **(training or {})
+        )
+        train_cartridge(corpus_source, dataset, args, model_name_or_path=model_name_or_path)
+    report = None
+    if questions_path is not None:
+        report = evaluate_cartridge(cartridge_dir, corpus_source, questions_path, model_name_or_path=model_name_or_path)
+    write_cartridge_card(cartridge_dir, report)
+    return RunResult(output_dir, cartridge_dir, report or {}, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments of the command-line entry points (`hfx cartridge ...`, examples/cartridges/*.py), parsed the TRL way.
+
+
+@dataclass
+class CorpusArguments:
+    corpus: str = field(
+        default=embedded.DEFAULT_CORPUS,
+        metadata={"help": "A bundled corpus name (see `hfx corpora`), a .txt/.md/.rst file, or a folder of them."},
+    )
+    model_name_or_path: str = field(
+        default="embedded", metadata={"help": "Base model: 'embedded' (SmolLM2-135M-Instruct) or a local path."}
+    )
+
+
+@dataclass
+class SynthesizeArguments(CorpusArguments):
+    synthesis_dir: str = field(default="outputs/synthesis", metadata={"help": "Where the dataset's shards and card go."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Dataset repo id to upload the result to."})
+
+
+@dataclass
+class TrainArguments(CorpusArguments):
+    synthesis_dir: str = field(default="outputs/synthesis", metadata={"help": "A directory made by synthesize."})
+    questions: str | None = field(default=None, metadata={"help": "Questions JSONL to evaluate on after training."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Model repo id to upload the cartridge to."})
+
+
+@dataclass
+class EvalArguments(CorpusArguments):
+    cartridge: str = field(default="outputs/cartridge", metadata={"help": "A saved cartridge directory."})
+    questions: str = field(default="", metadata={"help": "Questions JSONL ({question, choices, answer} per line)."})
+    max_context_tokens: int | None = field(
+        default=None, metadata={"help": "Truncate the ICL document to this many tokens (default: the model window)."}
+    )
+    throughput_batch: int = field(default=8, metadata={"help": "Batch size of the decode-throughput measurement."})
+    throughput_tokens: int = field(default=32, metadata={"help": "Tokens decoded per sequence for throughput."})
+
+
+@dataclass
+class RunArguments(CorpusArguments):
+    output_dir: str = field(default="outputs/self-study", metadata={"help": "Directory of the whole run (resumable)."})
+    questions: str | None = field(default=None, metadata={"help": "Questions JSONL for the final table."})
+    num_virtual_tokens: int = field(default=128, metadata={"help": "Cartridge size p (KV tokens per layer)."})
+    num_train_epochs: float = field(default=2.0)
+    learning_rate: float = field(default=2e-2)
+    per_device_train_batch_size: int = field(default=8)
+    initialization: str = field(default="first_tokens", metadata={"help": "first_tokens, random_text or random_vectors."})
+
+
+def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArguments) -> dict | None:
+    """`hfx cartridge train` / examples/cartridges/train.py: train, optionally evaluate, write the card, push."""
+    from hfx.cartridges.synthesis import load_synthesis
+
+    dataset = load_synthesis(args.synthesis_dir)
+    train_cartridge(args.corpus, dataset, training_args, model_name_or_path=args.model_name_or_path)
+    report = None
+    if args.questions:
+        report = evaluate_cartridge(training_args.output_dir, args.corpus, args.questions, args.model_name_or_path)
+    write_cartridge_card(training_args.output_dir, report)
+    if args.push_to_hub:
+        from hfx.hub import push_folder
+
+        push_folder(training_args.output_dir, args.push_to_hub)
+    return report
+
+
+def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig) -> RunResult:
+    training = {
+        "num_virtual_tokens": args.num_virtual_tokens,
+        "num_train_epochs": args.num_train_epochs,
+        "learning_rate": args.learning_rate,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "initialization": args.initialization,
+    }
+    return run_self_study(args.output_dir, args.corpus, args.questions, synthesis, training, args.model_name_or_path)

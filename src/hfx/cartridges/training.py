@@ -1,0 +1,216 @@
+"""Stage 3: train a cartridge (a PEFT ``CARTRIDGE`` adapter) by distilling the model-with-chunk into the model-with-cartridge.
+
+The base model is frozen; the only parameters are the cartridge's per-layer keys and values (PEFT's
+``CartridgeEncoder``), initialized from the KV of the corpus's first tokens (default), of random text, or as random
+vectors, with the first token frozen as an attention sink. The loss is cross-entropy against the teacher's stored
+top-k distribution at every answer token (:func:`hfx.losses.topk_distillation_loss`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import CartridgeConfig, PeftConfig, PeftModel, get_peft_model
+from peft import initialize_kv_prefix_from_past_key_values, initialize_kv_prefix_from_text
+from transformers import Trainer, TrainingArguments
+
+from hfx.cartridges.corpus import Corpus, document_system_prompt
+from hfx.losses import topk_distillation_loss
+
+logger = logging.getLogger(__name__)
+
+INITIALIZATIONS = ("first_tokens", "random_text", "random_vectors")
+METADATA_FILE = "hfx_cartridge.json"
+
+
+@dataclass
+class CartridgeTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the cartridge's own settings and self-study defaults (Adam, lr 2e-2)."""
+
+    num_virtual_tokens: int = field(default=128, metadata={"help": "Cartridge size p: KV tokens per layer."})
+    num_frozen_tokens: int = field(default=1, metadata={"help": "Leading cartridge tokens kept frozen (attention sink)."})
+    initialization: str = field(
+        default="first_tokens", metadata={"help": f"How to initialize the cartridge: {', '.join(INITIALIZATIONS)}."}
+    )
+    model_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype of the frozen base model during training (the cartridge stays float32)."}
+    )
+    learning_rate: float = field(default=2e-2, metadata={"help": "Adam learning rate (self-study uses 2e-2)."})
+    weight_decay: float = field(default=0.0)
+    lr_scheduler_type: str = field(default="constant")
+    per_device_train_batch_size: int = field(default=8)
+    num_train_epochs: float = field(default=3.0)
+    logging_steps: float = field(default=5)
+    save_strategy: str = field(default="steps")
+    save_steps: float = field(default=25)
+    save_total_limit: int | None = field(default=2)
+    report_to: str | list[str] | None = field(default="none")
+    remove_unused_columns: bool = field(default=False)
+    dataloader_drop_last: bool = field(default=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.initialization not in INITIALIZATIONS:
+            raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {self.initialization!r}.")
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}.")
+        if not 0 <= self.num_frozen_tokens <= self.num_virtual_tokens:
+            raise ValueError("num_frozen_tokens must be between 0 and num_virtual_tokens.")
+
+
+class CartridgeCollator:
+    """Pads synthesized rows into student inputs and the teacher's top-k aligned to the student's logits.
+
+    Position ``t`` of ``teacher_topk_*`` holds the teacher's distribution over token ``t + 1``; ``loss_mask`` is
+    True exactly where that token is part of the assistant's answer.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        k = len(rows[0]["topk_token_ids"][0])
+        batch = len(rows)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        loss_mask = torch.zeros((batch, width), dtype=torch.bool)
+        topk_ids = torch.zeros((batch, width, k), dtype=torch.long)
+        topk_logprobs = torch.zeros((batch, width, k), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            ids = row["input_ids"]
+            start = row["answer_start"]
+            n_answer = len(ids) - start
+            if start < 1 or n_answer != len(row["topk_token_ids"]):
+                raise ValueError(
+                    f"Row {row.get('conversation_id')}: {n_answer} answer tokens but "
+                    f"{len(row['topk_token_ids'])} teacher distributions (answer_start={start})."
+                )
+            input_ids[i, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            loss_mask[i, start - 1 : len(ids) - 1] = True
+            topk_ids[i, start - 1 : len(ids) - 1] = torch.as_tensor(row["topk_token_ids"])
+            topk_logprobs[i, start - 1 : len(ids) - 1] = torch.as_tensor(row["topk_logprobs"])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "loss_mask": loss_mask,
+            "teacher_topk_ids": topk_ids,
+            "teacher_topk_logprobs": topk_logprobs,
+        }
+
+
+class CartridgeTrainer(Trainer):
+    """``Trainer`` whose loss is top-k distillation from the stored teacher; everything else is Trainer's."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,  # the loss projects only the labelled positions itself
+            use_cache=False,
+        )
+        loss = topk_distillation_loss(
+            outputs.hidden_states[-1],
+            model.get_output_embeddings(),
+            inputs["loss_mask"],
+            inputs["teacher_topk_ids"],
+            inputs["teacher_topk_logprobs"],
+        )
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        # Trainer pickles its arguments next to the weights; artifacts here carry them as JSON instead.
+        output_dir = Path(output_dir or self.args.output_dir)
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        (output_dir / "training_args.json").write_text(self.args.to_json_string())
+
+
+def create_cartridge(
+    model,
+    tokenizer,
+    corpus: Corpus,
+    num_virtual_tokens: int,
+    num_frozen_tokens: int = 1,
+    initialization: str = "first_tokens",
+    seed: int = 0,
+) -> PeftModel:
+    """Wrap ``model`` (frozen) with a freshly initialized CARTRIDGE adapter of ``num_virtual_tokens`` tokens."""
+    if initialization not in INITIALIZATIONS:
+        raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {initialization!r}.")
+    if num_virtual_tokens > corpus.num_tokens:
+        raise ValueError(
+            f"Cartridge size p={num_virtual_tokens} is larger than the corpus {corpus.name!r} "
+            f"({corpus.num_tokens} tokens); choose p <= {corpus.num_tokens} (self-study uses p well below it)."
+        )
+    config = CartridgeConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, num_frozen_tokens=num_frozen_tokens
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    if initialization == "first_tokens":
+        # The cartridge starts as the ICL prompt truncated to p tokens: the same system turn, cut short.
+        initialize_kv_prefix_from_text(peft_model, tokenizer, text=document_system_prompt(corpus.text))
+    elif initialization == "random_text":
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(100, len(tokenizer), (1, num_virtual_tokens), generator=generator).to(model.device)
+        with torch.no_grad(), peft_model.disable_adapter():
+            past = peft_model(input_ids=ids, use_cache=True).past_key_values
+        initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=past)
+    # "random_vectors": PEFT's own initialization of the encoder.
+    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+    encoder.float()  # trainable state in float32 even when the frozen base runs in bfloat16
+    return peft_model
+
+
+def check_cartridge_fits(adapter_dir: str | Path, base_config) -> PeftConfig:
+    """Load the adapter config and check it was made for a model of ``base_config``'s shape."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; not a saved cartridge.")
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+    except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file for the user
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'}: cannot be read as a PEFT config ({err}).") from None
+    if str(config.peft_type) not in ("CARTRIDGE", "PeftType.CARTRIDGE"):
+        raise ValueError(f"{adapter_dir}: adapter type is {config.peft_type}, not CARTRIDGE.")
+    text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    expected = {"num_layers": text_config.num_hidden_layers, "token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads}
+    mismatched = {k: (getattr(config, k), v) for k, v in expected.items() if getattr(config, k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}: cartridge {a} vs model {b}" for k, (a, b) in mismatched.items())
+        raise ValueError(
+            f"{adapter_dir}: this cartridge was trained for a base model of another shape ({details}). "
+            f"It was made for {config.base_model_name_or_path!r}."
+        )
+    return config
+
+
+def load_cartridge(model, adapter_dir: str | Path) -> PeftModel:
+    """Attach a saved cartridge to ``model`` after checking that it fits and that its weights are readable."""
+    check_cartridge_fits(adapter_dir, model.config)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{adapter_dir}: the cartridge's weights cannot be loaded ({type(err).__name__}: {err}).") from None
+
+
+def write_metadata(output_dir: str | Path, metadata: dict) -> None:
+    path = Path(output_dir) / METADATA_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metadata, indent=2))
+    os.replace(tmp, path)
+
+
+def read_metadata(output_dir: str | Path) -> dict:
+    path = Path(output_dir) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

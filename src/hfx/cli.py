@@ -1,0 +1,121 @@
+"""`hfx` console script: one subcommand group per system. Thin: parse, call, print.
+
+    hfx cartridge run         synthesize + train + evaluate on a corpus (the main job)
+    hfx cartridge synthesize  self-study conversations -> a Parquet dataset with a card
+    hfx cartridge train       a dataset -> a PEFT CARTRIDGE adapter with a card
+    hfx cartridge eval        no context vs ICL vs cartridge, one table
+    hfx corpora               the bundled corpora and their sizes
+
+Each cartridge subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
+every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _parser(prog: str, *dataclass_types):
+    from trl import TrlParser
+
+    return TrlParser(dataclass_types, prog=prog)
+
+
+def _cartridge_synthesize(argv: list[str]) -> None:
+    from hfx.cartridges.corpus import load_corpus
+    from hfx.cartridges.pipeline import SynthesizeArguments, load_model, model_display_name
+    from hfx.cartridges.synthesis import SynthesisConfig, synthesize
+
+    args, config = _parser("hfx cartridge synthesize", SynthesizeArguments, SynthesisConfig).parse_args_and_config(argv)
+    model, tokenizer, _ = load_model(args.model_name_or_path)
+    corpus = load_corpus(args.corpus, tokenizer)
+    dataset = synthesize(model, tokenizer, corpus, args.synthesis_dir, config, model_name=model_display_name(args.model_name_or_path))
+    print(f"{len(dataset)} conversations in {args.synthesis_dir}")
+    if args.push_to_hub:
+        from hfx.hub import push_folder
+
+        print(push_folder(args.synthesis_dir, args.push_to_hub, repo_type="dataset"))
+
+
+def _cartridge_train(argv: list[str]) -> None:
+    from hfx.cartridges.pipeline import TrainArguments, train_and_report
+    from hfx.cartridges.training import CartridgeTrainingArguments
+
+    args, training_args = _parser("hfx cartridge train", TrainArguments, CartridgeTrainingArguments).parse_args_and_config(argv)
+    report = train_and_report(args, training_args)
+    if report:
+        print(report["table"])
+    print(f"cartridge saved in {training_args.output_dir}")
+
+
+def _cartridge_eval(argv: list[str]) -> None:
+    from hfx.cartridges.pipeline import EvalArguments, evaluate_cartridge, write_cartridge_card
+
+    (args,) = _parser("hfx cartridge eval", EvalArguments).parse_args_and_config(argv)
+    if not args.questions:
+        raise SystemExit("hfx cartridge eval: --questions FILE.jsonl is required.")
+    report = evaluate_cartridge(
+        args.cartridge,
+        args.corpus,
+        args.questions,
+        model_name_or_path=args.model_name_or_path,
+        max_context_tokens=args.max_context_tokens,
+        throughput_batch=args.throughput_batch,
+        throughput_tokens=args.throughput_tokens,
+    )
+    write_cartridge_card(args.cartridge, report)
+    print(report["table"])
+
+
+def _cartridge_run(argv: list[str]) -> None:
+    from hfx.cartridges.pipeline import RunArguments, run_from_arguments
+    from hfx.cartridges.synthesis import SynthesisConfig
+
+    args, config = _parser("hfx cartridge run", RunArguments, SynthesisConfig).parse_args_and_config(argv)
+    result = run_from_arguments(args, config)
+    if result.report:
+        print(result.report["table"])
+    print(f"cartridge saved in {result.cartridge_dir} ({result.seconds / 60:.1f} min)")
+
+
+def _corpora(argv: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    from hfx import embedded
+
+    argparse.ArgumentParser(prog="hfx corpora", description="List the bundled corpora.").parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(embedded.embedded_model_path())
+    for name in embedded.corpus_names():
+        tokens = len(tokenizer(embedded.load_corpus(name), add_special_tokens=False)["input_ids"])
+        default = "  (default)" if name == embedded.DEFAULT_CORPUS else ""
+        print(f"{name:24s} {tokens:6d} tokens{default}")
+
+
+COMMANDS = {
+    ("cartridge", "run"): _cartridge_run,
+    ("cartridge", "synthesize"): _cartridge_synthesize,
+    ("cartridge", "train"): _cartridge_train,
+    ("cartridge", "eval"): _cartridge_eval,
+    ("corpora",): _corpora,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for key, command in COMMANDS.items():
+        if tuple(argv[: len(key)]) == key:
+            try:
+                command(argv[len(key) :])
+            except (ValueError, FileNotFoundError) as err:
+                raise SystemExit(f"hfx {' '.join(key)}: error: {err}") from None
+            return
+    print(__doc__.strip())
+    if argv and argv[0] not in ("-h", "--help", "help"):
+        raise SystemExit(f"\nhfx: unknown command {' '.join(argv)!r}")
+
+
+if __name__ == "__main__":
+    main()

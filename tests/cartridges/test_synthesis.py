@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from hfx.cartridges.corpus import Corpus, document_prefix_ids, load_corpus, user_turn_ids
+from hfx.cartridges.synthesis import FEATURES, SEED_KINDS, SynthesisConfig, load_synthesis, sample_chunk, synthesize
+
+TEXT = (
+    "The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. It uses 17 rounds of "
+    "mixing, each with a 40-bit key schedule. Version 2, released in 1994, added checksums. "
+) * 12
+
+CONFIG = dict(
+    num_conversations=6, conversations_per_chunk=2, chunk_min_tokens=40, chunk_max_tokens=80,
+    max_question_tokens=6, max_answer_tokens=5, top_k=4, batches_per_shard=2,
+)
+
+
+@pytest.fixture
+def corpus(tmp_path, tokenizer):
+    path = tmp_path / "zorblat.txt"
+    path.write_text(TEXT)
+    return load_corpus(path, tokenizer)
+
+
+def test_chunks_are_windows_of_the_corpus():
+    import random
+
+    config = SynthesisConfig(chunk_min_tokens=10, chunk_max_tokens=20)
+    rng = random.Random(0)
+    for _ in range(50):
+        start, end = sample_chunk(100, config, rng)
+        assert 0 <= start and end <= 100 and 10 <= end - start <= 20
+    assert sample_chunk(5, config, rng) == (0, 5)  # shorter corpus: the whole of it
+
+
+def test_synthesis_rows_carry_the_teachers_topk_with_the_chunk_in_context(tmp_path, tiny_model, tokenizer, corpus):
+    out = tmp_path / "synth"
+    ds = synthesize(tiny_model, tokenizer, corpus, out, SynthesisConfig(**CONFIG), progress=False)
+    assert ds.features == FEATURES and 1 <= len(ds) <= 6
+    assert (out / "README.md").read_text().count("zorblat") >= 1
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == ["train-00000.parquet", "train-00001.parquet"]
+    for row in ds:
+        assert row["seed_kind"] in SEED_KINDS
+        n_answer = len(row["input_ids"]) - row["answer_start"]
+        assert n_answer == len(row["topk_token_ids"]) == len(row["topk_logprobs"]) >= 1
+        # The student sequence is the no-context prompt for the user message, then the answer tokens.
+        prompt = user_turn_ids(tokenizer, row["messages"][0]["content"], after_system=False)
+        assert row["input_ids"][: row["answer_start"]] == prompt
+        # Recompute the teacher: chunk in the system turn, A's message, B's answer; logits at each answer token.
+        chunk_text = tokenizer.decode(corpus.token_ids[row["chunk_start"] : row["chunk_end"]])
+        teacher_prompt = document_prefix_ids(tokenizer, chunk_text) + user_turn_ids(
+            tokenizer, row["messages"][0]["content"], after_system=True
+        )
+        answer = row["input_ids"][row["answer_start"] :]
+        with torch.no_grad():
+            logits = tiny_model(torch.tensor([teacher_prompt + answer])).logits[0]
+        expected = torch.log_softmax(logits[len(teacher_prompt) - 1 : -1], -1).topk(4, -1)
+        assert torch.tensor(row["topk_logprobs"]).allclose(expected.values, atol=2e-3)
+        assert (torch.tensor(row["topk_token_ids"])[:, 0] == expected.indices[:, 0]).all()
+
+
+def test_synthesis_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_model, tokenizer, corpus):
+    out = tmp_path / "synth"
+    config = SynthesisConfig(**CONFIG)
+    first = synthesize(tiny_model, tokenizer, corpus, out, config, progress=False).to_list()
+    # Simulate a kill after the first shard: the second shard and the card never got written.
+    (out / "data" / "train-00001.parquet").unlink()
+    (out / "README.md").unlink()
+    resumed = synthesize(tiny_model, tokenizer, corpus, out, config, progress=False).to_list()
+    assert resumed == first
+    ids = [r["conversation_id"] for r in resumed]
+    assert len(ids) == len(set(ids))
+
+
+def test_synthesis_refuses_a_directory_made_with_other_settings(tmp_path, tiny_model, tokenizer, corpus):
+    out = tmp_path / "synth"
+    synthesize(tiny_model, tokenizer, corpus, out, SynthesisConfig(**CONFIG), progress=False)
+    with pytest.raises(ValueError, match="different settings.*top_k"):
+        synthesize(tiny_model, tokenizer, corpus, out, SynthesisConfig(**{**CONFIG, "top_k": 3}), progress=False)
+    with pytest.raises(FileNotFoundError, match="no synthesized shards"):
+        load_synthesis(tmp_path / "elsewhere")
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="num_conversations"):
+        SynthesisConfig(num_conversations=0)
+    with pytest.raises(ValueError, match="chunk_max_tokens"):
+        SynthesisConfig(chunk_min_tokens=50, chunk_max_tokens=10)

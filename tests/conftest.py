@@ -1,0 +1,78 @@
+"""Shared fixtures: the real tokenizer, a tiny random-weight Llama for fast tests, and the embedded model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+DATA = Path(__file__).parent / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("HFX_RUN_HEAVY") == "1":
+        return
+    skip = pytest.mark.skip(reason="heavy: set HFX_RUN_HEAVY=1 to run")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from hfx import embedded
+
+    return embedded.embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def make_tiny_llama(tokenizer, layers: int = 2, hidden: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_llama(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama saved as a checkpoint with the real tokenizer, for end-to-end CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_model(embedded_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()

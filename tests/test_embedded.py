@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from hfx import embedded
+
+
+def test_named_corpora_are_the_sklearn_descriptions(tokenizer):
+    names = embedded.corpus_names()
+    assert embedded.DEFAULT_CORPUS in names and embedded.ALL_DESCRIPTIONS in names
+    default_tokens = len(tokenizer(embedded.load_corpus(embedded.DEFAULT_CORPUS))["input_ids"])
+    assert 500 <= default_tokens <= 1500
+    everything = len(tokenizer(embedded.load_corpus(embedded.ALL_DESCRIPTIONS))["input_ids"])
+    assert everything > 8192  # the long-corpus case exceeds the model's window
+    with pytest.raises(ValueError, match="Unknown corpus"):
+        embedded.load_corpus("no_such_corpus")
+
+
+def test_kernels_is_inside_the_window_transformers_accepts():
+    from transformers.utils.import_utils import is_kernels_available
+
+    assert is_kernels_available(), "transformers ignores the installed `kernels`: fix the pins in pyproject.toml"
+
+
+def test_model_path_resolution(embedded_dir):
+    assert embedded.resolve_model_path("embedded") == str(embedded_dir)
+    assert embedded.resolve_model_path(embedded.EMBEDDED_MODEL_ID) == str(embedded_dir)
+    assert embedded.resolve_model_path("/some/dir") == "/some/dir"
+
+
+@pytest.mark.integration
+def test_embedded_model_answers_a_question(embedded_model, tokenizer):
+    assert embedded_model.config.num_hidden_layers == 30
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = embedded_model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
