@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 main: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/hfx cartridge run
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hfx cartridge run --corpus rcv1 --questions tests/data/questions/rcv1.jsonl --output_dir outputs/self-study
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

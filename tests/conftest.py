@@ -37,7 +37,7 @@ def tokenizer(embedded_dir):
     return AutoTokenizer.from_pretrained(embedded_dir)
 
 
-def make_tiny_llama(tokenizer, layers: int = 2, hidden: int = 64, seed: int = 0):
+def make_tiny_llama(tokenizer, layers: int = 2, hidden: int = 64, seed: int = 0, init_std: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -53,6 +53,7 @@ def make_tiny_llama(tokenizer, layers: int = 2, hidden: int = 64, seed: int = 0)
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     return LlamaForCausalLM(config).eval()
 

@@ -25,7 +25,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: The default corpus of the cartridge pipeline: one description on which in-context learning clearly beats
 #: no context for the embedded model (see the README's measured table).
-DEFAULT_CORPUS = "wine_data"
+DEFAULT_CORPUS = "rcv1"
 #: All descriptions together: longer than the embedded model's 8k-token window (the long-corpus case).
 ALL_DESCRIPTIONS = "sklearn_descr"
 

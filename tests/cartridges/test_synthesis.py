@@ -86,3 +86,18 @@ def test_bad_config_is_rejected():
         SynthesisConfig(num_conversations=0)
     with pytest.raises(ValueError, match="chunk_max_tokens"):
         SynthesisConfig(chunk_min_tokens=50, chunk_max_tokens=10)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ('Question: "How many topics does RCV1 have?" Answer: 103', "How many topics does RCV1 have?"),
+        ("Summarize the first section.", "Summarize the first section."),
+        ("  Q: Who wrote it? And when?  ", "Who wrote it?"),
+        ("", ""),
+    ],
+)
+def test_user_messages_are_cut_to_the_request(raw, expected):
+    from hfx.cartridges.synthesis import clean_user_message
+
+    assert clean_user_message(raw) == expected

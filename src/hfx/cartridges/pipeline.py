@@ -199,9 +199,12 @@ def run_self_study(
     del model
 
     cartridge_dir = output_dir / "cartridge"
+    training = dict(training or {})
+    if training.get("num_virtual_tokens") is None:
+        training["num_virtual_tokens"] = max(1, corpus.num_tokens // 8)
     if not (cartridge_dir / "adapter_model.safetensors").is_file():
         args = CartridgeTrainingArguments(
-            output_dir=str(output_dir / "cartridge"), seed=synthesis.seed, use_cpu=not torch.cuda.is_available(), **(training or {})
+            output_dir=str(output_dir / "cartridge"), seed=synthesis.seed, use_cpu=not torch.cuda.is_available(), **training
         )
         train_cartridge(corpus_source, dataset, args, model_name_or_path=model_name_or_path)
     report = None
@@ -254,7 +257,9 @@ class EvalArguments(CorpusArguments):
 class RunArguments(CorpusArguments):
     output_dir: str = field(default="outputs/self-study", metadata={"help": "Directory of the whole run (resumable)."})
     questions: str | None = field(default=None, metadata={"help": "Questions JSONL for the final table."})
-    num_virtual_tokens: int = field(default=128, metadata={"help": "Cartridge size p (KV tokens per layer)."})
+    num_virtual_tokens: int | None = field(
+        default=None, metadata={"help": "Cartridge size p (KV tokens per layer); default 1/8 of the corpus's tokens."}
+    )
     num_train_epochs: float = field(default=2.0)
     learning_rate: float = field(default=2e-2)
     per_device_train_batch_size: int = field(default=8)

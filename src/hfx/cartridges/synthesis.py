@@ -33,32 +33,30 @@ logger = logging.getLogger(__name__)
 #: Seed prompts, given to agent A to make it write the user's message. Five kinds, as in self-study.
 SEED_PROMPTS: dict[str, list[str]] = {
     "structuring": [
-        "Ask the assistant to organize one part of the document above into a structured list or table. "
-        "Name the part precisely. Write only the request.",
-        "Ask the assistant to list the key facts, numbers and names in one section of the document above. "
-        "Write only the request.",
+        "Ask the assistant to list the facts (numbers, names, dates) stated in one part of the document above. "
+        "Name the part. Write only the request.",
+        "Ask the assistant to put the key details of the document above into a short table. Write only the request.",
     ],
     "summarization": [
-        "Ask the assistant to summarize a specific part of the document above. Write only the request.",
-        "Ask the assistant for a short overview of what the document above describes. Write only the request.",
+        "Ask the assistant to summarize the document above in three sentences. Write only the request.",
+        "Ask the assistant what the document above is about and what its main facts are. Write only the request.",
     ],
     "question": [
-        "Write a question about a specific fact in the document above (a number, a name, a date or a detail). "
-        "Include enough context that the question can be understood alone. Write only the question.",
-        "Write a factual question that can only be answered by reading the document above carefully. "
-        "Write only the question.",
-        "Write a question that asks for an exact value stated in the document above. Write only the question.",
+        "Write one question about a specific fact in the document above: a number, a name or a date. "
+        "Start with What, Which, Who, When or How many. Write only the question.",
+        "Write one question that can only be answered by reading the document above. Mention what the document "
+        "is about in the question. Write only the question.",
     ],
     "use_cases": [
-        "Think of someone who would use the information in the document above in their work. Write the question "
-        "they would ask the assistant about it. Write only the question.",
-        "Ask the assistant how a detail of the document above could be used in practice. Write only the request.",
+        "Someone needs one exact detail from the document above for their work. Write the question they ask the "
+        "assistant. Write only the question.",
+        "Ask the assistant which facts in the document above matter most for someone using this dataset. "
+        "Write only the request.",
     ],
     "creative": [
-        "Ask the assistant to explain one detail of the document above to a beginner, for example with an "
-        "analogy. Write only the request.",
-        "Ask the assistant to write a short quiz question, with its answer, about the document above. "
+        "Ask the assistant to write a short quiz, with answers, about the facts in the document above. "
         "Write only the request.",
+        "Ask the assistant to explain one fact of the document above to a student. Write only the request.",
     ],
 }
 SEED_KINDS = tuple(SEED_PROMPTS)
@@ -82,15 +80,15 @@ FEATURES = datasets.Features(
 class SynthesisConfig:
     """How many conversations to synthesize, and how."""
 
-    num_conversations: int = 384
+    num_conversations: int = 256
     #: Conversations per batch; a batch shares one chunk and its KV.
-    conversations_per_chunk: int = 16
+    conversations_per_chunk: int = 32
     chunk_min_tokens: int = 256
     chunk_max_tokens: int = 512
-    max_question_tokens: int = 48
-    max_answer_tokens: int = 96
-    question_temperature: float = 1.0
-    answer_temperature: float = 0.7
+    max_question_tokens: int = 40
+    max_answer_tokens: int = 80
+    question_temperature: float = 0.8
+    answer_temperature: float = 0.3
     top_k: int = 20
     seed: int = 0
     batches_per_shard: int = 4
@@ -112,6 +110,26 @@ def sample_chunk(num_tokens: int, config: SynthesisConfig, rng: random.Random) -
     length = min(num_tokens, rng.randint(config.chunk_min_tokens, config.chunk_max_tokens))
     start = rng.randint(0, num_tokens - length)
     return start, start + length
+
+
+_LEADS = ("question:", "q:", "request:", "user:", "here is the question:", "here's the question:")
+
+
+def clean_user_message(text: str) -> str:
+    """Agent A's output as a user message: drop a leading label and keep the first question if it asked one.
+
+    Small models often wrap the message ("Question: ... Answer: ...") or run on after it; the conversation should
+    start from the request itself.
+    """
+    text = text.strip().strip('"').strip()
+    lowered = text.lower()
+    for lead in _LEADS:
+        if lowered.startswith(lead):
+            text = text[len(lead) :].strip().strip('"').strip()
+            break
+    if "?" in text:
+        text = text[: text.index("?") + 1]
+    return text.strip()
 
 
 def _new_tokens(sequences: torch.Tensor, width: int, eos_ids: set[int]) -> list[list[int]]:
@@ -154,8 +172,8 @@ def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, 
         temperature=config.question_temperature,
     )
     questions = [
-        tokenizer.decode(ids, skip_special_tokens=True).strip()
-        for ids in _new_tokens(out_a.sequences if hasattr(out_a, "sequences") else out_a, width_a, eos_ids)
+        clean_user_message(tokenizer.decode(ids, skip_special_tokens=True))
+        for ids in _new_tokens(out_a, width_a, eos_ids)
     ]
     keep = [i for i, q in enumerate(questions) if q]
     if not keep:

@@ -1,0 +1,25 @@
+"""Train a cartridge on a synthesized self-study dataset, with Trainer under accelerate.
+
+    hfx cartridge synthesize --corpus rcv1 --synthesis_dir outputs/synthesis-rcv1
+    accelerate launch examples/cartridges/train.py --config examples/cartridges/configs/rcv1.yaml
+
+Every option of `hfx.cartridges.pipeline.TrainArguments` and `CartridgeTrainingArguments` (all of
+`transformers.TrainingArguments`) can be set in the YAML file or overridden on the command line.
+"""
+
+from trl import TrlParser
+
+from hfx.cartridges.pipeline import TrainArguments, train_and_report
+from hfx.cartridges.training import CartridgeTrainingArguments
+
+
+def main() -> None:
+    parser = TrlParser((TrainArguments, CartridgeTrainingArguments))
+    args, training_args = parser.parse_args_and_config()
+    report = train_and_report(args, training_args)
+    if report and training_args.process_index == 0:
+        print(report["table"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Integration tests on the real embedded model (SmolLM2-135M-Instruct). Part of CI."""
+
+import json
+import os
+
+import pytest
+from peft import PeftModel
+
+from hfx import embedded
+from hfx.cartridges.evaluation import Condition, evaluate_conditions, icl_condition, load_questions
+from hfx.cartridges.pipeline import run_self_study
+from hfx.cartridges.synthesis import SynthesisConfig
+from tests.conftest import DATA
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_document_in_context_beats_no_context_on_the_default_corpus(embedded_model, tokenizer):
+    """Why cartridges are worth making: the model uses the document when it has it."""
+    from hfx.cartridges.attention import use_grouped_sdpa
+
+    use_grouped_sdpa(embedded_model)
+    questions = load_questions(DATA / "questions" / f"{embedded.DEFAULT_CORPUS}.jsonl")
+    icl = icl_condition(embedded_model, tokenizer, embedded.load_corpus(embedded.DEFAULT_CORPUS))
+    none, with_doc = evaluate_conditions(
+        embedded_model, tokenizer, [Condition("no context", None, False), icl], questions, throughput_batch=0,
+        progress=False,
+    )
+    assert with_doc.accuracy >= none.accuracy + 0.2, (none, with_doc)
+    assert with_doc.answer_log_ppl < none.answer_log_ppl
+
+
+def test_main_job_wiring_on_the_embedded_model(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    rows = (DATA / "questions" / "rcv1.jsonl").read_text().splitlines()[:6]
+    questions.write_text("\n".join(rows) + "\n")
+    synthesis = SynthesisConfig(num_conversations=8, conversations_per_chunk=8, chunk_min_tokens=128,
+                                chunk_max_tokens=192, max_question_tokens=16, max_answer_tokens=16)
+    training = {"num_virtual_tokens": 32, "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1}
+    result = run_self_study(tmp_path / "run", "rcv1", questions, synthesis, training)
+    by_name = {r["condition"]: r for r in result.report["results"]}
+    cartridge, icl = by_name["cartridge (p=32)"], by_name["ICL"]
+    assert icl["kv_bytes"] >= 8 * cartridge["kv_bytes"]
+    assert cartridge["decode_tokens_per_s"] > 0 and icl["decode_tokens_per_s"] > 0
+    card = (result.cartridge_dir / "README.md").read_text()
+    assert embedded.EMBEDDED_MODEL_ID in card and result.report["table"] in card
+    meta = json.loads((result.cartridge_dir / "hfx_cartridge.json").read_text())
+    assert meta["global_steps"] == 2 and meta["corpus"] == "rcv1"
+    # The artifact is a plain PEFT adapter.
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(embedded.embedded_model_path())
+    assert isinstance(PeftModel.from_pretrained(base, str(result.cartridge_dir)), PeftModel)
+    # Started again, the run reuses its shards and its trained cartridge.
+    mtime = os.path.getmtime(result.cartridge_dir / "adapter_model.safetensors")
+    run_self_study(tmp_path / "run", "rcv1", None, synthesis, training)
+    assert os.path.getmtime(result.cartridge_dir / "adapter_model.safetensors") == mtime
