@@ -1,6 +1,6 @@
 """Synthesis throughput: batches sharing one chunk's KV vs one conversation at a time.
 
-    .venv/bin/python benchmarks/cartridges_synthesis.py --conversations 16
+.venv/bin/python benchmarks/cartridges_synthesis.py --conversations 16
 """
 
 import argparse
@@ -17,11 +17,15 @@ def run(model, tokenizer, corpus, config: SynthesisConfig) -> tuple[float, int]:
         start = time.perf_counter()
         dataset = synthesize(model, tokenizer, corpus, out, config, progress=False)
         elapsed = time.perf_counter() - start
-    return len(dataset) / elapsed, sum(len(ids) - s for ids, s in zip(dataset["input_ids"], dataset["answer_start"]))
+    return len(dataset) / elapsed, sum(
+        len(ids) - s for ids, s in zip(dataset["input_ids"], dataset["answer_start"], strict=False)
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", default="rcv1")
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16, help="conversations per chunk in the batched run")
@@ -37,10 +41,18 @@ def main() -> None:
         max_answer_tokens=args.answer_tokens,
         seed=0,
     )
-    batched, batched_tokens = run(model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=args.batch, **common))
-    single, single_tokens = run(model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=1, **common))
-    print(f"corpus {corpus.name}, {args.conversations} conversations, <= {args.question_tokens}+{args.answer_tokens} new tokens")
-    print(f"batched (shared chunk KV, {args.batch}/chunk): {batched:.3f} conv/s ({batched_tokens} answer tokens)")
+    batched, batched_tokens = run(
+        model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=args.batch, **common)
+    )
+    single, single_tokens = run(
+        model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=1, **common)
+    )
+    print(
+        f"corpus {corpus.name}, {args.conversations} conversations, <= {args.question_tokens}+{args.answer_tokens} new tokens"
+    )
+    print(
+        f"batched (shared chunk KV, {args.batch}/chunk): {batched:.3f} conv/s ({batched_tokens} answer tokens)"
+    )
     print(f"one at a time:                        {single:.3f} conv/s ({single_tokens} answer tokens)")
     print(f"ratio: {batched / single:.2f}x")
 

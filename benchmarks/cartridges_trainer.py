@@ -25,21 +25,41 @@ def synthetic_rows(tokenizer, n, prompt_len, answer_len, k, seed=0):
     for i in range(n):
         ids = torch.randint(100, len(tokenizer), (prompt_len + answer_len,), generator=g).tolist()
         top = torch.log_softmax(torch.randn(answer_len, 1000, generator=g), -1).topk(k, -1)
-        rows.append({"conversation_id": i, "input_ids": ids, "answer_start": prompt_len,
-                     "topk_token_ids": top.indices.tolist(), "topk_logprobs": top.values.tolist()})
+        rows.append(
+            {
+                "conversation_id": i,
+                "input_ids": ids,
+                "answer_start": prompt_len,
+                "topk_token_ids": top.indices.tolist(),
+                "topk_logprobs": top.values.tolist(),
+            }
+        )
     return rows
 
 
 def step(peft_model, batch, variant):
     if variant == "topk":
-        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        loss = topk_distillation_loss(out.hidden_states[-1], peft_model.get_output_embeddings(), batch["loss_mask"],
-                                      batch["teacher_topk_ids"], batch["teacher_topk_logprobs"])
+        out = peft_model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        loss = topk_distillation_loss(
+            out.hidden_states[-1],
+            peft_model.get_output_embeddings(),
+            batch["loss_mask"],
+            batch["teacher_topk_ids"],
+            batch["teacher_topk_logprobs"],
+        )
     else:
-        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        loss = full_vocab_distillation_loss(out.logits, batch["loss_mask"], batch["teacher_topk_ids"],
-                                            batch["teacher_topk_logprobs"])
+        out = peft_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+        loss = full_vocab_distillation_loss(
+            out.logits, batch["loss_mask"], batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
+        )
     return loss
 
 
@@ -67,7 +87,9 @@ def measure(peft_model, batch, variant, steps):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--answer-tokens", type=int, default=80)
@@ -83,12 +105,16 @@ def main() -> None:
     rows = synthetic_rows(tokenizer, args.batch, args.prompt_tokens, args.answer_tokens, k=20)
     batch = CartridgeCollator(tokenizer.pad_token_id)(rows)
     res = {v: measure(peft_model, batch, v, args.steps) for v in ("topk", "full")}
-    print(f"batch {args.batch} x ({args.prompt_tokens} prompt + {args.answer_tokens} answer) tokens, p={args.p}, {args.dtype}")
+    print(
+        f"batch {args.batch} x ({args.prompt_tokens} prompt + {args.answer_tokens} answer) tokens, p={args.p}, {args.dtype}"
+    )
     for v, (t, mem, loss) in res.items():
         name = "top-k at labelled positions" if v == "topk" else "full-vocabulary baseline  "
         print(f"{name}: step {t:.2f} s, saved-for-backward {mem / 2**20:.0f} MiB, loss {loss:.4f}")
-    print(f"ratio step time (baseline / top-k): {res['full'][0] / res['topk'][0]:.2f}x; "
-          f"memory (baseline / top-k): {res['full'][1] / res['topk'][1]:.2f}x")
+    print(
+        f"ratio step time (baseline / top-k): {res['full'][0] / res['topk'][0]:.2f}x; "
+        f"memory (baseline / top-k): {res['full'][1] / res['topk'][1]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ import sys
 import pytest
 
 from hfx.cli import main
-from tests.conftest import DATA
 
 
 def test_console_script_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "hfx.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "hfx.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "hfx cartridge run" in out and "hfx cartridge eval" in out
 
 
@@ -18,7 +19,9 @@ def test_subcommand_help_comes_from_the_dataclasses(capsys):
         main(["cartridge", "train", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--num_virtual_tokens" in out and "--synthesis_dir" in out and "--gradient_accumulation_steps" in out
+    assert (
+        "--num_virtual_tokens" in out and "--synthesis_dir" in out and "--gradient_accumulation_steps" in out
+    )
 
 
 def test_unknown_command_and_bad_input_exit_with_a_message(tmp_path, tiny_model_dir):
@@ -27,8 +30,18 @@ def test_unknown_command_and_bad_input_exit_with_a_message(tmp_path, tiny_model_
     empty = tmp_path / "empty.md"
     empty.write_text("")
     with pytest.raises(SystemExit, match=r"error: .*empty\.md: the document is empty"):
-        main(["cartridge", "synthesize", "--corpus", str(empty), "--model_name_or_path", str(tiny_model_dir),
-              "--synthesis_dir", str(tmp_path / "s")])
+        main(
+            [
+                "cartridge",
+                "synthesize",
+                "--corpus",
+                str(empty),
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--synthesis_dir",
+                str(tmp_path / "s"),
+            ]
+        )
     assert not (tmp_path / "s").exists()
 
 
@@ -36,15 +49,50 @@ def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
     questions = tmp_path / "q.jsonl"
-    questions.write_text("\n".join(json.dumps(r) for r in [
-        {"question": "Who designed the Zorblat protocol?", "choices": ["Mara Quell", "Ivo Brand"], "answer": 0},
-        {"question": "When was it designed?", "choices": ["1987", "1991", "2003"], "answer": 0},
-    ]) + "\n")
-    argv = ["cartridge", "run", "--corpus", str(doc), "--model_name_or_path", str(tiny_model_dir),
-            "--output_dir", str(tmp_path / "run"), "--questions", str(questions),
-            "--num_conversations", "4", "--conversations_per_chunk", "2", "--chunk_min_tokens", "20",
-            "--chunk_max_tokens", "40", "--max_question_tokens", "4", "--max_answer_tokens", "4",
-            "--num_virtual_tokens", "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "2"]
+    questions.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "question": "Who designed the Zorblat protocol?",
+                    "choices": ["Mara Quell", "Ivo Brand"],
+                    "answer": 0,
+                },
+                {"question": "When was it designed?", "choices": ["1987", "1991", "2003"], "answer": 0},
+            ]
+        )
+        + "\n"
+    )
+    argv = [
+        "cartridge",
+        "run",
+        "--corpus",
+        str(doc),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--questions",
+        str(questions),
+        "--num_conversations",
+        "4",
+        "--conversations_per_chunk",
+        "2",
+        "--chunk_min_tokens",
+        "20",
+        "--chunk_max_tokens",
+        "40",
+        "--max_question_tokens",
+        "4",
+        "--max_answer_tokens",
+        "4",
+        "--num_virtual_tokens",
+        "8",
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+    ]
     main(argv)
     out = capsys.readouterr().out
     assert "| no context |" in out and "| ICL |" in out and "| cartridge (p=8) |" in out
@@ -55,9 +103,27 @@ def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     assert (tmp_path / "run" / "synthesis" / "README.md").is_file()
 
     # Evaluating again with the eval subcommand gives the same accuracy numbers.
-    main(["cartridge", "eval", "--cartridge", str(cartridge), "--corpus", str(doc), "--questions", str(questions),
-          "--model_name_or_path", str(tiny_model_dir), "--throughput_batch", "0"])
+    main(
+        [
+            "cartridge",
+            "eval",
+            "--cartridge",
+            str(cartridge),
+            "--corpus",
+            str(doc),
+            "--questions",
+            str(questions),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--throughput_batch",
+            "0",
+        ]
+    )
     again = capsys.readouterr().out
-    first_rows = [line.split("|")[2] for line in out.splitlines() if line.startswith("| c") or line.startswith("| n")]
-    again_rows = [line.split("|")[2] for line in again.splitlines() if line.startswith("| c") or line.startswith("| n")]
+    first_rows = [
+        line.split("|")[2] for line in out.splitlines() if line.startswith("| c") or line.startswith("| n")
+    ]
+    again_rows = [
+        line.split("|")[2] for line in again.splitlines() if line.startswith("| c") or line.startswith("| n")
+    ]
     assert first_rows == again_rows

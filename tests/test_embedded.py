@@ -18,7 +18,9 @@ def test_named_corpora_are_the_sklearn_descriptions(tokenizer):
 def test_kernels_is_inside_the_window_transformers_accepts():
     from transformers.utils.import_utils import is_kernels_available
 
-    assert is_kernels_available(), "transformers ignores the installed `kernels`: fix the pins in pyproject.toml"
+    assert is_kernels_available(), (
+        "transformers ignores the installed `kernels`: fix the pins in pyproject.toml"
+    )
 
 
 def test_model_path_resolution(embedded_dir):
@@ -31,7 +33,21 @@ def test_model_path_resolution(embedded_dir):
 def test_embedded_model_answers_a_question(embedded_model, tokenizer):
     assert embedded_model.config.num_hidden_layers == 30
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = embedded_model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+def test_importing_hfx_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, hfx; print(hfx.__version__); print('torch' in sys.modules, 'gradio' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [__import__("hfx").__version__, "False", "False"]
+    assert callable(__import__("hfx").topk_distillation_loss)

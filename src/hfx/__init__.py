@@ -1,0 +1,35 @@
+"""hfx: Hugging Face-ecosystem extensions (cartridges; more systems to come).
+
+The public API is imported lazily so that ``import hfx`` stays fast and pulls in neither torch nor gradio.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "CartridgeTrainer": "hfx.cartridges.training",
+    "CartridgeTrainingArguments": "hfx.cartridges.training",
+    "CartridgeCollator": "hfx.cartridges.training",
+    "create_cartridge": "hfx.cartridges.training",
+    "load_cartridge": "hfx.cartridges.training",
+    "SynthesisConfig": "hfx.cartridges.synthesis",
+    "synthesize": "hfx.cartridges.synthesis",
+    "load_synthesis": "hfx.cartridges.synthesis",
+    "load_questions": "hfx.cartridges.evaluation",
+    "evaluate_cartridge": "hfx.cartridges.pipeline",
+    "run_self_study": "hfx.cartridges.pipeline",
+    "load_corpus": "hfx.cartridges.corpus",
+    "topk_distillation_loss": "hfx.losses",
+    "load_embedded_model": "hfx.embedded",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hfx' has no attribute {name!r}")

@@ -28,10 +28,19 @@ def _cartridge_synthesize(argv: list[str]) -> None:
     from hfx.cartridges.pipeline import SynthesizeArguments, load_model, model_display_name
     from hfx.cartridges.synthesis import SynthesisConfig, synthesize
 
-    args, config = _parser("hfx cartridge synthesize", SynthesizeArguments, SynthesisConfig).parse_args_and_config(argv)
+    args, config = _parser(
+        "hfx cartridge synthesize", SynthesizeArguments, SynthesisConfig
+    ).parse_args_and_config(argv)
     model, tokenizer, _ = load_model(args.model_name_or_path)
     corpus = load_corpus(args.corpus, tokenizer)
-    dataset = synthesize(model, tokenizer, corpus, args.synthesis_dir, config, model_name=model_display_name(args.model_name_or_path))
+    dataset = synthesize(
+        model,
+        tokenizer,
+        corpus,
+        args.synthesis_dir,
+        config,
+        model_name=model_display_name(args.model_name_or_path),
+    )
     print(f"{len(dataset)} conversations in {args.synthesis_dir}")
     if args.push_to_hub:
         from hfx.hub import push_folder
@@ -43,7 +52,9 @@ def _cartridge_train(argv: list[str]) -> None:
     from hfx.cartridges.pipeline import TrainArguments, train_and_report
     from hfx.cartridges.training import CartridgeTrainingArguments
 
-    args, training_args = _parser("hfx cartridge train", TrainArguments, CartridgeTrainingArguments).parse_args_and_config(argv)
+    args, training_args = _parser(
+        "hfx cartridge train", TrainArguments, CartridgeTrainingArguments
+    ).parse_args_and_config(argv)
     report = train_and_report(args, training_args)
     if report:
         print(report["table"])

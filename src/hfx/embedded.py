@@ -59,7 +59,9 @@ def embedded_model_path() -> Path:
     gguf = _gguf_path()
     logger.info("Converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     # A model loaded from GGUF carries a GGUF quantization config and refuses save_pretrained; rebuild a plain one.
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -126,7 +128,9 @@ def corpus_files(name: str) -> list[Path]:
         return sorted(descr.glob("*.rst"))
     path = descr / f"{name}.rst"
     if not path.is_file():
-        raise ValueError(f"Unknown corpus {name!r}. Named corpora: {', '.join(corpus_names())}; or pass a file path.")
+        raise ValueError(
+            f"Unknown corpus {name!r}. Named corpora: {', '.join(corpus_names())}; or pass a file path."
+        )
     return [path]
 
 

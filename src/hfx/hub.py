@@ -21,12 +21,18 @@ def template_path(name: str) -> Path:
     return path
 
 
-def render_card(template: str, output: str | Path, card_kind: str = "model", card_data: dict | None = None, **context) -> str:
+def render_card(
+    template: str, output: str | Path, card_kind: str = "model", card_data: dict | None = None, **context
+) -> str:
     """Render ``model_cards/<template>`` with ``context`` into ``output`` (written atomically); return the text."""
     if card_kind == "dataset":
-        card = DatasetCard.from_template(DatasetCardData(**(card_data or {})), template_path=str(template_path(template)), **context)
+        card = DatasetCard.from_template(
+            DatasetCardData(**(card_data or {})), template_path=str(template_path(template)), **context
+        )
     else:
-        card = ModelCard.from_template(ModelCardData(**(card_data or {})), template_path=str(template_path(template)), **context)
+        card = ModelCard.from_template(
+            ModelCardData(**(card_data or {})), template_path=str(template_path(template)), **context
+        )
     output = Path(output)
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text(str(card), encoding="utf-8")
@@ -34,7 +40,13 @@ def render_card(template: str, output: str | Path, card_kind: str = "model", car
     return str(card)
 
 
-def push_folder(folder: str | Path, repo_id: str, repo_type: str = "model", private: bool = False, commit_message: str | None = None) -> str:
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    repo_type: str = "model",
+    private: bool = False,
+    commit_message: str | None = None,
+) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` (card included); returns the commit URL."""
     from huggingface_hub import HfApi
 

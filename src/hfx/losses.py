@@ -51,5 +51,7 @@ def full_vocab_distillation_loss(
     Same value; kept as the baseline the trainer benchmark compares against.
     """
     student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
-    per_position = -(teacher_topk_logprobs.float().exp() * student_logprobs.gather(-1, teacher_topk_ids.long())).sum(-1)
+    per_position = -(
+        teacher_topk_logprobs.float().exp() * student_logprobs.gather(-1, teacher_topk_ids.long())
+    ).sum(-1)
     return per_position[loss_mask].mean()

@@ -18,7 +18,12 @@ def test_named_corpus_and_files(tmp_path, tokenizer):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "empty"), (b"  \n\n ", "empty"), (b"\x7fELF\x00\x00binary", "binary"), (b"caf\xe9 latin-1", "not UTF-8")],
+    [
+        (b"", "empty"),
+        (b"  \n\n ", "empty"),
+        (b"\x7fELF\x00\x00binary", "binary"),
+        (b"caf\xe9 latin-1", "not UTF-8"),
+    ],
 )
 def test_bad_documents_are_named_in_the_error(tmp_path, content, message):
     path = tmp_path / "doc.txt"
@@ -38,8 +43,13 @@ def test_missing_path_and_folder_without_text(tmp_path):
 def test_prompt_pieces_concatenate_to_the_chat_template(tokenizer):
     doc, question = "The answer is 42.", "What is the answer?"
     full = tokenizer.apply_chat_template(
-        [{"role": "system", "content": __import__("hfx.cartridges.corpus", fromlist=["x"]).document_system_prompt(doc)},
-         {"role": "user", "content": question}],
+        [
+            {
+                "role": "system",
+                "content": __import__("hfx.cartridges.corpus", fromlist=["x"]).document_system_prompt(doc),
+            },
+            {"role": "user", "content": question},
+        ],
         tokenize=False,
         add_generation_prompt=True,
     )

@@ -23,7 +23,11 @@ def test_the_document_in_context_beats_no_context_on_the_default_corpus(embedded
     questions = load_questions(DATA / "questions" / f"{embedded.DEFAULT_CORPUS}.jsonl")
     icl = icl_condition(embedded_model, tokenizer, embedded.load_corpus(embedded.DEFAULT_CORPUS))
     none, with_doc = evaluate_conditions(
-        embedded_model, tokenizer, [Condition("no context", None, False), icl], questions, throughput_batch=0,
+        embedded_model,
+        tokenizer,
+        [Condition("no context", None, False), icl],
+        questions,
+        throughput_batch=0,
         progress=False,
     )
     assert with_doc.accuracy >= none.accuracy + 0.2, (none, with_doc)
@@ -34,8 +38,14 @@ def test_main_job_wiring_on_the_embedded_model(tmp_path):
     questions = tmp_path / "q.jsonl"
     rows = (DATA / "questions" / "rcv1.jsonl").read_text().splitlines()[:6]
     questions.write_text("\n".join(rows) + "\n")
-    synthesis = SynthesisConfig(num_conversations=8, conversations_per_chunk=8, chunk_min_tokens=128,
-                                chunk_max_tokens=192, max_question_tokens=16, max_answer_tokens=16)
+    synthesis = SynthesisConfig(
+        num_conversations=8,
+        conversations_per_chunk=8,
+        chunk_min_tokens=128,
+        chunk_max_tokens=192,
+        max_question_tokens=16,
+        max_answer_tokens=16,
+    )
     training = {"num_virtual_tokens": 32, "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1}
     result = run_self_study(tmp_path / "run", "rcv1", questions, synthesis, training)
     by_name = {r["condition"]: r for r in result.report["results"]}
@@ -46,6 +56,7 @@ def test_main_job_wiring_on_the_embedded_model(tmp_path):
     assert embedded.EMBEDDED_MODEL_ID in card and result.report["table"] in card
     meta = json.loads((result.cartridge_dir / "hfx_cartridge.json").read_text())
     assert meta["global_steps"] == 2 and meta["corpus"] == "rcv1"
+    assert not list(result.cartridge_dir.glob("checkpoint-*"))  # resume state is dropped once the adapter is saved
     # The artifact is a plain PEFT adapter.
     from transformers import AutoModelForCausalLM
 

@@ -56,8 +56,13 @@ def test_scoring_prefers_the_choice_the_model_finds_likely(tiny_model, tokenizer
     with torch.no_grad():
         tiny_model.lm_head.weight = torch.nn.Parameter(tiny_model.lm_head.weight.clone())
         tiny_model.lm_head.weight[favourite] += 5.0 * tiny_model.model.norm.weight.sign()
-    questions = [MCQuestion("Which animal?", [" lion", " zebra", " cat"], 1), MCQuestion("Which?", [" zebra", " dog"], 0)]
-    accuracy, log_ppl = score_multiple_choice(tiny_model, tokenizer, Condition("none", None, False), questions, progress=False)
+    questions = [
+        MCQuestion("Which animal?", [" lion", " zebra", " cat"], 1),
+        MCQuestion("Which?", [" zebra", " dog"], 0),
+    ]
+    accuracy, log_ppl = score_multiple_choice(
+        tiny_model, tokenizer, Condition("none", None, False), questions, progress=False
+    )
     assert accuracy == 1.0 and 0 <= log_ppl < 0.5  # the reference answers are the rigged, likely ones
 
 
@@ -69,13 +74,20 @@ def test_three_conditions_table(tiny_model, tokenizer):
     questions = load_questions(DATA / "questions" / "wine_data.jsonl")[:3]
     icl = icl_condition(tiny_model, tokenizer, "Some document. " * 40)
     truncated = icl_condition(tiny_model, tokenizer, "Some document. " * 40, max_context_tokens=50)
-    assert truncated.prefix.num_tokens <= 50 < icl.prefix.num_tokens and truncated.name.startswith("ICL (first")
+    assert truncated.prefix.num_tokens <= 50 < icl.prefix.num_tokens and truncated.name.startswith(
+        "ICL (first"
+    )
     peft_model = get_peft_model(tiny_model, CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
     cart = cartridge_condition(peft_model)
     with peft_model.disable_adapter():
         results = evaluate_conditions(
-            peft_model.get_base_model(), tokenizer, [Condition("no context", None, False), icl, cart], questions,
-            throughput_batch=2, throughput_tokens=3, progress=False,
+            peft_model.get_base_model(),
+            tokenizer,
+            [Condition("no context", None, False), icl, cart],
+            questions,
+            throughput_batch=2,
+            throughput_tokens=3,
+            progress=False,
         )
     assert [r.kv_tokens for r in results] == [0, icl.prefix.num_tokens, 8]
     assert results[1].kv_bytes == icl.prefix.nbytes > results[2].kv_bytes > 0

@@ -16,5 +16,7 @@ def test_default_cartridge_closes_half_the_gap_to_icl_with_8x_fewer_kv_bytes(tmp
     assert cartridge["kv_tokens"] * 8 <= result.report["corpus_tokens"]
     assert icl["kv_bytes"] >= 8 * cartridge["kv_bytes"]
     assert cartridge["accuracy"] > none["accuracy"]
-    assert cartridge["accuracy"] - none["accuracy"] >= 0.5 * (icl["accuracy"] - none["accuracy"]), result.report["table"]
+    assert cartridge["accuracy"] - none["accuracy"] >= 0.5 * (icl["accuracy"] - none["accuracy"]), (
+        result.report["table"]
+    )
     assert result.seconds < 20 * 60

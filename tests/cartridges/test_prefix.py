@@ -10,7 +10,15 @@ def test_prefix_cache_reproduces_the_full_forward(tiny_model):
     prefix = PrefixKV.prefill(tiny_model, ids[0, :12].tolist())
     assert prefix.num_tokens == 12
     cfg = tiny_model.config
-    assert prefix.nbytes == 2 * cfg.num_hidden_layers * 12 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert (
+        prefix.nbytes
+        == 2
+        * cfg.num_hidden_layers
+        * 12
+        * cfg.num_key_value_heads
+        * (cfg.hidden_size // cfg.num_attention_heads)
+        * 4
+    )
     # Two rows, the second right-padded: the prefix is shared by both.
     suffix = torch.stack([ids[0, 12:], torch.cat([ids[0, 12:17], torch.zeros(3, dtype=torch.long)])])
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
@@ -37,11 +45,20 @@ def test_generate_after_prefix_matches_generate_on_whole_prompts(tiny_model, tok
     prompts = [torch.randint(100, 1000, (n,)).tolist() for n in (3, 6)]
     prefix = PrefixKV.prefill(tiny_model, prefix_ids)
     out, width = generate_after_prefix(
-        tiny_model, prefix, prompts, tokenizer.pad_token_id, max_new_tokens=5, min_new_tokens=5, do_sample=False
+        tiny_model,
+        prefix,
+        prompts,
+        tokenizer.pad_token_id,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
     )
     for row, prompt in enumerate(prompts):
         alone = tiny_model.generate(
-            torch.tensor([prefix_ids + prompt]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+            torch.tensor([prefix_ids + prompt]),
+            max_new_tokens=5,
+            min_new_tokens=5,
+            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
         assert out[row, width:].tolist() == alone[0, len(prefix_ids) + len(prompt) :].tolist()

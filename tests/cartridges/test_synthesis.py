@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from hfx.cartridges.corpus import Corpus, document_prefix_ids, load_corpus, user_turn_ids
-from hfx.cartridges.synthesis import FEATURES, SEED_KINDS, SynthesisConfig, load_synthesis, sample_chunk, synthesize
+from hfx.cartridges.corpus import document_prefix_ids, load_corpus, user_turn_ids
+from hfx.cartridges.synthesis import (
+    FEATURES,
+    SEED_KINDS,
+    SynthesisConfig,
+    load_synthesis,
+    sample_chunk,
+    synthesize,
+)
 
 TEXT = (
     "The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. It uses 17 rounds of "
@@ -10,8 +17,14 @@ TEXT = (
 ) * 12
 
 CONFIG = dict(
-    num_conversations=6, conversations_per_chunk=2, chunk_min_tokens=40, chunk_max_tokens=80,
-    max_question_tokens=6, max_answer_tokens=5, top_k=4, batches_per_shard=2,
+    num_conversations=6,
+    conversations_per_chunk=2,
+    chunk_min_tokens=40,
+    chunk_max_tokens=80,
+    max_question_tokens=6,
+    max_answer_tokens=5,
+    top_k=4,
+    batches_per_shard=2,
 )
 
 
@@ -33,12 +46,17 @@ def test_chunks_are_windows_of_the_corpus():
     assert sample_chunk(5, config, rng) == (0, 5)  # shorter corpus: the whole of it
 
 
-def test_synthesis_rows_carry_the_teachers_topk_with_the_chunk_in_context(tmp_path, tiny_model, tokenizer, corpus):
+def test_synthesis_rows_carry_the_teachers_topk_with_the_chunk_in_context(
+    tmp_path, tiny_model, tokenizer, corpus
+):
     out = tmp_path / "synth"
     ds = synthesize(tiny_model, tokenizer, corpus, out, SynthesisConfig(**CONFIG), progress=False)
     assert ds.features == FEATURES and 1 <= len(ds) <= 6
     assert (out / "README.md").read_text().count("zorblat") >= 1
-    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == ["train-00000.parquet", "train-00001.parquet"]
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == [
+        "train-00000.parquet",
+        "train-00001.parquet",
+    ]
     for row in ds:
         assert row["seed_kind"] in SEED_KINDS
         n_answer = len(row["input_ids"]) - row["answer_start"]
@@ -76,7 +94,9 @@ def test_synthesis_refuses_a_directory_made_with_other_settings(tmp_path, tiny_m
     out = tmp_path / "synth"
     synthesize(tiny_model, tokenizer, corpus, out, SynthesisConfig(**CONFIG), progress=False)
     with pytest.raises(ValueError, match="different settings.*top_k"):
-        synthesize(tiny_model, tokenizer, corpus, out, SynthesisConfig(**{**CONFIG, "top_k": 3}), progress=False)
+        synthesize(
+            tiny_model, tokenizer, corpus, out, SynthesisConfig(**{**CONFIG, "top_k": 3}), progress=False
+        )
     with pytest.raises(FileNotFoundError, match="no synthesized shards"):
         load_synthesis(tmp_path / "elsewhere")
 

@@ -62,7 +62,7 @@ def test_first_tokens_initialization_is_the_truncated_icl_prefix(tiny_model, tok
     prefix = PrefixKV.from_peft_model(peft_model)
     with peft_model.disable_adapter():
         icl = PrefixKV.prefill(peft_model.get_base_model(), document_prefix_ids(tokenizer, corpus.text)[:10])
-    for got, want in zip(prefix.keys + prefix.values, icl.keys + icl.values):
+    for got, want in zip(prefix.keys + prefix.values, icl.keys + icl.values, strict=False):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -75,8 +75,12 @@ def test_cartridge_larger_than_the_corpus_is_refused(tiny_model, tokenizer):
 @pytest.mark.parametrize("initialization", ["random_text", "random_vectors"])
 def test_other_initializations_differ_from_the_corpus(tiny_model, tokenizer, initialization):
     corpus = _corpus(tokenizer)
-    first = PrefixKV.from_peft_model(create_cartridge(make_tiny_llama(tokenizer), tokenizer, corpus, 8)).keys[0]
-    other = PrefixKV.from_peft_model(create_cartridge(tiny_model, tokenizer, corpus, 8, initialization=initialization)).keys[0]
+    first = PrefixKV.from_peft_model(create_cartridge(make_tiny_llama(tokenizer), tokenizer, corpus, 8)).keys[
+        0
+    ]
+    other = PrefixKV.from_peft_model(
+        create_cartridge(tiny_model, tokenizer, corpus, 8, initialization=initialization)
+    ).keys[0]
     assert not torch.allclose(first, other)
 
 
@@ -90,8 +94,15 @@ def _distillation_rows(model, context_ids, n=8, k=8, seed=0):
         with torch.no_grad():
             logits = model(torch.tensor([context_ids + prompt + answer])).logits[0]
         top = torch.log_softmax(logits[len(context_ids) + len(prompt) - 1 : -1], -1).topk(k, -1)
-        rows.append({"conversation_id": i, "input_ids": prompt + answer, "answer_start": len(prompt),
-                     "topk_token_ids": top.indices.tolist(), "topk_logprobs": top.values.tolist()})
+        rows.append(
+            {
+                "conversation_id": i,
+                "input_ids": prompt + answer,
+                "answer_start": len(prompt),
+                "topk_token_ids": top.indices.tolist(),
+                "topk_logprobs": top.values.tolist(),
+            }
+        )
     return rows
 
 
@@ -103,19 +114,35 @@ def test_training_learns_the_teacher_and_saves_a_loadable_peft_adapter(tmp_path,
     context = torch.randint(100, 1000, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     rows = _distillation_rows(model, context)
     corpus = _corpus(tokenizer)
-    peft_model = create_cartridge(model, tokenizer, corpus, num_virtual_tokens=12, initialization="random_text")
+    peft_model = create_cartridge(
+        model, tokenizer, corpus, num_virtual_tokens=12, initialization="random_text"
+    )
     frozen_before = peft_model.prompt_encoder["default"].frozen_embedding.detach().clone()
     args = CartridgeTrainingArguments(
-        output_dir=str(tmp_path / "cart"), max_steps=40, per_device_train_batch_size=8, learning_rate=5e-2,
-        logging_steps=1, save_steps=20, use_cpu=True, model_dtype="float32", disable_tqdm=True,
+        output_dir=str(tmp_path / "cart"),
+        max_steps=40,
+        per_device_train_batch_size=8,
+        learning_rate=5e-2,
+        logging_steps=1,
+        save_steps=20,
+        use_cpu=True,
+        model_dtype="float32",
+        disable_tqdm=True,
     )
     trainer = CartridgeTrainer(
-        model=peft_model, args=args, train_dataset=datasets.Dataset.from_list(rows), data_collator=CartridgeCollator(2)
+        model=peft_model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=CartridgeCollator(2),
     )
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     batch = CartridgeCollator(2)(rows)
-    teacher_entropy = -(batch["teacher_topk_logprobs"].exp() * batch["teacher_topk_logprobs"]).sum(-1)[batch["loss_mask"]].mean()
+    teacher_entropy = (
+        -(batch["teacher_topk_logprobs"].exp() * batch["teacher_topk_logprobs"])
+        .sum(-1)[batch["loss_mask"]]
+        .mean()
+    )
     # The gap to the teacher (cross-entropy minus the teacher's own entropy over its top-k) shrinks substantially.
     assert losses[-1] - teacher_entropy < 0.5 * (losses[0] - teacher_entropy)
     # Only the cartridge moved: the base model and the frozen attention-sink token did not.

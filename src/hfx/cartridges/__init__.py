@@ -1,0 +1,1 @@
+"""Cartridges by self-study: corpus -> synthesis -> training -> evaluation (see each module's docstring)."""

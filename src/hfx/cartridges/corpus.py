@@ -46,7 +46,9 @@ def read_document(source: str | Path) -> tuple[str, str]:
     if not path.exists():
         if isinstance(source, str) and "/" not in source and not path.suffix:
             return source, embedded.load_corpus(source)
-        raise FileNotFoundError(f"{source}: no such file or folder, and not a corpus name ({embedded.corpus_names()}).")
+        raise FileNotFoundError(
+            f"{source}: no such file or folder, and not a corpus name ({embedded.corpus_names()})."
+        )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
@@ -76,7 +78,9 @@ def document_system_prompt(text: str) -> str:
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of ``messages`` rendered with the tokenizer's chat template."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -96,5 +100,7 @@ def user_turn_ids(tokenizer, content: str, after_system: bool) -> list[int]:
         system + [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
     if not full.startswith(head):
-        raise ValueError("The tokenizer's chat template does not render the system turn as a prefix of the prompt.")
+        raise ValueError(
+            "The tokenizer's chat template does not render the system turn as a prefix of the prompt."
+        )
     return tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]

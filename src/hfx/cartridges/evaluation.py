@@ -62,14 +62,22 @@ def load_questions(path: str | Path) -> list[MCQuestion]:
             question, choices, answer = row["question"], row["choices"], row["answer"]
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"{where}: field 'question' must be a non-empty string.")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                raise ValueError(f"{where}: field 'choices' must be a list of at least two non-empty strings.")
+            if (
+                not isinstance(choices, list)
+                or len(choices) < 2
+                or not all(isinstance(c, str) and c for c in choices)
+            ):
+                raise ValueError(
+                    f"{where}: field 'choices' must be a list of at least two non-empty strings."
+                )
             if isinstance(answer, str):
                 if answer not in choices:
                     raise ValueError(f"{where}: field 'answer' {answer!r} is not one of the choices.")
                 answer = choices.index(answer)
             if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-                raise ValueError(f"{where}: field 'answer' must be a choice index in [0, {len(choices) - 1}].")
+                raise ValueError(
+                    f"{where}: field 'answer' must be a choice index in [0, {len(choices) - 1}]."
+                )
             questions.append(MCQuestion(question.strip(), choices, answer))
     if not questions:
         raise ValueError(f"{path}: no questions.")
@@ -109,9 +117,17 @@ def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def score_multiple_choice(
-    model, tokenizer, condition: Condition, questions: list[MCQuestion], batch_size: int = 16, progress: bool = True
+    model,
+    tokenizer,
+    condition: Condition,
+    questions: list[MCQuestion],
+    batch_size: int | None = None,
+    progress: bool = True,
 ) -> tuple[float, float]:
     """Accuracy (choice with the highest mean token log-likelihood) and the reference answers' log-perplexity."""
+    if batch_size is None:  # the prefix is copied per row: fewer rows per batch for long documents
+        prefix_tokens = condition.prefix.num_tokens if condition.prefix is not None else 0
+        batch_size = max(2, min(16, 16384 // max(1, prefix_tokens)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     items = []  # (question index, choice index, prompt length, full ids)
     for q_idx, q in enumerate(questions):
@@ -121,10 +137,14 @@ def score_multiple_choice(
             items.append((q_idx, c_idx, len(prompt), prompt + answer_ids))
     sum_logprob = torch.zeros(len(questions), max(len(q.choices) for q in questions))
     num_tokens = torch.ones_like(sum_logprob)
-    for start in tqdm(range(0, len(items), batch_size), desc=f"score [{condition.name}]", disable=not progress):
+    for start in tqdm(
+        range(0, len(items), batch_size), desc=f"score [{condition.name}]", disable=not progress
+    ):
         batch = items[start : start + batch_size]
         ids, mask = _right_pad([it[3] for it in batch], pad_id)
-        logits = forward_with_prefix(model, condition.prefix, ids.to(model.device), mask.to(model.device)).logits
+        logits = forward_with_prefix(
+            model, condition.prefix, ids.to(model.device), mask.to(model.device)
+        ).logits
         for row, (q_idx, c_idx, prompt_len, seq) in enumerate(batch):
             targets = torch.tensor(seq[prompt_len:], device=logits.device)
             logprobs = torch.log_softmax(logits[row, prompt_len - 1 : len(seq) - 1].float(), dim=-1)

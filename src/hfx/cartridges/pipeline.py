@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,11 @@ def load_model(model_name_or_path: str | None, dtype: str = "float32"):
 
 def model_display_name(model_name_or_path: str | None) -> str:
     resolved = embedded.resolve_model_path(model_name_or_path)
-    return embedded.EMBEDDED_MODEL_ID if resolved == str(embedded.embedded_model_path()) else str(model_name_or_path)
+    return (
+        embedded.EMBEDDED_MODEL_ID
+        if resolved == str(embedded.embedded_model_path())
+        else str(model_name_or_path)
+    )
 
 
 def train_cartridge(
@@ -67,7 +72,7 @@ def train_cartridge(
     model_name_or_path: str | None = None,
 ) -> Path:
     """Train a cartridge on a synthesized dataset and save it (adapter + metadata) in ``args.output_dir``."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
     model, tokenizer, _ = load_model(model_name_or_path, dtype=args.model_dtype)
     for param in model.parameters():
@@ -93,6 +98,9 @@ def train_cartridge(
         logger.info("Resuming training from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(args.output_dir)
+    # Checkpoints exist to resume a killed run; the finished artifact is the adapter alone.
+    for checkpoint in Path(args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        shutil.rmtree(checkpoint)
     write_metadata(
         args.output_dir,
         {
@@ -132,12 +140,19 @@ def evaluate_cartridge(
     conditions = [
         Condition("no context", None, prompt_after_system=False),
         icl_condition(model, tokenizer, corpus.text, max_context_tokens=max_context_tokens),
-        cartridge_condition(peft_model, name=f"cartridge (p={peft_model.active_peft_config.num_virtual_tokens})"),
+        cartridge_condition(
+            peft_model, name=f"cartridge (p={peft_model.active_peft_config.num_virtual_tokens})"
+        ),
     ]
     base = peft_model.get_base_model()
     with peft_model.disable_adapter():
         results = evaluate_conditions(
-            base, tokenizer, conditions, questions, throughput_batch=throughput_batch, throughput_tokens=throughput_tokens
+            base,
+            tokenizer,
+            conditions,
+            questions,
+            throughput_batch=throughput_batch,
+            throughput_tokens=throughput_tokens,
         )
     report = {
         "corpus": corpus.name,
@@ -194,7 +209,12 @@ def run_self_study(
     model, tokenizer, _ = load_model(model_name_or_path)
     corpus: Corpus = load_corpus(corpus_source, tokenizer)
     dataset = synthesize(
-        model, tokenizer, corpus, output_dir / "synthesis", synthesis, model_name=model_display_name(model_name_or_path)
+        model,
+        tokenizer,
+        corpus,
+        output_dir / "synthesis",
+        synthesis,
+        model_name=model_display_name(model_name_or_path),
     )
     del model
 
@@ -204,12 +224,17 @@ def run_self_study(
         training["num_virtual_tokens"] = max(1, corpus.num_tokens // 8)
     if not (cartridge_dir / "adapter_model.safetensors").is_file():
         args = CartridgeTrainingArguments(
-            output_dir=str(output_dir / "cartridge"), seed=synthesis.seed, use_cpu=not torch.cuda.is_available(), **training
+            output_dir=str(output_dir / "cartridge"),
+            seed=synthesis.seed,
+            use_cpu=not torch.cuda.is_available(),
+            **training,
         )
         train_cartridge(corpus_source, dataset, args, model_name_or_path=model_name_or_path)
     report = None
     if questions_path is not None:
-        report = evaluate_cartridge(cartridge_dir, corpus_source, questions_path, model_name_or_path=model_name_or_path)
+        report = evaluate_cartridge(
+            cartridge_dir, corpus_source, questions_path, model_name_or_path=model_name_or_path
+        )
     write_cartridge_card(cartridge_dir, report)
     return RunResult(output_dir, cartridge_dir, report or {}, time.perf_counter() - start)
 
@@ -222,48 +247,73 @@ def run_self_study(
 class CorpusArguments:
     corpus: str = field(
         default=embedded.DEFAULT_CORPUS,
-        metadata={"help": "A bundled corpus name (see `hfx corpora`), a .txt/.md/.rst file, or a folder of them."},
+        metadata={
+            "help": "A bundled corpus name (see `hfx corpora`), a .txt/.md/.rst file, or a folder of them."
+        },
     )
     model_name_or_path: str = field(
-        default="embedded", metadata={"help": "Base model: 'embedded' (SmolLM2-135M-Instruct) or a local path."}
+        default="embedded",
+        metadata={"help": "Base model: 'embedded' (SmolLM2-135M-Instruct) or a local path."},
     )
 
 
 @dataclass
 class SynthesizeArguments(CorpusArguments):
-    synthesis_dir: str = field(default="outputs/synthesis", metadata={"help": "Where the dataset's shards and card go."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Dataset repo id to upload the result to."})
+    synthesis_dir: str = field(
+        default="outputs/synthesis", metadata={"help": "Where the dataset's shards and card go."}
+    )
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Dataset repo id to upload the result to."}
+    )
 
 
 @dataclass
 class TrainArguments(CorpusArguments):
-    synthesis_dir: str = field(default="outputs/synthesis", metadata={"help": "A directory made by synthesize."})
-    questions: str | None = field(default=None, metadata={"help": "Questions JSONL to evaluate on after training."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Model repo id to upload the cartridge to."})
+    synthesis_dir: str = field(
+        default="outputs/synthesis", metadata={"help": "A directory made by synthesize."}
+    )
+    questions: str | None = field(
+        default=None, metadata={"help": "Questions JSONL to evaluate on after training."}
+    )
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Model repo id to upload the cartridge to."}
+    )
 
 
 @dataclass
 class EvalArguments(CorpusArguments):
     cartridge: str = field(default="outputs/cartridge", metadata={"help": "A saved cartridge directory."})
-    questions: str = field(default="", metadata={"help": "Questions JSONL ({question, choices, answer} per line)."})
-    max_context_tokens: int | None = field(
-        default=None, metadata={"help": "Truncate the ICL document to this many tokens (default: the model window)."}
+    questions: str = field(
+        default="", metadata={"help": "Questions JSONL ({question, choices, answer} per line)."}
     )
-    throughput_batch: int = field(default=8, metadata={"help": "Batch size of the decode-throughput measurement."})
-    throughput_tokens: int = field(default=32, metadata={"help": "Tokens decoded per sequence for throughput."})
+    max_context_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Truncate the ICL document to this many tokens (default: the model window)."},
+    )
+    throughput_batch: int = field(
+        default=8, metadata={"help": "Batch size of the decode-throughput measurement."}
+    )
+    throughput_tokens: int = field(
+        default=32, metadata={"help": "Tokens decoded per sequence for throughput."}
+    )
 
 
 @dataclass
 class RunArguments(CorpusArguments):
-    output_dir: str = field(default="outputs/self-study", metadata={"help": "Directory of the whole run (resumable)."})
+    output_dir: str = field(
+        default="outputs/self-study", metadata={"help": "Directory of the whole run (resumable)."}
+    )
     questions: str | None = field(default=None, metadata={"help": "Questions JSONL for the final table."})
     num_virtual_tokens: int | None = field(
-        default=None, metadata={"help": "Cartridge size p (KV tokens per layer); default 1/8 of the corpus's tokens."}
+        default=None,
+        metadata={"help": "Cartridge size p (KV tokens per layer); default 1/8 of the corpus's tokens."},
     )
     num_train_epochs: float = field(default=2.0)
     learning_rate: float = field(default=2e-2)
     per_device_train_batch_size: int = field(default=8)
-    initialization: str = field(default="first_tokens", metadata={"help": "first_tokens, random_text or random_vectors."})
+    initialization: str = field(
+        default="first_tokens", metadata={"help": "first_tokens, random_text or random_vectors."}
+    )
 
 
 def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArguments) -> dict | None:
@@ -274,7 +324,9 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
     train_cartridge(args.corpus, dataset, training_args, model_name_or_path=args.model_name_or_path)
     report = None
     if args.questions:
-        report = evaluate_cartridge(training_args.output_dir, args.corpus, args.questions, args.model_name_or_path)
+        report = evaluate_cartridge(
+            training_args.output_dir, args.corpus, args.questions, args.model_name_or_path
+        )
     write_cartridge_card(training_args.output_dir, report)
     if args.push_to_hub:
         from hfx.hub import push_folder
@@ -291,4 +343,6 @@ def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig) -> RunRes
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "initialization": args.initialization,
     }
-    return run_self_study(args.output_dir, args.corpus, args.questions, synthesis, training, args.model_name_or_path)
+    return run_self_study(
+        args.output_dir, args.corpus, args.questions, synthesis, training, args.model_name_or_path
+    )

@@ -59,8 +59,12 @@ class PrefixKV:
         With ``max_cache_len`` it is a preallocated ``StaticCache``: decoding then writes each new token in place
         instead of re-concatenating the whole cache at every step, which dominates decode time on CPU.
         """
-        cache = StaticCache(config=config, max_cache_len=max_cache_len) if max_cache_len else DynamicCache(config=config)
-        for layer_idx, (k, v) in enumerate(zip(self.keys, self.values)):
+        cache = (
+            StaticCache(config=config, max_cache_len=max_cache_len)
+            if max_cache_len
+            else DynamicCache(config=config)
+        )
+        for layer_idx, (k, v) in enumerate(zip(self.keys, self.values, strict=False)):
             cache.update(
                 k.expand(batch_size, -1, -1, -1).contiguous(),
                 v.expand(batch_size, -1, -1, -1).contiguous(),
@@ -69,12 +73,16 @@ class PrefixKV:
         return cache
 
 
-def forward_with_prefix(model, prefix: PrefixKV | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+def forward_with_prefix(
+    model, prefix: PrefixKV | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs
+):
     """Forward ``input_ids`` (right-padded) after ``prefix``; returns the model output."""
     if prefix is None:
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     batch = input_ids.shape[0]
-    prefix_mask = torch.ones(batch, prefix.num_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
+    prefix_mask = torch.ones(
+        batch, prefix.num_tokens, dtype=attention_mask.dtype, device=attention_mask.device
+    )
     return model(
         input_ids=input_ids,
         attention_mask=torch.cat([prefix_mask, attention_mask], dim=1),

@@ -80,7 +80,7 @@ FEATURES = datasets.Features(
 class SynthesisConfig:
     """How many conversations to synthesize, and how."""
 
-    num_conversations: int = 256
+    num_conversations: int = 384
     #: Conversations per batch; a batch shares one chunk and its KV.
     conversations_per_chunk: int = 32
     chunk_min_tokens: int = 256
@@ -94,7 +94,13 @@ class SynthesisConfig:
     batches_per_shard: int = 4
 
     def __post_init__(self):
-        for name in ("num_conversations", "conversations_per_chunk", "chunk_min_tokens", "top_k", "batches_per_shard"):
+        for name in (
+            "num_conversations",
+            "conversations_per_chunk",
+            "chunk_min_tokens",
+            "top_k",
+            "batches_per_shard",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"SynthesisConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.chunk_max_tokens < self.chunk_min_tokens:
@@ -216,7 +222,10 @@ def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, 
                 "chunk_end": chunk_end,
                 "messages": [
                     {"role": "user", "content": questions[i]},
-                    {"role": "assistant", "content": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()},
+                    {
+                        "role": "assistant",
+                        "content": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),
+                    },
                 ],
                 "input_ids": student_prompt + answer_ids,
                 "answer_start": len(student_prompt),
@@ -267,18 +276,34 @@ def synthesize(
     """Synthesize ``config.num_conversations`` conversations into ``output_dir`` (resumable); return the dataset."""
     config = config or SynthesisConfig()
     output_dir = Path(output_dir)
-    manifest = {"corpus": corpus.name, "corpus_tokens": corpus.num_tokens, "model": model_name, **asdict(config)}
+    manifest = {
+        "corpus": corpus.name,
+        "corpus_tokens": corpus.num_tokens,
+        "model": model_name,
+        **asdict(config),
+    }
     _check_or_write_manifest(output_dir, manifest)
 
     num_shards = math.ceil(config.num_batches / config.batches_per_shard)
     done = [s for s in range(num_shards) if _shard_path(output_dir, s).exists()]
     done_conversations = sum(
-        min(config.batches_per_shard * config.conversations_per_chunk, config.num_conversations - s * config.batches_per_shard * config.conversations_per_chunk)
+        min(
+            config.batches_per_shard * config.conversations_per_chunk,
+            config.num_conversations - s * config.batches_per_shard * config.conversations_per_chunk,
+        )
         for s in done
     )
     if done:
-        logger.info("Resuming synthesis in %s: %d of %d shards already written", output_dir, len(done), num_shards)
-    bar = tqdm(total=config.num_conversations, initial=done_conversations, desc="synthesize", unit="conv", disable=not progress)
+        logger.info(
+            "Resuming synthesis in %s: %d of %d shards already written", output_dir, len(done), num_shards
+        )
+    bar = tqdm(
+        total=config.num_conversations,
+        initial=done_conversations,
+        desc="synthesize",
+        unit="conv",
+        disable=not progress,
+    )
     for shard_idx in range(num_shards):
         if shard_idx in done:
             continue
@@ -286,7 +311,12 @@ def synthesize(
         first = shard_idx * config.batches_per_shard
         for batch_idx in range(first, min(first + config.batches_per_shard, config.num_batches)):
             rows.extend(synthesize_batch(model, tokenizer, corpus, config, batch_idx))
-            bar.update(min(config.conversations_per_chunk, config.num_conversations - batch_idx * config.conversations_per_chunk))
+            bar.update(
+                min(
+                    config.conversations_per_chunk,
+                    config.num_conversations - batch_idx * config.conversations_per_chunk,
+                )
+            )
         _write_shard(rows, _shard_path(output_dir, shard_idx))
     bar.close()
     dataset = load_synthesis(output_dir)
@@ -298,7 +328,9 @@ def load_synthesis(output_dir: str | Path) -> datasets.Dataset:
     """Load a synthesis directory's shards as one dataset."""
     files = sorted(str(p) for p in (Path(output_dir) / "data").glob("train-*.parquet"))
     if not files:
-        raise FileNotFoundError(f"{output_dir}: no synthesized shards (data/train-*.parquet); run synthesis first.")
+        raise FileNotFoundError(
+            f"{output_dir}: no synthesized shards (data/train-*.parquet); run synthesis first."
+        )
     return datasets.Dataset.from_parquet(files, features=FEATURES)
 
 
@@ -308,12 +340,17 @@ def write_dataset_card(output_dir: Path, manifest: dict, dataset: datasets.Datas
     kinds = {kind: 0 for kind in SEED_KINDS}
     for kind in dataset["seed_kind"]:
         kinds[kind] = kinds.get(kind, 0) + 1
-    answer_tokens = sum(len(ids) - start for ids, start in zip(dataset["input_ids"], dataset["answer_start"]))
+    answer_tokens = sum(
+        len(ids) - start for ids, start in zip(dataset["input_ids"], dataset["answer_start"], strict=False)
+    )
     render_card(
         "dataset_card.md",
         output_dir / "README.md",
         card_kind="dataset",
-        card_data={"tags": ["hfx", "cartridges", "self-study", "synthetic"], "configs": [{"config_name": "default", "data_files": "data/train-*.parquet"}]},
+        card_data={
+            "tags": ["hfx", "cartridges", "self-study", "synthetic"],
+            "configs": [{"config_name": "default", "data_files": "data/train-*.parquet"}],
+        },
         manifest=manifest,
         num_rows=len(dataset),
         answer_tokens=answer_tokens,

@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import CartridgeConfig, PeftConfig, PeftModel, get_peft_model
-from peft import initialize_kv_prefix_from_past_key_values, initialize_kv_prefix_from_text
+from peft import (
+    CartridgeConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    initialize_kv_prefix_from_past_key_values,
+    initialize_kv_prefix_from_text,
+)
 from transformers import Trainer, TrainingArguments
 
 from hfx.cartridges.corpus import Corpus, document_system_prompt
@@ -33,14 +39,20 @@ class CartridgeTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the cartridge's own settings and self-study defaults (Adam, lr 2e-2)."""
 
     num_virtual_tokens: int = field(default=128, metadata={"help": "Cartridge size p: KV tokens per layer."})
-    num_frozen_tokens: int = field(default=1, metadata={"help": "Leading cartridge tokens kept frozen (attention sink)."})
+    num_frozen_tokens: int = field(
+        default=1, metadata={"help": "Leading cartridge tokens kept frozen (attention sink)."}
+    )
     initialization: str = field(
-        default="first_tokens", metadata={"help": f"How to initialize the cartridge: {', '.join(INITIALIZATIONS)}."}
+        default="first_tokens",
+        metadata={"help": f"How to initialize the cartridge: {', '.join(INITIALIZATIONS)}."},
     )
     model_dtype: str = field(
-        default="bfloat16", metadata={"help": "dtype of the frozen base model during training (the cartridge stays float32)."}
+        default="bfloat16",
+        metadata={"help": "dtype of the frozen base model during training (the cartridge stays float32)."},
     )
-    learning_rate: float = field(default=2e-2, metadata={"help": "Adam learning rate (self-study uses 2e-2)."})
+    learning_rate: float = field(
+        default=2e-2, metadata={"help": "Adam learning rate (self-study uses 2e-2)."}
+    )
     weight_decay: float = field(default=0.0)
     lr_scheduler_type: str = field(default="constant")
     per_device_train_batch_size: int = field(default=8)
@@ -160,7 +172,9 @@ def create_cartridge(
         initialize_kv_prefix_from_text(peft_model, tokenizer, text=document_system_prompt(corpus.text))
     elif initialization == "random_text":
         generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(100, len(tokenizer), (1, num_virtual_tokens), generator=generator).to(model.device)
+        ids = torch.randint(100, len(tokenizer), (1, num_virtual_tokens), generator=generator).to(
+            model.device
+        )
         with torch.no_grad(), peft_model.disable_adapter():
             past = peft_model(input_ids=ids, use_cache=True).past_key_values
         initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=past)
@@ -178,13 +192,21 @@ def check_cartridge_fits(adapter_dir: str | Path, base_config) -> PeftConfig:
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
     except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file for the user
-        raise ValueError(f"{adapter_dir / 'adapter_config.json'}: cannot be read as a PEFT config ({err}).") from None
+        raise ValueError(
+            f"{adapter_dir / 'adapter_config.json'}: cannot be read as a PEFT config ({err})."
+        ) from None
     if str(config.peft_type) not in ("CARTRIDGE", "PeftType.CARTRIDGE"):
         raise ValueError(f"{adapter_dir}: adapter type is {config.peft_type}, not CARTRIDGE.")
     text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
     kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    expected = {"num_layers": text_config.num_hidden_layers, "token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads}
+    head_dim = (
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    )
+    expected = {
+        "num_layers": text_config.num_hidden_layers,
+        "token_dim": kv_heads * head_dim,
+        "num_attention_heads": kv_heads,
+    }
     mismatched = {k: (getattr(config, k), v) for k, v in expected.items() if getattr(config, k) != v}
     if mismatched:
         details = ", ".join(f"{k}: cartridge {a} vs model {b}" for k, (a, b) in mismatched.items())
@@ -201,7 +223,9 @@ def load_cartridge(model, adapter_dir: str | Path) -> PeftModel:
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir))
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{adapter_dir}: the cartridge's weights cannot be loaded ({type(err).__name__}: {err}).") from None
+        raise ValueError(
+            f"{adapter_dir}: the cartridge's weights cannot be loaded ({type(err).__name__}: {err})."
+        ) from None
 
 
 def write_metadata(output_dir: str | Path, metadata: dict) -> None:
