@@ -42,10 +42,10 @@ def _cartridge_synthesize(argv: list[str]) -> None:
         model_name=model_display_name(args.model_name_or_path),
     )
     print(f"{len(dataset)} conversations in {args.synthesis_dir}")
-    if args.push_to_hub:
+    if args.hub_repo_id:
         from hfx.hub import push_folder
 
-        print(push_folder(args.synthesis_dir, args.push_to_hub, repo_type="dataset"))
+        print(push_folder(args.synthesis_dir, args.hub_repo_id, repo_type="dataset"))
 
 
 def _cartridge_train(argv: list[str]) -> None:

@@ -262,8 +262,8 @@ class SynthesizeArguments(CorpusArguments):
     synthesis_dir: str = field(
         default="outputs/synthesis", metadata={"help": "Where the dataset's shards and card go."}
     )
-    push_to_hub: str | None = field(
-        default=None, metadata={"help": "Dataset repo id to upload the result to."}
+    hub_repo_id: str | None = field(
+        default=None, metadata={"help": "Dataset repo id to upload the result (card included) to."}
     )
 
 
@@ -275,8 +275,8 @@ class TrainArguments(CorpusArguments):
     questions: str | None = field(
         default=None, metadata={"help": "Questions JSONL to evaluate on after training."}
     )
-    push_to_hub: str | None = field(
-        default=None, metadata={"help": "Model repo id to upload the cartridge to."}
+    hub_repo_id: str | None = field(
+        default=None, metadata={"help": "Model repo id to upload the finished cartridge (card included) to."}
     )
 
 
@@ -328,10 +328,10 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
             training_args.output_dir, args.corpus, args.questions, args.model_name_or_path
         )
     write_cartridge_card(training_args.output_dir, report)
-    if args.push_to_hub:
+    if args.hub_repo_id:
         from hfx.hub import push_folder
 
-        push_folder(training_args.output_dir, args.push_to_hub)
+        push_folder(training_args.output_dir, args.hub_repo_id)
     return report
 
 

@@ -61,7 +61,7 @@ class CartridgeTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="steps")
     save_steps: float = field(default=25)
     save_total_limit: int | None = field(default=2)
-    report_to: str | list[str] | None = field(default="none")
+    report_to: None | str | list[str] = field(default="none")
     remove_unused_columns: bool = field(default=False)
     dataloader_drop_last: bool = field(default=False)
 
