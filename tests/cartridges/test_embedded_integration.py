@@ -56,7 +56,9 @@ def test_main_job_wiring_on_the_embedded_model(tmp_path):
     assert embedded.EMBEDDED_MODEL_ID in card and result.report["table"] in card
     meta = json.loads((result.cartridge_dir / "hfx_cartridge.json").read_text())
     assert meta["global_steps"] == 2 and meta["corpus"] == "rcv1"
-    assert not list(result.cartridge_dir.glob("checkpoint-*"))  # resume state is dropped once the adapter is saved
+    assert not list(
+        result.cartridge_dir.glob("checkpoint-*")
+    )  # resume state is dropped once the adapter is saved
     # The artifact is a plain PEFT adapter.
     from transformers import AutoModelForCausalLM
 

@@ -12,22 +12,40 @@ def test_training_resumes_from_the_last_checkpoint_after_a_kill(tmp_path, tiny_m
     doc = tmp_path / "doc.txt"
     doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
     model, tokenizer, _ = load_model(str(tiny_model_dir))
-    config = SynthesisConfig(num_conversations=4, conversations_per_chunk=4, chunk_min_tokens=20, chunk_max_tokens=40,
-                             max_question_tokens=4, max_answer_tokens=4)
-    dataset = synthesize(model, tokenizer, load_corpus(doc, tokenizer), tmp_path / "synth", config, progress=False)
+    config = SynthesisConfig(
+        num_conversations=4,
+        conversations_per_chunk=4,
+        chunk_min_tokens=20,
+        chunk_max_tokens=40,
+        max_question_tokens=4,
+        max_answer_tokens=4,
+    )
+    dataset = synthesize(
+        model, tokenizer, load_corpus(doc, tokenizer), tmp_path / "synth", config, progress=False
+    )
 
     def args(max_steps):
-        return CartridgeTrainingArguments(output_dir=str(tmp_path / "cart"), max_steps=max_steps, save_steps=2,
-                                          per_device_train_batch_size=2, num_virtual_tokens=8, use_cpu=True,
-                                          disable_tqdm=True)
+        return CartridgeTrainingArguments(
+            output_dir=str(tmp_path / "cart"),
+            max_steps=max_steps,
+            save_steps=2,
+            per_device_train_batch_size=2,
+            num_virtual_tokens=8,
+            use_cpu=True,
+            disable_tqdm=True,
+        )
 
     # A run that got as far as its step-2 checkpoint: its adapter was never saved.
     from hfx.cartridges.pipeline import CartridgeCollator, CartridgeTrainer, create_cartridge
 
     model.requires_grad_(False)
     peft_model = create_cartridge(model, tokenizer, load_corpus(doc, tokenizer), 8)
-    CartridgeTrainer(model=peft_model, args=args(2), train_dataset=dataset,
-                     data_collator=CartridgeCollator(tokenizer.pad_token_id)).train()
+    CartridgeTrainer(
+        model=peft_model,
+        args=args(2),
+        train_dataset=dataset,
+        data_collator=CartridgeCollator(tokenizer.pad_token_id),
+    ).train()
     assert (tmp_path / "cart" / "checkpoint-2").is_dir()
 
     with caplog.at_level(logging.INFO, logger="hfx.cartridges.pipeline"):

@@ -13,12 +13,13 @@ started again skips the finished shards and produces exactly the rows an uninter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -91,7 +92,8 @@ class SynthesisConfig:
     answer_temperature: float = 0.3
     top_k: int = 20
     seed: int = 0
-    batches_per_shard: int = 4
+    #: Batches per Parquet shard: a killed run loses at most one shard's work.
+    batches_per_shard: int = 1
 
     def __post_init__(self):
         for name in (
@@ -280,43 +282,40 @@ def synthesize(
         "corpus": corpus.name,
         "corpus_tokens": corpus.num_tokens,
         "model": model_name,
+        # Other prompts make other conversations: a resumed run must not mix them.
+        "seed_prompts_sha256": hashlib.sha256(json.dumps(SEED_PROMPTS, sort_keys=True).encode()).hexdigest(),
         **asdict(config),
     }
     _check_or_write_manifest(output_dir, manifest)
 
+    batch_sizes = [
+        min(config.conversations_per_chunk, config.num_conversations - b * config.conversations_per_chunk)
+        for b in range(config.num_batches)
+    ]
     num_shards = math.ceil(config.num_batches / config.batches_per_shard)
-    done = [s for s in range(num_shards) if _shard_path(output_dir, s).exists()]
-    done_conversations = sum(
-        min(
-            config.batches_per_shard * config.conversations_per_chunk,
-            config.num_conversations - s * config.batches_per_shard * config.conversations_per_chunk,
-        )
-        for s in done
-    )
+    shard_batches = [
+        range(s * config.batches_per_shard, min((s + 1) * config.batches_per_shard, config.num_batches))
+        for s in range(num_shards)
+    ]
+    done = {s for s in range(num_shards) if _shard_path(output_dir, s).exists()}
     if done:
         logger.info(
             "Resuming synthesis in %s: %d of %d shards already written", output_dir, len(done), num_shards
         )
     bar = tqdm(
         total=config.num_conversations,
-        initial=done_conversations,
+        initial=sum(batch_sizes[b] for s in done for b in shard_batches[s]),
         desc="synthesize",
         unit="conv",
         disable=not progress,
     )
-    for shard_idx in range(num_shards):
+    for shard_idx, batches in enumerate(shard_batches):
         if shard_idx in done:
             continue
         rows = []
-        first = shard_idx * config.batches_per_shard
-        for batch_idx in range(first, min(first + config.batches_per_shard, config.num_batches)):
+        for batch_idx in batches:
             rows.extend(synthesize_batch(model, tokenizer, corpus, config, batch_idx))
-            bar.update(
-                min(
-                    config.conversations_per_chunk,
-                    config.num_conversations - batch_idx * config.conversations_per_chunk,
-                )
-            )
+            bar.update(batch_sizes[batch_idx])
         _write_shard(rows, _shard_path(output_dir, shard_idx))
     bar.close()
     dataset = load_synthesis(output_dir)
@@ -355,6 +354,5 @@ def write_dataset_card(output_dir: Path, manifest: dict, dataset: datasets.Datas
         num_rows=len(dataset),
         answer_tokens=answer_tokens,
         seed_kind_counts=kinds,
-        feature_names=[f.name for f in fields(SynthesisConfig)],
         features=FEATURES,
     )
