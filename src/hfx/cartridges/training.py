@@ -56,7 +56,7 @@ class CartridgeTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.0)
     lr_scheduler_type: str = field(default="constant")
     per_device_train_batch_size: int = field(default=8)
-    num_train_epochs: float = field(default=3.0)
+    num_train_epochs: float = field(default=2.0)
     logging_steps: float = field(default=5)
     save_strategy: str = field(default="steps")
     save_steps: float = field(default=25)
