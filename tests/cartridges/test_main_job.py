@@ -1,4 +1,4 @@
-"""The acceptance run: the main job on the embedded model and default corpus (≈15 min; HFX_RUN_HEAVY=1)."""
+"""The acceptance run: the main job on the embedded model and default corpus (≈18 min; HFX_RUN_HEAVY=1)."""
 
 import pytest
 
