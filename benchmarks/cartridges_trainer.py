@@ -8,14 +8,20 @@ for the backward pass (bytes of distinct tensor storages saved by the graph, cou
 """
 
 import argparse
+import tempfile
 import time
 
 import torch
 
 from hfx.cartridges.corpus import load_corpus
 from hfx.cartridges.pipeline import load_model
-from hfx.cartridges.training import CartridgeCollator, create_cartridge
-from hfx.losses import full_vocab_distillation_loss, topk_distillation_loss
+from hfx.cartridges.training import (
+    CartridgeCollator,
+    CartridgeTrainer,
+    CartridgeTrainingArguments,
+    create_cartridge,
+)
+from hfx.losses import full_vocab_distillation_loss
 
 
 def synthetic_rows(tokenizer, n, prompt_len, answer_len, k, seed=0):
@@ -37,33 +43,17 @@ def synthetic_rows(tokenizer, n, prompt_len, answer_len, k, seed=0):
     return rows
 
 
-def step(peft_model, batch, variant):
+def step(trainer, batch, variant):
+    """One forward + loss: the trainer's own ``compute_loss``, or the full-vocabulary baseline."""
     if variant == "topk":
-        out = peft_model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        loss = topk_distillation_loss(
-            out.hidden_states[-1],
-            peft_model.get_output_embeddings(),
-            batch["loss_mask"],
-            batch["teacher_topk_ids"],
-            batch["teacher_topk_logprobs"],
-        )
-    else:
-        out = peft_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        loss = full_vocab_distillation_loss(
-            out.logits, batch["loss_mask"], batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
-        )
-    return loss
+        return trainer.compute_loss(trainer.model, batch)
+    out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return full_vocab_distillation_loss(
+        out.logits, batch["loss_mask"], batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
+    )
 
 
-def measure(peft_model, batch, variant, steps):
+def measure(trainer, batch, variant, steps):
     seen, saved = set(), [0]
 
     def pack(t):
@@ -74,15 +64,15 @@ def measure(peft_model, batch, variant, steps):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step(peft_model, batch, variant)
+        loss = step(trainer, batch, variant)
     loss.backward()
-    peft_model.zero_grad()
+    trainer.model.zero_grad()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        step(peft_model, batch, variant).backward()
+        step(trainer, batch, variant).backward()
         times.append(time.perf_counter() - start)
-        peft_model.zero_grad()
+        trainer.model.zero_grad()
     return min(times), saved[0], loss.item()
 
 
@@ -104,7 +94,11 @@ def main() -> None:
     peft_model.train()
     rows = synthetic_rows(tokenizer, args.batch, args.prompt_tokens, args.answer_tokens, k=20)
     batch = CartridgeCollator(tokenizer.pad_token_id)(rows)
-    res = {v: measure(peft_model, batch, v, args.steps) for v in ("topk", "full")}
+    with tempfile.TemporaryDirectory() as out:
+        trainer = CartridgeTrainer(
+            model=peft_model, args=CartridgeTrainingArguments(output_dir=out, use_cpu=True)
+        )
+        res = {v: measure(trainer, batch, v, args.steps) for v in ("topk", "full")}
     print(
         f"batch {args.batch} x ({args.prompt_tokens} prompt + {args.answer_tokens} answer) tokens, p={args.p}, {args.dtype}"
     )
