@@ -13,6 +13,14 @@ from pathlib import Path
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp name and a rename: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def template_path(name: str) -> Path:
     """Path of a card template shipped in ``model_cards/``."""
     path = Path(str(resources.files("hfx") / "model_cards" / name))
@@ -33,10 +41,7 @@ def render_card(
         card = ModelCard.from_template(
             ModelCardData(**(card_data or {})), template_path=str(template_path(template)), **context
         )
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, output)
+    write_text_atomic(output, str(card))
     return str(card)
 
 

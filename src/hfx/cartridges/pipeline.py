@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from hfx.cartridges.training import (
     read_metadata,
     write_metadata,
 )
+from hfx.hub import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +162,7 @@ def evaluate_cartridge(
         "results": results_to_json(results),
         "table": format_table(results, num_questions=len(questions)),
     }
-    path = Path(cartridge_dir) / "eval_results.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(Path(cartridge_dir) / "eval_results.json", json.dumps(report, indent=2))
     return report
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from hfx.cartridges.corpus import Corpus, document_prefix_ids, user_turn_ids
 from hfx.cartridges.prefix import PrefixKV, generate_after_prefix
+from hfx.hub import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +262,7 @@ def _check_or_write_manifest(output_dir: Path, manifest: dict) -> None:
             )
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest, indent=2))
 
 
 def synthesize(

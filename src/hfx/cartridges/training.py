@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from peft import (
 from transformers import Trainer, TrainingArguments
 
 from hfx.cartridges.corpus import Corpus, document_system_prompt
+from hfx.hub import write_text_atomic
 from hfx.losses import topk_distillation_loss
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class CartridgeTrainer(Trainer):
         # Trainer pickles its arguments next to the weights; artifacts here carry them as JSON instead.
         output_dir = Path(output_dir or self.args.output_dir)
         (output_dir / "training_args.bin").unlink(missing_ok=True)
-        (output_dir / "training_args.json").write_text(self.args.to_json_string())
+        write_text_atomic(output_dir / "training_args.json", self.args.to_json_string())
 
 
 def create_cartridge(
@@ -229,10 +229,7 @@ def load_cartridge(model, adapter_dir: str | Path) -> PeftModel:
 
 
 def write_metadata(output_dir: str | Path, metadata: dict) -> None:
-    path = Path(output_dir) / METADATA_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metadata, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(Path(output_dir) / METADATA_FILE, json.dumps(metadata, indent=2))
 
 
 def read_metadata(output_dir: str | Path) -> dict:
