@@ -1,4 +1,4 @@
-"""hfx: Hugging Face-ecosystem extensions (cartridges; more systems to come).
+"""hfx: Hugging Face-ecosystem extensions (cartridges, PEER-MLA; more systems to come).
 
 The public API is imported lazily so that ``import hfx`` stays fast and pulls in neither torch nor gradio.
 """
@@ -24,6 +24,10 @@ _LAZY = {
     "load_corpus": "hfx.cartridges.corpus",
     "topk_distillation_loss": "hfx.losses",
     "load_embedded_model": "hfx.embedded",
+    "PeerMlaConfig": "hfx.peer_mla.configuration_peer_mla",
+    "PeerMlaModel": "hfx.peer_mla.modeling_peer_mla",
+    "PeerMlaForCausalLM": "hfx.peer_mla.modeling_peer_mla",
+    "analyze_parameters": "hfx.peer_mla.analysis",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,0 +1,809 @@
+"""PEER-MLA: a causal LM whose MLPs retrieve tiny experts by product keys (PEER, arXiv 2407.04153) and whose
+attention is DeepSeek-style multi-head latent attention (MLA) with a latent KV cache.
+
+Read top to bottom: norms and RoPE, PEER (router -> experts -> layer), MLA attention, decoder layer, model.
+This file and `configuration_peer_mla.py` are exported next to the weights by `save_pretrained` and loaded with
+`trust_remote_code=True`; they import only torch, transformers and each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations import use_kernel_forward_from_hub
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_peer_mla import PeerMlaConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norms and rotary embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PeerMlaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def rope_inverse_frequencies(config: PeerMlaConfig) -> torch.Tensor:
+    dim = config.qk_rope_head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+class PeerMlaRotary(nn.Module):
+    """RoPE for the decoupled (position-carrying) part of queries and keys."""
+
+    def __init__(self, config: PeerMlaConfig):
+        super().__init__()
+        self.config = config
+        self.inv_freq = nn.Buffer(rope_inverse_frequencies(config), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, heads, seq, rope_dim); cos/sin: (batch, seq, rope_dim)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEER: product-key router -> expert bank -> layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def expert_activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "silu":
+        return F.silu(x)
+    if name == "identity":
+        return x
+    raise ValueError(f"Unknown expert activation {name!r}.")
+
+
+def expert_activation_grad(name: str, x: torch.Tensor) -> torch.Tensor:
+    """d activation / dx, elementwise (used by the memory-light backward)."""
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + x * pdf
+    if name == "gelu_tanh":
+        k = math.sqrt(2.0 / math.pi)
+        inner = k * (x + 0.044715 * x.pow(3))
+        tanh = torch.tanh(inner)
+        return 0.5 * (1.0 + tanh) + 0.5 * x * (1.0 - tanh * tanh) * k * (1.0 + 3 * 0.044715 * x * x)
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name == "silu":
+        sig = torch.sigmoid(x)
+        return sig * (1.0 + x * (1.0 - sig))
+    if name == "identity":
+        return torch.ones_like(x)
+    raise ValueError(f"Unknown expert activation {name!r}.")
+
+
+def peer_experts_reference(
+    hidden_states: torch.Tensor,
+    expert_indices: torch.Tensor,
+    expert_weights: torch.Tensor,
+    down_proj: torch.Tensor,
+    up_proj: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """The PEER expert sum written plainly (gathers every retrieved expert's weights per token).
+
+    hidden_states (N, D), expert_indices (N, K), expert_weights (N, K), down_proj/up_proj (E, m, D) -> (N, D):
+    out[n] = sum_k weights[n, k] * sum_j act(down[idx[n, k], j] . x[n]) * up[idx[n, k], j].
+    """
+    down = down_proj[expert_indices]  # (N, K, m, D)
+    up = up_proj[expert_indices]
+    pre = torch.einsum("nkmd,nd->nkm", down, hidden_states)
+    act = expert_activation(activation, pre) * expert_weights[..., None]
+    return torch.einsum("nkm,nkmd->nd", act, up)
+
+
+def _chunk_tokens(num_selected: int, expert_hidden_size: int, hidden_size: int) -> int:
+    # Bound the gathered (tokens, K, m, D) temporaries to ~16M elements per chunk.
+    return max(1, (1 << 24) // max(1, num_selected * expert_hidden_size * hidden_size))
+
+
+class _PeerExpertsFunction(torch.autograd.Function):
+    """Memory-light PEER expert sum: saves only its inputs, gathers expert rows chunk by chunk in forward and
+    again in backward, and accumulates weight gradients with `index_add_` (the CPU counterpart of the Triton
+    kernel in hub_kernels/peer)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, expert_indices, expert_weights, down_proj, up_proj, activation):
+        num_tokens, hidden_size = hidden_states.shape
+        num_experts, m, _ = up_proj.shape
+        chunk = _chunk_tokens(expert_indices.shape[1], m, hidden_size)
+        up_rows = up_proj.reshape(num_experts * m, hidden_size)
+        out = hidden_states.new_empty(num_tokens, hidden_size)
+        offsets = torch.arange(m, device=expert_indices.device)
+        for start in range(0, num_tokens, chunk):
+            idx = expert_indices[start : start + chunk]
+            pre = torch.einsum("nkmd,nd->nkm", down_proj[idx], hidden_states[start : start + chunk])
+            act = expert_activation(activation, pre) * expert_weights[start : start + chunk, :, None]
+            rows = (idx[..., None] * m + offsets).flatten(1)
+            out[start : start + chunk] = F.embedding_bag(
+                rows, up_rows, per_sample_weights=act.flatten(1).to(up_rows.dtype), mode="sum"
+            )
+        ctx.save_for_backward(hidden_states, expert_indices, expert_weights, down_proj, up_proj)
+        ctx.activation = activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden_states, expert_indices, expert_weights, down_proj, up_proj = ctx.saved_tensors
+        activation = ctx.activation
+        num_tokens, hidden_size = hidden_states.shape
+        m = up_proj.shape[1]
+        chunk = _chunk_tokens(expert_indices.shape[1], m, hidden_size)
+        need_x, _, need_w, need_down, need_up = ctx.needs_input_grad[:5]
+        grad_x = torch.zeros_like(hidden_states) if need_x else None
+        grad_w = torch.zeros_like(expert_weights) if need_w else None
+        grad_down = torch.zeros_like(down_proj) if need_down else None
+        grad_up = torch.zeros_like(up_proj) if need_up else None
+        grad_out = grad_out.to(hidden_states.dtype)
+        for start in range(0, num_tokens, chunk):
+            stop = start + chunk
+            idx, x, g = expert_indices[start:stop], hidden_states[start:stop], grad_out[start:stop]
+            w = expert_weights[start:stop, :, None]
+            down = down_proj[idx]  # (n, K, m, D)
+            pre = torch.einsum("nkmd,nd->nkm", down, x)
+            act = expert_activation(activation, pre)
+            g_dot_up = torch.einsum("nkmd,nd->nkm", up_proj[idx], g)
+            if grad_w is not None:
+                grad_w[start:stop] = (act * g_dot_up).sum(-1).to(grad_w.dtype)
+            grad_pre = w * g_dot_up * expert_activation_grad(activation, pre)
+            if grad_x is not None:
+                grad_x[start:stop] = torch.einsum("nkm,nkmd->nd", grad_pre, down)
+            flat = idx.flatten()
+            if grad_down is not None:
+                grad_down.index_add_(0, flat, (grad_pre[..., None] * x[:, None, None, :]).flatten(0, 1))
+            if grad_up is not None:
+                grad_up.index_add_(0, flat, ((w * act)[..., None] * g[:, None, None, :]).flatten(0, 1))
+        return grad_x, None, grad_w, grad_down, grad_up, None
+
+
+@use_kernel_forward_from_hub("PeerExperts")
+class PeerExperts(nn.Module):
+    """The expert pool: `num_experts` experts of `expert_hidden_size` neurons, each a down and an up vector per
+    neuron. The forward returns the score-weighted sum of the retrieved experts' outputs.
+
+    `kernels.kernelize` replaces this forward with the Triton kernel of hub_kernels/peer (same signature)."""
+
+    def __init__(self, config: PeerMlaConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.expert_hidden_size = config.expert_hidden_size
+        self.activation = config.peer_activation
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.expert_hidden_size, config.hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(config.num_experts, config.expert_hidden_size, config.hidden_size))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, expert_hidden_size={self.expert_hidden_size}, "
+            f"hidden_size={self.up_proj.shape[-1]}, activation={self.activation}"
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states (N, D), expert_indices (N, K) int64, expert_weights (N, K) -> (N, D)."""
+        return _PeerExpertsFunction.apply(
+            hidden_states, expert_indices, expert_weights, self.down_proj, self.up_proj, self.activation
+        )
+
+
+class PeerProductKeyRouter(nn.Module):
+    """Multi-head product-key retrieval.
+
+    Each head's query is split into `len(product_key_dim)` parts; part i is scored against its own sub-key set of
+    size `product_key_dim[i]` and keeps its top `product_key_topk`. Survivors are combined one part at a time
+    (score = sum of part scores, expert index = mixed-radix combination) and pruned to `num_experts_per_tok`
+    after each combination, which yields exactly the top-k of the full cartesian product of survivors.
+    The kept scores are softmax-normalised per head, as in the paper.
+    """
+
+    def __init__(self, config: PeerMlaConfig):
+        super().__init__()
+        self.num_heads = config.peer_num_heads
+        self.query_dim = config.peer_query_dim
+        self.product_key_dim = list(config.product_key_dim)
+        self.part_dim = config.peer_query_dim // len(self.product_key_dim)
+        self.topk = config.num_experts_per_tok
+        self.part_topk = config.product_key_topk
+        self.query_proj = nn.Linear(config.hidden_size, self.num_heads * self.query_dim, bias=False)
+        self.query_norm = nn.BatchNorm1d(self.num_heads * self.query_dim) if config.peer_batch_norm else nn.Identity()
+        self.sub_keys = nn.ParameterList(
+            [nn.Parameter(torch.empty(self.num_heads, size, self.part_dim)) for size in self.product_key_dim]
+        )
+
+    def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, heads, parts, part_dim)."""
+        queries = self.query_norm(self.query_proj(hidden_states))
+        return queries.view(-1, self.num_heads, len(self.product_key_dim), self.part_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) -> expert_indices (N, heads, k) int64, expert_weights (N, heads, k) softmax over k."""
+        queries = self.queries(hidden_states)
+        beam_scores = beam_indices = None
+        for part, (size, keys) in enumerate(zip(self.product_key_dim, self.sub_keys)):
+            part_scores = torch.einsum("nhq,hsq->nhs", queries[:, :, part], keys.to(queries.dtype))
+            top_scores, top_indices = part_scores.topk(self.part_topk, dim=-1)
+            if beam_scores is None:
+                beam_scores, beam_indices = top_scores, top_indices
+                continue
+            scores = (beam_scores[..., :, None] + top_scores[..., None, :]).flatten(-2)
+            indices = (beam_indices[..., :, None] * size + top_indices[..., None, :]).flatten(-2)
+            beam_scores, kept = scores.topk(min(self.topk, scores.shape[-1]), dim=-1)
+            beam_indices = indices.gather(-1, kept)
+        if beam_scores.shape[-1] > self.topk:  # single-part keys
+            beam_scores, kept = beam_scores.topk(self.topk, dim=-1)
+            beam_indices = beam_indices.gather(-1, kept)
+        return beam_indices, beam_scores.float().softmax(dim=-1).to(hidden_states.dtype)
+
+    def all_expert_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Scores of every expert, (N, heads, num_experts): brute force, for tests and analysis at small sizes."""
+        queries = self.queries(hidden_states)
+        total = None
+        for part, keys in enumerate(self.sub_keys):
+            part_scores = torch.einsum("nhq,hsq->nhs", queries[:, :, part], keys.to(queries.dtype))
+            total = part_scores if total is None else (total[..., :, None] + part_scores[..., None, :]).flatten(-2)
+        return total
+
+
+class PeerLayer(nn.Module):
+    """A PEER MLP: route each token to `peer_num_heads * num_experts_per_tok` experts and sum their outputs."""
+
+    def __init__(self, config: PeerMlaConfig):
+        super().__init__()
+        self.router = PeerProductKeyRouter(config)
+        self.experts = PeerExperts(config)
+        # Per-expert retrieval counts; None (the default) keeps the forward free of bookkeeping.
+        self.expert_counts: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        expert_indices, expert_weights = self.router(flat)
+        if self.expert_counts is not None:
+            self.expert_counts += torch.bincount(
+                expert_indices.flatten().detach(), minlength=self.experts.num_experts
+            ).to(self.expert_counts.device)
+        out = self.experts(flat, expert_indices.flatten(1), expert_weights.flatten(1))
+        return out.view(shape)
+
+
+class PeerMlaMLP(nn.Module):
+    """Dense SwiGLU MLP for layers that are not PEER layers."""
+
+    def __init__(self, config: PeerMlaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-head latent attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def latent_cache_bytes_per_token(config: PeerMlaConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes the latent KV cache holds per token, over all layers."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * itemsize
+
+
+def _sdpa(query, key, value, attention_mask, scale, dropout_p=0.0):
+    """SDPA with bottom-right-aligned causal masking when no explicit mask is given (queries are the last
+    `q_len` positions of the `kv_len` keys); key/value may have one head for all query heads (MQA)."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    is_causal = False
+    if attention_mask is None and q_len > 1:
+        if q_len == kv_len:
+            is_causal = True
+        else:
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    return F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+
+
+# GPU attention kernels, loaded through the `kernels` library (FlashMLA for absorbed decode, flash-attn 3 for
+# the naive path). Each wrapper takes (query, key, value, scale) in (batch, heads, seq, dim) layout with
+# bottom-right causal masking and returns (batch, heads, q_len, v_dim).
+_HUB_KERNELS: dict[str, object] = {}
+FLASH_MLA_REPO = ("kernels-community/flash-mla", 1)
+FLASH_ATTN_REPO = ("kernels-community/flash-attn3", 1)
+
+
+def _load_hub_kernel(repo: tuple[str, int]):
+    """Load (once) a kernel from the Hub cache; a failure is remembered and re-raised, not retried per call."""
+    if repo[0] not in _HUB_KERNELS:
+        try:
+            from kernels import get_kernel
+
+            _HUB_KERNELS[repo[0]] = get_kernel(repo[0], version=repo[1])
+        except Exception as error:  # noqa: BLE001
+            _HUB_KERNELS[repo[0]] = error
+    loaded = _HUB_KERNELS[repo[0]]
+    if isinstance(loaded, Exception):
+        raise loaded
+    return loaded
+
+
+def flash_mla_attention(query, key, value, scale):
+    """Absorbed MLA decode with FlashMLA: query (b, h, s, 576), latent key (b, 1, t, 576), value = key[..., :512].
+
+    FlashMLA reads a paged cache (pages of 64 tokens); the contiguous latent cache is padded and viewed as pages."""
+    flash_mla = _load_hub_kernel(FLASH_MLA_REPO)
+    batch, _, kv_len, dim = key.shape
+    page = 64
+    pages = -(-kv_len // page)
+    k_cache = F.pad(key[:, 0], (0, 0, 0, pages * page - kv_len)).reshape(batch * pages, page, 1, dim)
+    block_table = torch.arange(batch * pages, device=key.device, dtype=torch.int32).view(batch, pages)
+    cache_seqlens = torch.full((batch,), kv_len, device=key.device, dtype=torch.int32)
+    metadata, _ = flash_mla.get_mla_metadata()
+    out, _ = flash_mla.flash_mla_with_kvcache(
+        query.transpose(1, 2).contiguous(),
+        k_cache,
+        block_table,
+        cache_seqlens,
+        value.shape[-1],
+        metadata,
+        num_splits=None,
+        softmax_scale=scale,  # FlashMLA's default, 1/sqrt(576), is wrong for MLA
+        causal=True,
+    )
+    return out.transpose(1, 2)
+
+
+def flash_attn_attention(query, key, value, scale):
+    """Naive-path attention with flash-attn 3 (allows a value head size different from the key's)."""
+    flash_attn = _load_hub_kernel(FLASH_ATTN_REPO)
+    out = flash_attn.flash_attn_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scale, causal=True
+    )
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
+def select_attention_kernel(choice: str, query: torch.Tensor, value: torch.Tensor, absorbed: bool, masked: bool):
+    """The GPU kernel to use for this call, or None for SDPA.
+
+    "auto" uses a kernel only where it applies (CUDA, bf16/fp16, no padding mask, FlashMLA's 576/512 head sizes
+    for absorbed decode) and can be loaded; anything else falls back to SDPA. An explicit "flash_mla" or
+    "flash_attn" raises instead of falling back."""
+    if choice == "sdpa":
+        return None
+    wanted = "flash_mla" if absorbed else "flash_attn"
+    if choice not in ("auto", wanted):
+        return None
+    problems = []
+    if query.device.type != "cuda":
+        problems.append(f"tensors are on {query.device.type}, not cuda")
+    if query.dtype not in (torch.bfloat16, torch.float16):
+        problems.append(f"dtype is {query.dtype}, not bf16/fp16")
+    if masked:
+        problems.append("a padding mask is present")
+    if absorbed and (query.shape[-1] != 576 or value.shape[-1] != 512):
+        problems.append(
+            f"FlashMLA needs kv_lora_rank=512 and qk_rope_head_dim=64 (got {value.shape[-1]} and "
+            f"{query.shape[-1] - value.shape[-1]})"
+        )
+    if not problems:
+        try:
+            _load_hub_kernel(FLASH_MLA_REPO if absorbed else FLASH_ATTN_REPO)
+        except Exception as error:  # noqa: BLE001 - offline, wrong arch, missing package: all mean "use SDPA"
+            problems.append(f"could not load the kernel ({error})")
+    if not problems:
+        return flash_mla_attention if absorbed else flash_attn_attention
+    if choice == wanted:
+        raise RuntimeError(f"attention_kernel={choice!r} cannot be used: " + "; ".join(problems) + ".")
+    return None
+
+
+class PeerMlaAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention whose cache holds the latent, not per-head keys and values.
+
+    Per token and layer the cache stores `kv_lora_rank` (normalised latent c_kv) + `qk_rope_head_dim`
+    (the RoPE key shared by all heads) values. Two equivalent ways to attend from it:
+      * naive: up-project the latent to per-head keys and values (cheap when there are many queries: prefill,
+        training);
+      * absorbed: fold the key up-projection into the query and the value up-projection into the output, and
+        attend in latent space as multi-query attention with head size `kv_lora_rank + qk_rope_head_dim`
+        (cheap when there are few queries against a long cache: decoding). This is the layout FlashMLA takes.
+    Both use softmax scale 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), passed explicitly.
+    """
+
+    def __init__(self, config: PeerMlaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.scaling = self.qk_head_dim**-0.5
+
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = PeerMlaRMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = PeerMlaRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=False)
+
+    def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.config.q_lora_rank is None:
+            query = self.q_proj(hidden_states)
+        else:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        batch, seq = hidden_states.shape[:2]
+        return query.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
+
+    def project_latent(self, hidden_states: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, seq, D) -> latent (batch, 1, seq, kv_lora_rank), rope key (batch, 1, seq, qk_rope_head_dim)."""
+        compressed = self.kv_a_proj_with_mqa(hidden_states)
+        latent, key_rope = compressed.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)[:, None]
+        key_rope = apply_rotary(key_rope[:, None], cos, sin)
+        return latent, key_rope
+
+    def use_absorption(self, query_len: int, kv_len: int) -> bool:
+        mode = self.config.mla_absorb
+        if mode == "always":
+            return True
+        if mode == "never":
+            return False
+        return query_len < kv_len and not self.training
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, seq = hidden_states.shape[:2]
+        cos, sin = position_embeddings
+        query = self.project_queries(hidden_states)
+        query_nope, query_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        query_rope = apply_rotary(query_rope, cos, sin)
+        latent, key_rope = self.project_latent(hidden_states, cos, sin)
+        if past_key_values is not None:
+            latent, key_rope = past_key_values.update(latent, key_rope, self.layer_idx)
+        if self.use_absorption(seq, latent.shape[2]):
+            out = self.absorbed_attention(query_nope, query_rope, latent, key_rope, attention_mask)
+        else:
+            out = self.naive_attention(query_nope, query_rope, latent, key_rope, attention_mask)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim)
+        return self.o_proj(out)
+
+    def _kv_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
+
+    def naive_attention(self, query_nope, query_rope, latent, key_rope, attention_mask):
+        """Up-project the latent to per-head keys/values, then standard attention."""
+        batch, _, kv_len, _ = latent.shape
+        key_value = self.kv_b_proj(latent[:, 0]).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
+        key_nope, value = key_value.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat([key_nope, key_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        query = torch.cat([query_nope, query_rope], dim=-1)
+        kernel = select_attention_kernel(
+            self.config.attention_kernel, query, value, absorbed=False, masked=attention_mask is not None
+        )
+        if kernel is not None and not (self.training and self.config.attention_dropout):
+            return kernel(query, key, value, self.scaling)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        return _sdpa(query, key, value, attention_mask, self.scaling, dropout)
+
+    def absorbed_attention(self, query_nope, query_rope, latent, key_rope, attention_mask):
+        """Attend in latent space: q_latent = q_nope W_UK, out = softmax(...) c_kv W_UV^T."""
+        key_up, value_up = self._kv_up_weights()
+        query_latent = torch.einsum("bhsn,hnr->bhsr", query_nope, key_up)
+        query = torch.cat([query_latent, query_rope], dim=-1)
+        key = torch.cat([latent, key_rope], dim=-1)
+        kernel = select_attention_kernel(
+            self.config.attention_kernel, query, latent, absorbed=True, masked=attention_mask is not None
+        )
+        if kernel is not None:
+            out_latent = kernel(query, key, latent, self.scaling)
+        else:
+            out_latent = _sdpa(query, key, latent, attention_mask, self.scaling)
+        return torch.einsum("bhsr,hvr->bhsv", out_latent, value_up)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PeerMlaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: PeerMlaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = PeerMlaAttention(config, layer_idx)
+        self.mlp = PeerLayer(config) if config.is_peer_layer(layer_idx) else PeerMlaMLP(config)
+        self.input_layernorm = PeerMlaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = PeerMlaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class PeerMlaPreTrainedModel(PreTrainedModel):
+    config_class = PeerMlaConfig
+    config: PeerMlaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PeerMlaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, PeerExperts):
+            init.normal_(module.down_proj, mean=0.0, std=std)
+            init.normal_(module.up_proj, mean=0.0, std=std)
+        elif isinstance(module, PeerProductKeyRouter):
+            for keys in module.sub_keys:
+                init.normal_(keys, mean=0.0, std=std)
+        elif isinstance(module, PeerMlaRotary):
+            init.copy_(module.inv_freq, rope_inverse_frequencies(module.config))
+
+
+def _attention_mask(
+    attention_mask: torch.Tensor | None, positions: torch.Tensor, kv_len: int, batch: int
+) -> torch.Tensor | None:
+    """Boolean (batch, 1, q_len, kv_len) mask from a 2-D padding mask, causal by cache position.
+
+    Returns None when there is no padding: attention is then plain causal with the queries at the end of the keys
+    (what SDPA, FlashMLA and flash-attn do without a mask, and the fast path for all three)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"PeerMla expects a 2-D (batch, kv_len) attention_mask, got shape {tuple(attention_mask.shape)}."
+        )
+    padding = attention_mask[:, -kv_len:].bool()
+    if bool(padding.all()):
+        return None
+    kv_positions = torch.arange(kv_len, device=positions.device)
+    mask = kv_positions[None, None, None, :] <= positions[:, None, :, None]
+    mask = (mask & padding[:, None, None, :]).expand(batch, 1, positions.shape[-1], kv_len)
+    # Rows with nothing visible (queries at left-padding positions) would give NaN; let them see everything.
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class PeerMlaModel(PeerMlaPreTrainedModel):
+    def __init__(self, config: PeerMlaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [PeerMlaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = PeerMlaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = PeerMlaRotary(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def peer_layers(self) -> dict[int, PeerLayer]:
+        return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, PeerLayer)}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        batch, seq = inputs_embeds.shape[:2]
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache_positions = torch.arange(past_len, past_len + seq, device=inputs_embeds.device)[None].expand(batch, -1)
+        if position_ids is None:
+            position_ids = cache_positions
+        mask = _attention_mask(attention_mask, cache_positions, past_len + seq, batch)
+        position_embeddings = self.rotary(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=mask,
+                past_key_values=past_key_values,
+            )
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+@dataclass
+class ExpertUsage:
+    """Per-layer retrieval counts since tracking was switched on: `counts[layer_idx]` is a (num_experts,) tensor."""
+
+    counts: dict[int, torch.Tensor]
+
+    def fraction_used(self) -> dict[int, float]:
+        return {i: float((c > 0).float().mean()) for i, c in self.counts.items()}
+
+
+class PeerMlaForCausalLM(PeerMlaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PeerMlaConfig):
+        super().__init__(config)
+        self.model = PeerMlaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+    # Expert-usage statistics: off by default, so the forward pays nothing for them.
+    def track_expert_usage(self, enabled: bool = True) -> None:
+        for layer in self.model.peer_layers().values():
+            if enabled and layer.expert_counts is None:
+                layer.expert_counts = torch.zeros(
+                    layer.experts.num_experts, dtype=torch.long, device=layer.experts.up_proj.device
+                )
+            elif not enabled:
+                layer.expert_counts = None
+
+    def reset_expert_usage(self) -> None:
+        for layer in self.model.peer_layers().values():
+            if layer.expert_counts is not None:
+                layer.expert_counts.zero_()
+
+    def expert_usage(self) -> ExpertUsage:
+        counts = {i: layer.expert_counts.clone() for i, layer in self.model.peer_layers().items() if layer.expert_counts is not None}
+        if not counts:
+            raise RuntimeError("Expert usage is not being tracked; call model.track_expert_usage() first.")
+        return ExpertUsage(counts)
+
+
+PeerMlaConfig.register_for_auto_class()
+PeerMlaModel.register_for_auto_class("AutoModel")
+PeerMlaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "PeerMlaConfig",
+    "PeerMlaModel",
+    "PeerMlaForCausalLM",
+    "PeerMlaPreTrainedModel",
+    "PeerExperts",
+    "PeerLayer",
+    "PeerProductKeyRouter",
+    "PeerMlaAttention",
+    "peer_experts_reference",
+    "latent_cache_bytes_per_token",
+]
