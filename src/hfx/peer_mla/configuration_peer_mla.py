@@ -34,8 +34,8 @@ class PeerMlaConfig(PretrainedConfig):
         num_experts (`int` or `None`): checked against the product of `product_key_dim` when given.
         peer_num_heads (`int`): retrieval heads, each with its own query and sub-keys, sharing one expert pool.
         num_experts_per_tok (`int`): experts kept per head after scoring the cartesian candidates.
-        product_key_topk (`int` or `None`): survivors per sub-key set; defaults to `num_experts_per_tok`, which
-            makes retrieval equal to an exact top-k over all experts.
+        product_key_topk (`int` or `None`): survivors per sub-key set (capped at the set's size); defaults to
+            `num_experts_per_tok`, which makes retrieval equal to an exact top-k over all experts.
         expert_hidden_size (`int`): hidden units per expert (1 = a single neuron, as in the paper).
         peer_query_dim (`int`): per-head query size, split evenly across the `len(product_key_dim)` parts.
         peer_batch_norm (`bool`): BatchNorm on queries, as in the paper.
@@ -160,16 +160,22 @@ class PeerMlaConfig(PretrainedConfig):
             positive(name)
         positive("q_lora_rank", allow_none=True)
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"PeerMlaConfig.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}.")
+            raise ValueError(
+                f"PeerMlaConfig.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}."
+            )
         if self.mla_absorb not in MLA_ABSORB_MODES:
-            raise ValueError(f"PeerMlaConfig.mla_absorb must be one of {MLA_ABSORB_MODES}, got {self.mla_absorb!r}.")
+            raise ValueError(
+                f"PeerMlaConfig.mla_absorb must be one of {MLA_ABSORB_MODES}, got {self.mla_absorb!r}."
+            )
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(
                 f"PeerMlaConfig.attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}."
             )
 
         if self.peer_layers not in ("all", None):
-            if not isinstance(self.peer_layers, list) or not all(isinstance(i, int) for i in self.peer_layers):
+            if not isinstance(self.peer_layers, list) or not all(
+                isinstance(i, int) for i in self.peer_layers
+            ):
                 raise ValueError(
                     f"PeerMlaConfig.peer_layers must be 'all', None or a list of layer indices, got {self.peer_layers!r}."
                 )
@@ -193,24 +199,25 @@ class PeerMlaConfig(PretrainedConfig):
                 f"PeerMlaConfig.num_experts={num_experts} does not equal the product of product_key_dim={dims} "
                 f"({product}); drop num_experts or change product_key_dim so that the product matches."
             )
-        for name in ("peer_num_heads", "num_experts_per_tok", "product_key_topk", "expert_hidden_size", "peer_query_dim"):
+        for name in (
+            "peer_num_heads",
+            "num_experts_per_tok",
+            "product_key_topk",
+            "expert_hidden_size",
+            "peer_query_dim",
+        ):
             positive(name)
         if self.peer_query_dim % len(dims):
             raise ValueError(
                 f"PeerMlaConfig.peer_query_dim={self.peer_query_dim} must be divisible by the number of product-key "
                 f"parts ({len(dims)}) so that each part gets an equal slice of the query."
             )
-        too_small = [d for d in dims if d < self.product_key_topk]
-        if too_small:
-            raise ValueError(
-                f"PeerMlaConfig.product_key_topk={self.product_key_topk} is larger than sub-key set size(s) {too_small} "
-                f"in product_key_dim={dims}; lower product_key_topk or enlarge those dimensions."
-            )
-        candidates = self.product_key_topk ** len(dims)
+        candidates = math.prod(min(self.product_key_topk, d) for d in dims)
         if self.num_experts_per_tok > candidates:
             raise ValueError(
                 f"PeerMlaConfig.num_experts_per_tok={self.num_experts_per_tok} is larger than the candidate set "
-                f"(product_key_topk**{len(dims)} = {candidates}); raise product_key_topk or lower num_experts_per_tok."
+                f"({candidates} = product over product_key_dim={dims} of min(product_key_topk={self.product_key_topk}, "
+                f"dim)); raise product_key_topk or lower num_experts_per_tok."
             )
         if self.peer_activation not in PEER_ACTIVATIONS:
             raise ValueError(

@@ -210,8 +210,12 @@ class PeerExperts(nn.Module):
         self.num_experts = config.num_experts
         self.expert_hidden_size = config.expert_hidden_size
         self.activation = config.peer_activation
-        self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.expert_hidden_size, config.hidden_size))
-        self.up_proj = nn.Parameter(torch.empty(config.num_experts, config.expert_hidden_size, config.hidden_size))
+        self.down_proj = nn.Parameter(
+            torch.empty(config.num_experts, config.expert_hidden_size, config.hidden_size)
+        )
+        self.up_proj = nn.Parameter(
+            torch.empty(config.num_experts, config.expert_hidden_size, config.hidden_size)
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -247,10 +251,11 @@ class PeerProductKeyRouter(nn.Module):
         self.topk = config.num_experts_per_tok
         self.part_topk = config.product_key_topk
         self.query_proj = nn.Linear(config.hidden_size, self.num_heads * self.query_dim, bias=False)
-        self.query_norm = nn.BatchNorm1d(self.num_heads * self.query_dim) if config.peer_batch_norm else nn.Identity()
-        self.sub_keys = nn.ParameterList(
-            [nn.Parameter(torch.empty(self.num_heads, size, self.part_dim)) for size in self.product_key_dim]
+        self.query_norm = (
+            nn.BatchNorm1d(self.num_heads * self.query_dim) if config.peer_batch_norm else nn.Identity()
         )
+        # All sub-key sets in one tensor, (heads, sum(product_key_dim), part_dim); part i is the i-th split.
+        self.sub_keys = nn.Parameter(torch.empty(self.num_heads, sum(self.product_key_dim), self.part_dim))
 
     def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, heads, parts, part_dim)."""
@@ -261,9 +266,10 @@ class PeerProductKeyRouter(nn.Module):
         """(N, D) -> expert_indices (N, heads, k) int64, expert_weights (N, heads, k) softmax over k."""
         queries = self.queries(hidden_states)
         beam_scores = beam_indices = None
-        for part, (size, keys) in enumerate(zip(self.product_key_dim, self.sub_keys)):
-            part_scores = torch.einsum("nhq,hsq->nhs", queries[:, :, part], keys.to(queries.dtype))
-            top_scores, top_indices = part_scores.topk(self.part_topk, dim=-1)
+        sub_keys = self.sub_keys.to(queries.dtype).split(self.product_key_dim, dim=1)
+        for part, (size, keys) in enumerate(zip(self.product_key_dim, sub_keys, strict=True)):
+            part_scores = torch.einsum("nhq,hsq->nhs", queries[:, :, part], keys)
+            top_scores, top_indices = part_scores.topk(min(self.part_topk, size), dim=-1)
             if beam_scores is None:
                 beam_scores, beam_indices = top_scores, top_indices
                 continue
@@ -280,9 +286,13 @@ class PeerProductKeyRouter(nn.Module):
         """Scores of every expert, (N, heads, num_experts): brute force, for tests and analysis at small sizes."""
         queries = self.queries(hidden_states)
         total = None
-        for part, keys in enumerate(self.sub_keys):
-            part_scores = torch.einsum("nhq,hsq->nhs", queries[:, :, part], keys.to(queries.dtype))
-            total = part_scores if total is None else (total[..., :, None] + part_scores[..., None, :]).flatten(-2)
+        for part, keys in enumerate(self.sub_keys.to(queries.dtype).split(self.product_key_dim, dim=1)):
+            part_scores = torch.einsum("nhq,hsq->nhs", queries[:, :, part], keys)
+            total = (
+                part_scores
+                if total is None
+                else (total[..., :, None] + part_scores[..., None, :]).flatten(-2)
+            )
         return total
 
 
@@ -342,7 +352,9 @@ def _sdpa(query, key, value, attention_mask, scale, dropout_p=0.0):
         if q_len == kv_len:
             is_causal = True
         else:
-            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(
+                kv_len - q_len
+            )
     return F.scaled_dot_product_attention(
         query,
         key,
@@ -414,7 +426,9 @@ def flash_attn_attention(query, key, value, scale):
     return out.transpose(1, 2)
 
 
-def select_attention_kernel(choice: str, query: torch.Tensor, value: torch.Tensor, absorbed: bool, masked: bool):
+def select_attention_kernel(
+    choice: str, query: torch.Tensor, value: torch.Tensor, absorbed: bool, masked: bool
+):
     """The GPU kernel to use for this call, or None for SDPA.
 
     "auto" uses a kernel only where it applies (CUDA, bf16/fp16, no padding mask, FlashMLA's 576/512 head sizes
@@ -480,7 +494,9 @@ class PeerMlaAttention(nn.Module):
             self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
             self.q_a_layernorm = PeerMlaRMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
             self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=False
+        )
         self.kv_a_layernorm = PeerMlaRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
@@ -535,7 +551,9 @@ class PeerMlaAttention(nn.Module):
         return self.o_proj(out)
 
     def _kv_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        weight = self.kv_b_proj.weight.view(
+            self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
+        )
         return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
 
     def naive_attention(self, query_nope, query_rope, latent, key_rope, attention_mask):
@@ -619,8 +637,7 @@ class PeerMlaPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
             init.normal_(module.up_proj, mean=0.0, std=std)
         elif isinstance(module, PeerProductKeyRouter):
-            for keys in module.sub_keys:
-                init.normal_(keys, mean=0.0, std=std)
+            init.normal_(module.sub_keys, mean=0.0, std=std)
         elif isinstance(module, PeerMlaRotary):
             init.copy_(module.inv_freq, rope_inverse_frequencies(module.config))
 
@@ -688,7 +705,9 @@ class PeerMlaModel(PeerMlaPreTrainedModel):
             past_key_values = None
         batch, seq = inputs_embeds.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        cache_positions = torch.arange(past_len, past_len + seq, device=inputs_embeds.device)[None].expand(batch, -1)
+        cache_positions = torch.arange(past_len, past_len + seq, device=inputs_embeds.device)[None].expand(
+            batch, -1
+        )
         if position_ids is None:
             position_ids = cache_positions
         mask = _attention_mask(attention_mask, cache_positions, past_len + seq, batch)
@@ -761,7 +780,9 @@ class PeerMlaForCausalLM(PeerMlaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -785,7 +806,11 @@ class PeerMlaForCausalLM(PeerMlaPreTrainedModel, GenerationMixin):
                 layer.expert_counts.zero_()
 
     def expert_usage(self) -> ExpertUsage:
-        counts = {i: layer.expert_counts.clone() for i, layer in self.model.peer_layers().items() if layer.expert_counts is not None}
+        counts = {
+            i: layer.expert_counts.clone()
+            for i, layer in self.model.peer_layers().items()
+            if layer.expert_counts is not None
+        }
         if not counts:
             raise RuntimeError("Expert usage is not being tracked; call model.track_expert_usage() first.")
         return ExpertUsage(counts)
