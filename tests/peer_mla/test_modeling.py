@@ -158,8 +158,7 @@ def test_retrieval_uses_batch_norm_statistics_in_training():
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", "identity"])
 @pytest.mark.parametrize("expert_hidden_size", [1, 3])
-def test_expert_sum_matches_reference_values_and_gradients(activation, expert_hidden_size, monkeypatch):
-    monkeypatch.setattr(modeling, "_chunk_tokens", lambda *args: 7)  # exercise chunking
+def test_expert_sum_matches_reference_values_and_gradients(activation, expert_hidden_size):
     torch.manual_seed(0)
     config = tiny_config(peer_activation=activation, expert_hidden_size=expert_hidden_size)
     experts = PeerExperts(config).double()
@@ -177,6 +176,26 @@ def test_expert_sum_matches_reference_values_and_gradients(activation, expert_hi
     ref_grads = torch.autograd.grad(ref, [hidden, weights, experts.down_proj, experts.up_proj], grad_out)
     for got, expected in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_expert_sum_in_bf16_follows_the_fp32_reference():
+    torch.manual_seed(0)
+    config = tiny_config(expert_hidden_size=2)
+    experts = PeerExperts(config)
+    torch.nn.init.normal_(experts.down_proj)
+    torch.nn.init.normal_(experts.up_proj)
+    hidden = torch.randn(9, config.hidden_size)
+    indices = torch.randint(0, config.num_experts, (9, 6))
+    weights = torch.rand(9, 6)
+    reference = peer_experts_reference(hidden, indices, weights, experts.down_proj, experts.up_proj, "gelu")
+    low = experts.to(torch.bfloat16)
+    hidden_bf16 = hidden.bfloat16().requires_grad_(True)
+    out = low(hidden_bf16, indices, weights.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    out.float().sum().backward()
+    assert hidden_bf16.grad.dtype == torch.bfloat16 and torch.isfinite(hidden_bf16.grad.float()).all()
+    assert low.down_proj.grad.dtype == torch.bfloat16 and low.down_proj.grad.abs().sum() > 0
 
 
 def test_expert_usage_counts_are_off_by_default_and_exact_when_on():

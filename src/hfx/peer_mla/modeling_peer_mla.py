@@ -9,6 +9,7 @@ This file and `configuration_peer_mla.py` are exported next to the weights by `s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -134,67 +135,97 @@ def peer_experts_reference(
     return torch.einsum("nkm,nkmd->nd", act, up)
 
 
-def _chunk_tokens(num_selected: int, expert_hidden_size: int, hidden_size: int) -> int:
-    # Bound the gathered (tokens, K, m, D) temporaries to ~16M elements per chunk.
-    return max(1, (1 << 24) // max(1, num_selected * expert_hidden_size * hidden_size))
+def _sampled_dot(vectors: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """out[n, c] = rows[columns[n, c]] . vectors[n], without gathering the rows: a sampled dense-dense matmul
+    (`torch.sparse.sampled_addmm`) for fp32/fp64, token chunks of gather + bmm for the dtypes it lacks."""
+    num_tokens, per_token = columns.shape
+    if vectors.dtype in (torch.float32, torch.float64):
+        sorted_columns, order = columns.sort(dim=1)  # CSR wants sorted column indices per row
+        crow = torch.arange(0, num_tokens * per_token + 1, per_token, device=columns.device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(
+                crow,
+                sorted_columns.flatten(),
+                torch.zeros(num_tokens * per_token, dtype=vectors.dtype, device=vectors.device),
+                (num_tokens, rows.shape[0]),
+                check_invariants=False,  # built valid by construction; the check costs a pass over the indices
+            )
+        values = torch.sparse.sampled_addmm(pattern, vectors, rows.t(), beta=0.0).values().view_as(columns)
+        return torch.empty_like(values).scatter_(1, order, values)
+    chunk = max(1, (1 << 24) // max(1, per_token * rows.shape[1]))
+    return torch.cat(
+        [
+            torch.bmm(rows[columns[i : i + chunk]], vectors[i : i + chunk, :, None])[..., 0]
+            for i in range(0, num_tokens, chunk)
+        ]
+    )
+
+
+def _scatter_outer(
+    grad: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor
+) -> None:
+    """grad[columns[n, c]] += values[n, c] * vectors[n], in place, as one sparse (rows x tokens) @ dense matmul."""
+    num_tokens, per_token = columns.shape
+    tokens = torch.arange(num_tokens, device=columns.device).repeat_interleave(per_token)
+    pattern = torch.sparse_coo_tensor(
+        torch.stack([columns.flatten(), tokens]),
+        values.flatten().to(grad.dtype),
+        (grad.shape[0], num_tokens),
+        check_invariants=False,
+    )
+    grad.addmm_(pattern, vectors.to(grad.dtype))
 
 
 class _PeerExpertsFunction(torch.autograd.Function):
-    """Memory-light PEER expert sum: saves only its inputs, gathers expert rows chunk by chunk in forward and
-    again in backward, and accumulates weight gradients with `index_add_` (the CPU counterpart of the Triton
-    kernel in hub_kernels/peer)."""
+    """Memory-light PEER expert sum: the retrieved expert rows are never gathered per token.
+
+    Expert neuron rows are addressed as row `expert * m + j` of (E*m, D) matrices. Forward: pre-activations by a
+    sampled matmul, output by `embedding_bag` with the activations as per-sample weights. Backward: the same two
+    primitives for the input and weight-score gradients, and sparse @ dense `addmm_` into the weight gradients.
+    Only the inputs and the (tokens, K*m) pre-activations are saved. The Triton kernel in hub_kernels/peer is the
+    GPU counterpart."""
 
     @staticmethod
     def forward(ctx, hidden_states, expert_indices, expert_weights, down_proj, up_proj, activation):
-        num_tokens, hidden_size = hidden_states.shape
-        num_experts, m, _ = up_proj.shape
-        chunk = _chunk_tokens(expert_indices.shape[1], m, hidden_size)
+        num_experts, m, hidden_size = up_proj.shape
+        columns = (expert_indices[..., None] * m + torch.arange(m, device=expert_indices.device)).flatten(1)
+        down_rows = down_proj.reshape(num_experts * m, hidden_size)
         up_rows = up_proj.reshape(num_experts * m, hidden_size)
-        out = hidden_states.new_empty(num_tokens, hidden_size)
-        offsets = torch.arange(m, device=expert_indices.device)
-        for start in range(0, num_tokens, chunk):
-            idx = expert_indices[start : start + chunk]
-            pre = torch.einsum("nkmd,nd->nkm", down_proj[idx], hidden_states[start : start + chunk])
-            act = expert_activation(activation, pre) * expert_weights[start : start + chunk, :, None]
-            rows = (idx[..., None] * m + offsets).flatten(1)
-            out[start : start + chunk] = F.embedding_bag(
-                rows, up_rows, per_sample_weights=act.flatten(1).to(up_rows.dtype), mode="sum"
-            )
-        ctx.save_for_backward(hidden_states, expert_indices, expert_weights, down_proj, up_proj)
+        pre = _sampled_dot(hidden_states, down_rows, columns)  # (N, K*m)
+        weights = expert_weights.repeat_interleave(m, dim=1)
+        act = expert_activation(activation, pre) * weights
+        out = F.embedding_bag(columns, up_rows, per_sample_weights=act.to(up_rows.dtype), mode="sum")
+        ctx.save_for_backward(hidden_states, columns, expert_weights, down_proj, up_proj, pre)
         ctx.activation = activation
-        return out
+        return out.to(hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden_states, expert_indices, expert_weights, down_proj, up_proj = ctx.saved_tensors
-        activation = ctx.activation
-        num_tokens, hidden_size = hidden_states.shape
-        m = up_proj.shape[1]
-        chunk = _chunk_tokens(expert_indices.shape[1], m, hidden_size)
+        hidden_states, columns, expert_weights, down_proj, up_proj, pre = ctx.saved_tensors
+        num_experts, m, hidden_size = up_proj.shape
         need_x, _, need_w, need_down, need_up = ctx.needs_input_grad[:5]
-        grad_x = torch.zeros_like(hidden_states) if need_x else None
-        grad_w = torch.zeros_like(expert_weights) if need_w else None
-        grad_down = torch.zeros_like(down_proj) if need_down else None
-        grad_up = torch.zeros_like(up_proj) if need_up else None
-        grad_out = grad_out.to(hidden_states.dtype)
-        for start in range(0, num_tokens, chunk):
-            stop = start + chunk
-            idx, x, g = expert_indices[start:stop], hidden_states[start:stop], grad_out[start:stop]
-            w = expert_weights[start:stop, :, None]
-            down = down_proj[idx]  # (n, K, m, D)
-            pre = torch.einsum("nkmd,nd->nkm", down, x)
-            act = expert_activation(activation, pre)
-            g_dot_up = torch.einsum("nkmd,nd->nkm", up_proj[idx], g)
-            if grad_w is not None:
-                grad_w[start:stop] = (act * g_dot_up).sum(-1).to(grad_w.dtype)
-            grad_pre = w * g_dot_up * expert_activation_grad(activation, pre)
-            if grad_x is not None:
-                grad_x[start:stop] = torch.einsum("nkm,nkmd->nd", grad_pre, down)
-            flat = idx.flatten()
-            if grad_down is not None:
-                grad_down.index_add_(0, flat, (grad_pre[..., None] * x[:, None, None, :]).flatten(0, 1))
-            if grad_up is not None:
-                grad_up.index_add_(0, flat, ((w * act)[..., None] * g[:, None, None, :]).flatten(0, 1))
+        grad_out = grad_out.to(hidden_states.dtype).contiguous()
+        down_rows = down_proj.reshape(num_experts * m, hidden_size)
+        up_rows = up_proj.reshape(num_experts * m, hidden_size)
+        weights = expert_weights.repeat_interleave(m, dim=1)
+        act = expert_activation(ctx.activation, pre)
+        grad_act = _sampled_dot(grad_out, up_rows, columns)  # g . up_row
+        grad_pre = weights * grad_act * expert_activation_grad(ctx.activation, pre)
+        grad_x = grad_w = grad_down = grad_up = None
+        if need_x:
+            grad_x = F.embedding_bag(
+                columns, down_rows, per_sample_weights=grad_pre.to(down_rows.dtype), mode="sum"
+            )
+            grad_x = grad_x.to(hidden_states.dtype)
+        if need_w:
+            grad_w = (act * grad_act).view(*expert_weights.shape, m).sum(-1).to(expert_weights.dtype)
+        if need_down:
+            grad_down = torch.zeros_like(down_proj)
+            _scatter_outer(grad_down.view(num_experts * m, hidden_size), columns, grad_pre, hidden_states)
+        if need_up:
+            grad_up = torch.zeros_like(up_proj)
+            _scatter_outer(grad_up.view(num_experts * m, hidden_size), columns, act * weights, grad_out)
         return grad_x, None, grad_w, grad_down, grad_up, None
 
 

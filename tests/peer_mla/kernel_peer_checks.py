@@ -1,0 +1,424 @@
+"""Numerical and integration checks of the PEER Triton kernel (hub_kernels/peer), run in a fresh interpreter.
+
+Triton decides at import time whether kernels are compiled or interpreted, so these checks run in their own
+process (started by test_peer_kernel.py) with TRITON_INTERPRET=1 in the environment, which executes the kernels
+on CPU tensors. Usage:
+
+    TRITON_INTERPRET=1 python tests/peer_mla/kernel_peer_checks.py interpreter
+    python tests/peer_mla/kernel_peer_checks.py no-interpreter
+
+Prints one line `PEER_RESULTS <json>`: per check either its measurements or {"error": traceback}.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KERNEL_REPO = REPO_ROOT / "hub_kernels" / "peer"
+MARKER = "PEER_RESULTS "
+
+
+def load_kernel():
+    from kernels import get_local_kernel
+
+    return get_local_kernel(KERNEL_REPO)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (0 for empty tensors)."""
+    if expected.numel() == 0:
+        return 0.0
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def make_inputs(N, D, K, E, M, dtype=torch.float32, index_dtype=torch.int64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen)
+    idx = torch.randint(0, E, (N, K), generator=gen).to(index_dtype)
+    w = torch.rand(N, K, generator=gen)
+    down = torch.randn(E, M, D, generator=gen) * D**-0.5
+    up = torch.randn(E, M, D, generator=gen)
+    grad = torch.randn(N, D, generator=gen)
+    return x.to(dtype), idx, w.to(dtype), down.to(dtype), up.to(dtype), grad.to(dtype)
+
+
+def reference(x, idx, w, down, up, grad, activation, requires=(True, True, True, True)):
+    """Output and gradients of the plain reference, computed in float64 from the same (rounded) inputs."""
+    from hfx.peer_mla.modeling_peer_mla import peer_experts_reference
+
+    leaves = [t.detach().double().requires_grad_(r) for t, r in zip((x, w, down, up), requires, strict=True)]
+    out = peer_experts_reference(leaves[0], idx.long(), leaves[1], leaves[2], leaves[3], activation)
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad.double()) if wanted else ())
+    return out.detach(), [next(grads) if t.requires_grad else None for t in leaves]
+
+
+GRAD_NAMES = ("grad_hidden_states", "grad_expert_weights", "grad_down_proj", "grad_up_proj")
+
+
+def check_autograd_case(
+    kernel,
+    N,
+    D,
+    K,
+    E,
+    M,
+    activation,
+    dtype=torch.float32,
+    index_dtype=torch.int64,
+    requires=(True, True, True, True),
+):
+    x, idx, w, down, up, grad = make_inputs(N, D, K, E, M, dtype, index_dtype)
+    leaves = [t.clone().requires_grad_(r) for t, r in zip((x, w, down, up), requires, strict=True)]
+    out = kernel.peer_experts(leaves[0], idx, leaves[1], leaves[2], leaves[3], activation)
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+    got = [next(grads) if t.requires_grad else None for t in leaves]
+    ref_out, ref_grads = reference(x, idx, w, down, up, grad, activation, requires)
+    result = {"out": rel_err(out, ref_out), "out_dtype": str(out.dtype)}
+    for name, g, r in zip(GRAD_NAMES, got, ref_grads, strict=True):
+        if r is not None:
+            result[name] = rel_err(g, r)
+            result[name + "_dtype"] = str(g.dtype)
+    return result
+
+
+def check_tiled_case(kernel, N, D, K, E, M, activation, block_n, block_d):
+    """Calls the launchers directly with small tiles, so that D spans several (partial) BLOCK_D tiles."""
+    impl = kernel._peer_triton
+    x, idx, w, down, up, grad = make_inputs(N, D, K, E, M)
+    out, pre = impl._forward_impl(x, idx, w, down, up, activation, block_n=block_n, block_d=block_d)
+    grads = impl._backward_impl(grad, x, idx, w, down, up, pre, activation, block_n=block_n, block_d=block_d)
+    ref_out, ref_grads = reference(x, idx, w, down, up, grad, activation)
+    result = {"out": rel_err(out, ref_out), "pre_shape": list(pre.shape)}
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        result[name] = rel_err(g, r)
+    return result
+
+
+def check_empty(kernel):
+    x = torch.zeros(0, 32, requires_grad=True)
+    down = torch.randn(8, 1, 32, requires_grad=True)
+    up = torch.randn(8, 1, 32, requires_grad=True)
+    w = torch.zeros(0, 4, requires_grad=True)
+    out = kernel.peer_experts(x, torch.zeros(0, 4, dtype=torch.long), w, down, up, "gelu")
+    out.sum().backward()
+    return {"shape": list(out.shape), "grad_down_zero": bool((down.grad == 0).all())}
+
+
+def check_compile(kernel):
+    x, idx, w, down, up, grad = make_inputs(29, 40, 8, 64, 2)
+    leaves = [t.clone().requires_grad_() for t in (x, w, down, up)]
+    fn = torch.compile(
+        lambda a, b, c, d: kernel.peer_experts(a, idx, b, c, d, "silu"), backend="aot_eager", fullgraph=True
+    )
+    out = fn(*leaves)
+    got = torch.autograd.grad(out, leaves, grad)
+    ref_out, ref_grads = reference(x, idx, w, down, up, grad, "silu")
+    result = {"out": rel_err(out, ref_out)}
+    for name, g, r in zip(GRAD_NAMES, got, ref_grads, strict=True):
+        result[name] = rel_err(g, r)
+    return result
+
+
+def check_opcheck(kernel):
+    x, idx, w, down, up, _ = make_inputs(20, 32, 4, 16, 2)
+    args = (x.requires_grad_(), idx, w.requires_grad_(), down.requires_grad_(), up.requires_grad_(), "gelu")
+    return {k: str(v) for k, v in torch.library.opcheck(kernel._peer_triton._peer_experts_fwd, args).items()}
+
+
+def tiny_model_config():
+    from hfx.peer_mla.configuration_peer_mla import PeerMlaConfig
+
+    return PeerMlaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        intermediate_size=64,
+        product_key_dim=[8, 8],
+        peer_num_heads=2,
+        num_experts_per_tok=4,
+        peer_query_dim=16,
+    )
+
+
+def peer_expert_modules(model):
+    from hfx.peer_mla.modeling_peer_mla import PeerExperts
+
+    return [m for m in model.modules() if isinstance(m, PeerExperts)]
+
+
+def kernel_mapping(modes=None):
+    from kernels import LocalLayerRepository
+
+    repo = LocalLayerRepository(repo_path=KERNEL_REPO, layer_name="PeerExperts")
+    entry = repo if modes is None else dict.fromkeys(modes, repo)
+    return {"PeerExperts": {"cuda": entry, "cpu": entry}}
+
+
+def check_kernelize(kernel):
+    from kernels import Mode, kernelize, use_kernel_mapping
+
+    from hfx.peer_mla.modeling_peer_mla import PeerExperts, PeerMlaForCausalLM
+
+    torch.manual_seed(0)
+    reference_model = PeerMlaForCausalLM(tiny_model_config()).train()
+    model = copy.deepcopy(reference_model)
+    with use_kernel_mapping(kernel_mapping()):
+        model = kernelize(model, mode=Mode.TRAINING, device="cpu", use_fallback=False)
+
+    layer_cls = kernel.layers.PeerExperts
+    experts = peer_expert_modules(model)
+    replaced = [getattr(m.forward, "__func__", None) is layer_cls.forward for m in experts]
+    untouched = [
+        "forward" not in m.__dict__ and type(m).forward is PeerExperts.forward
+        for m in peer_expert_modules(reference_model)
+    ]
+
+    # Count launches of the Triton path while the kernelized model runs.
+    impl = kernel._peer_triton
+    calls = {"forward": 0, "backward": 0}
+    original = impl._forward_impl, impl._backward_impl
+
+    def counted_forward(*args, **kwargs):
+        calls["forward"] += 1
+        return original[0](*args, **kwargs)
+
+    def counted_backward(*args, **kwargs):
+        calls["backward"] += 1
+        return original[1](*args, **kwargs)
+
+    impl._forward_impl, impl._backward_impl = counted_forward, counted_backward
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 64, (2, 8), generator=gen)
+    try:
+        out = model(input_ids=input_ids, labels=input_ids)
+        out.loss.backward()
+    finally:
+        impl._forward_impl, impl._backward_impl = original
+    ref = reference_model(input_ids=input_ids, labels=input_ids)
+    ref.loss.backward()
+
+    grad_errors = {}
+    ref_params = dict(reference_model.named_parameters())
+    for name, param in model.named_parameters():
+        ref_grad = ref_params[name].grad
+        if ref_grad is None and param.grad is None:
+            continue
+        grad_errors[name] = rel_err(param.grad, ref_grad)
+    expert_grad_names = [n for n in grad_errors if n.endswith(("down_proj", "up_proj"))]
+    return {
+        "num_peer_experts": len(experts),
+        "replaced": replaced,
+        "reference_untouched": untouched,
+        "kernel_calls": calls,
+        "logits": rel_err(out.logits, ref.logits),
+        "loss": abs(out.loss.item() - ref.loss.item()),
+        "max_grad_error": max(grad_errors.values()),
+        "worst_grad": max(grad_errors, key=grad_errors.get),
+        "num_grads": len(grad_errors),
+        "expert_grads": expert_grad_names,
+        "grad_errors_missing": sorted(set(ref_params) - set(grad_errors)),
+    }
+
+
+def check_kernelize_modes(kernel):
+    """Which forward each kernelize mode installs (the layer declares has_backward and can_torch_compile)."""
+    from kernels import Mode, kernelize, use_kernel_mapping
+
+    from hfx.peer_mla.modeling_peer_mla import PeerMlaForCausalLM
+
+    torch.manual_seed(0)
+    base = PeerMlaForCausalLM(tiny_model_config())
+    layer_cls = kernel.layers.PeerExperts
+    result = {}
+    modes = {
+        "inference": Mode.INFERENCE,
+        "training": Mode.TRAINING,
+        "training_compile": Mode.TRAINING | Mode.TORCH_COMPILE,
+        "inference_compile": Mode.INFERENCE | Mode.TORCH_COMPILE,
+    }
+    for label, mode in modes.items():
+        model = copy.deepcopy(base)
+        with use_kernel_mapping(kernel_mapping(), inherit_mapping=False):
+            kernelize(model, mode=mode, device="cpu", use_fallback=False)
+        result[label] = all(m.forward.__func__ is layer_cls.forward for m in peer_expert_modules(model))
+    # Mode-keyed mapping: registered only for training, so an inference kernelize also picks it (fallback
+    # priority INFERENCE -> ... -> TRAINING).
+    model = copy.deepcopy(base)
+    with use_kernel_mapping(kernel_mapping(modes=[Mode.TRAINING]), inherit_mapping=False):
+        kernelize(model, mode=Mode.INFERENCE, device="cpu", use_fallback=False)
+    result["mode_keyed_training_used_for_inference"] = all(
+        m.forward.__func__ is layer_cls.forward for m in peer_expert_modules(model)
+    )
+    return result
+
+
+def check_layout():
+    from kernels._rust import Build
+    from kernels.resolver import resolve_local_kernel
+
+    local = resolve_local_kernel(KERNEL_REPO, backend=None)
+    build = Build.open(KERNEL_REPO)
+    return {
+        "variant": local.variant_str,
+        "name": str(local.metadata.name),
+        "id": local.metadata.id,
+        "version": local.metadata.version,
+        "build_backends": sorted(str(b) for b in build.general.backends),
+    }
+
+
+def run_interpreter_checks() -> dict:
+    kernel = load_kernel()
+    results: dict = {"interpreted": bool(kernel._peer_triton._INTERPRETED), "module": kernel.__name__}
+    checks = {
+        "layout": check_layout,
+        # m = 1 and m = 2, every activation, token counts that are not multiples of BLOCK_N.
+        "fp32_m1_gelu": lambda: check_autograd_case(kernel, 37, 48, 8, 64, 1, "gelu"),
+        "fp32_m1_relu": lambda: check_autograd_case(kernel, 37, 48, 8, 64, 1, "relu"),
+        "fp32_m1_gelu_tanh": lambda: check_autograd_case(kernel, 16, 32, 8, 64, 1, "gelu_tanh"),
+        "fp32_m2_silu": lambda: check_autograd_case(kernel, 24, 64, 8, 64, 2, "silu"),
+        "fp32_m2_gelu_tanh": lambda: check_autograd_case(kernel, 24, 40, 8, 64, 2, "gelu_tanh"),
+        "fp32_m2_identity_int32": lambda: check_autograd_case(
+            kernel, 24, 32, 8, 64, 2, "identity", index_dtype=torch.int32
+        ),
+        # Gradients for a subset of the inputs (the other kernels paths are compiled out).
+        "fp32_m2_only_experts": lambda: check_autograd_case(
+            kernel, 24, 32, 8, 64, 2, "gelu", requires=(False, False, True, True)
+        ),
+        "fp32_m1_only_inputs": lambda: check_autograd_case(
+            kernel, 24, 32, 8, 64, 1, "silu", requires=(True, True, False, False)
+        ),
+        # D spanning several BLOCK_D tiles, the last one partial.
+        "fp32_tiled_m2_gelu": lambda: check_tiled_case(kernel, 21, 80, 8, 64, 2, "gelu", 8, 32),
+        "fp32_tiled_m1_relu": lambda: check_tiled_case(kernel, 21, 72, 8, 64, 1, "relu", 16, 16),
+        "bf16_m1_gelu": lambda: check_autograd_case(kernel, 32, 64, 8, 64, 1, "gelu", dtype=torch.bfloat16),
+        "bf16_m2_silu": lambda: check_autograd_case(kernel, 32, 64, 8, 64, 2, "silu", dtype=torch.bfloat16),
+        "empty": lambda: check_empty(kernel),
+        "compile": lambda: check_compile(kernel),
+        "opcheck": lambda: check_opcheck(kernel),
+        "kernelize": lambda: check_kernelize(kernel),
+        "kernelize_modes": lambda: check_kernelize_modes(kernel),
+    }
+    for name, check in checks.items():
+        try:
+            results[name] = check()
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
+def check_cuda_codegen(kernel, capability: int = 90) -> dict:
+    """Compiles every kernel (all activations, both dtypes, every gradient subset) to a CUDA binary ahead of
+    time; needs no GPU, only the ptxas that ships with Triton. Catches what the interpreter does not check
+    (types, constexpr branches, lowering)."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    impl = kernel._peer_triton
+    target = GPUTarget("cuda", capability, 32)
+    compiled = []
+
+    def build(fn, signature, constexprs):
+        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+        triton_compile(ASTSource(fn, signature, constexprs), target=target, options={"num_warps": 4})
+        compiled.append(fn.__name__)
+
+    ints = dict.fromkeys(("N", "K", "M", "D"), "i32")
+    blocks = {"BLOCK_N": 16, "BLOCK_D": 128}
+    for dt in ("fp32", "bf16"):
+        build(
+            impl._peer_rowdot_kernel,
+            {"vec_ptr": f"*{dt}", "idx_ptr": "*i64", "bank_ptr": f"*{dt}", "dots_ptr": "*fp32", **ints},
+            blocks,
+        )
+        for act in range(len(impl.ACTIVATIONS)):
+            build(
+                impl._peer_fwd_out_kernel,
+                {
+                    "idx_ptr": "*i64",
+                    "w_ptr": f"*{dt}",
+                    "pre_ptr": "*fp32",
+                    "up_ptr": f"*{dt}",
+                    "out_ptr": f"*{dt}",
+                }
+                | ints,
+                {"ACT": act, **blocks},
+            )
+            build(
+                impl._peer_bwd_coef_kernel,
+                {
+                    "w_ptr": f"*{dt}",
+                    "pre_ptr": "*fp32",
+                    "gu_ptr": "*fp32",
+                    "gw_ptr": f"*{dt}",
+                    "NK": "i32",
+                    "M": "i32",
+                },
+                {"ACT": act, "NEED_W": True, "BLOCK": 256},
+            )
+        rows = {
+            "x_ptr": f"*{dt}",
+            "g_ptr": f"*{dt}",
+            "idx_ptr": "*i64",
+            "w_ptr": f"*{dt}",
+            "pre_ptr": "*fp32",
+            "gpre_ptr": "*fp32",
+            "down_ptr": f"*{dt}",
+            "gx_ptr": f"*{dt}",
+            "gdown_ptr": "*fp32",
+            "gup_ptr": "*fp32",
+            **ints,
+        }
+        for need_x, need_down, need_up in ((True, True, True), (False, True, True), (True, False, False)):
+            flags = {"NEED_X": need_x, "NEED_DOWN": need_down, "NEED_UP": need_up}
+            build(impl._peer_bwd_rows_kernel, rows, {"ACT": 2, **flags, **blocks})
+    return {"compiled": len(compiled), "kernels": sorted(set(compiled))}
+
+
+def run_no_interpreter_checks() -> dict:
+    """Without the interpreter the kernels are compiled for a GPU: CPU tensors must be refused clearly, and the
+    kernels must compile for CUDA."""
+    kernel = load_kernel()
+    results: dict = {"interpreted": bool(kernel._peer_triton._INTERPRETED)}
+    try:
+        results["cuda_codegen"] = check_cuda_codegen(kernel)
+    except Exception:
+        results["cuda_codegen"] = {"error": traceback.format_exc()}
+    x, idx, w, down, up, _ = make_inputs(4, 16, 2, 8, 1)
+    try:
+        kernel.peer_experts(x, idx, w, down, up, "gelu")
+        results["cpu_call"] = "no error"
+    except RuntimeError as err:
+        results["cpu_call"] = str(err)
+    try:
+        kernel.peer_experts(x, idx, w, down, up, "swish")
+        results["bad_activation"] = "no error"
+    except ValueError as err:
+        results["bad_activation"] = str(err)
+    return results
+
+
+def main(argv: list[str]) -> None:
+    mode = argv[1] if len(argv) > 1 else "interpreter"
+    results = run_interpreter_checks() if mode == "interpreter" else run_no_interpreter_checks()
+    print(MARKER + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
