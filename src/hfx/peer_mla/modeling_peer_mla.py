@@ -398,6 +398,25 @@ def _sdpa(query, key, value, attention_mask, scale, dropout_p=0.0):
     )
 
 
+def _latent_attention(query, key, value, attention_mask, scale):
+    """Multi-query attention over the latent cache with the heads folded into the query length.
+
+    query (b, h, s, d), key (b, 1, t, d), value (b, 1, t, r) -> (b, h, s, r). All heads share one key/value
+    "head", so (b, 1, h*s, d) against (b, 1, t, d) is a single-head attention: no per-head copies of the cache
+    (SDPA's enable_gqa path on CPU materialises them), the layout FlashMLA also uses."""
+    batch, heads, q_len, dim = query.shape
+    kv_len = key.shape[-2]
+    if attention_mask is None and q_len > 1:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if attention_mask is not None:
+        attention_mask = attention_mask.expand(batch, 1, q_len, kv_len)[:, :, None].expand(batch, 1, heads, q_len, kv_len)
+        attention_mask = attention_mask.reshape(batch, 1, heads * q_len, kv_len)
+    out = F.scaled_dot_product_attention(
+        query.reshape(batch, 1, heads * q_len, dim), key, value, attn_mask=attention_mask, scale=scale
+    )
+    return out.view(batch, heads, q_len, value.shape[-1])
+
+
 # GPU attention kernels, loaded through the `kernels` library (FlashMLA for absorbed decode, flash-attn 3 for
 # the naive path). Each wrapper takes (query, key, value, scale) in (batch, heads, seq, dim) layout with
 # bottom-right causal masking and returns (batch, heads, q_len, v_dim).
@@ -614,7 +633,7 @@ class PeerMlaAttention(nn.Module):
         if kernel is not None:
             out_latent = kernel(query, key, latent, self.scaling)
         else:
-            out_latent = _sdpa(query, key, latent, attention_mask, self.scaling)
+            out_latent = _latent_attention(query, key, latent, attention_mask, self.scaling)
         return torch.einsum("bhsr,hvr->bhsv", out_latent, value_up)
 
 
