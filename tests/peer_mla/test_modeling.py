@@ -407,3 +407,16 @@ def test_bf16_forward_is_close_to_fp32():
     # bf16 can flip near-tied expert choices, so compare on average, not elementwise.
     assert (low - reference).abs().mean() < 0.05 * reference.abs().mean()
     assert (low.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model(peer_batch_norm=False).train()
+    ids = torch.randint(3, 96, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    expected = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.model.gradient_checkpointing
+    model(ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], msg=name)

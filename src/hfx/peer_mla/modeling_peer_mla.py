@@ -409,7 +409,9 @@ def _latent_attention(query, key, value, attention_mask, scale):
     if attention_mask is None and q_len > 1:
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
     if attention_mask is not None:
-        attention_mask = attention_mask.expand(batch, 1, q_len, kv_len)[:, :, None].expand(batch, 1, heads, q_len, kv_len)
+        attention_mask = attention_mask.expand(batch, 1, q_len, kv_len)[:, :, None].expand(
+            batch, 1, heads, q_len, kv_len
+        )
         attention_mask = attention_mask.reshape(batch, 1, heads * q_len, kv_len)
     out = F.scaled_dot_product_attention(
         query.reshape(batch, 1, heads * q_len, dim), key, value, attn_mask=attention_mask, scale=scale
