@@ -327,6 +327,24 @@ def test_flash_mla_wrapper_pages_the_latent_cache_and_passes_the_mla_scale(monke
     assert spec.scales == [scale]
 
 
+def test_flash_attn_wrapper_uses_the_flash_layout_and_scale(monkeypatch):
+    calls = []
+
+    class FlashAttnSpec:  # flash-attn 3's flash_attn_func: (b, s, h, d) tensors, bottom-right causal mask
+        @staticmethod
+        def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+            calls.append((q.shape, softmax_scale, causal))
+            out = modeling._sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, softmax_scale)
+            return out.transpose(1, 2), None  # some builds also return the log-sum-exp
+
+    monkeypatch.setitem(modeling._HUB_KERNELS, modeling.FLASH_ATTN_REPO[0], FlashAttnSpec())
+    query, key = torch.randn(2, 4, 3, 24), torch.randn(2, 4, 7, 24)
+    value = torch.randn(2, 4, 7, 16)
+    out = modeling.flash_attn_attention(query, key, value, 0.3)
+    torch.testing.assert_close(out, modeling._sdpa(query, key, value, None, 0.3))
+    assert calls == [(torch.Size([2, 3, 4, 24]), 0.3, True)]
+
+
 # --- generation ---------------------------------------------------------------------------------------------
 
 
