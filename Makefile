@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hfx-installed
 
-.PHONY: main test venv
+.PHONY: main test venv browser
 
 venv: $(STAMP)
 
@@ -20,5 +20,11 @@ $(STAMP): pyproject.toml Makefile
 main: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hfx cartridge run --corpus rcv1 --questions tests/data/questions/rcv1.jsonl --output_dir outputs/self-study
 
-test: $(STAMP)
+# Headless Chromium for the browser tests: Debian's package, installed once (Playwright's own download is not used).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

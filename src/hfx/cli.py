@@ -6,17 +6,26 @@
     hfx cartridge eval        no context vs ICL vs cartridge, one table
     hfx peer-mla analyze      total vs active parameters per token, by component, with a PNG plot
     hfx peer-mla init         a randomly initialised PEER-MLA model folder (code, config, safetensors, card)
+    hfx quanta run            quanta discovery: losses -> filter -> gradients -> similarity -> cluster -> view
+    hfx quanta losses         per-token losses of a causal LM over a corpus (resumable Parquet shards)
+    hfx quanta filter         keep low-loss tokens that induction does not explain
+    hfx quanta gradients      per-token loss gradients, batched, optionally randomly projected (resumable)
+    hfx quanta similarity     cosine similarity of the gradients, in blocks
+    hfx quanta cluster        spectral clustering + cluster-size power law + dataset card
+    hfx quanta view           a static HTML page to browse the clusters
     hfx corpora               the bundled corpora and their sizes
 
-Each cartridge subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
+Each cartridge and quanta subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
 every option.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _parser(prog: str, *dataclass_types):
@@ -161,6 +170,69 @@ def _peer_mla_init(argv: list[str]) -> None:
     print(f"model saved in {path}")
 
 
+def _quanta(stage: str):
+    def command(argv: list[str]) -> None:
+        from hfx.quanta import pipeline as quanta
+
+        groups = {
+            "losses": (quanta.LossesArguments,),
+            "filter": (quanta.FilterArguments,),
+            "gradients": (quanta.GradientArguments,),
+            "similarity": (),
+            "cluster": (quanta.ClusterArguments,),
+            "view": (quanta.ViewArguments,),
+            "run": (
+                quanta.LossesArguments,
+                quanta.FilterArguments,
+                quanta.GradientArguments,
+                quanta.ClusterArguments,
+                quanta.ViewArguments,
+            ),
+        }[stage]
+        run, *args = _parser(f"hfx quanta {stage}", quanta.RunArguments, *groups).parse_args_and_config(argv)
+        if stage == "run":
+            summary = quanta.run_discovery(run, *args)
+            clusters = json.loads((Path(summary["clusters"]) / "clusters.json").read_text())
+            print(_quanta_summary(clusters))
+            print(
+                "stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_seconds"].items())
+            )
+            print(f"clusters saved in {summary['clusters']}; page: {summary['page']}")
+        elif stage == "losses":
+            losses = quanta.run_losses(run, *args)
+            print(f"{sum(len(ids) for ids in losses['input_ids'])} tokens scored in {run.output_dir}/losses")
+        elif stage == "filter":
+            out = quanta.run_filter(run, *args)
+            print(f"{json.loads((out / 'filter_config.json').read_text())['kept']} tokens kept in {out}")
+        elif stage == "gradients":
+            print(f"gradients saved in {quanta.run_gradients(run, *args)}")
+        elif stage == "similarity":
+            from hfx.quanta.similarity import similarity_matrix
+
+            print(f"similarity saved in {similarity_matrix(run.output_dir)}")
+        elif stage == "cluster":
+            out = quanta.run_cluster(run, *args)
+            print(_quanta_summary(json.loads((out / "clusters.json").read_text())))
+            print(f"clusters saved in {out}")
+        else:
+            print(f"page saved in {quanta.run_view(run, *args)}")
+
+    return command
+
+
+def _quanta_summary(clusters: dict) -> str:
+    lines = [
+        f"{clusters['n_tokens']} tokens in {clusters['n_clusters']} clusters; sizes ~ rank^-"
+        f"{clusters['power_law']['exponent']:.2f} (r2 {clusters['power_law']['r2']:.2f})",
+        "largest clusters (size: most frequent tokens):",
+    ]
+    for cluster, (size, tokens) in enumerate(zip(clusters["sizes"], clusters["top_tokens"], strict=True)):
+        if cluster == 10:
+            break
+        lines.append(f"  {cluster:3d} {size:5d}: " + ", ".join(repr(t) for t in tokens))
+    return "\n".join(lines)
+
+
 COMMANDS = {
     ("cartridge", "run"): _cartridge_run,
     ("cartridge", "synthesize"): _cartridge_synthesize,
@@ -168,6 +240,10 @@ COMMANDS = {
     ("cartridge", "eval"): _cartridge_eval,
     ("peer-mla", "analyze"): _peer_mla_analyze,
     ("peer-mla", "init"): _peer_mla_init,
+    **{
+        ("quanta", stage): _quanta(stage)
+        for stage in ("run", "losses", "filter", "gradients", "similarity", "cluster", "view")
+    },
     ("corpora",): _corpora,
 }
 

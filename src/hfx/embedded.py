@@ -5,6 +5,9 @@
   ``$HFX_CACHE`` (default ``~/.cache/hfx``) and every later call loads that directory (fast).
 * Corpora: scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``), real prose that ships with a
   dependency. ``load_corpus("wine_data")`` is one description; ``load_corpus("sklearn_descr")`` is all of them.
+* Document collections (many documents, for corpus-level analyses): ``load_documents("sklearn_descr")`` (one per
+  description), ``"pydoc_topics"`` (the Python reference topics in ``pydoc_data.topics``) and ``"python_stdlib"``
+  (the top-level modules of CPython's standard library source).
 """
 
 from __future__ import annotations
@@ -137,3 +140,25 @@ def corpus_files(name: str) -> list[Path]:
 def load_corpus(name: str) -> str:
     """Text of a named corpus (several files are joined with blank lines)."""
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in corpus_files(name))
+
+
+#: Collections of many documents, shipped with Python or a dependency.
+DOCUMENT_COLLECTIONS = ("sklearn_descr", "pydoc_topics", "python_stdlib")
+
+
+def load_documents(name: str) -> list[tuple[str, str]]:
+    """(document name, text) pairs of a named document collection, in a fixed order."""
+    if name == "sklearn_descr":
+        return [(p.stem, p.read_text(encoding="utf-8").strip()) for p in corpus_files(ALL_DESCRIPTIONS)]
+    if name == "pydoc_topics":
+        from pydoc_data.topics import topics
+
+        return [(key, topics[key].strip()) for key in sorted(topics)]
+    if name == "python_stdlib":
+        import sysconfig
+
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        return [
+            (p.name, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(stdlib.glob("*.py"))
+        ]
+    raise ValueError(f"Unknown document collection {name!r}; known: {', '.join(DOCUMENT_COLLECTIONS)}.")

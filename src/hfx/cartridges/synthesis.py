@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from hfx.artifacts import check_or_write_manifest, write_parquet_atomic
 from hfx.cartridges.corpus import Corpus, document_prefix_ids, user_turn_ids
 from hfx.cartridges.prefix import PrefixKV, generate_after_prefix
-from hfx.hub import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -243,28 +242,6 @@ def _shard_path(output_dir: Path, shard_idx: int) -> Path:
     return output_dir / "data" / f"train-{shard_idx:05d}.parquet"
 
 
-def _write_shard(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    datasets.Dataset.from_list(rows, features=FEATURES).to_parquet(str(tmp))
-    os.replace(tmp, path)
-
-
-def _check_or_write_manifest(output_dir: Path, manifest: dict) -> None:
-    path = output_dir / "synthesis_config.json"
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing != manifest:
-            changed = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
-            raise ValueError(
-                f"{output_dir} holds a synthesis run with different settings ({', '.join(changed)}); "
-                "use another output directory or delete it to start over."
-            )
-        return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(manifest, indent=2))
-
-
 def synthesize(
     model,
     tokenizer,
@@ -285,7 +262,7 @@ def synthesize(
         "seed_prompts_sha256": hashlib.sha256(json.dumps(SEED_PROMPTS, sort_keys=True).encode()).hexdigest(),
         **asdict(config),
     }
-    _check_or_write_manifest(output_dir, manifest)
+    check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
 
     batch_sizes = [
         min(config.conversations_per_chunk, config.num_conversations - b * config.conversations_per_chunk)
@@ -315,7 +292,7 @@ def synthesize(
         for batch_idx in batches:
             rows.extend(synthesize_batch(model, tokenizer, corpus, config, batch_idx))
             bar.update(batch_sizes[batch_idx])
-        _write_shard(rows, _shard_path(output_dir, shard_idx))
+        write_parquet_atomic(rows, FEATURES, _shard_path(output_dir, shard_idx))
     bar.close()
     dataset = load_synthesis(output_dir)
     write_dataset_card(output_dir, manifest, dataset)

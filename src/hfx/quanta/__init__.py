@@ -1,0 +1,1 @@
+"""Quanta discovery: cluster the tokens a model predicts well by the similarity of their loss gradients."""

@@ -1,0 +1,251 @@
+"""Per-token loss gradients, computed once each and batched.
+
+Each kept token becomes one row of a batch: its context window (left-padded) whose last position predicts it.
+Rows are independent, so one backward of the summed row losses gives every row's own backprop signal at every
+position, and the per-token gradient of a linear layer is exactly sum_t delta[b, t] x[b, t]^T (the per-example
+gradient identity). Hooks capture the layer inputs x and output gradients delta; nothing else is kept.
+
+The gradient of each selected layer is either kept whole (`projection_dim=0`, exact) or compressed by a seeded
+Gaussian Kronecker projection R_out G R_in^T (k x k per layer, computed from R_out delta and R_in x without
+forming G), which preserves inner products in expectation: E[<R_out G R_in^T, R_out H R_in^T>] = <G, H> when R
+entries are N(0, 1/k). Memory then grows with the number of layers, not with parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PARAMETERS = "all linear layers except the output head"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers' GPT-2 style layer
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf  # Conv1D: weight (in, out)
+
+
+def select_layers(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Module]:
+    """The layers whose weight gradients make up a token's gradient.
+
+    Default: every linear layer except the output head (embeddings and norms are not linear layers, so they are
+    excluded too). `pattern` is a regular expression matched (re.search) against module names; it must select
+    only linear layers (nn.Linear or transformers' Conv1D)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    selected = {}
+    for name, module in model.named_modules():
+        if pattern is None:
+            if _is_linear(module) and module is not head:
+                selected[name] = module
+        elif name and re.search(pattern, name) and module is not model:
+            if not list(module.children()) or _is_linear(module):
+                if not _is_linear(module):
+                    if any(p.requires_grad for p in module.parameters(recurse=False)):
+                        raise ValueError(
+                            f"--parameters {pattern!r} selects {name} ({type(module).__name__}); only linear layers "
+                            "(nn.Linear, Conv1D) are supported. Narrow the pattern."
+                        )
+                    continue
+                selected[name] = module
+    if not selected:
+        examples = [n for n, m in model.named_modules() if _is_linear(m)][:5]
+        what = DEFAULT_PARAMETERS if pattern is None else f"pattern {pattern!r}"
+        raise ValueError(
+            f"{type(model).__name__} has no parameters matching {what}. Linear layers in this model look like: "
+            f"{examples or 'none'}."
+        )
+    return selected
+
+
+@dataclass
+class GradientSpec:
+    """What a gradient row is made of: selected layers, projection size and seed."""
+
+    layers: list[str]
+    projection_dim: int
+    seed: int
+    dims: list[int]  # row width contributed by each layer
+
+    @property
+    def width(self) -> int:
+        return sum(self.dims)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": self.layers,
+            "projection_dim": self.projection_dim,
+            "seed": self.seed,
+            "width": self.width,
+        }
+
+
+class PerTokenGradients:
+    """Computes per-token gradients of selected linear layers for batches of (context, target) rows.
+
+    Use as: `grads = PerTokenGradients(model, projection_dim=16, seed=0)`; `rows = grads(batch_contexts,
+    batch_targets)` -> (B, width) float32, not normalised."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        projection_dim: int = 16,
+        seed: int = 0,
+        parameters: str | None = None,
+    ):
+        if projection_dim < 0:
+            raise ValueError(f"projection_dim must be >= 0 (0 = exact), got {projection_dim}.")
+        self.model = model
+        self.layers = select_layers(model, parameters)
+        self.projection_dim = projection_dim
+        self.seed = seed
+        device = next(model.parameters()).device
+        self.projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        dims = []
+        for index, (name, module) in enumerate(self.layers.items()):
+            fan_in, fan_out = _in_out(module)
+            has_bias = getattr(module, "bias", None) is not None
+            if projection_dim:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+                scale = 1.0 / math.sqrt(projection_dim)
+                r_out = torch.randn(projection_dim, fan_out, generator=generator) * scale
+                r_in = torch.randn(projection_dim, fan_in, generator=generator) * scale
+                self.projections[name] = (r_out.to(device), r_in.to(device))
+                dims.append(projection_dim * projection_dim + (projection_dim if has_bias else 0))
+            else:
+                dims.append(fan_out * fan_in + (fan_out if has_bias else 0))
+        self.spec = GradientSpec(list(self.layers), projection_dim, seed, dims)
+        for module in self.layers.values():
+            module.weight.requires_grad_(True)
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+
+    def _hooks(self) -> list:
+        handles = []
+        for name, module in self.layers.items():
+
+            def forward_hook(module, args, output, name=name):
+                if name in self._outputs:
+                    raise RuntimeError(
+                        f"{name} runs more than once per forward; shared layers are not supported."
+                    )
+                self._inputs[name] = args[0].detach()
+                self._outputs[name] = output
+
+            handles.append(module.register_forward_hook(forward_hook))
+        return handles
+
+    def __call__(self, contexts: list[list[int]], targets: list[int]) -> torch.Tensor:
+        """Gradient rows for `targets[b]` predicted after `contexts[b]` (each context at least one token)."""
+        if any(len(c) == 0 for c in contexts):
+            raise ValueError("every target needs at least one context token")
+        device = next(self.model.parameters()).device
+        length = max(len(c) for c in contexts)
+        pad = 0
+        input_ids = torch.full((len(contexts), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(contexts), length), dtype=torch.long)
+        for row, context in enumerate(contexts):  # left padding: every row predicts at the last position
+            input_ids[row, length - len(context) :] = torch.tensor(context)
+            mask[row, length - len(context) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        target_ids = torch.tensor(targets, device=device)
+        handles = self._hooks()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                logits = self._last_logits(input_ids.to(device), mask.to(device), position_ids.to(device))
+                loss = torch.nn.functional.cross_entropy(logits.float(), target_ids, reduction="sum")
+                # Gradients with respect to the layer outputs only: no weight gradients are formed.
+                names = list(self._outputs)
+                deltas = torch.autograd.grad(loss, [self._outputs[n] for n in names], allow_unused=True)
+            return self._rows(len(contexts), dict(zip(names, deltas, strict=True)))
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._inputs.clear()
+            self._outputs.clear()
+            self.model.train(was_training)
+
+    def _last_logits(self, input_ids, mask, position_ids) -> torch.Tensor:
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        try:
+            out = self.model(**kwargs, logits_to_keep=1)
+        except TypeError:  # models without logits_to_keep
+            out = self.model(**kwargs)
+        return out.logits[:, -1]
+
+    def _rows(self, batch: int, deltas: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        parts = []
+        for name, module in self.layers.items():
+            if deltas.get(name) is None:
+                raise RuntimeError(
+                    f"no gradient reaches {name}: it is not on the path from the input to the loss."
+                )
+            x = self._inputs[name].float()
+            delta = deltas[name].float()
+            x = x.reshape(batch, -1, x.shape[-1])
+            delta = delta.reshape(batch, -1, delta.shape[-1])
+            if self.projection_dim:
+                r_out, r_in = self.projections[name]
+                delta, x = delta @ r_out.t(), x @ r_in.t()
+            parts.append(torch.einsum("bto,bti->boi", delta, x).reshape(batch, -1))
+            if getattr(module, "bias", None) is not None:
+                parts.append(delta.sum(1))
+        return torch.cat(parts, dim=1)
+
+
+def reference_gradients(
+    model: nn.Module, contexts: Iterable[list[int]], targets: Iterable[int], parameters: str | None = None
+) -> torch.Tensor:
+    """The plain approach, for checking and benchmarks: one forward and backward per token, full gradients of the
+    selected layers kept and flattened (weight, then bias, per layer, in module order)."""
+    layers = select_layers(model, parameters)
+    params = []
+    for module in layers.values():
+        params.append(module.weight)
+        if getattr(module, "bias", None) is not None:
+            params.append(module.bias)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for context, target in zip(contexts, targets, strict=True):
+            with torch.enable_grad():
+                logits = model(input_ids=torch.tensor([context], device=device), use_cache=False).logits[
+                    0, -1
+                ]
+                loss = torch.nn.functional.cross_entropy(
+                    logits.float()[None], torch.tensor([target], device=device)
+                )
+                grads = torch.autograd.grad(loss, params)
+            flat = []
+            for module, grad in zip(_weights_and_biases(layers), grads, strict=True):
+                flat.append(grad.t().reshape(-1) if module == "conv1d_weight" else grad.reshape(-1))
+            rows.append(torch.cat(flat).float())
+    finally:
+        model.train(was_training)
+    return torch.stack(rows)
+
+
+def _weights_and_biases(layers: dict[str, nn.Module]) -> list[str]:
+    kinds = []
+    for module in layers.values():
+        kinds.append("weight" if isinstance(module, nn.Linear) else "conv1d_weight")
+        if getattr(module, "bias", None) is not None:
+            kinds.append("bias")
+    return kinds

@@ -1,0 +1,149 @@
+"""Stage 1: per-token losses of a causal LM over a corpus.
+
+Each document is tokenized and cut into windows of `context_length` tokens; the model reads each window once and
+every position p >= 1 gets loss[p] = -ln P(token[p] | window[:p]) in nats (position 0 has no context: NaN). A
+token's canonical index is `window_id * context_length + p`, stable for a given corpus, tokenizer and
+context length. Windows are written as Parquet shards (atomic), so a killed run resumes at the next shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from hfx.artifacts import check_or_write_manifest, write_parquet_atomic
+
+logger = logging.getLogger(__name__)
+
+FEATURES = datasets.Features(
+    {
+        "window_id": datasets.Value("int64"),
+        "doc_id": datasets.Value("int64"),
+        "doc_name": datasets.Value("string"),
+        "start": datasets.Value("int64"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "losses_nats": datasets.Sequence(datasets.Value("float32")),
+    }
+)
+LOSSES_DIR = "losses"
+
+
+@dataclass
+class LossesConfig:
+    context_length: int = 128
+    max_tokens: int = 100_000
+    batch_size: int = 16
+    windows_per_shard: int = 128
+
+    def __post_init__(self):
+        if self.context_length < 2:
+            raise ValueError(f"context_length must be at least 2, got {self.context_length}.")
+        if self.max_tokens < self.context_length:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must be at least context_length ({self.context_length})."
+            )
+
+
+def make_windows(tokenizer, documents: list[tuple[str, str]], config: LossesConfig) -> list[dict]:
+    """Cut the tokenized documents into windows (the last, shorter window of a document is kept if >= 2 tokens)
+    until `max_tokens` tokens are covered."""
+    windows, total = [], 0
+    for doc_id, (name, text) in enumerate(documents):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), config.context_length):
+            piece = ids[start : start + config.context_length]
+            if len(piece) < 2:
+                continue
+            piece = piece[: config.max_tokens - total]
+            windows.append(
+                {
+                    "window_id": len(windows),
+                    "doc_id": doc_id,
+                    "doc_name": name,
+                    "start": start,
+                    "input_ids": piece,
+                }
+            )
+            total += len(piece)
+            if total >= config.max_tokens:
+                return windows
+    return windows
+
+
+@torch.no_grad()
+def window_losses(model, windows: list[list[int]]) -> list[list[float]]:
+    """Per-position losses (nats) of right-padded windows in one forward; position 0 is NaN."""
+    device = next(model.parameters()).device
+    length = max(len(w) for w in windows)
+    input_ids = torch.zeros(len(windows), length, dtype=torch.long)
+    mask = torch.zeros(len(windows), length, dtype=torch.long)
+    for row, window in enumerate(windows):
+        input_ids[row, : len(window)] = torch.tensor(window)
+        mask[row, : len(window)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    losses = -logprobs.gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+    return [[math.nan] + losses[row, : len(w) - 1].tolist() for row, w in enumerate(windows)]
+
+
+def compute_losses(
+    model,
+    tokenizer,
+    documents: list[tuple[str, str]],
+    output_dir: str | Path,
+    config: LossesConfig,
+    manifest: dict,
+) -> datasets.Dataset:
+    """Write `output_dir/losses/data/losses-*.parquet` (resuming after the last complete shard); return them."""
+    out = Path(output_dir) / LOSSES_DIR
+    check_or_write_manifest(out, {**manifest, **asdict(config)}, "losses_config.json", "per-token losses")
+    windows = make_windows(tokenizer, documents, config)
+    num_shards = math.ceil(len(windows) / config.windows_per_shard)
+    todo = [i for i in range(num_shards) if not _shard(out, i).exists()]
+    if len(todo) < num_shards:
+        logger.info("resuming: %d of %d loss shards already written", num_shards - len(todo), num_shards)
+    tokens = sum(len(w["input_ids"]) for w in windows)
+    with tqdm(total=tokens, desc="per-token losses", unit="tok") as bar:
+        bar.update(
+            sum(
+                len(w["input_ids"])
+                for i in set(range(num_shards)) - set(todo)
+                for w in _shard_windows(windows, i, config)
+            )
+        )
+        for shard in todo:
+            rows = _shard_windows(windows, shard, config)
+            for start in range(0, len(rows), config.batch_size):
+                batch = rows[start : start + config.batch_size]
+                for row, losses in zip(
+                    batch, window_losses(model, [r["input_ids"] for r in batch]), strict=True
+                ):
+                    row["losses_nats"] = losses
+                bar.update(sum(len(r["input_ids"]) for r in batch))
+            write_parquet_atomic(rows, FEATURES, _shard(out, shard))
+    return load_losses(output_dir)
+
+
+def _shard_windows(windows: list[dict], shard: int, config: LossesConfig) -> list[dict]:
+    return [
+        dict(w) for w in windows[shard * config.windows_per_shard : (shard + 1) * config.windows_per_shard]
+    ]
+
+
+def _shard(out: Path, index: int) -> Path:
+    return out / "data" / f"losses-{index:05d}.parquet"
+
+
+def load_losses(output_dir: str | Path) -> datasets.Dataset:
+    files = sorted(str(p) for p in (Path(output_dir) / LOSSES_DIR / "data").glob("losses-*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"{output_dir}: no per-token losses ({LOSSES_DIR}/data/losses-*.parquet); run `hfx quanta losses` first."
+        )
+    return datasets.Dataset.from_parquet(files, features=FEATURES)

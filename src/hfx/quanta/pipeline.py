@@ -1,0 +1,217 @@
+"""The quanta-discovery job, stage by stage, all under one run directory:
+
+    losses/      per-token losses of the corpus (Parquet shards)              `hfx quanta losses`
+    tokens/      the kept tokens with their contexts (Parquet)                `hfx quanta filter`
+    gradients/   unit-norm per-token gradients (safetensors shards)           `hfx quanta gradients`
+    similarity/  cosine-similarity matrix of the gradients (safetensors)      `hfx quanta similarity`
+    clusters/    the clustering artifact: Parquet + JSON + sizes plot + card  `hfx quanta cluster`
+    viewer/      index.html, a static cluster browser                         `hfx quanta view`
+
+Each stage reads the previous stage's files, so any stage can be re-run alone; the long ones (losses, gradients)
+resume after a kill. `hfx quanta run` chains them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hfx import embedded
+
+from .clustering import ClusterConfig, cluster_tokens
+from .corpus import DEFAULT_DATASET, load_documents
+from .filters import FilterConfig, load_tokens, select_tokens, write_tokens
+from .gradients import DEFAULT_PARAMETERS
+from .losses import LossesConfig, compute_losses, load_losses
+from .similarity import GradientConfig, compute_gradients, similarity_matrix
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunArguments:
+    output_dir: str = field(
+        default="outputs/quanta", metadata={"help": "run directory holding every stage's files"}
+    )
+    model_name_or_path: str = field(
+        default="embedded", metadata={"help": "any causal LM; 'embedded' = SmolLM2-135M-Instruct"}
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "model dtype: float32 or bfloat16 (about 2x faster on CPUs with bf16)"},
+    )
+
+
+@dataclass
+class LossesArguments:
+    dataset: str = field(
+        default=DEFAULT_DATASET,
+        metadata={
+            "help": "bundled collections (pydoc_topics, python_stdlib, sklearn_descr; comma-separated), a text file or directory, or a .parquet/.jsonl/.csv/save_to_disk dataset"
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "text column of a dataset input"})
+    context_length: int = field(
+        default=128, metadata={"help": "tokens per window; a token's context is its window prefix"}
+    )
+    max_tokens: int = field(default=100_000, metadata={"help": "corpus tokens to score"})
+    loss_batch_size: int = field(default=16, metadata={"help": "windows per forward"})
+
+
+@dataclass
+class FilterArguments:
+    loss_threshold_bits: float = field(
+        default=0.1, metadata={"help": "keep tokens with loss below this many bits"}
+    )
+    skip: int = field(default=1, metadata={"help": "keep every skip-th candidate"})
+    num_tokens: int = field(default=2000, metadata={"help": "at most this many tokens"})
+    drop_induction: bool = field(
+        default=True, metadata={"help": "drop tokens whose trigram occurred earlier in the document"}
+    )
+
+
+@dataclass
+class GradientArguments:
+    projection_dim: int = field(
+        default=16, metadata={"help": "k: each layer's gradient is projected to k x k (0 = exact)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the random projection"})
+    parameters: str | None = field(
+        default=None, metadata={"help": f"regex over module names; default: {DEFAULT_PARAMETERS}"}
+    )
+    gradient_batch_size: int = field(default=16, metadata={"help": "tokens per backward"})
+
+
+@dataclass
+class ClusterArguments:
+    n_clusters: int = field(default=40, metadata={"help": "number of clusters"})
+    n_init: int = field(default=10, metadata={"help": "k-means restarts in the spectral embedding"})
+    random_state: int = field(
+        default=0, metadata={"help": "seed of the clustering: same inputs, same labels"}
+    )
+
+
+@dataclass
+class ViewArguments:
+    max_examples: int = field(default=200, metadata={"help": "examples per cluster on the page"})
+    context_chars: int = field(default=300, metadata={"help": "characters of context shown before the token"})
+
+
+def load_model(run: RunArguments):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if run.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {run.dtype!r}.")
+    path = embedded.resolve_model_path(run.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, run.dtype)).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _model_name(run: RunArguments) -> str:
+    if embedded.resolve_model_path(run.model_name_or_path) == embedded.resolve_model_path(None):
+        return embedded.EMBEDDED_MODEL_ID
+    return run.model_name_or_path
+
+
+def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=None):
+    if model is None:
+        model, tokenizer = load_model(run)
+    documents = load_documents(args.dataset, args.text_column)
+    config = LossesConfig(args.context_length, args.max_tokens, args.loss_batch_size)
+    manifest = {"model": _model_name(run), "dtype": run.dtype, "dataset": args.dataset}
+    return compute_losses(model, tokenizer, documents, run.output_dir, config, manifest)
+
+
+def run_filter(run: RunArguments, args: FilterArguments, tokenizer=None) -> Path:
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(embedded.resolve_model_path(run.model_name_or_path))
+    losses = load_losses(run.output_dir)
+    config = FilterConfig(args.loss_threshold_bits, args.skip, args.num_tokens, args.drop_induction)
+    rows = select_tokens(losses, tokenizer, config)
+    corpus_tokens = sum(len(ids) for ids in losses["input_ids"])
+    return write_tokens(rows, run.output_dir, config, {"corpus_tokens": corpus_tokens})
+
+
+def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Path:
+    if model is None:
+        model, _ = load_model(run)
+    tokens = load_tokens(run.output_dir)
+    config = GradientConfig(args.projection_dim, args.seed, args.parameters, args.gradient_batch_size)
+    return compute_gradients(
+        model, tokens, run.output_dir, config, {"model": _model_name(run), "dtype": run.dtype}
+    )
+
+
+def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
+    out = Path(run.output_dir)
+    tokens = load_tokens(out)
+    meta = {"model": _model_name(run)}
+    for name, path in (
+        ("losses", out / "losses" / "losses_config.json"),
+        ("filter", out / "tokens" / "filter_config.json"),
+        ("gradients", out / "gradients" / "gradients_config.json"),
+    ):
+        if path.exists():
+            data = json.loads(path.read_text())
+            meta.update({k: v for k, v in data.items() if k not in ("layers",)})
+            if name == "gradients":
+                meta["gradient_width"] = data["width"]
+                meta["gradient_parameters"] = data["parameters"] or DEFAULT_PARAMETERS
+    meta["model"] = _model_name(run)
+    return cluster_tokens(out, tokens, ClusterConfig(args.n_clusters, args.n_init, args.random_state), meta)
+
+
+def run_view(run: RunArguments, args: ViewArguments) -> Path:
+    from .viewer import write_html
+
+    out = Path(run.output_dir)
+    return write_html(out / "clusters", out / "viewer" / "index.html", args.max_examples, args.context_chars)
+
+
+def run_discovery(
+    run: RunArguments,
+    losses: LossesArguments,
+    filtering: FilterArguments,
+    gradients: GradientArguments,
+    clustering: ClusterArguments,
+    view: ViewArguments,
+) -> dict:
+    """All stages; each resumes or is redone from its inputs. Returns timings and the artifact paths."""
+    timings = {}
+    start = time.perf_counter()
+    model, tokenizer = load_model(run)
+    run_losses(run, losses, model, tokenizer)
+    timings["losses"] = time.perf_counter() - start
+    run_filter(run, filtering, tokenizer)
+    timings["filter"] = time.perf_counter() - start - sum(timings.values())
+    run_gradients(run, gradients, model)
+    timings["gradients"] = time.perf_counter() - start - sum(timings.values())
+    similarity_matrix(run.output_dir)
+    timings["similarity"] = time.perf_counter() - start - sum(timings.values())
+    clusters = run_cluster(run, clustering)
+    timings["cluster"] = time.perf_counter() - start - sum(timings.values())
+    page = run_view(run, view)
+    timings["view"] = time.perf_counter() - start - sum(timings.values())
+    summary = {
+        "timings_seconds": timings,
+        "clusters": str(clusters),
+        "page": str(page),
+        "arguments": {
+            "run": asdict(run),
+            "losses": asdict(losses),
+            "filter": asdict(filtering),
+            "gradients": asdict(gradients),
+            "cluster": asdict(clustering),
+            "view": asdict(view),
+        },
+    }
+    from hfx.hub import write_text_atomic
+
+    write_text_atomic(Path(run.output_dir) / "run.json", json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,152 @@
+"""Stages 3-4: per-token gradients (sharded, resumable), then their cosine-similarity matrix in blocks.
+
+Gradients are written as safetensors shards `gradients/gradients-*.safetensors` (`token_index`, unit-norm
+`gradients` rows) so that a killed run resumes at the next shard. The similarity C = G G^T is assembled from pairs
+of shards, so only two shards and the n x n result are in memory at once. The clustering affinity is the angular
+one, 1 - arccos(C) / pi (in [0, 1], 1 for identical directions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from hfx.artifacts import check_or_write_manifest, save_safetensors_atomic
+
+from .gradients import PerTokenGradients
+
+logger = logging.getLogger(__name__)
+
+GRADIENTS_DIR = "gradients"
+SIMILARITY_DIR = "similarity"
+
+
+@dataclass
+class GradientConfig:
+    projection_dim: int = 16
+    seed: int = 0
+    parameters: str | None = None
+    batch_size: int = 16
+    tokens_per_shard: int = 256
+
+    def __post_init__(self):
+        if self.projection_dim < 0:
+            raise ValueError(f"projection_dim must be >= 0 (0 = exact gradients), got {self.projection_dim}.")
+        if self.batch_size < 1 or self.tokens_per_shard < 1:
+            raise ValueError("batch_size and tokens_per_shard must be >= 1.")
+
+
+def compute_gradients(model, tokens, output_dir: str | Path, config: GradientConfig, manifest: dict) -> Path:
+    """Unit-norm per-token gradient rows of the kept tokens, in shards; returns the gradients directory."""
+    out = Path(output_dir) / GRADIENTS_DIR
+    gradients = PerTokenGradients(model, config.projection_dim, config.seed, config.parameters)
+    check_or_write_manifest(
+        out,
+        {
+            **manifest,
+            **asdict(config),
+            "layers": gradients.spec.layers,
+            "width": gradients.spec.width,
+            "tokens": len(tokens),
+        },
+        "gradients_config.json",
+        "per-token gradients",
+    )
+    num_shards = math.ceil(len(tokens) / config.tokens_per_shard)
+    done = [i for i in range(num_shards) if _shard(out, i).exists()]
+    if done:
+        logger.info("resuming: %d of %d gradient shards already written", len(done), num_shards)
+    with tqdm(total=len(tokens), desc="per-token gradients", unit="tok") as bar:
+        bar.update(sum(min(config.tokens_per_shard, len(tokens) - i * config.tokens_per_shard) for i in done))
+        for shard in range(num_shards):
+            if shard in done:
+                continue
+            rows = tokens.select(
+                range(
+                    shard * config.tokens_per_shard, min(len(tokens), (shard + 1) * config.tokens_per_shard)
+                )
+            )
+            contexts, targets = rows["context_ids"], rows["token_id"]
+            # Batches of similar context length waste little on padding; rows go back to canonical order after.
+            order = sorted(range(len(rows)), key=lambda i: len(contexts[i]))
+            result = None
+            for start in range(0, len(order), config.batch_size):
+                picked = order[start : start + config.batch_size]
+                grads = gradients([contexts[i] for i in picked], [targets[i] for i in picked])
+                if result is None:
+                    result = torch.empty(len(rows), grads.shape[1])
+                result[picked] = torch.nn.functional.normalize(grads, dim=1)
+                bar.update(len(picked))
+            save_safetensors_atomic(
+                {"token_index": torch.tensor(rows["token_index"]), "gradients": result}, _shard(out, shard)
+            )
+    return out
+
+
+def _shard(out: Path, index: int) -> Path:
+    return out / f"gradients-{index:05d}.safetensors"
+
+
+def gradient_shards(output_dir: str | Path) -> list[Path]:
+    out = Path(output_dir) / GRADIENTS_DIR
+    config = out / "gradients_config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{out}: no gradients; run `hfx quanta gradients` first.")
+    expected = math.ceil(
+        json.loads(config.read_text())["tokens"] / json.loads(config.read_text())["tokens_per_shard"]
+    )
+    shards = [_shard(out, i) for i in range(expected)]
+    missing = [p.name for p in shards if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{out}: gradient shards missing ({', '.join(missing[:3])}...); rerun `hfx quanta gradients` to finish."
+        )
+    return shards
+
+
+def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor("token_index"), handle.get_tensor("gradients")
+
+
+def similarity_matrix(output_dir: str | Path) -> Path:
+    """Cosine similarities between all token gradients, assembled shard pair by shard pair."""
+    shards = gradient_shards(output_dir)
+    sizes, indices = [], []
+    for path in shards:
+        with safe_open(str(path), "pt") as handle:
+            indices.append(handle.get_tensor("token_index"))
+            sizes.append(indices[-1].numel())
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    n = offsets[-1]
+    similarity = torch.empty(n, n, dtype=torch.float32)
+    pairs = [(i, j) for i in range(len(shards)) for j in range(i, len(shards))]
+    for i, j in tqdm(pairs, desc="similarity blocks", unit="block"):
+        _, left = _load(shards[i])
+        right = left if i == j else _load(shards[j])[1]
+        block = (left @ right.t()).clamp_(-1.0, 1.0)
+        similarity[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]] = block
+        similarity[offsets[j] : offsets[j + 1], offsets[i] : offsets[i + 1]] = block.t()
+    out = Path(output_dir) / SIMILARITY_DIR / "similarity.safetensors"
+    save_safetensors_atomic({"token_index": torch.cat(indices), "similarity": similarity}, out)
+    return out
+
+
+def load_similarity(output_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    path = Path(output_dir) / SIMILARITY_DIR / "similarity.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run `hfx quanta similarity` first.")
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor("token_index"), handle.get_tensor("similarity")
+
+
+def angular_affinity(similarity: torch.Tensor) -> torch.Tensor:
+    """1 - arccos(C) / pi: a non-negative affinity for spectral clustering."""
+    return 1.0 - torch.arccos(similarity.clamp(-1.0, 1.0)) / math.pi
