@@ -2,13 +2,15 @@
 
 Each kept token becomes one row of a batch: its context window (left-padded) whose last position predicts it.
 Rows are independent, so one backward of the summed row losses gives every row's own backprop signal at every
-position, and the per-token gradient of a linear layer is exactly sum_t delta[b, t] x[b, t]^T (the per-example
-gradient identity). Hooks capture the layer inputs x and output gradients delta; nothing else is kept.
+position, and the per-token gradient of a linear layer is exactly G = sum_t delta_t x_t^T (the per-example
+gradient identity). Hooks capture the layer inputs x and the gradients delta at the layer outputs (no weight
+gradient is ever formed).
 
-The gradient of each selected layer is either kept whole (`projection_dim=0`, exact) or compressed by a seeded
-Gaussian Kronecker projection R_out G R_in^T (k x k per layer, computed from R_out delta and R_in x without
-forming G), which preserves inner products in expectation: E[<R_out G R_in^T, R_out H R_in^T>] = <G, H> when R
-entries are N(0, 1/k). Memory then grows with the number of layers, not with parameters.
+Each selected layer's gradient is either kept whole (`projection_dim=0`, exact) or sketched to `projection_dim`
+= m numbers by a seeded Khatri-Rao Gaussian projection: row j is r_j (x) s_j with r_j, s_j ~ N(0, I), so
+sketch_j = sum_t (r_j . delta_t)(s_j . x_t) / sqrt(m), computed from R delta and S x without forming G. It is an
+unbiased Johnson-Lindenstrauss sketch (E <sketch(G), sketch(H)> = <G, H>) whose variance is at most four times a
+dense Gaussian projection's of the same size, and memory grows with the number of layers, not parameters.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def select_layers(model: nn.Module, pattern: str | None = None) -> dict[str, nn.
 
 @dataclass
 class GradientSpec:
-    """What a gradient row is made of: selected layers, projection size and seed."""
+    """What a gradient row is made of: selected layers, sketch size per layer (0 = exact) and seed."""
 
     layers: list[str]
     projection_dim: int
@@ -96,13 +98,13 @@ class GradientSpec:
 class PerTokenGradients:
     """Computes per-token gradients of selected linear layers for batches of (context, target) rows.
 
-    Use as: `grads = PerTokenGradients(model, projection_dim=16, seed=0)`; `rows = grads(batch_contexts,
+    Use as: `grads = PerTokenGradients(model, projection_dim=256, seed=0)`; `rows = grads(batch_contexts,
     batch_targets)` -> (B, width) float32, not normalised."""
 
     def __init__(
         self,
         model: nn.Module,
-        projection_dim: int = 16,
+        projection_dim: int = 256,
         seed: int = 0,
         parameters: str | None = None,
     ):
@@ -120,11 +122,10 @@ class PerTokenGradients:
             has_bias = getattr(module, "bias", None) is not None
             if projection_dim:
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-                scale = 1.0 / math.sqrt(projection_dim)
-                r_out = torch.randn(projection_dim, fan_out, generator=generator) * scale
-                r_in = torch.randn(projection_dim, fan_in, generator=generator) * scale
+                r_out = torch.randn(projection_dim, fan_out, generator=generator)
+                r_in = torch.randn(projection_dim, fan_in, generator=generator)
                 self.projections[name] = (r_out.to(device), r_in.to(device))
-                dims.append(projection_dim * projection_dim + (projection_dim if has_bias else 0))
+                dims.append(projection_dim * (2 if has_bias else 1))
             else:
                 dims.append(fan_out * fan_in + (fan_out if has_bias else 0))
         self.spec = GradientSpec(list(self.layers), projection_dim, seed, dims)
@@ -201,7 +202,12 @@ class PerTokenGradients:
             delta = delta.reshape(batch, -1, delta.shape[-1])
             if self.projection_dim:
                 r_out, r_in = self.projections[name]
-                delta, x = delta @ r_out.t(), x @ r_in.t()
+                delta = delta @ r_out.t()
+                scale = 1.0 / math.sqrt(self.projection_dim)
+                parts.append(torch.einsum("btm,btm->bm", delta, x @ r_in.t()) * scale)
+                if getattr(module, "bias", None) is not None:
+                    parts.append(delta.sum(1) * scale)
+                continue
             parts.append(torch.einsum("bto,bti->boi", delta, x).reshape(batch, -1))
             if getattr(module, "bias", None) is not None:
                 parts.append(delta.sum(1))

@@ -76,7 +76,10 @@ class FilterArguments:
 @dataclass
 class GradientArguments:
     projection_dim: int = field(
-        default=16, metadata={"help": "k: each layer's gradient is projected to k x k (0 = exact)"}
+        default=256,
+        metadata={
+            "help": "numbers per layer in the random (Khatri-Rao JL) sketch of its gradient; 0 = exact"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of the random projection"})
     parameters: str | None = field(

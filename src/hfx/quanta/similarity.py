@@ -30,7 +30,7 @@ SIMILARITY_DIR = "similarity"
 
 @dataclass
 class GradientConfig:
-    projection_dim: int = 16
+    projection_dim: int = 256
     seed: int = 0
     parameters: str | None = None
     batch_size: int = 16
