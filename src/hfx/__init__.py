@@ -1,4 +1,4 @@
-"""hfx: Hugging Face-ecosystem extensions (cartridges, PEER-MLA; more systems to come).
+"""hfx: Hugging Face-ecosystem extensions (cartridges, PEER-MLA, quanta discovery; more systems to come).
 
 The public API is imported lazily so that ``import hfx`` stays fast and pulls in neither torch nor gradio.
 """
@@ -28,6 +28,9 @@ _LAZY = {
     "PeerMlaModel": "hfx.peer_mla.modeling_peer_mla",
     "PeerMlaForCausalLM": "hfx.peer_mla.modeling_peer_mla",
     "analyze_parameters": "hfx.peer_mla.analysis",
+    "PerTokenGradients": "hfx.quanta.gradients",
+    "run_discovery": "hfx.quanta.pipeline",
+    "load_clusters": "hfx.quanta.viewer",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -192,6 +192,8 @@ def _quanta(stage: str):
         run, *args = _parser(f"hfx quanta {stage}", quanta.RunArguments, *groups).parse_args_and_config(argv)
         if stage == "run":
             summary = quanta.run_discovery(run, *args)
+            if not summary:  # not the main process of an `accelerate launch`
+                return
             clusters = json.loads((Path(summary["clusters"]) / "clusters.json").read_text())
             print(_quanta_summary(clusters))
             print(

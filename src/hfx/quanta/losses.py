@@ -99,24 +99,27 @@ def compute_losses(
     output_dir: str | Path,
     config: LossesConfig,
     manifest: dict,
-) -> datasets.Dataset:
-    """Write `output_dir/losses/data/losses-*.parquet` (resuming after the last complete shard); return them."""
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> datasets.Dataset | None:
+    """Write `output_dir/losses/data/losses-*.parquet`, skipping shards already written; return them.
+
+    With several processes (`accelerate launch`), process i writes shards i, i + n, ... and returns None: read
+    the dataset with `load_losses` once all processes are done."""
     out = Path(output_dir) / LOSSES_DIR
     check_or_write_manifest(out, {**manifest, **asdict(config)}, "losses_config.json", "per-token losses")
     windows = make_windows(tokenizer, documents, config)
     num_shards = math.ceil(len(windows) / config.windows_per_shard)
-    todo = [i for i in range(num_shards) if not _shard(out, i).exists()]
-    if len(todo) < num_shards:
-        logger.info("resuming: %d of %d loss shards already written", num_shards - len(todo), num_shards)
-    tokens = sum(len(w["input_ids"]) for w in windows)
-    with tqdm(total=tokens, desc="per-token losses", unit="tok") as bar:
-        bar.update(
-            sum(
-                len(w["input_ids"])
-                for i in set(range(num_shards)) - set(todo)
-                for w in _shard_windows(windows, i, config)
-            )
-        )
+    mine = range(process_index, num_shards, num_processes)
+    todo = [i for i in mine if not _shard(out, i).exists()]
+    if len(todo) < len(mine):
+        logger.info("resuming: %d of %d loss shards already written", len(mine) - len(todo), len(mine))
+
+    def shard_tokens(shards) -> int:
+        return sum(len(w["input_ids"]) for i in shards for w in _shard_windows(windows, i, config))
+
+    with tqdm(total=shard_tokens(mine), desc="per-token losses", unit="tok") as bar:
+        bar.update(shard_tokens(set(mine) - set(todo)))
         for shard in todo:
             rows = _shard_windows(windows, shard, config)
             for start in range(0, len(rows), config.batch_size):
@@ -127,7 +130,7 @@ def compute_losses(
                     row["losses_nats"] = losses
                 bar.update(sum(len(r["input_ids"]) for r in batch))
             write_parquet_atomic(rows, FEATURES, _shard(out, shard))
-    return load_losses(output_dir)
+    return load_losses(output_dir) if num_processes == 1 else None
 
 
 def _shard_windows(windows: list[dict], shard: int, config: LossesConfig) -> list[dict]:

@@ -8,7 +8,8 @@
     viewer/      index.html, a static cluster browser                         `hfx quanta view`
 
 Each stage reads the previous stage's files, so any stage can be re-run alone; the long ones (losses, gradients)
-resume after a kill. `hfx quanta run` chains them.
+resume after a kill. `hfx quanta run` chains them. Under `accelerate launch` the long stages split their shards
+over the processes and the main process does the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hfx import embedded
+from hfx.hub import write_text_atomic
 
 from .clustering import ClusterConfig, cluster_tokens
 from .corpus import DEFAULT_DATASET, load_documents
@@ -120,13 +122,32 @@ def _model_name(run: RunArguments) -> str:
     return run.model_name_or_path
 
 
+def _process():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
 def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=None):
+    """Per-token losses; under `accelerate launch`, each process scores its share of the shards."""
+    state = _process()
     if model is None:
         model, tokenizer = load_model(run)
     documents = load_documents(args.dataset, args.text_column)
     config = LossesConfig(args.context_length, args.max_tokens, args.loss_batch_size)
     manifest = {"model": _model_name(run), "dtype": run.dtype, "dataset": args.dataset}
-    return compute_losses(model, tokenizer, documents, run.output_dir, config, manifest)
+    compute_losses(
+        model,
+        tokenizer,
+        documents,
+        run.output_dir,
+        config,
+        manifest,
+        state.process_index,
+        state.num_processes,
+    )
+    state.wait_for_everyone()
+    return load_losses(run.output_dir)
 
 
 def run_filter(run: RunArguments, args: FilterArguments, tokenizer=None) -> Path:
@@ -142,13 +163,18 @@ def run_filter(run: RunArguments, args: FilterArguments, tokenizer=None) -> Path
 
 
 def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Path:
+    """Per-token gradients; under `accelerate launch`, each process computes its share of the shards."""
+    state = _process()
     if model is None:
         model, _ = load_model(run)
     tokens = load_tokens(run.output_dir)
     config = GradientConfig(args.projection_dim, args.seed, args.parameters, args.gradient_batch_size)
-    return compute_gradients(
-        model, tokens, run.output_dir, config, {"model": _model_name(run), "dtype": run.dtype}
+    manifest = {"model": _model_name(run), "dtype": run.dtype}
+    out = compute_gradients(
+        model, tokens, run.output_dir, config, manifest, state.process_index, state.num_processes
     )
+    state.wait_for_everyone()
+    return out
 
 
 def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
@@ -186,23 +212,33 @@ def run_discovery(
     view: ViewArguments,
 ) -> dict:
     """All stages; each resumes or is redone from its inputs. Returns timings and the artifact paths."""
+    state = _process()
     timings = {}
     start = time.perf_counter()
+
+    def lap(name: str) -> None:
+        timings[name] = time.perf_counter() - start - sum(timings.values())
+
     model, tokenizer = load_model(run)
     run_losses(run, losses, model, tokenizer)
-    timings["losses"] = time.perf_counter() - start
-    run_filter(run, filtering, tokenizer)
-    timings["filter"] = time.perf_counter() - start - sum(timings.values())
+    lap("losses")
+    if state.is_main_process:
+        run_filter(run, filtering, tokenizer)
+    state.wait_for_everyone()
+    lap("filter")
     run_gradients(run, gradients, model)
-    timings["gradients"] = time.perf_counter() - start - sum(timings.values())
+    lap("gradients")
+    if not state.is_main_process:
+        return {}
     similarity_matrix(run.output_dir)
-    timings["similarity"] = time.perf_counter() - start - sum(timings.values())
+    lap("similarity")
     clusters = run_cluster(run, clustering)
-    timings["cluster"] = time.perf_counter() - start - sum(timings.values())
+    lap("cluster")
     page = run_view(run, view)
-    timings["view"] = time.perf_counter() - start - sum(timings.values())
+    lap("view")
     summary = {
         "timings_seconds": timings,
+        "processes": state.num_processes,
         "clusters": str(clusters),
         "page": str(page),
         "arguments": {
@@ -214,7 +250,5 @@ def run_discovery(
             "view": asdict(view),
         },
     }
-    from hfx.hub import write_text_atomic
-
     write_text_atomic(Path(run.output_dir) / "run.json", json.dumps(summary, indent=2))
     return summary

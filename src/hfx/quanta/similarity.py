@@ -43,8 +43,17 @@ class GradientConfig:
             raise ValueError("batch_size and tokens_per_shard must be >= 1.")
 
 
-def compute_gradients(model, tokens, output_dir: str | Path, config: GradientConfig, manifest: dict) -> Path:
-    """Unit-norm per-token gradient rows of the kept tokens, in shards; returns the gradients directory."""
+def compute_gradients(
+    model,
+    tokens,
+    output_dir: str | Path,
+    config: GradientConfig,
+    manifest: dict,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> Path:
+    """Unit-norm per-token gradient rows of the kept tokens, in shards (skipping those already written); returns
+    the gradients directory. With several processes, process i writes shards i, i + n, ..."""
     out = Path(output_dir) / GRADIENTS_DIR
     gradients = PerTokenGradients(model, config.projection_dim, config.seed, config.parameters)
     check_or_write_manifest(
@@ -60,12 +69,17 @@ def compute_gradients(model, tokens, output_dir: str | Path, config: GradientCon
         "per-token gradients",
     )
     num_shards = math.ceil(len(tokens) / config.tokens_per_shard)
-    done = [i for i in range(num_shards) if _shard(out, i).exists()]
+    mine = range(process_index, num_shards, num_processes)
+    done = [i for i in mine if _shard(out, i).exists()]
     if done:
-        logger.info("resuming: %d of %d gradient shards already written", len(done), num_shards)
-    with tqdm(total=len(tokens), desc="per-token gradients", unit="tok") as bar:
-        bar.update(sum(min(config.tokens_per_shard, len(tokens) - i * config.tokens_per_shard) for i in done))
-        for shard in range(num_shards):
+        logger.info("resuming: %d of %d gradient shards already written", len(done), len(mine))
+
+    def shard_size(i: int) -> int:
+        return min(config.tokens_per_shard, len(tokens) - i * config.tokens_per_shard)
+
+    with tqdm(total=sum(shard_size(i) for i in mine), desc="per-token gradients", unit="tok") as bar:
+        bar.update(sum(shard_size(i) for i in done))
+        for shard in mine:
             if shard in done:
                 continue
             rows = tokens.select(
