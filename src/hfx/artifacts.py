@@ -51,3 +51,19 @@ def check_or_write_manifest(output_dir: str | Path, manifest: dict, filename: st
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(manifest, indent=2))
+
+
+def save_figure_atomic(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG through a temp name and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

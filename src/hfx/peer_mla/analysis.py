@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from hfx.artifacts import save_figure_atomic
+
 from .configuration_peer_mla import PeerMlaConfig
 
 logger = logging.getLogger(__name__)
@@ -189,14 +191,7 @@ def plot_parameters(report: ParameterReport, output: str | os.PathLike, title: s
     ax.set_title(f"{title}: {heading}" if title else f"PEER-MLA: {heading}", pad=24)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".png", delete=False) as handle:
-        tmp = Path(handle.name)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, output)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, output, dpi=120)
     return output
 
 

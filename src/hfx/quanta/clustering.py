@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from hfx.artifacts import write_parquet_atomic
+from hfx.artifacts import save_figure_atomic, write_parquet_atomic
 from hfx.hub import render_card, write_text_atomic
 
 from .similarity import angular_affinity, load_similarity
@@ -115,14 +113,7 @@ def plot_sizes(sizes, fit: dict, output: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".png", delete=False) as handle:
-        tmp = Path(handle.name)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, output)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, output, dpi=110)
 
 
 def cluster_tokens(
