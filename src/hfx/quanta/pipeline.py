@@ -97,6 +97,9 @@ class ClusterArguments:
     random_state: int = field(
         default=0, metadata={"help": "seed of the clustering: same inputs, same labels"}
     )
+    hub_repo_id: str | None = field(
+        default=None, metadata={"help": "also upload the clustering artifact to this Hub dataset repo"}
+    )
 
 
 @dataclass
@@ -193,7 +196,14 @@ def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
                 meta["gradient_width"] = data["width"]
                 meta["gradient_parameters"] = data["parameters"] or DEFAULT_PARAMETERS
     meta["model"] = _model_name(run)
-    return cluster_tokens(out, tokens, ClusterConfig(args.n_clusters, args.n_init, args.random_state), meta)
+    clusters = cluster_tokens(
+        out, tokens, ClusterConfig(args.n_clusters, args.n_init, args.random_state), meta
+    )
+    if args.hub_repo_id:
+        from hfx.hub import push_folder
+
+        logger.info("uploaded to %s", push_folder(clusters, args.hub_repo_id, repo_type="dataset"))
+    return clusters
 
 
 def run_view(run: RunArguments, args: ViewArguments) -> Path:
