@@ -61,6 +61,10 @@ class LossesArguments:
     )
     max_tokens: int = field(default=100_000, metadata={"help": "corpus tokens to score"})
     loss_batch_size: int = field(default=16, metadata={"help": "windows per forward"})
+    loss_windows_per_shard: int = field(
+        default=128,
+        metadata={"help": "windows per Parquet shard (the unit of resume and of splitting over processes)"},
+    )
 
 
 @dataclass
@@ -88,6 +92,12 @@ class GradientArguments:
         default=None, metadata={"help": f"regex over module names; default: {DEFAULT_PARAMETERS}"}
     )
     gradient_batch_size: int = field(default=16, metadata={"help": "tokens per backward"})
+    gradient_tokens_per_shard: int = field(
+        default=256,
+        metadata={
+            "help": "tokens per safetensors shard (the unit of resume and of splitting over processes)"
+        },
+    )
 
 
 @dataclass
@@ -137,7 +147,9 @@ def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=N
     if model is None:
         model, tokenizer = load_model(run)
     documents = load_documents(args.dataset, args.text_column)
-    config = LossesConfig(args.context_length, args.max_tokens, args.loss_batch_size)
+    config = LossesConfig(
+        args.context_length, args.max_tokens, args.loss_batch_size, args.loss_windows_per_shard
+    )
     manifest = {"model": _model_name(run), "dtype": run.dtype, "dataset": args.dataset}
     compute_losses(
         model,
@@ -171,7 +183,13 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
     if model is None:
         model, _ = load_model(run)
     tokens = load_tokens(run.output_dir)
-    config = GradientConfig(args.projection_dim, args.seed, args.parameters, args.gradient_batch_size)
+    config = GradientConfig(
+        args.projection_dim,
+        args.seed,
+        args.parameters,
+        args.gradient_batch_size,
+        args.gradient_tokens_per_shard,
+    )
     manifest = {"model": _model_name(run), "dtype": run.dtype}
     out = compute_gradients(
         model, tokens, run.output_dir, config, manifest, state.process_index, state.num_processes
