@@ -86,14 +86,6 @@ class GradientSpec:
     def width(self) -> int:
         return sum(self.dims)
 
-    def to_dict(self) -> dict:
-        return {
-            "layers": self.layers,
-            "projection_dim": self.projection_dim,
-            "seed": self.seed,
-            "width": self.width,
-        }
-
 
 class PerTokenGradients:
     """Computes per-token gradients of selected linear layers for batches of (context, target) rows.
@@ -218,13 +210,14 @@ def reference_gradients(
     model: nn.Module, contexts: Iterable[list[int]], targets: Iterable[int], parameters: str | None = None
 ) -> torch.Tensor:
     """The plain approach, for checking and benchmarks: one forward and backward per token, full gradients of the
-    selected layers kept and flattened (weight, then bias, per layer, in module order)."""
-    layers = select_layers(model, parameters)
-    params = []
-    for module in layers.values():
+    selected layers kept and flattened (weight as (out, in), then bias, per layer, in module order)."""
+    params, transposed = [], []  # Conv1D stores its weight as (in, out)
+    for module in select_layers(model, parameters).values():
         params.append(module.weight)
+        transposed.append(not isinstance(module, nn.Linear))
         if getattr(module, "bias", None) is not None:
             params.append(module.bias)
+            transposed.append(False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -239,19 +232,8 @@ def reference_gradients(
                     logits.float()[None], torch.tensor([target], device=device)
                 )
                 grads = torch.autograd.grad(loss, params)
-            flat = []
-            for module, grad in zip(_weights_and_biases(layers), grads, strict=True):
-                flat.append(grad.t().reshape(-1) if module == "conv1d_weight" else grad.reshape(-1))
+            flat = [(g.t() if t else g).reshape(-1) for g, t in zip(grads, transposed, strict=True)]
             rows.append(torch.cat(flat).float())
     finally:
         model.train(was_training)
     return torch.stack(rows)
-
-
-def _weights_and_biases(layers: dict[str, nn.Module]) -> list[str]:
-    kinds = []
-    for module in layers.values():
-        kinds.append("weight" if isinstance(module, nn.Linear) else "conv1d_weight")
-        if getattr(module, "bias", None) is not None:
-            kinds.append("bias")
-    return kinds

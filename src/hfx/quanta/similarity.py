@@ -113,9 +113,8 @@ def gradient_shards(output_dir: str | Path) -> list[Path]:
     config = out / "gradients_config.json"
     if not config.exists():
         raise FileNotFoundError(f"{out}: no gradients; run `hfx quanta gradients` first.")
-    expected = math.ceil(
-        json.loads(config.read_text())["tokens"] / json.loads(config.read_text())["tokens_per_shard"]
-    )
+    settings = json.loads(config.read_text())
+    expected = math.ceil(settings["tokens"] / settings["tokens_per_shard"])
     shards = [_shard(out, i) for i in range(expected)]
     missing = [p.name for p in shards if not p.exists()]
     if missing:
