@@ -55,3 +55,19 @@ def full_vocab_distillation_loss(
         teacher_topk_logprobs.float().exp() * student_logprobs.gather(-1, teacher_topk_ids.long())
     ).sum(-1)
     return per_position[loss_mask].mean()
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(P_reference || P) for logits ``[..., vocab]`` (computed in fp32).
+
+    The Consistency Lens uses it between the frozen model's next-token distribution with its own activation
+    (reference) and with the lens's reconstruction patched in."""
+    reference = torch.log_softmax(reference_logits.float(), dim=-1)
+    other = torch.log_softmax(logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(other, reference, log_target=True, reduction="none").sum(-1).mean()
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the distributions given by logits ``[..., vocab]``."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return -(logprobs.exp() * logprobs).sum(-1).mean()

@@ -1,0 +1,1 @@
+"""Consistency Lens: activation -> text -> activation, trained so the reconstruction keeps the model's behaviour."""

@@ -1,0 +1,77 @@
+"""Read and replace one activation of a frozen causal LM: the output (residual stream) of decoder layer `layer` at
+one position per sequence.
+
+`capture_activations(model, layer, input_ids, positions)` returns them; `replace_activations(model, layer,
+positions, values)` is a context manager under which every forward of `model` sees `values[b]` instead of the
+layer's output at `positions[b]` of row b (and nothing else changes).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (Llama-style `model.layers`, GPT-2-style `transformer.h`, ...)."""
+    expected = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == expected:
+            return module
+    raise ValueError(f"{type(model).__name__}: no list of {expected} decoder layers found.")
+
+
+def _layer(model: nn.Module, layer: int) -> nn.Module:
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(
+            f"layer {layer} is out of range: {type(model).__name__} has decoder layers 0..{len(layers) - 1}."
+        )
+    return layers[layer]
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture_activations(
+    model: nn.Module, layer: int, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask=None
+) -> torch.Tensor:
+    """(B, d) outputs of decoder layer `layer` at `positions[b]` of each row; runs only up to that layer's output
+    being needed (the whole forward, logits skipped where the model allows it)."""
+    captured = {}
+
+    def hook(module, args, output):
+        hidden = _hidden(output)
+        captured["value"] = hidden[
+            torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)
+        ]
+
+    handle = _layer(model, layer).register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["value"]
+
+
+@contextmanager
+def replace_activations(model: nn.Module, layer: int, positions: torch.Tensor, values: torch.Tensor):
+    """Within the block, decoder layer `layer` outputs `values[b]` at `positions[b]` of row b; gradients flow into
+    `values`."""
+    module = _layer(model, layer)
+
+    def hook(module, args, output):
+        hidden = _hidden(output)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        patched = hidden.index_put((rows, positions.to(hidden.device)), values.to(hidden.dtype))
+        return (patched, *output[1:]) if isinstance(output, tuple) else patched
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

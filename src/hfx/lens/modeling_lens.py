@@ -1,0 +1,139 @@
+"""Consistency Lens: a decoder writes an activation as a few tokens, an encoder reads them back into the activation.
+
+    activation (d) --activation_in--> one input embedding of the decoder LM
+                   --decoder, k steps, Gumbel-softmax with straight-through--> k tokens (one-hot, differentiable)
+                   --encoder LM over their embeddings + a read embedding--> hidden state at the last position
+                   --activation_out--> reconstructed activation (d)
+
+The decoder and encoder are causal-LM backbones (any transformers decoder; `from_base` copies a base model's
+weights into them, optionally truncated). Training patches the reconstruction back into the frozen base model
+(see `hfx.lens.activations`). This file and `configuration_lens.py` are exported with the weights by
+`save_pretrained` and load with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.utils import ModelOutput
+
+from .configuration_lens import ConsistencyLensConfig
+
+
+@dataclass
+class LensOutput(ModelOutput):
+    """reconstruction (B, d); explanation_ids (B, k); explanation (B, k, V) one-hot rows carrying the
+    straight-through gradient; logits (B, k, V) of the decoder at each step."""
+
+    reconstruction: torch.Tensor | None = None
+    explanation_ids: torch.Tensor | None = None
+    explanation: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class ConsistencyLens(PreTrainedModel):
+    config_class = ConsistencyLensConfig
+    config: ConsistencyLensConfig
+    base_model_prefix = "lens"
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: ConsistencyLensConfig):
+        super().__init__(config)
+        if config.backbone_config is None:
+            raise ValueError(
+                "ConsistencyLensConfig.backbone_config is required (the decoder/encoder architecture)."
+            )
+        decoder_config = config.backbone(config.decoder_num_layers)
+        encoder_config = config.backbone(config.encoder_num_layers)
+        self.decoder = AutoModelForCausalLM.from_config(decoder_config)
+        self.encoder = AutoModel.from_config(encoder_config)
+        self.activation_in = nn.Linear(config.activation_dim, decoder_config.hidden_size)
+        self.read_embedding = nn.Parameter(torch.zeros(encoder_config.hidden_size))
+        self.activation_out = nn.Linear(encoder_config.hidden_size, config.activation_dim)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            nn.init.normal_(self.read_embedding, std=self.config.initializer_range)
+
+    @classmethod
+    def from_base(
+        cls,
+        base_model: PreTrainedModel,
+        layer: int,
+        explanation_length: int = 8,
+        decoder_num_layers: int | None = None,
+        encoder_num_layers: int | None = None,
+        encoder_output_layer: int = -1,
+        base_model_name_or_path: str | None = None,
+    ) -> ConsistencyLens:
+        """A lens whose decoder and encoder start as (truncated) copies of `base_model`."""
+        config = ConsistencyLensConfig(
+            backbone_config=base_model.config,
+            base_model_name_or_path=base_model_name_or_path or base_model.config.name_or_path,
+            layer=layer,
+            explanation_length=explanation_length,
+            decoder_num_layers=decoder_num_layers,
+            encoder_num_layers=encoder_num_layers,
+            encoder_output_layer=encoder_output_layer,
+        )
+        lens = cls(config).to(base_model.dtype)
+        state = base_model.state_dict()
+        missing, _ = lens.decoder.load_state_dict(state, strict=False)
+        _check_copied("decoder", missing)
+        prefix = f"{base_model.base_model_prefix}."
+        encoder_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, _ = lens.encoder.load_state_dict(encoder_state, strict=False)
+        _check_copied("encoder", missing)
+        return lens
+
+    def explain(self, activations: torch.Tensor, temperature: float = 1.0, hard: bool = True) -> LensOutput:
+        """Write each activation (B, d) as `explanation_length` tokens, sampling with Gumbel-softmax at
+        `temperature`; `hard=True` emits one-hot tokens whose gradient is the soft sample's (straight-through)."""
+        embeddings = self.decoder.get_input_embeddings().weight
+        inputs = self.activation_in(activations.to(self.activation_in.weight.dtype))[:, None]
+        cache = DynamicCache(config=self.decoder.config)
+        one_hots, logits = [], []
+        for _ in range(self.config.explanation_length):
+            out = self.decoder(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
+            step_logits = out.logits[:, -1].float()
+            one_hot = F.gumbel_softmax(step_logits, tau=temperature, hard=hard)
+            logits.append(step_logits)
+            one_hots.append(one_hot)
+            inputs = (one_hot.to(embeddings.dtype) @ embeddings)[:, None]
+        explanation = torch.stack(one_hots, dim=1)
+        return LensOutput(
+            explanation_ids=explanation.argmax(-1), explanation=explanation, logits=torch.stack(logits, dim=1)
+        )
+
+    def reconstruct(self, explanation: torch.Tensor) -> torch.Tensor:
+        """(B, k, V) one-hot (or soft) tokens -> (B, d) activations."""
+        embeddings = self.encoder.get_input_embeddings().weight
+        inputs = explanation.to(embeddings.dtype) @ embeddings
+        read = self.read_embedding.to(inputs.dtype).expand(inputs.shape[0], 1, -1)
+        out = self.encoder(inputs_embeds=torch.cat([inputs, read], dim=1), output_hidden_states=True)
+        hidden = out.hidden_states[self.config.encoder_output_layer][:, -1]
+        return self.activation_out(hidden)
+
+    def forward(self, activations: torch.Tensor, temperature: float = 1.0, hard: bool = True) -> LensOutput:
+        explained = self.explain(activations, temperature, hard)
+        explained.reconstruction = self.reconstruct(explained.explanation)
+        return explained
+
+
+def _check_copied(part: str, missing: list[str]) -> None:
+    # Only the lens's own projections may be missing from a base model's weights.
+    if missing:
+        raise ValueError(f"base model weights do not fit the lens {part}: missing {missing[:5]}")
+
+
+ConsistencyLensConfig.register_for_auto_class()
+ConsistencyLens.register_for_auto_class("AutoModel")
+
+__all__ = ["ConsistencyLens", "ConsistencyLensConfig", "LensOutput"]

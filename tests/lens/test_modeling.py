@@ -1,0 +1,176 @@
+"""Consistency Lens model on tiny backbones: Gumbel straight-through gradients, activation hooks, weight copy,
+config validation, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+from hfx.lens.activations import capture_activations, decoder_layers, replace_activations
+from hfx.lens.configuration_lens import ConsistencyLensConfig
+from hfx.lens.modeling_lens import ConsistencyLens
+from hfx.losses import entropy, kl_divergence
+
+VOCAB = 61
+
+
+def tiny_base(seed: int = 0, layers: int = 3) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_from_base_copies_truncated_weights():
+    base = tiny_base()
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=3, decoder_num_layers=2, encoder_num_layers=1
+    )
+    assert len(decoder_layers(lens.decoder)) == 2 and len(lens.encoder.layers) == 1
+    torch.testing.assert_close(
+        lens.decoder.model.layers[1].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight
+    )
+    torch.testing.assert_close(
+        lens.encoder.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
+    )
+    torch.testing.assert_close(lens.encoder.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert lens.config.activation_dim == 24 and lens.config.layer == 1
+
+
+def test_gumbel_straight_through_gradients_reach_the_decoder():
+    base = tiny_base()
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=1
+    )
+    torch.manual_seed(0)
+    activations = torch.randn(5, 24)
+    out = lens(activations, temperature=1.0)
+    assert out.explanation_ids.shape == (5, 4) and out.reconstruction.shape == (5, 24)
+    # hard one-hot rows in the forward pass
+    assert torch.equal(out.explanation.sum(-1), torch.ones(5, 4))
+    assert set(out.explanation.unique().tolist()) <= {0.0, 1.0}
+    torch.nn.functional.mse_loss(out.reconstruction, activations).backward()
+    for name in (
+        "activation_in.weight",
+        "decoder.model.layers.0.mlp.down_proj.weight",
+        "decoder.lm_head.weight",
+    ):
+        grad = lens.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert lens.activation_out.weight.grad.abs().sum() > 0 and lens.read_embedding.grad.abs().sum() > 0
+
+
+def layer_inputs(model, input_ids):
+    """The hidden states entering each decoder layer (what the previous layer really output, hooks included),
+    and the logits."""
+    seen = {}
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen.__setitem__(
+                i, (args[0] if args else kwargs["hidden_states"]).detach()
+            ),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    try:
+        logits = model(input_ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[i] for i in range(len(seen))], logits
+
+
+def test_hook_replaces_exactly_the_chosen_layer_and_position():
+    base = tiny_base()
+    input_ids = torch.randint(0, VOCAB, (2, 7))
+    positions = torch.tensor([2, 5])
+    with torch.no_grad():
+        clean, clean_logits = layer_inputs(base, input_ids)
+        reference = base(input_ids, output_hidden_states=True).hidden_states
+    captured = capture_activations(base, 1, input_ids, positions)
+    torch.testing.assert_close(captured, reference[2][torch.arange(2), positions])
+
+    values = torch.randn(2, 24)
+    with torch.no_grad(), replace_activations(base, 1, positions, values):
+        patched, patched_logits = layer_inputs(base, input_ids)
+    torch.testing.assert_close(patched[0], clean[0])
+    torch.testing.assert_close(patched[1], clean[1])  # layer 0's output: untouched
+    torch.testing.assert_close(
+        patched[2][torch.arange(2), positions], values
+    )  # layer 1's output at the positions
+    for row, position in enumerate(positions.tolist()):
+        others = [p for p in range(7) if p != position]
+        torch.testing.assert_close(patched[2][row, others], clean[2][row, others])
+        # earlier positions never see the patch; the patched one and later ones do
+        torch.testing.assert_close(patched_logits[row, :position], clean_logits[row, :position])
+        assert not torch.allclose(patched_logits[row, position:], clean_logits[row, position:])
+
+    trainable = values.clone().requires_grad_(True)
+    with replace_activations(base, 1, positions, trainable):
+        base(input_ids).logits.sum().backward()
+    assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+    with torch.no_grad():  # the hook is gone after the block
+        torch.testing.assert_close(base(input_ids).logits, clean_logits)
+
+
+def test_out_of_range_layers_are_clear_errors():
+    base = tiny_base()
+    with pytest.raises(
+        ValueError, match=r"layer 3 is out of range: LlamaForCausalLM has decoder layers 0\.\.2"
+    ):
+        capture_activations(base, 3, torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"layer=5 is outside the base model's decoder layers \(0\.\.2\)"):
+        ConsistencyLens.from_base(base, layer=5)
+    with pytest.raises(ValueError, match="decoder_num_layers=4 must be between 1 and 3"):
+        ConsistencyLensConfig(backbone_config=base.config, layer=0, decoder_num_layers=4)
+    with pytest.raises(ValueError, match="encoder_output_layer=3 is outside"):
+        ConsistencyLensConfig(
+            backbone_config=base.config, layer=0, encoder_num_layers=2, encoder_output_layer=3
+        )
+
+
+def test_save_and_load_round_trip(tmp_path):
+    base = tiny_base()
+    lens = ConsistencyLens.from_base(
+        base, layer=2, explanation_length=3, decoder_num_layers=1, encoder_num_layers=2
+    )
+    lens.eval()
+    explanation = torch.nn.functional.one_hot(torch.randint(0, VOCAB, (3, 3)), VOCAB).float()
+    activations = torch.randn(3, 24)
+    with torch.no_grad():
+        expected = lens.reconstruct(explanation)
+        torch.manual_seed(1)
+        expected_ids = lens.explain(activations).explanation_ids
+    lens.save_pretrained(tmp_path)
+    assert {"configuration_lens.py", "modeling_lens.py", "model.safetensors"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    for loaded in (
+        ConsistencyLens.from_pretrained(tmp_path),
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        loaded.eval()
+        assert loaded.config.layer == 2 and loaded.config.encoder_num_layers == 2
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.reconstruct(explanation), expected)
+            torch.manual_seed(1)
+            assert torch.equal(loaded.explain(activations).explanation_ids, expected_ids)
+
+
+def test_kl_and_entropy():
+    logits = torch.randn(4, 9)
+    assert kl_divergence(logits, logits).abs() < 1e-6
+    other = torch.randn(4, 9)
+    p, q = logits.softmax(-1), other.softmax(-1)
+    torch.testing.assert_close(kl_divergence(logits, other), (p * (p.log() - q.log())).sum(-1).mean())
+    torch.testing.assert_close(entropy(torch.zeros(2, 8)), torch.log(torch.tensor(8.0)))
