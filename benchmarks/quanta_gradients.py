@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from hfx.quanta.corpus import DEFAULT_DATASET, load_documents
+from hfx.documents import DEFAULT_DATASET, load_documents
 from hfx.quanta.gradients import PerTokenGradients, reference_gradients
 from hfx.quanta.pipeline import RunArguments, load_model
 

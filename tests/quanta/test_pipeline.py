@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hfx.cli import main
-from hfx.quanta.corpus import load_documents
+from hfx.documents import load_documents
 from hfx.quanta.losses import LossesConfig, compute_losses, window_losses
 
 

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hfx import embedded
+from hfx.documents import DEFAULT_DATASET, load_documents
 from hfx.hub import write_text_atomic
 
 from .clustering import ClusterConfig, cluster_tokens
-from .corpus import DEFAULT_DATASET, load_documents
 from .filters import FilterConfig, load_tokens, select_tokens, write_tokens
 from .gradients import DEFAULT_PARAMETERS
 from .losses import LossesConfig, compute_losses, load_losses

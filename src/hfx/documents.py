@@ -1,4 +1,5 @@
-"""Stage 0: the documents to analyse, from a bundled collection or any text dataset.
+"""Documents for corpus-level jobs (quanta discovery, lens activation datasets): a bundled collection or any
+text dataset.
 
 `load_documents(spec)` accepts
   * bundled collection names, comma-separated: `pydoc_topics`, `python_stdlib`, `sklearn_descr` (interleaved
