@@ -13,9 +13,10 @@
     hfx quanta similarity     cosine similarity of the gradients, in blocks
     hfx quanta cluster        spectral clustering + cluster-size power law + dataset card
     hfx quanta view           a static HTML page to browse the clusters
+    hfx lens dump             activations of a frozen model at one layer -> a Parquet dataset with a card
     hfx corpora               the bundled corpora and their sizes
 
-Each cartridge and quanta subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
+Each cartridge, quanta and lens subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
 every option.
 """
 
@@ -222,6 +223,14 @@ def _quanta(stage: str):
     return command
 
 
+def _lens_dump(argv: list[str]) -> None:
+    from hfx.lens.pipeline import DumpArguments, run_dump
+
+    (args,) = _parser("hfx lens dump", DumpArguments).parse_args_and_config(argv)
+    dataset = run_dump(args)
+    print(f"{len(dataset)} activations of layer {args.layer} saved in {args.output_dir}")
+
+
 def _quanta_summary(clusters: dict) -> str:
     lines = [
         f"{clusters['n_tokens']} tokens in {clusters['n_clusters']} clusters; sizes ~ rank^-"
@@ -246,6 +255,7 @@ COMMANDS = {
         ("quanta", stage): _quanta(stage)
         for stage in ("run", "losses", "filter", "gradients", "similarity", "cluster", "view")
     },
+    ("lens", "dump"): _lens_dump,
     ("corpora",): _corpora,
 }
 

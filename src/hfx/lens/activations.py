@@ -23,7 +23,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: no list of {expected} decoder layers found.")
 
 
-def _layer(model: nn.Module, layer: int) -> nn.Module:
+def decoder_layer(model: nn.Module, layer: int) -> nn.Module:
+    """Decoder layer `layer`, or a clear error naming the valid range."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise ValueError(
@@ -50,7 +51,7 @@ def capture_activations(
             torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)
         ]
 
-    handle = _layer(model, layer).register_forward_hook(hook)
+    handle = decoder_layer(model, layer).register_forward_hook(hook)
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     finally:
@@ -62,7 +63,7 @@ def capture_activations(
 def replace_activations(model: nn.Module, layer: int, positions: torch.Tensor, values: torch.Tensor):
     """Within the block, decoder layer `layer` outputs `values[b]` at `positions[b]` of row b; gradients flow into
     `values`."""
-    module = _layer(model, layer)
+    module = decoder_layer(model, layer)
 
     def hook(module, args, output):
         hidden = _hidden(output)

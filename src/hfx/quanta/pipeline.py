@@ -119,20 +119,11 @@ class ViewArguments:
 
 
 def load_model(run: RunArguments):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if run.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {run.dtype!r}.")
-    path = embedded.resolve_model_path(run.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, run.dtype)).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return embedded.load_causal_lm(run.model_name_or_path, run.dtype)
 
 
 def _model_name(run: RunArguments) -> str:
-    if embedded.resolve_model_path(run.model_name_or_path) == embedded.resolve_model_path(None):
-        return embedded.EMBEDDED_MODEL_ID
-    return run.model_name_or_path
+    return embedded.model_id(run.model_name_or_path)
 
 
 def _process():

@@ -1,0 +1,206 @@
+"""Activation datasets for the Consistency Lens.
+
+Two steps into one output directory:
+  1. pre-tokenization: documents -> windows of `context_length` tokens, one seeded position per window; each
+     example keeps the tokens up to and including its position (`examples.parquet`);
+  2. dump: the frozen model reads each example once; its layer-`layer` output at the position (the activation to
+     explain) and the top-k of its next-token log-probabilities there (what the KL loss compares against) are
+     written as Parquet shards (`data/activations-*.parquet`, atomic, resumable) with a dataset card.
+
+`capture_batch` is the same computation on the fly: the trainer's runtime mode calls it instead of reading the
+shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from hfx.artifacts import check_or_write_manifest, write_parquet_atomic
+from hfx.hub import render_card
+
+from .activations import decoder_layer
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_FEATURES = datasets.Features(
+    {
+        "example_id": datasets.Value("int64"),
+        "doc_id": datasets.Value("int64"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+    }
+)
+FEATURES = datasets.Features(
+    {
+        "example_id": datasets.Value("int64"),
+        "doc_id": datasets.Value("int64"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "position": datasets.Value("int32"),
+        "layer": datasets.Value("int32"),
+        "activation": datasets.Sequence(datasets.Value("float32")),
+        "reference_topk_ids": datasets.Sequence(datasets.Value("int32")),
+        "reference_topk_logprobs": datasets.Sequence(datasets.Value("float32")),
+    }
+)
+
+
+@dataclass
+class DumpConfig:
+    layer: int = 15
+    context_length: int = 64
+    min_position: int = 8
+    max_examples: int = 4096
+    topk: int = 64
+    batch_size: int = 32
+    examples_per_shard: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.min_position < self.context_length:
+            raise ValueError(
+                f"min_position ({self.min_position}) must be in 0..context_length-1 ({self.context_length - 1})."
+            )
+        if self.max_examples < 1 or self.topk < 1:
+            raise ValueError("max_examples and topk must be >= 1.")
+
+
+def tokenize_examples(tokenizer, documents: list[tuple[str, str]], config: DumpConfig) -> list[dict]:
+    """One example per window of `context_length` tokens: the window cut after a seeded position."""
+    rng = random.Random(config.seed)
+    examples = []
+    for doc_id, (_, text) in enumerate(documents):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), config.context_length):
+            window = ids[start : start + config.context_length]
+            if len(window) <= config.min_position:
+                continue
+            position = rng.randrange(config.min_position, len(window))
+            examples.append(
+                {"example_id": len(examples), "doc_id": doc_id, "input_ids": window[: position + 1]}
+            )
+            if len(examples) == config.max_examples:
+                return examples
+    return examples
+
+
+@torch.no_grad()
+def capture_batch(model, layer: int, input_ids: list[list[int]], topk: int) -> dict[str, torch.Tensor]:
+    """For each example (its last token is the position): the layer-`layer` activation there and the top-k of the
+    model's next-token log-probabilities. Rows are left-padded so the position is the last column."""
+    device = next(model.parameters()).device
+    ids, mask, position_ids = left_padded(input_ids, device)
+    captured = {}
+    module = decoder_layer(model, layer)
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        captured["activation"] = hidden[:, -1].float()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1
+        ).logits[:, -1]
+    finally:
+        handle.remove()
+    top = torch.log_softmax(logits.float(), dim=-1).topk(topk, dim=-1)
+    return {
+        "activation": captured["activation"],
+        "reference_topk_ids": top.indices,
+        "reference_topk_logprobs": top.values,
+    }
+
+
+def left_padded(input_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    length = max(len(row) for row in input_ids)
+    ids = torch.zeros(len(input_ids), length, dtype=torch.long)
+    mask = torch.zeros(len(input_ids), length, dtype=torch.long)
+    for row, values in enumerate(input_ids):
+        ids[row, length - len(values) :] = torch.tensor(values)
+        mask[row, length - len(values) :] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), position_ids.to(device)
+
+
+def dump_activations(
+    model,
+    tokenizer,
+    documents: list[tuple[str, str]],
+    output_dir: str | Path,
+    config: DumpConfig,
+    manifest: dict,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> Path:
+    """Pre-tokenize (once) and dump activations in shards, skipping shards already written."""
+    decoder_layer(model, config.layer)  # a wrong layer fails before anything is written
+    out = Path(output_dir)
+    check_or_write_manifest(out, {**manifest, **asdict(config)}, "dump_config.json", "activation dump")
+    examples_path = out / "examples.parquet"
+    if examples_path.exists():
+        examples = datasets.Dataset.from_parquet(str(examples_path), features=EXAMPLE_FEATURES).to_list()
+    else:
+        examples = tokenize_examples(tokenizer, documents, config)
+        if not examples:
+            raise ValueError(f"no window has more than min_position={config.min_position} tokens.")
+        if process_index == 0:
+            write_parquet_atomic(examples, EXAMPLE_FEATURES, examples_path)
+    num_shards = math.ceil(len(examples) / config.examples_per_shard)
+    mine = [i for i in range(process_index, num_shards, num_processes) if not _shard(out, i).exists()]
+    with tqdm(total=len(examples), desc=f"activations (layer {config.layer})", unit="ex") as bar:
+        bar.update(len(examples) - sum(len(_slice(examples, i, config)) for i in mine))
+        for shard in mine:
+            rows = _slice(examples, shard, config)
+            for start in range(0, len(rows), config.batch_size):
+                batch = rows[start : start + config.batch_size]
+                captured = capture_batch(model, config.layer, [r["input_ids"] for r in batch], config.topk)
+                for i, row in enumerate(batch):
+                    row.update(
+                        position=len(row["input_ids"]) - 1,
+                        layer=config.layer,
+                        activation=captured["activation"][i].tolist(),
+                        reference_topk_ids=captured["reference_topk_ids"][i].tolist(),
+                        reference_topk_logprobs=captured["reference_topk_logprobs"][i].tolist(),
+                    )
+                bar.update(len(batch))
+            write_parquet_atomic(rows, FEATURES, _shard(out, shard))
+    if process_index == 0:
+        render_card(
+            "lens_activations_card.md",
+            out / "README.md",
+            card_kind="dataset",
+            card_data={
+                "tags": ["hfx", "consistency-lens", "activations"],
+                "configs": [{"config_name": "default", "data_files": "data/activations-*.parquet"}],
+            },
+            manifest={**manifest, **asdict(config)},
+            num_examples=len(examples),
+            hidden_size=model.config.hidden_size,
+        )
+    return out
+
+
+def _slice(examples: list[dict], shard: int, config: DumpConfig) -> list[dict]:
+    return [
+        dict(e) for e in examples[shard * config.examples_per_shard : (shard + 1) * config.examples_per_shard]
+    ]
+
+
+def _shard(out: Path, index: int) -> Path:
+    return out / "data" / f"activations-{index:05d}.parquet"
+
+
+def load_activations(output_dir: str | Path) -> datasets.Dataset:
+    files = sorted(str(p) for p in (Path(output_dir) / "data").glob("activations-*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"{output_dir}: no activation shards (data/activations-*.parquet); run `hfx lens dump`."
+        )
+    return datasets.Dataset.from_parquet(files, features=FEATURES)
