@@ -14,6 +14,8 @@
     hfx quanta cluster        spectral clustering + cluster-size power law + dataset card
     hfx quanta view           a static HTML page to browse the clusters
     hfx lens dump             activations of a frozen model at one layer -> a Parquet dataset with a card
+    hfx lens train            train a Consistency Lens on them (LensTrainer)
+    hfx lens eval             KL of the lens vs mean/zero ablation, FVE, samples -> JSON
     hfx corpora               the bundled corpora and their sizes
 
 Each cartridge, quanta and lens subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
@@ -26,6 +28,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -231,6 +234,39 @@ def _lens_dump(argv: list[str]) -> None:
     print(f"{len(dataset)} activations of layer {args.layer} saved in {args.output_dir}")
 
 
+def _lens_train(argv: list[str]) -> None:
+    from hfx.lens.pipeline import LensArguments, run_train
+    from hfx.lens.training import LensTrainingArguments
+
+    args, training_args = _parser(
+        "hfx lens train", LensArguments, LensTrainingArguments
+    ).parse_args_and_config(argv)
+    print(f"lens saved in {run_train(args, training_args)}")
+
+
+@dataclass
+class _LensEvalArguments:
+    lens: str = field(default="outputs/lens", metadata={"help": "a trained lens directory"})
+    output: str | None = field(
+        default=None, metadata={"help": "results JSON (default: <lens>/eval_results.json)"}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "examples per forward"})
+
+
+def _lens_eval(argv: list[str]) -> None:
+    from hfx.lens.pipeline import LensArguments, run_eval
+
+    args, extra = _parser("hfx lens eval", LensArguments, _LensEvalArguments).parse_args_and_config(argv)
+    results = run_eval(args, extra.lens, extra.output, extra.eval_batch_size)
+    kl = results["kl"]
+    print(
+        f"{results['examples']} held-out activations of layer {results['layer']}: KL lens {kl['lens']:.4f}, "
+        f"mean ablation {kl['mean_ablation']:.4f}, zero ablation {kl['zero_ablation']:.4f}; FVE {results['fve']:.3f}"
+    )
+    for sample in results["samples"]:
+        print(f"  ...{sample['context']!r} -> {sample['explanation']!r}")
+
+
 def _quanta_summary(clusters: dict) -> str:
     lines = [
         f"{clusters['n_tokens']} tokens in {clusters['n_clusters']} clusters; sizes ~ rank^-"
@@ -256,6 +292,8 @@ COMMANDS = {
         for stage in ("run", "losses", "filter", "gradients", "similarity", "cluster", "view")
     },
     ("lens", "dump"): _lens_dump,
+    ("lens", "train"): _lens_train,
+    ("lens", "eval"): _lens_eval,
     ("corpora",): _corpora,
 }
 

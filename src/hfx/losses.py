@@ -71,3 +71,20 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of the distributions given by logits ``[..., vocab]``."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return -(logprobs.exp() * logprobs).sum(-1).mean()
+
+
+def topk_kl_divergence(
+    reference_topk_ids: torch.Tensor, reference_topk_logprobs: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor:
+    """Mean KL(P_reference || P) when only the reference's top-k log-probabilities were stored.
+
+    The vocabulary is coarse-grained into the k stored tokens plus one bucket for the rest, so this is the KL
+    between those (k + 1)-way distributions: a lower bound of the full KL, equal to it when the top-k hold all
+    the reference mass. ``reference_topk_*`` are ``[batch, k]``, ``logits`` ``[batch, vocab]``."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, reference_topk_ids.long())
+    reference = reference_topk_logprobs.float()
+    eps = 1e-6
+    reference_rest = (1 - reference.exp().sum(-1)).clamp(min=eps)
+    rest = (1 - logprobs.exp().sum(-1)).clamp(min=eps)
+    kept = (reference.exp() * (reference - logprobs)).sum(-1)
+    return (kept + reference_rest * (reference_rest.log() - rest.log())).mean()

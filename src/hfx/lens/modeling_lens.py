@@ -72,8 +72,11 @@ class ConsistencyLens(PreTrainedModel):
         encoder_num_layers: int | None = None,
         encoder_output_layer: int = -1,
         base_model_name_or_path: str | None = None,
+        mean_activation: torch.Tensor | None = None,
     ) -> ConsistencyLens:
-        """A lens whose decoder and encoder start as (truncated) copies of `base_model`."""
+        """A lens whose decoder and encoder start as (truncated) copies of `base_model`. With `mean_activation`,
+        the output projection starts at zero weight and that bias, so the first reconstructions are the mean
+        activation (the mean-ablation baseline) and training improves on it."""
         config = ConsistencyLensConfig(
             backbone_config=base_model.config,
             base_model_name_or_path=base_model_name_or_path or base_model.config.name_or_path,
@@ -91,11 +94,23 @@ class ConsistencyLens(PreTrainedModel):
         encoder_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         missing, _ = lens.encoder.load_state_dict(encoder_state, strict=False)
         _check_copied("encoder", missing)
+        if mean_activation is not None:
+            with torch.no_grad():
+                lens.activation_out.weight.zero_()
+                lens.activation_out.bias.copy_(mean_activation)
         return lens
 
-    def explain(self, activations: torch.Tensor, temperature: float = 1.0, hard: bool = True) -> LensOutput:
-        """Write each activation (B, d) as `explanation_length` tokens, sampling with Gumbel-softmax at
-        `temperature`; `hard=True` emits one-hot tokens whose gradient is the soft sample's (straight-through)."""
+    def explain(
+        self,
+        activations: torch.Tensor,
+        temperature: float = 1.0,
+        hard: bool = True,
+        sample: bool | None = None,
+    ) -> LensOutput:
+        """Write each activation (B, d) as `explanation_length` tokens. Sampling (default: in training mode) uses
+        Gumbel-softmax at `temperature`, otherwise the most likely token; `hard=True` emits one-hot tokens whose
+        gradient is the soft distribution's (straight-through)."""
+        sample = self.training if sample is None else sample
         embeddings = self.decoder.get_input_embeddings().weight
         inputs = self.activation_in(activations.to(self.activation_in.weight.dtype))[:, None]
         cache = DynamicCache(config=self.decoder.config)
@@ -103,7 +118,13 @@ class ConsistencyLens(PreTrainedModel):
         for _ in range(self.config.explanation_length):
             out = self.decoder(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
             step_logits = out.logits[:, -1].float()
-            one_hot = F.gumbel_softmax(step_logits, tau=temperature, hard=hard)
+            if sample:
+                one_hot = F.gumbel_softmax(step_logits, tau=temperature, hard=hard)
+            else:
+                soft = torch.softmax(step_logits / temperature, dim=-1)
+                one_hot = soft
+                if hard:
+                    one_hot = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype) - soft.detach() + soft
             logits.append(step_logits)
             one_hots.append(one_hot)
             inputs = (one_hot.to(embeddings.dtype) @ embeddings)[:, None]
@@ -121,8 +142,14 @@ class ConsistencyLens(PreTrainedModel):
         hidden = out.hidden_states[self.config.encoder_output_layer][:, -1]
         return self.activation_out(hidden)
 
-    def forward(self, activations: torch.Tensor, temperature: float = 1.0, hard: bool = True) -> LensOutput:
-        explained = self.explain(activations, temperature, hard)
+    def forward(
+        self,
+        activations: torch.Tensor,
+        temperature: float = 1.0,
+        hard: bool = True,
+        sample: bool | None = None,
+    ) -> LensOutput:
+        explained = self.explain(activations, temperature, hard, sample)
         explained.reconstruction = self.reconstruct(explained.explanation)
         return explained
 

@@ -60,3 +60,86 @@ def run_dump(args: DumpArguments):
     )
     state.wait_for_everyone()
     return load_activations(Path(args.output_dir))
+
+
+@dataclass
+class LensArguments:
+    activations_dir: str = field(
+        default="outputs/lens-activations", metadata={"help": "`hfx lens dump` output"}
+    )
+    model_name_or_path: str = field(default="embedded", metadata={"help": "the frozen model (as dumped)"})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the frozen model and the lens"})
+    lens_name_or_path: str | None = field(
+        default=None, metadata={"help": "start from this lens instead of the base"}
+    )
+    explanation_length: int = field(default=4, metadata={"help": "tokens per explanation"})
+    decoder_num_layers: int | None = field(default=4, metadata={"help": "decoder = first n base layers"})
+    encoder_num_layers: int | None = field(default=4, metadata={"help": "encoder = first n base layers"})
+    encoder_output_layer: int = field(default=-1, metadata={"help": "encoder hidden state read out"})
+    eval_examples: int = field(
+        default=256, metadata={"help": "held-out examples (the last ones) for evaluation"}
+    )
+
+
+def _split(dataset, eval_examples: int):
+    if eval_examples >= len(dataset):
+        raise ValueError(f"eval_examples={eval_examples} leaves no training data ({len(dataset)} examples).")
+    cut = len(dataset) - eval_examples
+    return dataset.select(range(cut)), dataset.select(range(cut, len(dataset)))
+
+
+def run_train(args: LensArguments, training_args) -> Path:
+    """Train (resuming from the last checkpoint in output_dir if any) and save the lens with a card."""
+    import torch
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .modeling_lens import ConsistencyLens
+    from .training import LensTrainer
+
+    base, tokenizer = embedded.load_causal_lm(args.model_name_or_path, args.dtype)
+    data = load_activations(args.activations_dir)
+    layer = data[0]["layer"]
+    train, _ = _split(data, args.eval_examples)
+    if args.lens_name_or_path:
+        lens = ConsistencyLens.from_pretrained(args.lens_name_or_path, dtype=getattr(torch, args.dtype))
+    else:
+        lens = ConsistencyLens.from_base(
+            base,
+            layer=layer,
+            explanation_length=args.explanation_length,
+            decoder_num_layers=args.decoder_num_layers,
+            encoder_num_layers=args.encoder_num_layers,
+            encoder_output_layer=args.encoder_output_layer,
+            base_model_name_or_path=embedded.model_id(args.model_name_or_path),
+            mean_activation=torch.tensor(train["activation"]).mean(0),
+        )
+    if training_args.activations_mode == "runtime":
+        train = train.select_columns(["example_id", "doc_id", "input_ids"])
+    trainer = LensTrainer(
+        model=lens, args=training_args, train_dataset=train, base_model=base, processing_class=tokenizer
+    )
+    last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    return Path(training_args.output_dir)
+
+
+def run_eval(args: LensArguments, lens_dir: str, output: str | None = None, batch_size: int = 32) -> dict:
+    """Evaluate a trained lens on the held-out split of its activation dataset; write the results as JSON."""
+    import json
+
+    import torch
+
+    from hfx.hub import write_text_atomic
+
+    from .evaluation import evaluate_lens
+    from .modeling_lens import ConsistencyLens
+
+    base, tokenizer = embedded.load_causal_lm(args.model_name_or_path, args.dtype)
+    lens = ConsistencyLens.from_pretrained(lens_dir, dtype=getattr(torch, args.dtype))
+    train, held_out = _split(load_activations(args.activations_dir), args.eval_examples)
+    mean = torch.tensor(train["activation"]).mean(0)
+    results = evaluate_lens(lens, base, held_out, mean, tokenizer, batch_size)
+    write_text_atomic(output or Path(lens_dir) / "eval_results.json", json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,72 @@
+"""How well a lens keeps the frozen model's behaviour, against two baselines, on held-out activations.
+
+For each example the frozen model's next-token distribution with its own activation is the reference; the KL
+from it is measured with the activation replaced by (a) the lens's reconstruction, (b) the mean activation of the
+training split (mean ablation), (c) zeros (zero ablation). Also the fraction of variance explained,
+FVE = 1 - sum |a - a_hat|^2 / sum |a - mean|^2.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from hfx.losses import kl_divergence
+
+from .activations import replace_activations
+from .data import left_padded
+
+
+@torch.no_grad()
+def evaluate_lens(
+    lens, base, dataset, mean_activation: torch.Tensor, tokenizer=None, batch_size: int = 32, samples: int = 8
+) -> dict:
+    lens.eval()
+    device = lens.device
+    layer = lens.config.layer
+    mean_activation = mean_activation.to(device)
+    totals = {"lens": 0.0, "mean_ablation": 0.0, "zero_ablation": 0.0}
+    squared_error = squared_deviation = 0.0
+    shown = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="lens eval", unit="batch"):
+        rows = dataset[start : start + batch_size]
+        ids, mask, position_ids = left_padded(rows["input_ids"], device)
+        activation = torch.tensor(rows["activation"], device=device)
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=device)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
+        reference = base(**kwargs).logits[:, -1]
+        out = lens(activation, sample=False)
+        replacements = {
+            "lens": out.reconstruction,
+            "mean_ablation": mean_activation.expand_as(activation),
+            "zero_ablation": torch.zeros_like(activation),
+        }
+        patched_logits = {}
+        for name, values in replacements.items():
+            with replace_activations(base, layer, last, values):
+                patched_logits[name] = base(**kwargs).logits[:, -1]
+            totals[name] += float(kl_divergence(reference, patched_logits[name])) * len(activation)
+        squared_error += float(((activation - out.reconstruction.float()) ** 2).sum())
+        squared_deviation += float(((activation - mean_activation) ** 2).sum())
+        if tokenizer is not None and len(shown) < samples:
+            for i in range(min(samples - len(shown), len(activation))):
+                shown.append(
+                    {
+                        "context": tokenizer.decode(rows["input_ids"][i][-24:]),
+                        "explanation": tokenizer.decode(out.explanation_ids[i]),
+                        "original_top": tokenizer.convert_ids_to_tokens(
+                            reference[i].topk(3).indices.tolist()
+                        ),
+                        "reconstructed_top": tokenizer.convert_ids_to_tokens(
+                            patched_logits["lens"][i].topk(3).indices.tolist()
+                        ),
+                    }
+                )
+    n = len(dataset)
+    return {
+        "examples": n,
+        "layer": layer,
+        "kl": {name: total / n for name, total in totals.items()},
+        "fve": 1.0 - squared_error / squared_deviation,
+        "samples": shown,
+    }
