@@ -110,7 +110,7 @@ def capture_batch(model, layer: int, input_ids: list[list[int]], topk: int) -> d
         ).logits[:, -1]
     finally:
         handle.remove()
-    top = torch.log_softmax(logits.float(), dim=-1).topk(topk, dim=-1)
+    top = torch.log_softmax(logits.float(), dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
     return {
         "activation": captured["activation"],
         "reference_topk_ids": top.indices,

@@ -115,8 +115,14 @@ def run_train(args: LensArguments, training_args) -> Path:
         )
     if training_args.activations_mode == "runtime":
         train = train.select_columns(["example_id", "doc_id", "input_ids"])
+    topk = len(data[0]["reference_topk_ids"])  # runtime mode keeps as many as the dump did
     trainer = LensTrainer(
-        model=lens, args=training_args, train_dataset=train, base_model=base, processing_class=tokenizer
+        model=lens,
+        args=training_args,
+        train_dataset=train,
+        base_model=base,
+        processing_class=tokenizer,
+        topk=topk,
     )
     last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
     trainer.train(resume_from_checkpoint=last)

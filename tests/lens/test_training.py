@@ -1,0 +1,131 @@
+"""LensTrainer on a tiny base: runtime == precomputed activations, the loss pieces, training lowers the KL,
+resume after a kill, evaluation against the ablation baselines."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import TrainerCallback
+
+from hfx.lens.data import DumpConfig, dump_activations, load_activations
+from hfx.lens.evaluation import evaluate_lens
+from hfx.lens.modeling_lens import ConsistencyLens
+from hfx.lens.training import LensTrainer, LensTrainingArguments, collate
+
+from .test_data import DOCUMENTS, ToyTokenizer
+from .test_modeling import tiny_base
+
+
+def dumped(tmp_path, base):
+    config = DumpConfig(layer=1, context_length=10, min_position=3, max_examples=100, topk=61, batch_size=4)
+    dump_activations(
+        base,
+        ToyTokenizer(),
+        DOCUMENTS * 4,
+        tmp_path / "acts",
+        config,
+        {"model": "tiny", "dataset": "toy", "dtype": "float32"},
+    )
+    return load_activations(tmp_path / "acts")
+
+
+def make_trainer(tmp_path, base, data, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "lens"),
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        max_steps=6,
+        logging_steps=2,
+        save_steps=3,
+        lm_weight_end=0.1,
+        lm_weight_steps=6,
+        temperature_steps=6,
+        verbose_samples=0,
+        seed=0,
+    )
+    values.update(overrides)
+    args = LensTrainingArguments(**values)
+    mean = torch.tensor(data["activation"]).mean(0)
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=3, decoder_num_layers=1, encoder_num_layers=1, mean_activation=mean
+    )
+    return LensTrainer(model=lens, args=args, train_dataset=data, base_model=base, topk=61)
+
+
+def test_runtime_mode_sees_the_same_batch_as_precomputed(tmp_path):
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    trainer = make_trainer(tmp_path, base, data)
+    rows = [data[i] for i in range(4)]
+    torch.manual_seed(0)
+    precomputed = trainer.lens_batch(trainer.model, collate(rows))
+    torch.manual_seed(0)
+    runtime = trainer.lens_batch(trainer.model, collate([{"input_ids": r["input_ids"]} for r in rows]))
+    for key in ("kl", "lm", "entropy"):
+        torch.testing.assert_close(runtime[key], precomputed[key], rtol=1e-4, atol=1e-5)
+    # the lens starts at the mean activation: its KL is the mean-ablation KL, well above zero
+    assert precomputed["kl"] > 0.01
+
+
+def test_training_lowers_the_kl_and_logs_the_pieces(tmp_path):
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    trainer = make_trainer(
+        tmp_path,
+        base,
+        data,
+        max_steps=30,
+        save_steps=100,
+        logging_steps=10,
+        lm_weight_steps=30,
+        temperature_steps=30,
+    )
+    rows = collate([data[i] for i in range(len(data))])
+    trainer.model.eval()
+    with torch.no_grad():
+        before = float(trainer.lens_batch(trainer.model, rows)["kl"])
+    trainer.train()
+    trainer.model.eval()
+    with torch.no_grad():
+        after = float(trainer.lens_batch(trainer.model, rows)["kl"])
+    assert after < 0.7 * before, (before, after)
+    logs = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert logs and {"kl", "lm", "entropy", "alpha", "temperature"} <= set(logs[0])
+    assert logs[-1]["alpha"] > logs[0]["alpha"] and logs[-1]["temperature"] < logs[0]["temperature"]
+
+
+def test_resume_after_a_kill_continues_from_the_checkpoint(tmp_path):
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    first = make_trainer(tmp_path, base, data, max_steps=3, save_steps=3)
+    first.train()  # "killed" right after the checkpoint at step 3
+    checkpoint = tmp_path / "lens" / "checkpoint-3"
+    assert (checkpoint / "model.safetensors").exists()
+    second = make_trainer(tmp_path, base, data, max_steps=6, save_steps=3)
+    steps_run = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+
+    second.add_callback(Count())
+    second.train(resume_from_checkpoint=str(checkpoint))
+    assert second.state.global_step == 6
+    assert steps_run == [4, 5, 6]  # nothing before the checkpoint was redone
+    state = json.loads((tmp_path / "lens" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_evaluation_reports_kl_against_ablations_and_fve(tmp_path):
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    mean = torch.tensor(data["activation"]).mean(0)
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=2, decoder_num_layers=1, encoder_num_layers=1, mean_activation=mean
+    )
+    results = evaluate_lens(lens, base, data, mean, batch_size=5)
+    # a lens that outputs the mean activation is exactly the mean-ablation baseline, with FVE 0
+    assert abs(results["kl"]["lens"] - results["kl"]["mean_ablation"]) < 1e-5
+    assert abs(results["fve"]) < 1e-5
+    assert results["kl"]["zero_ablation"] > 0 and results["examples"] == len(data)
