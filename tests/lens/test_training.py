@@ -129,3 +129,22 @@ def test_evaluation_reports_kl_against_ablations_and_fve(tmp_path):
     assert abs(results["kl"]["lens"] - results["kl"]["mean_ablation"]) < 1e-5
     assert abs(results["fve"]) < 1e-5
     assert results["kl"]["zero_ablation"] > 0 and results["examples"] == len(data)
+
+
+def test_lens_card_carries_the_evaluation(tmp_path):
+    from hfx.lens.pipeline import write_lens_card
+
+    base = tiny_base()
+    lens = ConsistencyLens.from_base(base, layer=1, explanation_length=2, decoder_num_layers=1, encoder_num_layers=1)
+    write_lens_card(tmp_path, lens.config)
+    assert "Not evaluated yet" in (tmp_path / "README.md").read_text()
+    results = {
+        "examples": 5,
+        "kl": {"lens": 0.125, "mean_ablation": 1.5, "zero_ablation": 3.0},
+        "fve": 0.5,
+        "samples": [{"context": "a | b\nc", "explanation": " x y"}],
+    }
+    write_lens_card(tmp_path, lens.config, results)
+    card = (tmp_path / "README.md").read_text()
+    assert "| lens reconstruction | 0.1250 |" in card and "| mean ablation | 1.5000 |" in card
+    assert "variance explained: 0.500" in card and "custom_code" in card

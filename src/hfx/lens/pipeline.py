@@ -128,7 +128,24 @@ def run_train(args: LensArguments, training_args) -> Path:
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(training_args.output_dir)
     tokenizer.save_pretrained(training_args.output_dir)
+    write_lens_card(training_args.output_dir, lens.config)
     return Path(training_args.output_dir)
+
+
+def write_lens_card(lens_dir: str | Path, config, results: dict | None = None) -> None:
+    """Render model_cards/lens_card.md into the lens directory, with the evaluation when there is one."""
+    from hfx.hub import render_card
+
+    render_card(
+        "lens_card.md",
+        Path(lens_dir) / "README.md",
+        card_data={
+            "library_name": "transformers",
+            "tags": ["hfx", "consistency-lens", "interpretability", "custom_code"],
+        },
+        config=config,
+        results=results,
+    )
 
 
 def run_eval(args: LensArguments, lens_dir: str, output: str | None = None, batch_size: int = 32) -> dict:
@@ -148,4 +165,5 @@ def run_eval(args: LensArguments, lens_dir: str, output: str | None = None, batc
     mean = torch.tensor(train["activation"]).mean(0)
     results = evaluate_lens(lens, base, held_out, mean, tokenizer, batch_size)
     write_text_atomic(output or Path(lens_dir) / "eval_results.json", json.dumps(results, indent=2) + "\n")
+    write_lens_card(lens_dir, lens.config, results)
     return results
