@@ -1,4 +1,4 @@
-"""hfx: Hugging Face-ecosystem extensions (cartridges, PEER-MLA, quanta discovery; more systems to come).
+"""hfx: Hugging Face-ecosystem extensions: cartridges, PEER-MLA, quanta discovery, consistency lens.
 
 The public API is imported lazily so that ``import hfx`` stays fast and pulls in neither torch nor gradio.
 """
@@ -31,6 +31,10 @@ _LAZY = {
     "PerTokenGradients": "hfx.quanta.gradients",
     "run_discovery": "hfx.quanta.pipeline",
     "load_clusters": "hfx.quanta.viewer",
+    "ConsistencyLens": "hfx.lens.modeling_lens",
+    "ConsistencyLensConfig": "hfx.lens.configuration_lens",
+    "LensTrainer": "hfx.lens.training",
+    "LensTrainingArguments": "hfx.lens.training",
 }
 
 __all__ = ["__version__", *_LAZY]
