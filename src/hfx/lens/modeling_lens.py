@@ -73,10 +73,13 @@ class ConsistencyLens(PreTrainedModel):
         encoder_output_layer: int = -1,
         base_model_name_or_path: str | None = None,
         mean_activation: torch.Tensor | None = None,
+        activation_norm: float | None = None,
     ) -> ConsistencyLens:
         """A lens whose decoder and encoder start as (truncated) copies of `base_model`. With `mean_activation`,
         the output projection starts at zero weight and that bias, so the first reconstructions are the mean
-        activation (the mean-ablation baseline) and training improves on it."""
+        activation (the mean-ablation baseline) and training improves on it. With `activation_norm` (the typical
+        norm of an activation) and matching sizes, the input projection starts as a scaled identity that brings
+        activations to the norm of the decoder's token embeddings, so the decoder reads them from the first step."""
         config = ConsistencyLensConfig(
             backbone_config=base_model.config,
             base_model_name_or_path=base_model_name_or_path or base_model.config.name_or_path,
@@ -94,6 +97,12 @@ class ConsistencyLens(PreTrainedModel):
         encoder_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         missing, _ = lens.encoder.load_state_dict(encoder_state, strict=False)
         _check_copied("encoder", missing)
+        in_features, out_features = lens.activation_in.in_features, lens.activation_in.out_features
+        if activation_norm and in_features == out_features:
+            with torch.no_grad():
+                embedding_norm = lens.decoder.get_input_embeddings().weight.float().norm(dim=-1).mean()
+                lens.activation_in.weight.copy_(torch.eye(in_features) * (embedding_norm / activation_norm))
+                lens.activation_in.bias.zero_()
         if mean_activation is not None:
             with torch.no_grad():
                 lens.activation_out.weight.zero_()

@@ -112,6 +112,7 @@ def run_train(args: LensArguments, training_args) -> Path:
             encoder_output_layer=args.encoder_output_layer,
             base_model_name_or_path=embedded.model_id(args.model_name_or_path),
             mean_activation=torch.tensor(train["activation"]).mean(0),
+            activation_norm=float(torch.tensor(train["activation"]).norm(dim=-1).mean()),
         )
     if training_args.activations_mode == "runtime":
         train = train.select_columns(["example_id", "doc_id", "input_ids"])
