@@ -174,3 +174,16 @@ def test_kl_and_entropy():
     p, q = logits.softmax(-1), other.softmax(-1)
     torch.testing.assert_close(kl_divergence(logits, other), (p * (p.log() - q.log())).sum(-1).mean())
     torch.testing.assert_close(entropy(torch.zeros(2, 8)), torch.log(torch.tensor(8.0)))
+
+
+def test_from_base_can_start_at_the_mean_with_a_scaled_identity_input():
+    base = tiny_base()
+    mean = torch.randn(24)
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=2, mean_activation=mean, activation_norm=4.0
+    )
+    embedding_norm = lens.decoder.get_input_embeddings().weight.norm(dim=-1).mean()
+    torch.testing.assert_close(lens.activation_in.weight, torch.eye(24) * embedding_norm / 4.0)
+    with torch.no_grad():
+        out = lens(torch.randn(3, 24))
+    torch.testing.assert_close(out.reconstruction, mean.expand(3, 24))

@@ -135,7 +135,9 @@ def test_lens_card_carries_the_evaluation(tmp_path):
     from hfx.lens.pipeline import write_lens_card
 
     base = tiny_base()
-    lens = ConsistencyLens.from_base(base, layer=1, explanation_length=2, decoder_num_layers=1, encoder_num_layers=1)
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=2, decoder_num_layers=1, encoder_num_layers=1
+    )
     write_lens_card(tmp_path, lens.config)
     assert "Not evaluated yet" in (tmp_path / "README.md").read_text()
     results = {
