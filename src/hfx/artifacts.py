@@ -67,3 +67,23 @@ def save_figure_atomic(fig, path: str | Path, dpi: int = 120) -> Path:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def shard_path(directory: str | Path, prefix: str, index: int) -> Path:
+    """`directory/data/<prefix>-00000.parquet`: the name of shard `index` of a sharded Parquet dataset."""
+    return Path(directory) / "data" / f"{prefix}-{index:05d}.parquet"
+
+
+def shard_rows(items: list[dict], index: int, per_shard: int) -> list[dict]:
+    """Copies of the rows that belong to shard `index`."""
+    return [dict(item) for item in items[index * per_shard : (index + 1) * per_shard]]
+
+
+def load_parquet_shards(directory: str | Path, prefix: str, features, hint: str):
+    """All `<prefix>-*.parquet` shards of `directory/data` as one dataset; `hint` says how to make them."""
+    import datasets
+
+    files = sorted(str(p) for p in (Path(directory) / "data").glob(f"{prefix}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no {prefix} shards (data/{prefix}-*.parquet); {hint}.")
+    return datasets.Dataset.from_parquet(files, features=features)

@@ -23,7 +23,13 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from hfx.artifacts import check_or_write_manifest, write_parquet_atomic
+from hfx.artifacts import (
+    check_or_write_manifest,
+    load_parquet_shards,
+    shard_path,
+    shard_rows,
+    write_parquet_atomic,
+)
 from hfx.hub import render_card
 
 from .activations import decoder_layer
@@ -188,19 +194,12 @@ def dump_activations(
 
 
 def _slice(examples: list[dict], shard: int, config: DumpConfig) -> list[dict]:
-    return [
-        dict(e) for e in examples[shard * config.examples_per_shard : (shard + 1) * config.examples_per_shard]
-    ]
+    return shard_rows(examples, shard, config.examples_per_shard)
 
 
 def _shard(out: Path, index: int) -> Path:
-    return out / "data" / f"activations-{index:05d}.parquet"
+    return shard_path(out, "activations", index)
 
 
 def load_activations(output_dir: str | Path) -> datasets.Dataset:
-    files = sorted(str(p) for p in (Path(output_dir) / "data").glob("activations-*.parquet"))
-    if not files:
-        raise FileNotFoundError(
-            f"{output_dir}: no activation shards (data/activations-*.parquet); run `hfx lens dump`."
-        )
-    return datasets.Dataset.from_parquet(files, features=FEATURES)
+    return load_parquet_shards(output_dir, "activations", FEATURES, "run `hfx lens dump` first")

@@ -17,7 +17,13 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from hfx.artifacts import check_or_write_manifest, write_parquet_atomic
+from hfx.artifacts import (
+    check_or_write_manifest,
+    load_parquet_shards,
+    shard_path,
+    shard_rows,
+    write_parquet_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,19 +140,14 @@ def compute_losses(
 
 
 def _shard_windows(windows: list[dict], shard: int, config: LossesConfig) -> list[dict]:
-    return [
-        dict(w) for w in windows[shard * config.windows_per_shard : (shard + 1) * config.windows_per_shard]
-    ]
+    return shard_rows(windows, shard, config.windows_per_shard)
 
 
 def _shard(out: Path, index: int) -> Path:
-    return out / "data" / f"losses-{index:05d}.parquet"
+    return shard_path(out, "losses", index)
 
 
 def load_losses(output_dir: str | Path) -> datasets.Dataset:
-    files = sorted(str(p) for p in (Path(output_dir) / LOSSES_DIR / "data").glob("losses-*.parquet"))
-    if not files:
-        raise FileNotFoundError(
-            f"{output_dir}: no per-token losses ({LOSSES_DIR}/data/losses-*.parquet); run `hfx quanta losses` first."
-        )
-    return datasets.Dataset.from_parquet(files, features=FEATURES)
+    return load_parquet_shards(
+        Path(output_dir) / LOSSES_DIR, "losses", FEATURES, "run `hfx quanta losses` first"
+    )
