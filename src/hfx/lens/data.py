@@ -30,6 +30,7 @@ from hfx.artifacts import (
     shard_rows,
     write_parquet_atomic,
 )
+from hfx.batching import left_padded
 from hfx.hub import render_card
 
 from .activations import decoder_layer
@@ -122,17 +123,6 @@ def capture_batch(model, layer: int, input_ids: list[list[int]], topk: int) -> d
         "reference_topk_ids": top.indices,
         "reference_topk_logprobs": top.values,
     }
-
-
-def left_padded(input_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(len(row) for row in input_ids)
-    ids = torch.zeros(len(input_ids), length, dtype=torch.long)
-    mask = torch.zeros(len(input_ids), length, dtype=torch.long)
-    for row, values in enumerate(input_ids):
-        ids[row, length - len(values) :] = torch.tensor(values)
-        mask[row, length - len(values) :] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), position_ids.to(device)
 
 
 def dump_activations(

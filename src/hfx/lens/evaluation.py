@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from hfx.batching import left_padded
 from hfx.losses import kl_divergence
 
 from .activations import replace_activations
-from .data import left_padded
 
 
 @torch.no_grad()

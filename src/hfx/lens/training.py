@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hfx.batching import left_padded
 from hfx.losses import entropy, topk_kl_divergence
 
 from .activations import replace_activations
-from .data import capture_batch, left_padded
+from .data import capture_batch
 from .schedules import Schedule
 
 logger = logging.getLogger(__name__)

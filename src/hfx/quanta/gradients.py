@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hfx.batching import left_padded
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PARAMETERS = "all linear layers except the output head"
@@ -146,21 +148,16 @@ class PerTokenGradients:
         if any(len(c) == 0 for c in contexts):
             raise ValueError("every target needs at least one context token")
         device = next(self.model.parameters()).device
-        length = max(len(c) for c in contexts)
-        pad = 0
-        input_ids = torch.full((len(contexts), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(contexts), length), dtype=torch.long)
-        for row, context in enumerate(contexts):  # left padding: every row predicts at the last position
-            input_ids[row, length - len(context) :] = torch.tensor(context)
-            mask[row, length - len(context) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, position_ids = left_padded(
+            contexts, device
+        )  # every row predicts at the last position
         target_ids = torch.tensor(targets, device=device)
         handles = self._hooks()
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.enable_grad():
-                logits = self._last_logits(input_ids.to(device), mask.to(device), position_ids.to(device))
+                logits = self._last_logits(input_ids, mask, position_ids)
                 loss = torch.nn.functional.cross_entropy(logits.float(), target_ids, reduction="sum")
                 # Gradients with respect to the layer outputs only: no weight gradients are formed.
                 names = list(self._outputs)
