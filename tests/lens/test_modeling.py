@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
-from hfx.lens.activations import capture_activations, decoder_layers, replace_activations
+from hfx.lens.activations import decoder_layers, replace_activations
 from hfx.lens.configuration_lens import ConsistencyLensConfig
+from hfx.lens.data import capture_batch
 from hfx.lens.modeling_lens import ConsistencyLens
 from hfx.losses import entropy, kl_divergence
 
@@ -97,8 +98,13 @@ def test_hook_replaces_exactly_the_chosen_layer_and_position():
     with torch.no_grad():
         clean, clean_logits = layer_inputs(base, input_ids)
         reference = base(input_ids, output_hidden_states=True).hidden_states
-    captured = capture_activations(base, 1, input_ids, positions)
-    torch.testing.assert_close(captured, reference[2][torch.arange(2), positions])
+    # reading the activation at a position = the last token of the row cut after it
+    captured = capture_batch(
+        base, 1, [input_ids[r, : p + 1].tolist() for r, p in enumerate(positions.tolist())], 5
+    )
+    torch.testing.assert_close(
+        captured["activation"], reference[2][torch.arange(2), positions], rtol=1e-4, atol=1e-5
+    )
 
     values = torch.randn(2, 24)
     with torch.no_grad(), replace_activations(base, 1, positions, values):
@@ -128,7 +134,8 @@ def test_out_of_range_layers_are_clear_errors():
     with pytest.raises(
         ValueError, match=r"layer 3 is out of range: LlamaForCausalLM has decoder layers 0\.\.2"
     ):
-        capture_activations(base, 3, torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
+        with replace_activations(base, 3, torch.tensor([0]), torch.zeros(1, 24)):
+            pass
     with pytest.raises(ValueError, match=r"layer=5 is outside the base model's decoder layers \(0\.\.2\)"):
         ConsistencyLens.from_base(base, layer=5)
     with pytest.raises(ValueError, match="decoder_num_layers=4 must be between 1 and 3"):

@@ -1,9 +1,9 @@
 """Read and replace one activation of a frozen causal LM: the output (residual stream) of decoder layer `layer` at
 one position per sequence.
 
-`capture_activations(model, layer, input_ids, positions)` returns them; `replace_activations(model, layer,
-positions, values)` is a context manager under which every forward of `model` sees `values[b]` instead of the
-layer's output at `positions[b]` of row b (and nothing else changes).
+`replace_activations(model, layer, positions, values)` is a context manager under which every forward of `model`
+sees `values[b]` instead of the layer's output at `positions[b]` of row b (and nothing else changes). Reading
+them is `hfx.lens.data.capture_batch`.
 """
 
 from __future__ import annotations
@@ -33,30 +33,8 @@ def decoder_layer(model: nn.Module, layer: int) -> nn.Module:
     return layers[layer]
 
 
-def _hidden(output):
+def hidden_states_of(output):
     return output[0] if isinstance(output, tuple) else output
-
-
-@torch.no_grad()
-def capture_activations(
-    model: nn.Module, layer: int, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask=None
-) -> torch.Tensor:
-    """(B, d) outputs of decoder layer `layer` at `positions[b]` of each row; runs only up to that layer's output
-    being needed (the whole forward, logits skipped where the model allows it)."""
-    captured = {}
-
-    def hook(module, args, output):
-        hidden = _hidden(output)
-        captured["value"] = hidden[
-            torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)
-        ]
-
-    handle = decoder_layer(model, layer).register_forward_hook(hook)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return captured["value"]
 
 
 @contextmanager
@@ -66,7 +44,7 @@ def replace_activations(model: nn.Module, layer: int, positions: torch.Tensor, v
     module = decoder_layer(model, layer)
 
     def hook(module, args, output):
-        hidden = _hidden(output)
+        hidden = hidden_states_of(output)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         patched = hidden.index_put((rows, positions.to(hidden.device)), values.to(hidden.dtype))
         return (patched, *output[1:]) if isinstance(output, tuple) else patched

@@ -33,7 +33,7 @@ from hfx.artifacts import (
 from hfx.batching import left_padded
 from hfx.hub import render_card
 
-from .activations import decoder_layer
+from .activations import decoder_layer, hidden_states_of
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def capture_batch(model, layer: int, input_ids: list[list[int]], topk: int) -> d
     module = decoder_layer(model, layer)
 
     def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        captured["activation"] = hidden[:, -1].float()
+        captured["activation"] = hidden_states_of(output)[:, -1].float()
 
     handle = module.register_forward_hook(hook)
     try:
