@@ -128,7 +128,9 @@ def test_init_writes_a_self_contained_folder_that_loads_without_hfx(tiny_yaml, t
     assert not [name for name in files if name.endswith((".bin", ".pt", ".pkl"))]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model")]  # staging dir gone
     card = (model_dir / "README.md").read_text()
-    assert "custom_code" in card and "4,096" not in card and "128" in card  # 4*4*8 = 128 experts
+    assert "custom_code" in card
+    assert "2 × 4 single-neuron experts out of\n**128** by product keys (4 × 4 × 8)" in card  # 4*4*8 experts
+    assert "| layers / hidden size | 3 / 32 |" in card
     config = json.loads((model_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_peer_mla.PeerMlaForCausalLM"
 

@@ -192,18 +192,17 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
 def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
     out = Path(run.output_dir)
     tokens = load_tokens(out)
-    meta = {"model": _model_name(run)}
-    for name, path in (
-        ("losses", out / "losses" / "losses_config.json"),
-        ("filter", out / "tokens" / "filter_config.json"),
-        ("gradients", out / "gradients" / "gradients_config.json"),
-    ):
+    # The card describes the whole run: merge the settings each earlier stage recorded.
+    meta = {}
+    for path in (out / "losses" / "losses_config.json", out / "tokens" / "filter_config.json"):
         if path.exists():
-            data = json.loads(path.read_text())
-            meta.update({k: v for k, v in data.items() if k not in ("layers",)})
-            if name == "gradients":
-                meta["gradient_width"] = data["width"]
-                meta["gradient_parameters"] = data["parameters"] or DEFAULT_PARAMETERS
+            meta.update(json.loads(path.read_text()))
+    gradients = out / "gradients" / "gradients_config.json"
+    if gradients.exists():
+        settings = json.loads(gradients.read_text())
+        settings.pop("layers")
+        meta.update(settings, gradient_width=settings["width"])
+        meta["gradient_parameters"] = settings["parameters"] or DEFAULT_PARAMETERS
     meta["model"] = _model_name(run)
     clusters = cluster_tokens(
         out, tokens, ClusterConfig(args.n_clusters, args.n_init, args.random_state), meta
