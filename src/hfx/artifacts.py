@@ -87,3 +87,12 @@ def load_parquet_shards(directory: str | Path, prefix: str, features, hint: str)
     if not files:
         raise FileNotFoundError(f"{directory}: no {prefix} shards (data/{prefix}-*.parquet); {hint}.")
     return datasets.Dataset.from_parquet(files, features=features)
+
+
+def replace_pickled_training_args(output_dir: str | Path, args) -> None:
+    """Trainer pickles its arguments next to the weights (`training_args.bin`); hfx artifacts carry them as JSON."""
+    from hfx.hub import write_text_atomic
+
+    output_dir = Path(output_dir)
+    (output_dir / "training_args.bin").unlink(missing_ok=True)
+    write_text_atomic(output_dir / "training_args.json", args.to_json_string())

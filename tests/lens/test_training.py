@@ -102,6 +102,7 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(tmp_path):
     first.train()  # "killed" right after the checkpoint at step 3
     checkpoint = tmp_path / "lens" / "checkpoint-3"
     assert (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / "training_args.json").exists() and not (checkpoint / "training_args.bin").exists()
     second = make_trainer(tmp_path, base, data, max_steps=6, save_steps=3)
     steps_run = []
 

@@ -24,6 +24,7 @@ from peft import (
 )
 from transformers import Trainer, TrainingArguments
 
+from hfx.artifacts import replace_pickled_training_args
 from hfx.cartridges.corpus import Corpus, document_system_prompt
 from hfx.hub import write_text_atomic
 from hfx.losses import topk_distillation_loss
@@ -139,10 +140,7 @@ class CartridgeTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
-        # Trainer pickles its arguments next to the weights; artifacts here carry them as JSON instead.
-        output_dir = Path(output_dir or self.args.output_dir)
-        (output_dir / "training_args.bin").unlink(missing_ok=True)
-        write_text_atomic(output_dir / "training_args.json", self.args.to_json_string())
+        replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
 
 
 def create_cartridge(

@@ -103,6 +103,7 @@ def run_train(args: LensArguments, training_args) -> Path:
     if args.lens_name_or_path:
         lens = ConsistencyLens.from_pretrained(args.lens_name_or_path, dtype=getattr(torch, args.dtype))
     else:
+        activations = torch.tensor(train["activation"])
         lens = ConsistencyLens.from_base(
             base,
             layer=layer,
@@ -111,8 +112,8 @@ def run_train(args: LensArguments, training_args) -> Path:
             encoder_num_layers=args.encoder_num_layers,
             encoder_output_layer=args.encoder_output_layer,
             base_model_name_or_path=embedded.model_id(args.model_name_or_path),
-            mean_activation=torch.tensor(train["activation"]).mean(0),
-            activation_norm=float(torch.tensor(train["activation"]).norm(dim=-1).mean()),
+            mean_activation=activations.mean(0),
+            activation_norm=float(activations.norm(dim=-1).mean()),
         )
     if training_args.activations_mode == "runtime":
         train = train.select_columns(["example_id", "doc_id", "input_ids"])

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hfx.artifacts import replace_pickled_training_args
 from hfx.batching import left_padded
 from hfx.losses import entropy, topk_kl_divergence
 
@@ -143,6 +144,10 @@ class LensTrainer(Trainer):
         if args.verbose_samples and self.state.global_step % max(1, args.logging_steps) == 0:
             self._samples = self.describe(parts, args.verbose_samples)
         return (loss, parts["out"]) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
 
     def floating_point_ops(self, inputs: dict) -> int:
         # input_ids stay token lists here; count the frozen model's forward over them and the lens's own work.
