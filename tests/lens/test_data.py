@@ -16,6 +16,12 @@ class ToyTokenizer:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [int(w) for w in text.split()]}
 
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(int(i)) for i in ids]
+
 
 DOCUMENTS = [
     ("a", " ".join(str(i % VOCAB) for i in range(3, 40))),

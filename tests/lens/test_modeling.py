@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
-from hfx.lens.activations import decoder_layers, replace_activations
+from hfx.lens.activations import decoder_layers, patched_next_token_logits, replace_activations
 from hfx.lens.configuration_lens import ConsistencyLensConfig
 from hfx.lens.data import capture_batch
 from hfx.lens.modeling_lens import ConsistencyLens
@@ -50,7 +50,7 @@ def test_from_base_copies_truncated_weights():
 def test_gumbel_straight_through_gradients_reach_the_decoder():
     base = tiny_base()
     lens = ConsistencyLens.from_base(
-        base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=1
+        base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=1, read_token=True
     )
     torch.manual_seed(0)
     activations = torch.randn(5, 24)
@@ -194,3 +194,60 @@ def test_from_base_can_start_at_the_mean_with_a_scaled_identity_input():
     with torch.no_grad():
         out = lens(torch.randn(3, 24))
     torch.testing.assert_close(out.reconstruction, mean.expand(3, 24))
+
+
+def test_identity_readout_of_the_preceding_text_is_the_base_activation():
+    # Encoder = the base's first layer + 1 layers, read before any final norm, identity output: reading the text
+    # that precedes a position gives exactly the activation the base model computes from that text.
+    base = tiny_base(layers=3)
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=5, decoder_num_layers=1, encoder_num_layers=2, identity_output=True
+    ).eval()
+    tokens = torch.randint(0, VOCAB, (4, 5))
+    expected = capture_batch(base, 1, tokens.tolist(), topk=2)["activation"]
+    with torch.no_grad():
+        got = lens.reconstruct(torch.nn.functional.one_hot(tokens, VOCAB).float())
+    torch.testing.assert_close(got, expected)
+    # reading an earlier layer's output is a different (still un-normed) state
+    lens.config.encoder_output_layer = 1
+    with torch.no_grad():
+        earlier = lens.reconstruct(torch.nn.functional.one_hot(tokens, VOCAB).float())
+    torch.testing.assert_close(earlier, capture_batch(base, 0, tokens.tolist(), topk=2)["activation"])
+
+
+def test_context_loss_teaches_the_decoder_to_write_the_preceding_tokens():
+    base = tiny_base()
+    lens = ConsistencyLens.from_base(base, layer=1, explanation_length=3, decoder_num_layers=1)
+    torch.manual_seed(0)
+    activations = torch.randn(8, 24)
+    targets = torch.randint(0, VOCAB, (8, 3))
+    targets[0, 0] = -100  # a row shorter than the explanation
+    optimizer = torch.optim.Adam(lens.parameters(), lr=1e-2)
+    first, _ = lens.context_loss(activations, targets)
+    for _ in range(60):
+        loss, accuracy = lens.context_loss(activations, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss < first / 4 and accuracy == 1.0
+    with torch.no_grad():
+        written = lens.explain(activations, sample=False).explanation_ids
+    assert torch.equal(written[1:], targets[1:])  # what it was taught is what it writes
+    with pytest.raises(ValueError, match="context targets have 2 tokens, the lens writes 3"):
+        lens.context_loss(activations, targets[:, :2])
+
+
+def test_patched_next_token_logits_match_a_full_patched_forward():
+    base = tiny_base()
+    rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 3, 1, 4)]
+    values = torch.randn(4, 24, requires_grad=True)
+    got = patched_next_token_logits(base, 1, rows, values)
+    got.sum().backward()
+    assert values.grad.abs().sum() > 0
+    for row, ids in enumerate(rows):
+        with (
+            torch.no_grad(),
+            replace_activations(base, 1, torch.tensor([len(ids) - 1]), values[row : row + 1]),
+        ):
+            expected = base(input_ids=torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=1e-5)

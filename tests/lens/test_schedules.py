@@ -24,3 +24,53 @@ def test_bad_schedules_are_rejected():
         Schedule("exponential", start=0.0, end=1.0)
     with pytest.raises(ValueError, match="steps >= 1"):
         Schedule("linear", steps=0)
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, expected",
+    [
+        # learning rate at steps 0, 2 (end of warmup), 6, 10 (end), for lr 1.0, 2 warmup steps, 10 steps
+        ("constant_with_warmup", {}, [0.0, 1.0, 1.0, 1.0]),
+        ("linear", {}, [0.0, 1.0, 0.5, 0.0]),
+        ("cosine", {}, [0.0, 1.0, 0.5, 0.0]),
+        ("cosine_with_restarts", {"num_cycles": 2}, [0.0, 1.0, 1.0, 0.0]),
+        ("polynomial", {"power": 2.0, "lr_end": 0.0}, [0.0, 1.0, 0.25, 0.0]),
+        ("exponential", {"final_lr_ratio": 0.01}, [0.0, 1.0, 0.1, 0.01]),
+    ],
+)
+def test_lr_schedules_produce_the_configured_values(tmp_path, kind, kwargs, expected):
+    import torch
+
+    from hfx.lens.training import LensTrainer, LensTrainingArguments
+
+    args = LensTrainingArguments(
+        output_dir=str(tmp_path),
+        learning_rate=1.0,
+        lr_scheduler_type=kind,
+        lr_scheduler_kwargs=kwargs,
+        warmup_steps=2,
+        max_steps=10,
+    )
+    assert args.to_dict()["lr_scheduler_type"] == kind
+    trainer = LensTrainer.__new__(LensTrainer)  # the scheduler needs only args and an optimizer
+    trainer.args, trainer.lr_scheduler = args, None
+    trainer.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = trainer.create_scheduler(10)
+    rates = []
+    for _ in range(11):
+        rates.append(scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        scheduler.step()
+    got = [round(rates[s], 6) for s in (0, 2, 6, 10)]
+    assert got == pytest.approx(expected, abs=1e-6), (kind, rates)
+
+
+def test_exponential_lr_ratio_is_checked(tmp_path):
+    from hfx.lens.training import LensTrainingArguments
+
+    with pytest.raises(ValueError, match="final_lr_ratio must be in"):
+        LensTrainingArguments(
+            output_dir=str(tmp_path),
+            lr_scheduler_type="exponential",
+            lr_scheduler_kwargs={"final_lr_ratio": 0},
+        )

@@ -95,6 +95,51 @@ def test_training_lowers_the_kl_and_logs_the_pieces(tmp_path):
     assert logs[-1]["alpha"] > logs[0]["alpha"] and logs[-1]["temperature"] < logs[0]["temperature"]
 
 
+def test_context_warmup_then_the_kl_objective(tmp_path):
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    trainer = make_trainer(
+        tmp_path, base, data, max_steps=24, context_warmup_steps=20, logging_steps=4, save_steps=100
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    warmup, after = logs[:5], logs[5:]
+    assert all("context_ce" in entry and "kl" not in entry for entry in warmup)
+    assert warmup[-1]["context_ce"] < warmup[0]["context_ce"]
+    assert warmup[-1]["context_accuracy"] > warmup[0]["context_accuracy"]
+    assert after and all("kl" in entry and "context_ce" not in entry for entry in after)
+
+
+def test_verbose_samples_reach_tensorboard_as_a_table(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    trainer = make_trainer(
+        tmp_path,
+        base,
+        data,
+        max_steps=4,
+        report_to=["tensorboard"],
+        verbose_samples=2,
+        save_strategy="no",
+    )
+    trainer.processing_class = ToyTokenizer()
+    trainer.train()
+    samples = [json.loads(line) for line in (tmp_path / "lens" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"context", "explanation", "original_top", "reconstructed_top"} <= set(
+        samples[0]
+    )
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    tables = events.Tensors("lens/samples/text_summary")
+    assert [t.step for t in tables] == [2, 4]
+    text = tables[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("| context | explanation | original_top | reconstructed_top |\n")
+    assert repr(samples[-1]["explanation"]) in text
+
+
 def test_resume_after_a_kill_continues_from_the_checkpoint(tmp_path):
     base = tiny_base()
     data = dumped(tmp_path, base)

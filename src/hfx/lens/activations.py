@@ -2,8 +2,9 @@
 one position per sequence.
 
 `replace_activations(model, layer, positions, values)` is a context manager under which every forward of `model`
-sees `values[b]` instead of the layer's output at `positions[b]` of row b (and nothing else changes). Reading
-them is `hfx.lens.data.capture_batch`.
+sees `values[b]` instead of the layer's output at `positions[b]` of row b (and nothing else changes);
+`patched_next_token_logits` is the trainer's cheap form of it for the last token. Reading them is
+`hfx.lens.data.capture_batch`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from hfx.batching import left_padded
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -54,3 +57,34 @@ def replace_activations(model: nn.Module, layer: int, positions: torch.Tensor, v
         yield
     finally:
         handle.remove()
+
+
+def patched_next_token_logits(
+    model: nn.Module, layer: int, input_ids: list[list[int]], values: torch.Tensor
+) -> torch.Tensor:
+    """The model's next-token logits (B, V) after each row's last token, with `values[b]` in place of the output
+    of decoder layer `layer` at that token.
+
+    Only the last token depends on the replacement (the model is causal), so everything before it runs once
+    without autograd and is handed over as the KV cache; gradients into `values` come from one token's pass."""
+    device = values.device
+    ids, mask, position_ids = left_padded(input_ids, device)
+    last = torch.zeros(ids.shape[0], dtype=torch.long, device=device)
+    cache = None
+    if ids.shape[1] > 1:
+        with torch.no_grad():
+            cache = model(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=position_ids[:, :-1],
+                use_cache=True,
+                logits_to_keep=1,
+            ).past_key_values
+    with replace_activations(model, layer, last, values):
+        return model(
+            input_ids=ids[:, -1:],
+            attention_mask=mask,
+            position_ids=position_ids[:, -1:],
+            past_key_values=cache,
+            use_cache=cache is not None,
+        ).logits[:, -1]

@@ -20,8 +20,10 @@ class ConsistencyLensConfig(PretrainedConfig):
         activation_dim (`int`): size of that activation (defaults to the backbone's hidden size).
         explanation_length (`int`): tokens the decoder writes per activation.
         decoder_num_layers / encoder_num_layers (`int` or `None`): keep only the first n backbone layers.
-        encoder_output_layer (`int`): encoder hidden state read at the last position (index into the encoder's
-            hidden states, 0 = embeddings; -1 = the last layer, before the final norm is not applied).
+        encoder_output_layer (`int`): encoder layer whose output (the residual stream, never the final norm) is
+            read at the last position: 0 = the input embeddings, n = the output of layer n, -1 = the last layer.
+        read_token (`bool`): append a learned read token after the explanation and read there (otherwise the
+            reading is at the explanation's last token).
     """
 
     model_type = "consistency_lens"
@@ -36,6 +38,7 @@ class ConsistencyLensConfig(PretrainedConfig):
         decoder_num_layers: int | None = None,
         encoder_num_layers: int | None = None,
         encoder_output_layer: int = -1,
+        read_token: bool = False,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -48,6 +51,7 @@ class ConsistencyLensConfig(PretrainedConfig):
         self.decoder_num_layers = decoder_num_layers
         self.encoder_num_layers = encoder_num_layers
         self.encoder_output_layer = encoder_output_layer
+        self.read_token = read_token
         self.initializer_range = initializer_range
         backbone = self.backbone() if backbone_config is not None else None
         self.activation_dim = activation_dim or (backbone.hidden_size if backbone is not None else None)
@@ -65,6 +69,11 @@ class ConsistencyLensConfig(PretrainedConfig):
             if getattr(config, "layer_types", None):
                 config.layer_types = config.layer_types[:num_layers]
         return config
+
+    def backbone_num_layers(self, part: str) -> int:
+        """Layers of the "decoder" or the "encoder"."""
+        value = self.decoder_num_layers if part == "decoder" else self.encoder_num_layers
+        return value or self.backbone_config["num_hidden_layers"]
 
     def _validate(self, backbone: PretrainedConfig) -> None:
         total = backbone.num_hidden_layers

@@ -2,8 +2,12 @@
 
     activation (d) --activation_in--> one input embedding of the decoder LM
                    --decoder, k steps, Gumbel-softmax with straight-through--> k tokens (one-hot, differentiable)
-                   --encoder LM over their embeddings + a read embedding--> hidden state at the last position
-                   --activation_out--> reconstructed activation (d)
+                   --encoder LM over their embeddings (+ an optional learned read token)--> hidden state at the
+                     last position, before any final norm --activation_out--> reconstructed activation (d)
+
+With the encoder a copy of the base model's first `layer + 1` layers and an identity output projection, an
+explanation that is the text preceding the position reconstructs the activation the base model computes from that
+text alone; `context_loss` teaches the decoder to write that text (a warm start the KL objective then refines).
 
 The decoder and encoder are causal-LM backbones (any transformers decoder; `from_base` copies a base model's
 weights into them, optionally truncated). Training patches the reconstruction back into the frozen base model
@@ -53,13 +57,15 @@ class ConsistencyLens(PreTrainedModel):
         self.decoder = AutoModelForCausalLM.from_config(decoder_config)
         self.encoder = AutoModel.from_config(encoder_config)
         self.activation_in = nn.Linear(config.activation_dim, decoder_config.hidden_size)
-        self.read_embedding = nn.Parameter(torch.zeros(encoder_config.hidden_size))
+        self.read_embedding = (
+            nn.Parameter(torch.zeros(encoder_config.hidden_size)) if config.read_token else None
+        )
         self.activation_out = nn.Linear(encoder_config.hidden_size, config.activation_dim)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if module is self:
+        if module is self and self.read_embedding is not None:
             nn.init.normal_(self.read_embedding, std=self.config.initializer_range)
 
     @classmethod
@@ -74,12 +80,17 @@ class ConsistencyLens(PreTrainedModel):
         base_model_name_or_path: str | None = None,
         mean_activation: torch.Tensor | None = None,
         activation_norm: float | None = None,
+        read_token: bool = False,
+        identity_output: bool = False,
     ) -> ConsistencyLens:
-        """A lens whose decoder and encoder start as (truncated) copies of `base_model`. With `mean_activation`,
-        the output projection starts at zero weight and that bias, so the first reconstructions are the mean
-        activation (the mean-ablation baseline) and training improves on it. With `activation_norm` (the typical
-        norm of an activation) and matching sizes, the input projection starts as a scaled identity that brings
-        activations to the norm of the decoder's token embeddings, so the decoder reads them from the first step."""
+        """A lens whose decoder and encoder start as (truncated) copies of `base_model`.
+
+        Output projection: with `identity_output` it starts as the identity (the encoder's hidden state is the
+        reconstruction: right when the encoder is the base's first `layer + 1` layers); otherwise, with
+        `mean_activation`, at zero weight and that bias, so the first reconstructions are the mean activation
+        (the mean-ablation baseline). With `activation_norm` (the typical norm of an activation) and matching
+        sizes, the input projection starts as a scaled identity that brings activations to the norm of the
+        decoder's token embeddings, so the decoder reads them from the first step."""
         config = ConsistencyLensConfig(
             backbone_config=base_model.config,
             base_model_name_or_path=base_model_name_or_path or base_model.config.name_or_path,
@@ -88,6 +99,7 @@ class ConsistencyLens(PreTrainedModel):
             decoder_num_layers=decoder_num_layers,
             encoder_num_layers=encoder_num_layers,
             encoder_output_layer=encoder_output_layer,
+            read_token=read_token,
         )
         lens = cls(config).to(base_model.dtype)
         state = base_model.state_dict()
@@ -103,7 +115,17 @@ class ConsistencyLens(PreTrainedModel):
                 embedding_norm = lens.decoder.get_input_embeddings().weight.float().norm(dim=-1).mean()
                 lens.activation_in.weight.copy_(torch.eye(in_features) * (embedding_norm / activation_norm))
                 lens.activation_in.bias.zero_()
-        if mean_activation is not None:
+        if identity_output:
+            out = lens.activation_out
+            if out.in_features != out.out_features:
+                raise ValueError(
+                    f"identity_output needs the encoder width ({out.in_features}) to equal the activation size "
+                    f"({out.out_features})."
+                )
+            with torch.no_grad():
+                out.weight.copy_(torch.eye(out.in_features))
+                out.bias.zero_()
+        elif mean_activation is not None:
             with torch.no_grad():
                 lens.activation_out.weight.zero_()
                 lens.activation_out.bias.copy_(mean_activation)
@@ -146,10 +168,42 @@ class ConsistencyLens(PreTrainedModel):
         """(B, k, V) one-hot (or soft) tokens -> (B, d) activations."""
         embeddings = self.encoder.get_input_embeddings().weight
         inputs = explanation.to(embeddings.dtype) @ embeddings
-        read = self.read_embedding.to(inputs.dtype).expand(inputs.shape[0], 1, -1)
-        out = self.encoder(inputs_embeds=torch.cat([inputs, read], dim=1), output_hidden_states=True)
-        hidden = out.hidden_states[self.config.encoder_output_layer][:, -1]
-        return self.activation_out(hidden)
+        if self.read_embedding is not None:
+            read = self.read_embedding.to(inputs.dtype).expand(inputs.shape[0], 1, -1)
+            inputs = torch.cat([inputs, read], dim=1)
+        index = self.config.encoder_output_layer % (self.config.backbone_num_layers("encoder") + 1)
+        if index == 0:
+            return self.activation_out(inputs[:, -1])
+        # The output of encoder layer `index - 1` as the residual stream carries it (no final norm).
+        captured = {}
+
+        def hook(module, args, output):
+            captured["hidden"] = (output[0] if isinstance(output, tuple) else output)[:, -1]
+
+        handle = _layers(self.encoder)[index - 1].register_forward_hook(hook)
+        try:
+            self.encoder(inputs_embeds=inputs)
+        finally:
+            handle.remove()
+        return self.activation_out(captured["hidden"])
+
+    def context_loss(
+        self, activations: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced cross-entropy (and token accuracy) of the decoder writing `targets` (B, k) — the tokens
+        that precede and include each activation's position, -100 where there are none — from the activation."""
+        if targets.shape[1] != self.config.explanation_length:
+            raise ValueError(
+                f"context targets have {targets.shape[1]} tokens, the lens writes {self.config.explanation_length}."
+            )
+        embeddings = self.decoder.get_input_embeddings()
+        first = self.activation_in(activations.to(self.activation_in.weight.dtype))[:, None]
+        inputs = torch.cat([first, embeddings(targets[:, :-1].clamp(min=0))], dim=1)
+        logits = self.decoder(inputs_embeds=inputs).logits.float()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        kept = targets != -100
+        accuracy = (logits.argmax(-1) == targets)[kept].float().mean()
+        return loss, accuracy
 
     def forward(
         self,
@@ -161,6 +215,14 @@ class ConsistencyLens(PreTrainedModel):
         explained = self.explain(activations, temperature, hard, sample)
         explained.reconstruction = self.reconstruct(explained.explanation)
         return explained
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    expected = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == expected:
+            return module
+    raise ValueError(f"{type(model).__name__}: no list of {expected} layers found.")
 
 
 def _check_copied(part: str, missing: list[str]) -> None:

@@ -74,8 +74,26 @@ class LensArguments:
     )
     explanation_length: int = field(default=4, metadata={"help": "tokens per explanation"})
     decoder_num_layers: int | None = field(default=4, metadata={"help": "decoder = first n base layers"})
-    encoder_num_layers: int | None = field(default=4, metadata={"help": "encoder = first n base layers"})
-    encoder_output_layer: int = field(default=-1, metadata={"help": "encoder hidden state read out"})
+    encoder_num_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "encoder = first n base layers (default: layer + 1, so that the encoder reading the text "
+            "before a position computes the activation the base model computes from it)"
+        },
+    )
+    encoder_output_layer: int = field(
+        default=-1, metadata={"help": "encoder layer whose output is read (-1: its last)"}
+    )
+    read_token: bool = field(
+        default=False, metadata={"help": "read a learned token appended to the explanation"}
+    )
+    output_init: str = field(
+        default="identity",
+        metadata={
+            "help": "identity (the encoder's hidden state is the reconstruction) or mean (start at the mean "
+            "activation)"
+        },
+    )
     eval_examples: int = field(
         default=256, metadata={"help": "held-out examples (the last ones) for evaluation"}
     )
@@ -103,14 +121,18 @@ def run_train(args: LensArguments, training_args) -> Path:
     if args.lens_name_or_path:
         lens = ConsistencyLens.from_pretrained(args.lens_name_or_path, dtype=getattr(torch, args.dtype))
     else:
+        if args.output_init not in ("identity", "mean"):
+            raise ValueError(f"output_init must be identity or mean, got {args.output_init!r}.")
         activations = torch.tensor(train["activation"])
         lens = ConsistencyLens.from_base(
             base,
             layer=layer,
             explanation_length=args.explanation_length,
             decoder_num_layers=args.decoder_num_layers,
-            encoder_num_layers=args.encoder_num_layers,
+            encoder_num_layers=args.encoder_num_layers or layer + 1,
             encoder_output_layer=args.encoder_output_layer,
+            read_token=args.read_token,
+            identity_output=args.output_init == "identity",
             base_model_name_or_path=embedded.model_id(args.model_name_or_path),
             mean_activation=activations.mean(0),
             activation_norm=float(activations.norm(dim=-1).mean()),

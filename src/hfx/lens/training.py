@@ -5,7 +5,10 @@ Loss per batch (`compute_loss`, pieces from `hfx.losses`):
   patched in at the same layer and position)
   + alpha(step) * LM loss of the explanation under the frozen model (fluency; alpha ramps from 0)
   + entropy_weight * entropy of the decoder's token distributions,
-with the Gumbel-softmax temperature on its own schedule. The activation and the reference distribution come
+with the Gumbel-softmax temperature on its own schedule. The first `context_warmup_steps` steps instead teach the
+decoder to write the tokens that precede the position (teacher-forced cross-entropy, no frozen-model pass): a
+readable starting point that an encoder copied from the base model's first layers can already read back. The
+activation and the reference distribution come
 from the dumped dataset (precomputed mode) or are captured from the frozen model on the fly (runtime mode, same
 trainer, examples only). Everything else (resume, accumulation, LR schedules, logging) is Trainer's.
 """
@@ -21,10 +24,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
-from hfx.batching import left_padded
 from hfx.losses import entropy, topk_kl_divergence
 
-from .activations import replace_activations
+from .activations import patched_next_token_logits
 from .data import capture_batch
 from .schedules import Schedule
 
@@ -33,7 +35,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LensTrainingArguments(TrainingArguments):
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={
+            "help": "transformers' schedulers (linear, cosine, cosine_with_restarts, polynomial, constant, "
+            "constant_with_warmup, ...) or exponential (decays to lr_scheduler_kwargs['final_lr_ratio'], "
+            "default 0.1, after the warmup)"
+        },
+    )
     kl_weight: float = field(default=1.0, metadata={"help": "weight of the behavioural KL"})
+    context_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "first steps train the decoder to write the preceding tokens (then the KL objective)"
+        },
+    )
     lm_weight_schedule: str = field(
         default="linear", metadata={"help": "alpha schedule: constant, linear, cosine, exponential"}
     )
@@ -59,7 +75,17 @@ class LensTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # "exponential" is ours (a LambdaLR in LensTrainer.create_scheduler); transformers' enum must not see it.
+        self.exponential_lr = str(self.lr_scheduler_type) == "exponential"
+        if self.exponential_lr:
+            self.lr_scheduler_type = "constant"
         super().__post_init__()
+        if self.exponential_lr:
+            ratio = self.lr_scheduler_kwargs.get("final_lr_ratio", 0.1)
+            if not 0 < ratio <= 1:
+                raise ValueError(f"lr_scheduler_kwargs final_lr_ratio must be in (0, 1], got {ratio}.")
+        if self.context_warmup_steps < 0:
+            raise ValueError(f"context_warmup_steps must be >= 0, got {self.context_warmup_steps}.")
         if self.activations_mode not in ("precomputed", "runtime"):
             raise ValueError(
                 f"activations_mode must be precomputed or runtime, got {self.activations_mode!r}."
@@ -74,6 +100,33 @@ class LensTrainingArguments(TrainingArguments):
         self.temperature = Schedule(
             self.temperature_schedule, self.temperature_start, self.temperature_end, self.temperature_steps
         )
+
+    def to_dict(self):
+        values = super().to_dict()
+        if self.exponential_lr:
+            values["lr_scheduler_type"] = "exponential"
+        return values
+
+
+def exponential_lr_lambda(warmup_steps: int, total_steps: int, final_ratio: float):
+    """Multiplier of the learning rate: linear warmup from 0, then geometric decay to `final_ratio` at the end."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_ratio**progress
+
+    return factor
+
+
+def context_targets(input_ids: list[list[int]], length: int, device=None) -> torch.Tensor:
+    """The last `length` tokens of each row (the position's token last), -100 where a row is shorter."""
+    targets = torch.full((len(input_ids), length), -100, dtype=torch.long)
+    for row, ids in enumerate(input_ids):
+        tail = ids[-length:]
+        targets[row, length - len(tail) :] = torch.tensor(tail)
+    return targets.to(device)
 
 
 def collate(rows: list[dict]) -> dict:
@@ -96,7 +149,7 @@ class LensTrainer(Trainer):
             raise ValueError("LensTrainer needs the frozen base_model the lens explains.")
         self.base_model = base_model.eval().requires_grad_(False)
         self.topk = topk
-        self._metrics: dict[str, float] = {}
+        self._metrics: dict[str, tuple[float, int]] = {}
         self._samples: list[dict] = []
 
     def lens_batch(self, lens, inputs: dict) -> dict:
@@ -109,12 +162,7 @@ class LensTrainer(Trainer):
         activation = inputs["activation"].to(device)
         step = self.state.global_step
         out = lens(activation, temperature=args.temperature(step))
-        ids, mask, position_ids = left_padded(inputs["input_ids"], device)
-        last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=device)
-        with replace_activations(self.base_model, layer, last, out.reconstruction):
-            logits = self.base_model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1
-            ).logits[:, -1]
+        logits = patched_next_token_logits(self.base_model, layer, inputs["input_ids"], out.reconstruction)
         kl = topk_kl_divergence(
             inputs["reference_topk_ids"].to(device), inputs["reference_topk_logprobs"].to(device), logits
         )
@@ -133,17 +181,46 @@ class LensTrainer(Trainer):
             "inputs": inputs,
         }
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.args.exponential_lr and self.lr_scheduler is None:
+            factor = exponential_lr_lambda(
+                self.args.get_warmup_steps(num_training_steps),
+                num_training_steps,
+                self.args.lr_scheduler_kwargs.get("final_lr_ratio", 0.1),
+            )
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def context_batch(self, lens, inputs: dict) -> dict:
+        if "activation" not in inputs:  # runtime mode
+            inputs = {
+                **inputs,
+                **capture_batch(self.base_model, lens.config.layer, inputs["input_ids"], self.topk),
+            }
+        targets = context_targets(inputs["input_ids"], lens.config.explanation_length, lens.device)
+        loss, accuracy = lens.context_loss(inputs["activation"].to(lens.device), targets)
+        return {"context_ce": loss, "context_accuracy": accuracy}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: LensTrainingArguments = self.args
+        if self.state.global_step < args.context_warmup_steps:
+            parts = self.context_batch(model, inputs)
+            self._accumulate(parts)
+            return (parts["context_ce"], None) if return_outputs else parts["context_ce"]
         parts = self.lens_batch(model, inputs)
         alpha = args.lm_weight(self.state.global_step)
         loss = args.kl_weight * parts["kl"] + alpha * parts["lm"] + args.entropy_weight * parts["entropy"]
-        for key in ("kl", "lm", "entropy"):
-            self._metrics[key] = self._metrics.get(key, 0.0) + float(parts[key].detach())
-        self._metrics["count"] = self._metrics.get("count", 0) + 1
+        self._accumulate({key: parts[key] for key in ("kl", "lm", "entropy")})
         if args.verbose_samples and self.state.global_step % max(1, args.logging_steps) == 0:
             self._samples = self.describe(parts, args.verbose_samples)
         return (loss, parts["out"]) if return_outputs else loss
+
+    def _accumulate(self, values: dict) -> None:
+        # Running (sum, count) per metric until the next log.
+        for key, value in values.items():
+            total, count = self._metrics.get(key, (0.0, 0))
+            self._metrics[key] = (total + float(value.detach()), count + 1)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
@@ -178,11 +255,13 @@ class LensTrainer(Trainer):
         return rows
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        count = self._metrics.pop("count", 0)
-        if count:
-            logs.update({f"{key}": value / count for key, value in self._metrics.items()})
-            logs["alpha"] = self.args.lm_weight(self.state.global_step)
-            logs["temperature"] = self.args.temperature(self.state.global_step)
+        for key, (total, count) in self._metrics.items():
+            logs[key] = total / count
+        if self._metrics:
+            step = self.state.global_step
+            if step >= self.args.context_warmup_steps:
+                logs["alpha"] = self.args.lm_weight(step)
+                logs["temperature"] = self.args.temperature(step)
         self._metrics = {}
         if self._samples and self.args.output_dir and self.is_world_process_zero():
             path = Path(self.args.output_dir) / "samples.jsonl"
@@ -190,5 +269,26 @@ class LensTrainer(Trainer):
             with path.open("a") as handle:
                 for sample in self._samples:
                     handle.write(json.dumps({"step": self.state.global_step, **sample}) + "\n")
+            self.report_samples(self._samples)
             self._samples = []
         super().log(logs, *args, **kwargs)
+
+    def report_samples(self, samples: list[dict]) -> None:
+        """The verbose samples as a table to the `report_to` integrations that take one (TensorBoard text,
+        Weights & Biases tables)."""
+        from transformers.integrations import TensorBoardCallback, WandbCallback
+
+        columns = list(samples[0])
+        rows = [[_cell(sample[column]) for column in columns] for sample in samples]
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+                body = "".join("| " + " | ".join(row) + " |\n" for row in rows)
+                callback.tb_writer.add_text("lens/samples", header + body, self.state.global_step)
+            elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
+                callback._wandb.log({"lens/samples": callback._wandb.Table(columns=columns, data=rows)})
+
+
+def _cell(value) -> str:
+    text = " ".join(map(repr, value)) if isinstance(value, list) else repr(value)
+    return text.replace("|", "\\|").replace("\n", "\\n")
