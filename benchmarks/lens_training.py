@@ -1,8 +1,12 @@
 """Consistency Lens training throughput: precomputed activations (read from the dumped dataset) vs runtime mode
 (the frozen model captures them on the fly), same lens, same batches, one process.
 
-    hfx lens dump --output_dir outputs/lens-activations --layer 15 --context_length 32 --max_examples 2304
+    hfx lens dump --output_dir outputs/lens-activations --layer 15 --context_length 32 --max_examples 8192 \
+        --dataset pydoc_topics,sklearn_descr
     .venv/bin/python benchmarks/lens_training.py --activations_dir outputs/lens-activations
+
+The lens has the shape of examples/lens/configs/smollm2.yaml (8 tokens written backwards, decoder = 4 base
+layers, encoder = layer + 1 base layers, identity output); the steps are KL steps.
 """
 
 from __future__ import annotations
@@ -29,17 +33,18 @@ def main():
     args = parser.parse_args()
     base, _ = embedded.load_causal_lm()
     data = load_activations(args.activations_dir).select(range(args.steps * args.batch_size))
-    mean = torch.tensor(data["activation"]).mean(0)
     topk = len(data[0]["reference_topk_ids"])
     rates = {}
     for mode in ("precomputed", "runtime", "precomputed", "runtime"):  # twice each, interleaved
+        layer = data[0]["layer"]
         lens = ConsistencyLens.from_base(
             base,
-            layer=data[0]["layer"],
-            explanation_length=4,
+            layer=layer,
+            explanation_length=8,
             decoder_num_layers=4,
-            encoder_num_layers=4,
-            mean_activation=mean,
+            encoder_num_layers=layer + 1,
+            write_backwards=True,
+            identity_output=True,
         )
         train = data if mode == "precomputed" else data.select_columns(["example_id", "doc_id", "input_ids"])
         with tempfile.TemporaryDirectory() as out:
@@ -51,6 +56,7 @@ def main():
                 save_strategy="no",
                 logging_steps=1000,
                 verbose_samples=0,
+                lm_weight_start=0.05,  # the fluency pass runs, as in the KL phase of the README run
                 disable_tqdm=True,
                 seed=0,
             )

@@ -3,6 +3,8 @@
     hfx cartridge synthesize --corpus rcv1 --synthesis_dir outputs/synthesis-rcv1
     accelerate launch examples/cartridges/train.py --config examples/cartridges/configs/rcv1.yaml
 
+(On a CPU-only machine add `--cpu --num_processes 1`: without `--cpu` accelerate gives the process one thread.)
+
 Every option of `hfx.cartridges.pipeline.TrainArguments` and `CartridgeTrainingArguments` (all of
 `transformers.TrainingArguments`) can be set in the YAML file or overridden on the command line.
 """

@@ -1,7 +1,10 @@
 """Train a Consistency Lens on a dumped activation dataset, then evaluate it against mean/zero ablation.
 
-    hfx lens dump --output_dir outputs/lens-activations --layer 15 --context_length 32 --max_examples 2304
-    accelerate launch examples/lens/train.py --config examples/lens/configs/smollm2.yaml
+    hfx lens dump --output_dir outputs/lens-activations --layer 15 --context_length 32 --max_examples 8192 \
+        --dataset pydoc_topics,sklearn_descr
+    accelerate launch --cpu --num_processes 1 examples/lens/train.py --config examples/lens/configs/smollm2.yaml
+
+(On a CPU, `--cpu` lets accelerate give the process every core; without it the process gets one thread.)
 
 Any option of `hfx lens train --help` can be given on the command line or in the YAML file.
 """

@@ -215,9 +215,12 @@ def test_identity_readout_of_the_preceding_text_is_the_base_activation():
     torch.testing.assert_close(earlier, capture_batch(base, 0, tokens.tolist(), topk=2)["activation"])
 
 
-def test_context_loss_teaches_the_decoder_to_write_the_preceding_tokens():
+@pytest.mark.parametrize("write_backwards", [False, True])
+def test_context_loss_teaches_the_decoder_to_write_the_preceding_tokens(write_backwards):
     base = tiny_base()
-    lens = ConsistencyLens.from_base(base, layer=1, explanation_length=3, decoder_num_layers=1)
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=3, decoder_num_layers=1, write_backwards=write_backwards
+    )
     torch.manual_seed(0)
     activations = torch.randn(8, 24)
     targets = torch.randint(0, VOCAB, (8, 3))
@@ -232,7 +235,12 @@ def test_context_loss_teaches_the_decoder_to_write_the_preceding_tokens():
     assert loss < first / 4 and accuracy == 1.0
     with torch.no_grad():
         written = lens.explain(activations, sample=False).explanation_ids
-    assert torch.equal(written[1:], targets[1:])  # what it was taught is what it writes
+    # what it was taught is what it writes, in reading order either way
+    assert torch.equal(written[1:], targets[1:])
+    if write_backwards:  # written last token first: the decoder's first step is the position's own token
+        with torch.no_grad():
+            first_step = lens.decoder(inputs_embeds=lens.activation_in(activations)[:, None]).logits[:, -1]
+        assert torch.equal(first_step.argmax(-1), targets[:, -1])
     with pytest.raises(ValueError, match="context targets have 2 tokens, the lens writes 3"):
         lens.context_loss(activations, targets[:, :2])
 
@@ -251,3 +259,49 @@ def test_patched_next_token_logits_match_a_full_patched_forward():
         ):
             expected = base(input_ids=torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=1e-5)
+
+
+LOAD_WITHOUT_HFX = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+lens = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+expected = load_file(sys.argv[2])
+with torch.no_grad():
+    reconstruction = lens.reconstruct(expected["explanation"])
+    ids = lens.explain(expected["activations"], sample=False).explanation_ids
+print(json.dumps({
+    "model_class": type(lens).__module__,
+    "hfx_loaded": "hfx" in sys.modules,
+    "max_abs_diff": float((reconstruction - expected["reconstruction"]).abs().max()),
+    "same_explanations": bool(torch.equal(ids, expected["explanation_ids"])),
+}))
+"""
+
+
+def test_saved_lens_loads_with_trust_remote_code_without_hfx(tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.isolated import run_without_hfx
+
+    lens = ConsistencyLens.from_base(
+        tiny_base(), layer=1, explanation_length=3, decoder_num_layers=1, read_token=True
+    ).eval()
+    lens.save_pretrained(tmp_path / "lens")
+    explanation = torch.nn.functional.one_hot(torch.randint(0, VOCAB, (2, 3)), VOCAB).float()
+    activations = torch.randn(2, 24)
+    with torch.no_grad():
+        expected = {
+            "explanation": explanation,
+            "activations": activations,
+            "reconstruction": lens.reconstruct(explanation),
+            "explanation_ids": lens.explain(activations, sample=False).explanation_ids,
+        }
+    save_file(expected, tmp_path / "expected.safetensors")
+    report = run_without_hfx(
+        LOAD_WITHOUT_HFX, [tmp_path / "lens", tmp_path / "expected.safetensors"], tmp_path
+    )
+    assert report["model_class"].startswith("transformers_modules.") and not report["hfx_loaded"]
+    assert report["max_abs_diff"] < 1e-5 and report["same_explanations"]

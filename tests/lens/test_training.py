@@ -108,6 +108,31 @@ def test_context_warmup_then_the_kl_objective(tmp_path):
     assert warmup[-1]["context_ce"] < warmup[0]["context_ce"]
     assert warmup[-1]["context_accuracy"] > warmup[0]["context_accuracy"]
     assert after and all("kl" in entry and "context_ce" not in entry for entry in after)
+    # the alpha and temperature schedules start with the KL objective (step 20 of 24 is its step 0)
+    assert after[0]["alpha"] == trainer.args.lm_weight(24 - 20)
+
+
+def test_context_weight_keeps_the_context_loss_in_the_kl_objective(tmp_path):
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    trainer = make_trainer(
+        tmp_path,
+        base,
+        data,
+        max_steps=4,
+        context_weight=0.5,
+        save_steps=100,
+        logging_steps=1,
+        lm_weight_schedule="constant",
+        lm_weight_start=0.1,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs and all({"kl", "context_ce", "context_accuracy"} <= set(entry) for entry in logs)
+    # the logged loss is the sum of its weighted pieces (entropy weight 0)
+    entry = logs[-1]
+    expected = entry["kl"] + entry["alpha"] * entry["lm"] + 0.5 * entry["context_ce"]
+    assert abs(entry["loss"] - expected) < 1e-3 * max(1.0, expected)
 
 
 def test_verbose_samples_reach_tensorboard_as_a_table(tmp_path, monkeypatch):
@@ -175,6 +200,23 @@ def test_evaluation_reports_kl_against_ablations_and_fve(tmp_path):
     assert abs(results["kl"]["lens"] - results["kl"]["mean_ablation"]) < 1e-5
     assert abs(results["fve"]) < 1e-5
     assert results["kl"]["zero_ablation"] > 0 and results["examples"] == len(data)
+    assert results["kl"]["encoder_reading_context"] > 0
+
+
+def test_an_identity_encoder_reading_the_whole_context_reproduces_the_activation(tmp_path):
+    # Encoder = the base's first layer + 1 layers with an identity output: on examples no longer than the
+    # explanation, reading their text is exactly the base's computation (KL 0, FVE 1).
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    whole = data.filter(lambda row: len(row["input_ids"]) == 10)
+    assert len(whole) > 0
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=10, decoder_num_layers=1, encoder_num_layers=2, identity_output=True
+    )
+    results = evaluate_lens(lens, base, whole, torch.tensor(data["activation"]).mean(0), batch_size=4)
+    assert results["kl"]["encoder_reading_context"] < 1e-5
+    assert abs(results["fve_encoder_reading_context"] - 1.0) < 1e-5
+    assert results["kl"]["mean_ablation"] > 0.01
 
 
 def test_lens_card_carries_the_evaluation(tmp_path):

@@ -4,9 +4,6 @@ trust_remote_code=True in a process where hfx cannot be imported; `hfx peer-mla 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,6 +13,7 @@ from safetensors.torch import save_file
 from hfx.cli import main
 from hfx.peer_mla.analysis import analyze_parameters, load_config
 from hfx.peer_mla.modeling_peer_mla import PeerMlaForCausalLM
+from tests.isolated import run_without_hfx
 
 TINY_YAML = """\
 vocab_size: 49152
@@ -148,21 +146,7 @@ def test_init_writes_a_self_contained_folder_that_loads_without_hfx(tiny_yaml, t
         pad_token_id=2,
     )[0].tolist()
 
-    shadow = tmp_path / "shadow" / "hfx"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('exported PEER-MLA code must not import hfx')\n")
-    env = {**os.environ, "PYTHONPATH": str(shadow.parent), "HF_HUB_OFFLINE": "1"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_HFX, str(model_dir), str(expected_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_without_hfx(LOAD_WITHOUT_HFX, [model_dir, expected_path], tmp_path)
     assert report["model_class"].startswith("transformers_modules.") and "hfx" not in report["model_class"]
     assert report["config_class"].endswith("configuration_peer_mla.PeerMlaConfig")
     assert not report["hfx_loaded"]

@@ -22,6 +22,9 @@ class ConsistencyLensConfig(PretrainedConfig):
         decoder_num_layers / encoder_num_layers (`int` or `None`): keep only the first n backbone layers.
         encoder_output_layer (`int`): encoder layer whose output (the residual stream, never the final norm) is
             read at the last position: 0 = the input embeddings, n = the output of layer n, -1 = the last layer.
+        write_backwards (`bool`): the decoder writes the explanation last token first (outputs, the encoder and
+            the fluency loss always see it in reading order): right for explanations that end at the position,
+            whose most recent token is the one the activation shows most clearly.
         read_token (`bool`): append a learned read token after the explanation and read there (otherwise the
             reading is at the explanation's last token).
     """
@@ -39,6 +42,7 @@ class ConsistencyLensConfig(PretrainedConfig):
         encoder_num_layers: int | None = None,
         encoder_output_layer: int = -1,
         read_token: bool = False,
+        write_backwards: bool = False,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -52,6 +56,7 @@ class ConsistencyLensConfig(PretrainedConfig):
         self.encoder_num_layers = encoder_num_layers
         self.encoder_output_layer = encoder_output_layer
         self.read_token = read_token
+        self.write_backwards = write_backwards
         self.initializer_range = initializer_range
         backbone = self.backbone() if backbone_config is not None else None
         self.activation_dim = activation_dim or (backbone.hidden_size if backbone is not None else None)

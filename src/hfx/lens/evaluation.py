@@ -2,8 +2,10 @@
 
 For each example the frozen model's next-token distribution with its own activation is the reference; the KL
 from it is measured with the activation replaced by (a) the lens's reconstruction, (b) the mean activation of the
-training split (mean ablation), (c) zeros (zero ablation). Also the fraction of variance explained,
-FVE = 1 - sum |a - a_hat|^2 / sum |a - mean|^2.
+training split (mean ablation), (c) zeros (zero ablation), and, as a diagnostic of the decoder, (d) the encoder's
+reading of the text that actually ends at the position (its last `explanation_length` tokens) in place of the
+decoder's explanation. Also the fraction of variance explained, FVE = 1 - sum |a - a_hat|^2 / sum |a - mean|^2,
+of (a) and of (d).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from hfx.batching import left_padded
 from hfx.losses import kl_divergence
 
 from .activations import replace_activations
+from .training import context_targets
 
 
 @torch.no_grad()
@@ -25,8 +28,8 @@ def evaluate_lens(
     device = lens.device
     layer = lens.config.layer
     mean_activation = mean_activation.to(device)
-    totals = {"lens": 0.0, "mean_ablation": 0.0, "zero_ablation": 0.0}
-    squared_error = squared_deviation = 0.0
+    totals = {"lens": 0.0, "mean_ablation": 0.0, "zero_ablation": 0.0, "encoder_reading_context": 0.0}
+    squared_error = squared_error_context = squared_deviation = 0.0
     shown = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="lens eval", unit="batch"):
         rows = dataset[start : start + batch_size]
@@ -36,10 +39,15 @@ def evaluate_lens(
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
         reference = base(**kwargs).logits[:, -1]
         out = lens(activation, sample=False)
+        # rows shorter than the explanation are padded with token 0
+        context = context_targets(rows["input_ids"], lens.config.explanation_length, device).clamp(min=0)
+        embeddings = lens.encoder.get_input_embeddings().weight
+        read_context = lens.reconstruct(torch.nn.functional.one_hot(context, embeddings.shape[0]).float())
         replacements = {
             "lens": out.reconstruction,
             "mean_ablation": mean_activation.expand_as(activation),
             "zero_ablation": torch.zeros_like(activation),
+            "encoder_reading_context": read_context,
         }
         patched_logits = {}
         for name, values in replacements.items():
@@ -47,6 +55,7 @@ def evaluate_lens(
                 patched_logits[name] = base(**kwargs).logits[:, -1]
             totals[name] += float(kl_divergence(reference, patched_logits[name])) * len(activation)
         squared_error += float(((activation - out.reconstruction.float()) ** 2).sum())
+        squared_error_context += float(((activation - read_context.float()) ** 2).sum())
         squared_deviation += float(((activation - mean_activation) ** 2).sum())
         if tokenizer is not None and len(shown) < samples:
             for i in range(min(samples - len(shown), len(activation))):
@@ -68,5 +77,6 @@ def evaluate_lens(
         "layer": layer,
         "kl": {name: total / n for name, total in totals.items()},
         "fve": 1.0 - squared_error / squared_deviation,
+        "fve_encoder_reading_context": 1.0 - squared_error_context / squared_deviation,
         "samples": shown,
     }

@@ -82,6 +82,7 @@ class ConsistencyLens(PreTrainedModel):
         activation_norm: float | None = None,
         read_token: bool = False,
         identity_output: bool = False,
+        write_backwards: bool = False,
     ) -> ConsistencyLens:
         """A lens whose decoder and encoder start as (truncated) copies of `base_model`.
 
@@ -100,6 +101,7 @@ class ConsistencyLens(PreTrainedModel):
             encoder_num_layers=encoder_num_layers,
             encoder_output_layer=encoder_output_layer,
             read_token=read_token,
+            write_backwards=write_backwards,
         )
         lens = cls(config).to(base_model.dtype)
         state = base_model.state_dict()
@@ -138,7 +140,7 @@ class ConsistencyLens(PreTrainedModel):
         hard: bool = True,
         sample: bool | None = None,
     ) -> LensOutput:
-        """Write each activation (B, d) as `explanation_length` tokens. Sampling (default: in training mode) uses
+        """Write each activation (B, d) as `explanation_length` tokens (returned in reading order). Sampling (default: in training mode) uses
         Gumbel-softmax at `temperature`, otherwise the most likely token; `hard=True` emits one-hot tokens whose
         gradient is the soft distribution's (straight-through)."""
         sample = self.training if sample is None else sample
@@ -159,10 +161,10 @@ class ConsistencyLens(PreTrainedModel):
             logits.append(step_logits)
             one_hots.append(one_hot)
             inputs = (one_hot.to(embeddings.dtype) @ embeddings)[:, None]
-        explanation = torch.stack(one_hots, dim=1)
-        return LensOutput(
-            explanation_ids=explanation.argmax(-1), explanation=explanation, logits=torch.stack(logits, dim=1)
-        )
+        explanation, logits = torch.stack(one_hots, dim=1), torch.stack(logits, dim=1)
+        if self.config.write_backwards:  # back to reading order
+            explanation, logits = explanation.flip(1), logits.flip(1)
+        return LensOutput(explanation_ids=explanation.argmax(-1), explanation=explanation, logits=logits)
 
     def reconstruct(self, explanation: torch.Tensor) -> torch.Tensor:
         """(B, k, V) one-hot (or soft) tokens -> (B, d) activations."""
@@ -191,11 +193,14 @@ class ConsistencyLens(PreTrainedModel):
         self, activations: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced cross-entropy (and token accuracy) of the decoder writing `targets` (B, k) — the tokens
-        that precede and include each activation's position, -100 where there are none — from the activation."""
+        that precede and include each activation's position in reading order, -100 where there are none — from the
+        activation."""
         if targets.shape[1] != self.config.explanation_length:
             raise ValueError(
                 f"context targets have {targets.shape[1]} tokens, the lens writes {self.config.explanation_length}."
             )
+        if self.config.write_backwards:
+            targets = targets.flip(1)
         embeddings = self.decoder.get_input_embeddings()
         first = self.activation_in(activations.to(self.activation_in.weight.dtype))[:, None]
         inputs = torch.cat([first, embeddings(targets[:, :-1].clamp(min=0))], dim=1)

@@ -87,6 +87,9 @@ class LensArguments:
     read_token: bool = field(
         default=False, metadata={"help": "read a learned token appended to the explanation"}
     )
+    write_backwards: bool = field(
+        default=False, metadata={"help": "the decoder writes the explanation last token first"}
+    )
     output_init: str = field(
         default="identity",
         metadata={
@@ -132,6 +135,7 @@ def run_train(args: LensArguments, training_args) -> Path:
             encoder_num_layers=args.encoder_num_layers or layer + 1,
             encoder_output_layer=args.encoder_output_layer,
             read_token=args.read_token,
+            write_backwards=args.write_backwards,
             identity_output=args.output_init == "identity",
             base_model_name_or_path=embedded.model_id(args.model_name_or_path),
             mean_activation=activations.mean(0),

@@ -4,9 +4,10 @@ Loss per batch (`compute_loss`, pieces from `hfx.losses`):
   kl_weight * KL(frozen model's next-token distribution with its own activation || with the reconstruction
   patched in at the same layer and position)
   + alpha(step) * LM loss of the explanation under the frozen model (fluency; alpha ramps from 0)
-  + entropy_weight * entropy of the decoder's token distributions,
-with the Gumbel-softmax temperature on its own schedule. The first `context_warmup_steps` steps instead teach the
-decoder to write the tokens that precede the position (teacher-forced cross-entropy, no frozen-model pass): a
+  + entropy_weight * entropy of the decoder's token distributions
+  + context_weight * the context cross-entropy below (optional: keeps explanations anchored to real text),
+with the Gumbel-softmax temperature on its own schedule (both schedules count the KL objective's steps). The
+first `context_warmup_steps` steps instead teach the decoder to write the tokens that precede the position (teacher-forced cross-entropy, no frozen-model pass): a
 readable starting point that an encoder copied from the base model's first layers can already read back. The
 activation and the reference distribution come
 from the dumped dataset (precomputed mode) or are captured from the frozen model on the fly (runtime mode, same
@@ -48,6 +49,12 @@ class LensTrainingArguments(TrainingArguments):
         default=0,
         metadata={
             "help": "first steps train the decoder to write the preceding tokens (then the KL objective)"
+        },
+    )
+    context_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of that context cross-entropy during the KL objective (anchors explanations to text)"
         },
     )
     lm_weight_schedule: str = field(
@@ -160,16 +167,18 @@ class LensTrainer(Trainer):
             inputs = {**inputs, **capture_batch(self.base_model, layer, inputs["input_ids"], self.topk)}
         device = lens.device
         activation = inputs["activation"].to(device)
-        step = self.state.global_step
+        step = self.kl_step
         out = lens(activation, temperature=args.temperature(step))
         logits = patched_next_token_logits(self.base_model, layer, inputs["input_ids"], out.reconstruction)
         kl = topk_kl_divergence(
             inputs["reference_topk_ids"].to(device), inputs["reference_topk_logprobs"].to(device), logits
         )
         # Fluency: expected negative log-likelihood, under the frozen model reading the explanation so far, of the
-        # decoder's distribution over each next explanation token.
-        embeddings = self.base_model.get_input_embeddings().weight
-        lm_logits = self.base_model(inputs_embeds=out.explanation.to(embeddings.dtype) @ embeddings).logits
+        # decoder's distribution over each next explanation token. The gradient goes into that distribution; the
+        # frozen model's pass over the explanation runs without autograd (a third of the cost of backpropagating
+        # through it).
+        with torch.no_grad():
+            lm_logits = self.base_model(input_ids=out.explanation_ids).logits
         decoder_probs = torch.softmax(out.logits[:, 1:], dim=-1)
         lm = -(decoder_probs * torch.log_softmax(lm_logits[:, :-1].float(), dim=-1)).sum(-1).mean()
         return {
@@ -180,6 +189,11 @@ class LensTrainer(Trainer):
             "logits": logits,
             "inputs": inputs,
         }
+
+    @property
+    def kl_step(self) -> int:
+        """Steps of the KL objective so far: the alpha and temperature schedules start with it."""
+        return max(0, self.state.global_step - self.args.context_warmup_steps)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.args.exponential_lr and self.lr_scheduler is None:
@@ -209,8 +223,12 @@ class LensTrainer(Trainer):
             self._accumulate(parts)
             return (parts["context_ce"], None) if return_outputs else parts["context_ce"]
         parts = self.lens_batch(model, inputs)
-        alpha = args.lm_weight(self.state.global_step)
+        alpha = args.lm_weight(self.kl_step)
         loss = args.kl_weight * parts["kl"] + alpha * parts["lm"] + args.entropy_weight * parts["entropy"]
+        if args.context_weight:
+            context = self.context_batch(model, parts["inputs"])
+            loss = loss + args.context_weight * context["context_ce"]
+            self._accumulate(context)
         self._accumulate({key: parts[key] for key in ("kl", "lm", "entropy")})
         if args.verbose_samples and self.state.global_step % max(1, args.logging_steps) == 0:
             self._samples = self.describe(parts, args.verbose_samples)
@@ -257,11 +275,9 @@ class LensTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         for key, (total, count) in self._metrics.items():
             logs[key] = total / count
-        if self._metrics:
-            step = self.state.global_step
-            if step >= self.args.context_warmup_steps:
-                logs["alpha"] = self.args.lm_weight(step)
-                logs["temperature"] = self.args.temperature(step)
+        if "kl" in self._metrics:  # a KL-objective step was logged
+            logs["alpha"] = self.args.lm_weight(self.kl_step)
+            logs["temperature"] = self.args.temperature(self.kl_step)
         self._metrics = {}
         if self._samples and self.args.output_dir and self.is_world_process_zero():
             path = Path(self.args.output_dir) / "samples.jsonl"
