@@ -232,9 +232,12 @@ def test_lens_card_carries_the_evaluation(tmp_path):
         "examples": 5,
         "kl": {"lens": 0.125, "mean_ablation": 1.5, "zero_ablation": 3.0},
         "fve": 0.5,
-        "samples": [{"context": "a | b\nc", "explanation": " x y"}],
+        "samples": [
+            {"context": "a | b\nc", "explanation": " x y", "original_top": [" x", "\n"], "reconstructed_top": ["|"]}
+        ],
     }
     write_lens_card(tmp_path, lens.config, results)
     card = (tmp_path / "README.md").read_text()
     assert "| lens reconstruction | 0.1250 |" in card and "| mean ablation | 1.5000 |" in card
     assert "variance explained: 0.500" in card and "custom_code" in card
+    assert "| «a \\| b⏎c» | « x y» | « x» «⏎» | «\\|» |" in card

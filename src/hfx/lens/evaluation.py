@@ -17,7 +17,7 @@ from hfx.batching import left_padded
 from hfx.losses import kl_divergence
 
 from .activations import replace_activations
-from .training import context_targets
+from .training import context_targets, decode_each
 
 
 @torch.no_grad()
@@ -63,11 +63,9 @@ def evaluate_lens(
                     {
                         "context": tokenizer.decode(rows["input_ids"][i][-24:]),
                         "explanation": tokenizer.decode(out.explanation_ids[i]),
-                        "original_top": tokenizer.convert_ids_to_tokens(
-                            reference[i].topk(3).indices.tolist()
-                        ),
-                        "reconstructed_top": tokenizer.convert_ids_to_tokens(
-                            patched_logits["lens"][i].topk(3).indices.tolist()
+                        "original_top": decode_each(tokenizer, reference[i].topk(3).indices.tolist()),
+                        "reconstructed_top": decode_each(
+                            tokenizer, patched_logits["lens"][i].topk(3).indices.tolist()
                         ),
                     }
                 )

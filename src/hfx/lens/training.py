@@ -136,6 +136,11 @@ def context_targets(input_ids: list[list[int]], length: int, device=None) -> tor
     return targets.to(device)
 
 
+def decode_each(tokenizer, ids: list[int]) -> list[str]:
+    """Each token as the text it stands for (" are", not the byte-level "Ġare")."""
+    return [tokenizer.decode([i]) for i in ids]
+
+
 def collate(rows: list[dict]) -> dict:
     """Keep the token lists (padding happens where the frozen model runs) and stack the dumped tensors."""
     batch = {"input_ids": [row["input_ids"] for row in rows]}
@@ -264,10 +269,10 @@ class LensTrainer(Trainer):
                 {
                     "context": tokenizer.decode(parts["inputs"]["input_ids"][i][-24:]),
                     "explanation": tokenizer.decode(parts["out"].explanation_ids[i]),
-                    "original_top": tokenizer.convert_ids_to_tokens(
-                        parts["inputs"]["reference_topk_ids"][i][:3].tolist()
+                    "original_top": decode_each(
+                        tokenizer, parts["inputs"]["reference_topk_ids"][i][:3].tolist()
                     ),
-                    "reconstructed_top": tokenizer.convert_ids_to_tokens(reconstructed.indices.tolist()),
+                    "reconstructed_top": decode_each(tokenizer, reconstructed.indices.tolist()),
                 }
             )
         return rows
