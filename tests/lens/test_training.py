@@ -233,7 +233,12 @@ def test_lens_card_carries_the_evaluation(tmp_path):
         "kl": {"lens": 0.125, "mean_ablation": 1.5, "zero_ablation": 3.0},
         "fve": 0.5,
         "samples": [
-            {"context": "a | b\nc", "explanation": " x y", "original_top": [" x", "\n"], "reconstructed_top": ["|"]}
+            {
+                "context": "a | b\nc",
+                "explanation": " x y",
+                "original_top": [" x", "\n"],
+                "reconstructed_top": ["|"],
+            }
         ],
     }
     write_lens_card(tmp_path, lens.config, results)
