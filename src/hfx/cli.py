@@ -262,6 +262,8 @@ def _lens_eval(argv: list[str]) -> None:
     print(
         f"{results['examples']} held-out activations of layer {results['layer']}: KL lens {kl['lens']:.4f}, "
         f"mean ablation {kl['mean_ablation']:.4f}, zero ablation {kl['zero_ablation']:.4f}; FVE {results['fve']:.3f}"
+        f" (encoder reading the true context: KL {kl['encoder_reading_context']:.4f}, "
+        f"FVE {results['fve_encoder_reading_context']:.3f})"
     )
     for sample in results["samples"]:
         print(f"  ...{sample['context']!r} -> {sample['explanation']!r}")

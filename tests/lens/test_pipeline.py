@@ -1,0 +1,49 @@
+"""The lens jobs end to end on the embedded model: dump, train (context warm-up then KL), eval, reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hfx.cli import main
+from hfx.lens.data import load_activations
+from hfx.lens.modeling_lens import ConsistencyLens
+
+
+@pytest.mark.integration
+def test_dump_train_eval_on_the_embedded_model(tmp_path, capsys):
+    acts, lens_dir = tmp_path / "acts", tmp_path / "lens"
+    main(
+        ["lens", "dump", "--output_dir", str(acts), "--dataset", "sklearn_descr", "--layer", "2"]
+        + ["--context_length", "16", "--max_examples", "24", "--batch_size", "8"]
+    )
+    common = ["--activations_dir", str(acts), "--eval_examples", "8"]
+    main(
+        ["lens", "train", *common, "--output_dir", str(lens_dir), "--explanation_length", "3"]
+        + ["--decoder_num_layers", "1", "--write_backwards", "true", "--context_warmup_steps", "2"]
+        + ["--context_weight", "0.5", "--max_steps", "4", "--per_device_train_batch_size", "4"]
+        + ["--logging_steps", "1", "--save_steps", "2", "--verbose_samples", "1"]
+    )
+    state = json.loads((lens_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert "kl" not in logged[0] and {"kl", "context_ce", "temperature"} <= set(logged[-1])
+    samples = [json.loads(line) for line in (lens_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and len(samples[-1]["original_top"]) == 3
+
+    main(["lens", "eval", *common, "--lens", str(lens_dir)])
+    assert "KL lens" in capsys.readouterr().out
+    results = json.loads((lens_dir / "eval_results.json").read_text())
+    assert results["examples"] == 8 and results["layer"] == 2
+    assert set(results["kl"]) == {"lens", "mean_ablation", "zero_ablation", "encoder_reading_context"}
+    assert all(value >= 0 for value in results["kl"].values())
+    card = (lens_dir / "README.md").read_text()
+    assert "first 1 / 3 layers of the base model" in card and "written last token first" in card
+
+    lens = ConsistencyLens.from_pretrained(lens_dir).eval()
+    assert lens.config.layer == 2 and lens.config.encoder_num_layers == 3 and lens.config.write_backwards
+    activation = torch.tensor(load_activations(acts)[0]["activation"])[None]
+    with torch.no_grad():
+        out = lens(activation, sample=False)
+    assert out.explanation_ids.shape == (1, 3) and out.reconstruction.shape == (1, 576)
