@@ -7,10 +7,10 @@ Loss per batch (`compute_loss`, pieces from `hfx.losses`):
   + entropy_weight * entropy of the decoder's token distributions
   + context_weight * the context cross-entropy below (optional: keeps explanations anchored to real text),
 with the Gumbel-softmax temperature on its own schedule (both schedules count the KL objective's steps). The
-first `context_warmup_steps` steps instead teach the decoder to write the tokens that precede the position (teacher-forced cross-entropy, no frozen-model pass): a
-readable starting point that an encoder copied from the base model's first layers can already read back. The
-activation and the reference distribution come
-from the dumped dataset (precomputed mode) or are captured from the frozen model on the fly (runtime mode, same
+first `context_warmup_steps` steps instead teach the decoder to write the tokens that precede the position
+(teacher-forced cross-entropy, no frozen-model pass): a readable starting point that an encoder copied from the
+base model's first layers can already read back. The activation and the reference distribution come from the
+dumped dataset (precomputed mode) or are captured from the frozen model on the fly (runtime mode, same
 trainer, examples only). Everything else (resume, accumulation, LR schedules, logging) is Trainer's.
 """
 
@@ -168,8 +168,7 @@ class LensTrainer(Trainer):
         """Reconstruct the batch's activations and measure the frozen model with them patched in."""
         args: LensTrainingArguments = self.args
         layer = lens.config.layer
-        if "activation" not in inputs:  # runtime mode
-            inputs = {**inputs, **capture_batch(self.base_model, layer, inputs["input_ids"], self.topk)}
+        inputs = self.with_activations(lens, inputs)
         device = lens.device
         activation = inputs["activation"].to(device)
         step = self.kl_step
@@ -211,12 +210,14 @@ class LensTrainer(Trainer):
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def with_activations(self, lens, inputs: dict) -> dict:
+        """The batch with its activations and reference top-k: as dumped, or captured now (runtime mode)."""
+        if "activation" in inputs:
+            return inputs
+        return {**inputs, **capture_batch(self.base_model, lens.config.layer, inputs["input_ids"], self.topk)}
+
     def context_batch(self, lens, inputs: dict) -> dict:
-        if "activation" not in inputs:  # runtime mode
-            inputs = {
-                **inputs,
-                **capture_batch(self.base_model, lens.config.layer, inputs["input_ids"], self.topk),
-            }
+        inputs = self.with_activations(lens, inputs)
         targets = context_targets(inputs["input_ids"], lens.config.explanation_length, lens.device)
         loss, accuracy = lens.context_loss(inputs["activation"].to(lens.device), targets)
         return {"context_ce": loss, "context_accuracy": accuracy}
