@@ -7,7 +7,12 @@ import pytest
 import torch
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
-from hfx.lens.activations import decoder_layers, patched_next_token_logits, replace_activations
+from hfx.lens.activations import (
+    decoder_layers,
+    next_token_logits,
+    patched_next_token_logits,
+    replace_activations,
+)
 from hfx.lens.configuration_lens import ConsistencyLensConfig
 from hfx.lens.data import capture_batch
 from hfx.lens.modeling_lens import ConsistencyLens
@@ -259,6 +264,17 @@ def test_patched_next_token_logits_match_a_full_patched_forward():
         ):
             expected = base(input_ids=torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=1e-5)
+    # several replacements over one prefix: each equals its own full forward
+    with torch.no_grad():
+        several = next_token_logits(base, 1, rows, {"own": None, "patched": values, "doubled": 2 * values})
+    for row, ids in enumerate(rows):
+        with torch.no_grad():
+            own = base(input_ids=torch.tensor([ids])).logits[0, -1]
+            with replace_activations(base, 1, torch.tensor([len(ids) - 1]), 2 * values[row : row + 1]):
+                doubled = base(input_ids=torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(several["own"][row], own, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(several["patched"][row], got[row].detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(several["doubled"][row], doubled, atol=1e-5, rtol=1e-5)
 
 
 LOAD_WITHOUT_HFX = """

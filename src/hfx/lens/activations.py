@@ -3,27 +3,22 @@ one position per sequence.
 
 `replace_activations(model, layer, positions, values)` is a context manager under which every forward of `model`
 sees `values[b]` instead of the layer's output at `positions[b]` of row b (and nothing else changes);
-`patched_next_token_logits` is the trainer's cheap form of it for the last token. Reading them is
+`next_token_logits` / `patched_next_token_logits` are the cheap form of it for the last token (what
+training and evaluation measure). Reading them is
 `hfx.lens.data.capture_batch`.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import copy
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from hfx.batching import left_padded
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers (Llama-style `model.layers`, GPT-2-style `transformer.h`, ...)."""
-    expected = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == expected:
-            return module
-    raise ValueError(f"{type(model).__name__}: no list of {expected} decoder layers found.")
+from .modeling_lens import decoder_layers
 
 
 def decoder_layer(model: nn.Module, layer: int) -> nn.Module:
@@ -63,28 +58,44 @@ def patched_next_token_logits(
     model: nn.Module, layer: int, input_ids: list[list[int]], values: torch.Tensor
 ) -> torch.Tensor:
     """The model's next-token logits (B, V) after each row's last token, with `values[b]` in place of the output
-    of decoder layer `layer` at that token.
+    of decoder layer `layer` at that token (gradients flow into `values`)."""
+    return next_token_logits(model, layer, input_ids, {"patched": values})["patched"]
 
-    Only the last token depends on the replacement (the model is causal), so everything before it runs once
-    without autograd and is handed over as the KV cache; gradients into `values` come from one token's pass."""
-    device = values.device
+
+def next_token_logits(
+    model: nn.Module, layer: int, input_ids: list[list[int]], replacements: dict[str, torch.Tensor | None]
+) -> dict[str, torch.Tensor]:
+    """For each named replacement, the next-token logits (B, V) after each row's last token with the output of
+    decoder layer `layer` there replaced by it (None: the model's own activation).
+
+    Only the last token depends on a replacement (the model is causal), so everything before it runs once,
+    without autograd, and each replacement reruns just the last token against that KV cache."""
+    device = next(model.parameters()).device
     ids, mask, position_ids = left_padded(input_ids, device)
     last = torch.zeros(ids.shape[0], dtype=torch.long, device=device)
-    cache = None
+    prefix = None
     if ids.shape[1] > 1:
         with torch.no_grad():
-            cache = model(
+            prefix = model(
                 input_ids=ids[:, :-1],
                 attention_mask=mask[:, :-1],
                 position_ids=position_ids[:, :-1],
                 use_cache=True,
                 logits_to_keep=1,
             ).past_key_values
-    with replace_activations(model, layer, last, values):
-        return model(
-            input_ids=ids[:, -1:],
-            attention_mask=mask,
-            position_ids=position_ids[:, -1:],
-            past_key_values=cache,
-            use_cache=cache is not None,
-        ).logits[:, -1]
+    logits = {}
+    names = list(replacements)
+    for name in names:
+        # a forward appends the last token to its cache: every pass but the last gets a copy
+        cache = prefix if prefix is None or name == names[-1] else copy.deepcopy(prefix)
+        values = replacements[name]
+        patch = replace_activations(model, layer, last, values) if values is not None else nullcontext()
+        with patch:
+            logits[name] = model(
+                input_ids=ids[:, -1:],
+                attention_mask=mask,
+                position_ids=position_ids[:, -1:],
+                past_key_values=cache,
+                use_cache=cache is not None,
+            ).logits[:, -1]
+    return logits

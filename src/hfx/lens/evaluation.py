@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from hfx.batching import left_padded
 from hfx.losses import kl_divergence
 
-from .activations import replace_activations
+from .activations import next_token_logits
 from .training import context_targets, decode_each
 
 
@@ -33,27 +32,23 @@ def evaluate_lens(
     shown = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="lens eval", unit="batch"):
         rows = dataset[start : start + batch_size]
-        ids, mask, position_ids = left_padded(rows["input_ids"], device)
         activation = torch.tensor(rows["activation"], device=device)
-        last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=device)
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
-        reference = base(**kwargs).logits[:, -1]
         out = lens(activation, sample=False)
         # rows shorter than the explanation are padded with token 0
         context = context_targets(rows["input_ids"], lens.config.explanation_length, device).clamp(min=0)
         embeddings = lens.encoder.get_input_embeddings().weight
         read_context = lens.reconstruct(torch.nn.functional.one_hot(context, embeddings.shape[0]).float())
         replacements = {
+            "reference": None,
             "lens": out.reconstruction,
             "mean_ablation": mean_activation.expand_as(activation),
             "zero_ablation": torch.zeros_like(activation),
             "encoder_reading_context": read_context,
         }
-        patched_logits = {}
-        for name, values in replacements.items():
-            with replace_activations(base, layer, last, values):
-                patched_logits[name] = base(**kwargs).logits[:, -1]
-            totals[name] += float(kl_divergence(reference, patched_logits[name])) * len(activation)
+        patched_logits = next_token_logits(base, layer, rows["input_ids"], replacements)
+        reference = patched_logits.pop("reference")
+        for name, logits in patched_logits.items():
+            totals[name] += float(kl_divergence(reference, logits)) * len(activation)
         squared_error += float(((activation - out.reconstruction.float()) ** 2).sum())
         squared_error_context += float(((activation - read_context.float()) ** 2).sum())
         squared_deviation += float(((activation - mean_activation) ** 2).sum())

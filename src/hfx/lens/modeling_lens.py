@@ -182,7 +182,7 @@ class ConsistencyLens(PreTrainedModel):
         def hook(module, args, output):
             captured["hidden"] = (output[0] if isinstance(output, tuple) else output)[:, -1]
 
-        handle = _layers(self.encoder)[index - 1].register_forward_hook(hook)
+        handle = decoder_layers(self.encoder)[index - 1].register_forward_hook(hook)
         try:
             self.encoder(inputs_embeds=inputs)
         finally:
@@ -222,12 +222,13 @@ class ConsistencyLens(PreTrainedModel):
         return explained
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
-    expected = model.config.num_hidden_layers
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (Llama-style `model.layers`, GPT-2-style `transformer.h`, ...)."""
+    expected = getattr(model.config, "num_hidden_layers", None)
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == expected:
             return module
-    raise ValueError(f"{type(model).__name__}: no list of {expected} layers found.")
+    raise ValueError(f"{type(model).__name__}: no list of {expected} decoder layers found.")
 
 
 def _check_copied(part: str, missing: list[str]) -> None:
