@@ -48,6 +48,19 @@ class PrefixKV:
         return cls.from_cache(out.past_key_values)
 
     @classmethod
+    def concat(cls, prefixes: list[PrefixKV]) -> PrefixKV:
+        """Several prefixes one after the other (cartridge composition): concatenated along the token axis."""
+        if not prefixes:
+            raise ValueError("Nothing to concatenate.")
+        layers = {len(p.keys) for p in prefixes}
+        if len(layers) != 1:
+            raise ValueError(f"Prefixes have different numbers of layers: {sorted(layers)}.")
+        return cls(
+            [torch.cat([p.keys[i] for p in prefixes], dim=2) for i in range(len(prefixes[0].keys))],
+            [torch.cat([p.values[i] for p in prefixes], dim=2) for i in range(len(prefixes[0].values))],
+        )
+
+    @classmethod
     def from_peft_model(cls, peft_model) -> PrefixKV:
         """The prefix a PEFT prompt-learning adapter (CARTRIDGE) feeds the base model."""
         with torch.no_grad():
