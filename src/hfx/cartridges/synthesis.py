@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hfx.artifacts import check_or_write_manifest, write_parquet_atomic
-from hfx.cartridges.corpus import Corpus, document_prefix_ids, user_turn_ids
-from hfx.cartridges.prefix import PrefixKV, generate_after_prefix
+from hfx.cartridges.corpus import Corpus, document_prefix_ids, document_system_prompt, user_turn_ids
+from hfx.cartridges.prefix import PrefixKV, forward_with_prefix, generate_after_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -152,24 +153,74 @@ def _new_tokens(sequences: torch.Tensor, width: int, eos_ids: set[int]) -> list[
     return rows
 
 
-@torch.no_grad()
-def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> list[dict]:
-    """One batch of conversations about one chunk. Deterministic in (config.seed, batch_idx)."""
+@dataclass
+class BatchPlan:
+    """What one batch is about, drawn from (seed, batch index) alone: the same on every run and every backend."""
+
+    batch_idx: int
+    first_id: int
+    chunk_start: int
+    chunk_end: int
+    chunk_text: str
+    kinds: list[str]
+    seeds: list[str]
+    torch_seed: int
+
+
+def plan_batch(tokenizer, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> BatchPlan:
     rng = random.Random(f"{config.seed}-{batch_idx}")
-    torch.manual_seed(rng.getrandbits(63))
+    torch_seed = rng.getrandbits(63)
     first_id = batch_idx * config.conversations_per_chunk
     size = min(config.conversations_per_chunk, config.num_conversations - first_id)
     chunk_start, chunk_end = sample_chunk(corpus.num_tokens, config, rng)
-    chunk_text = tokenizer.decode(corpus.token_ids[chunk_start:chunk_end])
     kinds = [rng.choice(SEED_KINDS) for _ in range(size)]
     seeds = [rng.choice(SEED_PROMPTS[kind]) for kind in kinds]
+    return BatchPlan(
+        batch_idx=batch_idx,
+        first_id=first_id,
+        chunk_start=chunk_start,
+        chunk_end=chunk_end,
+        chunk_text=tokenizer.decode(corpus.token_ids[chunk_start:chunk_end]),
+        kinds=kinds,
+        seeds=seeds,
+        torch_seed=torch_seed,
+    )
 
+
+def _eos_ids(tokenizer) -> set[int]:
+    return {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
+
+
+def _row(tokenizer, plan: BatchPlan, i: int, question: str, answer_ids, topk_ids, topk_logprobs) -> dict:
+    """One dataset row: the student's prompt (no document) + the answer, with the teacher's top-k per answer token."""
+    student_prompt = user_turn_ids(tokenizer, question, after_system=False)
+    return {
+        "conversation_id": plan.first_id + i,
+        "seed_kind": plan.kinds[i],
+        "chunk_start": plan.chunk_start,
+        "chunk_end": plan.chunk_end,
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()},
+        ],
+        "input_ids": student_prompt + list(answer_ids),
+        "answer_start": len(student_prompt),
+        "topk_token_ids": topk_ids,
+        "topk_logprobs": topk_logprobs,
+    }
+
+
+@torch.no_grad()
+def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> list[dict]:
+    """One batch of conversations about one chunk, generated locally. Deterministic in (config.seed, batch_idx)."""
+    plan = plan_batch(tokenizer, corpus, config, batch_idx)
+    torch.manual_seed(plan.torch_seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
-    chunk_kv = PrefixKV.prefill(model, document_prefix_ids(tokenizer, chunk_text))
+    eos_ids = _eos_ids(tokenizer)
+    chunk_kv = PrefixKV.prefill(model, document_prefix_ids(tokenizer, plan.chunk_text))
 
     # Agent A: the seed prompt becomes a user message.
-    prompts_a = [user_turn_ids(tokenizer, seed, after_system=True) for seed in seeds]
+    prompts_a = [user_turn_ids(tokenizer, seed, after_system=True) for seed in plan.seeds]
     out_a, width_a = generate_after_prefix(
         model,
         chunk_kv,
@@ -214,28 +265,140 @@ def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, 
         answer_ids = answers_ids[row]
         if not answer_ids:
             continue
-        student_prompt = user_turn_ids(tokenizer, questions[i], after_system=False)
         n = len(answer_ids)
         rows.append(
-            {
-                "conversation_id": first_id + i,
-                "seed_kind": kinds[i],
-                "chunk_start": chunk_start,
-                "chunk_end": chunk_end,
-                "messages": [
-                    {"role": "user", "content": questions[i]},
-                    {
-                        "role": "assistant",
-                        "content": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),
-                    },
-                ],
-                "input_ids": student_prompt + answer_ids,
-                "answer_start": len(student_prompt),
-                "topk_token_ids": topk_ids[row, :n].tolist(),
-                "topk_logprobs": topk_logprobs[row, :n].tolist(),
-            }
+            _row(
+                tokenizer,
+                plan,
+                i,
+                questions[i],
+                answer_ids,
+                topk_ids[row, :n].tolist(),
+                topk_logprobs[row, :n].tolist(),
+            )
         )
     return rows
+
+
+@torch.no_grad()
+def rescore(
+    model,
+    tokenizer,
+    chunk_text: str,
+    conversations: list[tuple[str, list[int]]],
+    top_k: int,
+    batch_size: int = 8,
+) -> list[tuple[list[list[int]], list[list[float]]]]:
+    """The teacher's exact top-k at every answer token: (question, answer ids) pairs re-read with the chunk in context.
+
+    The chunk's KV is computed once and shared; the conversations go through in right-padded batches.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chunk_kv = PrefixKV.prefill(model, document_prefix_ids(tokenizer, chunk_text))
+    results = []
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start : start + batch_size]
+        prompts = [user_turn_ids(tokenizer, question, after_system=True) for question, _ in batch]
+        sequences = [p + list(a) for p, (_, a) in zip(prompts, batch, strict=True)]
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = forward_with_prefix(model, chunk_kv, ids.to(model.device), mask.to(model.device)).logits
+        for row, (prompt, (_, answer)) in enumerate(zip(prompts, batch, strict=True)):
+            step_logits = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(answer)].float()
+            values, top = torch.log_softmax(step_logits, dim=-1).topk(top_k, dim=-1)
+            results.append((top.tolist(), values.tolist()))
+    return results
+
+
+class ServerBatches:
+    """Batches generated by an OpenAI-compatible server; the teacher's top-k from the server or re-scored locally."""
+
+    def __init__(
+        self, client, model, tokenizer, rescore_batch_size: int = 8, use_server_logprobs: bool = True
+    ):
+        self.client = client
+        self.model = model
+        self.tokenizer = tokenizer
+        self.rescore_batch_size = rescore_batch_size
+        self.use_server_logprobs = use_server_logprobs
+        self.counts = {"server_logprobs": 0, "rescored": 0}
+        self.rescore_seconds = 0.0
+
+    def __call__(self, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> list[dict]:
+        plan = plan_batch(self.tokenizer, corpus, config, batch_idx)
+        system = {"role": "system", "content": document_system_prompt(plan.chunk_text)}
+        # Per-request seeds: servers that honour them (vLLM, SGLang) give the same conversations on a rerun.
+        seed = plan.torch_seed % (2**31)
+        questions = [
+            clean_user_message(c.text)
+            for c in self.client.complete_many(
+                [
+                    {
+                        "messages": [system, {"role": "user", "content": prompt}],
+                        "max_tokens": config.max_question_tokens,
+                        "temperature": config.question_temperature,
+                        "seed": seed + i,
+                    }
+                    for i, prompt in enumerate(plan.seeds)
+                ]
+            )
+        ]
+        keep = [i for i, q in enumerate(questions) if q]
+        answers = self.client.complete_many(
+            [
+                {
+                    "messages": [system, {"role": "user", "content": questions[i]}],
+                    "max_tokens": config.max_answer_tokens,
+                    "temperature": config.answer_temperature,
+                    "seed": seed + len(plan.seeds) + i,
+                    "top_logprobs": config.top_k if self.use_server_logprobs else None,
+                }
+                for i in keep
+            ]
+        )
+        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if eos is None or eos == self.tokenizer.unk_token_id:
+            eos = self.tokenizer.eos_token_id
+        rows: dict[int, dict] = {}
+        to_rescore: list[tuple[int, list[int]]] = []
+        for i, answer in zip(keep, answers, strict=True):
+            if answer.tokens:
+                self.counts["server_logprobs"] += 1
+                ids = [t[0] for t in answer.tokens]
+                rows[i] = _row(
+                    self.tokenizer,
+                    plan,
+                    i,
+                    questions[i],
+                    ids,
+                    [t[1] for t in answer.tokens],
+                    [t[2] for t in answer.tokens],
+                )
+                continue
+            ids = self.tokenizer(answer.text.strip(), add_special_tokens=False)["input_ids"]
+            if answer.finish_reason == "stop":
+                ids = ids + [eos]  # the student learns to end its turn where the teacher did
+            if ids:
+                to_rescore.append((i, ids))
+        if to_rescore:
+            start = time.perf_counter()
+            scored = rescore(
+                self.model,
+                self.tokenizer,
+                plan.chunk_text,
+                [(questions[i], ids) for i, ids in to_rescore],
+                config.top_k,
+                self.rescore_batch_size,
+            )
+            self.rescore_seconds += time.perf_counter() - start
+            self.counts["rescored"] += len(to_rescore)
+            for (i, ids), (top_ids, top_logprobs) in zip(to_rescore, scored, strict=True):
+                rows[i] = _row(self.tokenizer, plan, i, questions[i], ids, top_ids, top_logprobs)
+        return [rows[i] for i in sorted(rows)]
 
 
 def _shard_path(output_dir: Path, shard_idx: int) -> Path:
@@ -250,10 +413,41 @@ def synthesize(
     config: SynthesisConfig | None = None,
     model_name: str = "",
     progress: bool = True,
+    server=None,
 ) -> datasets.Dataset:
-    """Synthesize ``config.num_conversations`` conversations into ``output_dir`` (resumable); return the dataset."""
+    """Synthesize ``config.num_conversations`` conversations into ``output_dir`` (resumable); return the dataset.
+
+    ``server`` (:class:`~hfx.cartridges.server.ServerArguments` with a ``server_url``) generates with an
+    OpenAI-compatible server; ``model`` is then the local teacher that re-scores answers the server gave no
+    usable log-probs for.
+    """
     config = config or SynthesisConfig()
     output_dir = Path(output_dir)
+    generator = None
+    client = None
+    if server is not None and server.server_url:
+        from hfx.cartridges.server import ChatClient
+
+        client = ChatClient.from_arguments(
+            server, default_model=str(getattr(model, "name_or_path", "") or model_name), tokenizer=tokenizer
+        )
+        generator = ServerBatches(
+            client,
+            model,
+            tokenizer,
+            rescore_batch_size=server.rescore_batch_size,
+            use_server_logprobs=server.server_logprobs == "auto",
+        )
+    try:
+        return _synthesize(
+            model, tokenizer, corpus, output_dir, config, model_name, progress, generator, client
+        )
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progress, generator, client):
     manifest = {
         "corpus": corpus.name,
         "corpus_tokens": corpus.num_tokens,
@@ -262,6 +456,13 @@ def synthesize(
         "seed_prompts_sha256": hashlib.sha256(json.dumps(SEED_PROMPTS, sort_keys=True).encode()).hexdigest(),
         **asdict(config),
     }
+    if client is not None:
+        # Another generator makes other conversations: a resumed run must use the same one.
+        manifest["generator"] = {
+            "backend": "openai-compatible server",
+            "server_model": client.model,
+            "server_logprobs": generator.use_server_logprobs,
+        }
     check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
 
     batch_sizes = [
@@ -290,7 +491,10 @@ def synthesize(
             continue
         rows = []
         for batch_idx in batches:
-            rows.extend(synthesize_batch(model, tokenizer, corpus, config, batch_idx))
+            if generator is None:
+                rows.extend(synthesize_batch(model, tokenizer, corpus, config, batch_idx))
+            else:
+                rows.extend(generator(corpus, config, batch_idx))
             bar.update(batch_sizes[batch_idx])
         write_parquet_atomic(rows, FEATURES, _shard_path(output_dir, shard_idx))
     bar.close()
@@ -309,15 +513,25 @@ def load_synthesis(output_dir: str | Path) -> datasets.Dataset:
     return datasets.Dataset.from_parquet(files, features=FEATURES)
 
 
+def shard_statistics(output_dir: str | Path) -> tuple[dict[str, int], int]:
+    """Conversations per seed kind and answer tokens, read shard by shard (memory does not grow with the rows)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    kinds = {kind: 0 for kind in SEED_KINDS}
+    answer_tokens = 0
+    for path in sorted((Path(output_dir) / "data").glob("train-*.parquet")):
+        table = pq.read_table(path, columns=["seed_kind", "topk_token_ids"])
+        for kind, count in zip(*table["seed_kind"].value_counts().flatten(), strict=True):
+            kinds[kind.as_py()] = kinds.get(kind.as_py(), 0) + count.as_py()
+        answer_tokens += pc.sum(pc.list_value_length(table["topk_token_ids"])).as_py() or 0
+    return kinds, answer_tokens
+
+
 def write_dataset_card(output_dir: Path, manifest: dict, dataset: datasets.Dataset) -> None:
     from hfx.hub import render_card
 
-    kinds = {kind: 0 for kind in SEED_KINDS}
-    for kind in dataset["seed_kind"]:
-        kinds[kind] = kinds.get(kind, 0) + 1
-    answer_tokens = sum(
-        len(ids) - start for ids, start in zip(dataset["input_ids"], dataset["answer_start"], strict=False)
-    )
+    kinds, answer_tokens = shard_statistics(output_dir)
     render_card(
         "dataset_card.md",
         output_dir / "README.md",
