@@ -121,3 +121,46 @@ def test_user_messages_are_cut_to_the_request(raw, expected):
     from hfx.cartridges.synthesis import clean_user_message
 
     assert clean_user_message(raw) == expected
+
+
+def test_memory_does_not_grow_with_the_number_of_conversations(tmp_path, tokenizer, corpus, monkeypatch):
+    """Tens of thousands of conversations: one shard's rows at a time, and card statistics read per shard."""
+    import tracemalloc
+
+    from hfx.cartridges import synthesis as module
+
+    def fake_batch(model, tokenizer, corpus, config, batch_idx):  # cheap rows of a realistic size
+        plan = module.plan_batch(tokenizer, corpus, config, batch_idx)
+        answer = list(range(100, 120))
+        return [
+            module._row(
+                tokenizer,
+                plan,
+                i,
+                "Q?",
+                answer,
+                [[t] * config.top_k for t in answer],
+                [[-1.0] * config.top_k] * 20,
+            )
+            for i in range(len(plan.seeds))
+        ]
+
+    monkeypatch.setattr(module, "synthesize_batch", fake_batch)
+
+    def peak(n: int) -> int:
+        config = SynthesisConfig(
+            num_conversations=n,
+            conversations_per_chunk=500,
+            top_k=4,
+            chunk_min_tokens=40,
+            chunk_max_tokens=80,
+        )
+        tracemalloc.start()
+        dataset = synthesize(None, tokenizer, corpus, tmp_path / str(n), config, progress=False)
+        result = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(dataset) == n and len(list((tmp_path / str(n) / "data").iterdir())) == n // 500
+        return result
+
+    small, large = peak(1_000), peak(10_000)
+    assert large < 1.5 * small, (small, large)
