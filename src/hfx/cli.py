@@ -4,6 +4,8 @@
     hfx cartridge synthesize  self-study conversations -> a Parquet dataset with a card
     hfx cartridge train       a dataset -> a PEFT CARTRIDGE adapter with a card
     hfx cartridge eval        no context vs ICL vs cartridge, one table
+    hfx cartridge compose     k >= 2 cartridges -> one adapter; composed vs single vs ICL on multi-document questions
+    hfx cartridge push        a cartridge (+ its dataset) to the Hub with linked cards; --dry-run DIR to inspect
     hfx peer-mla analyze      total vs active parameters per token, by component, with a PNG plot
     hfx peer-mla init         a randomly initialised PEER-MLA model folder (code, config, safetensors, card)
     hfx quanta run            quanta discovery: losses -> filter -> gradients -> similarity -> cluster -> view
@@ -41,10 +43,11 @@ def _parser(prog: str, *dataclass_types):
 def _cartridge_synthesize(argv: list[str]) -> None:
     from hfx.cartridges.corpus import load_corpus
     from hfx.cartridges.pipeline import SynthesizeArguments, load_model, model_display_name
+    from hfx.cartridges.server import ServerArguments
     from hfx.cartridges.synthesis import SynthesisConfig, synthesize
 
-    args, config = _parser(
-        "hfx cartridge synthesize", SynthesizeArguments, SynthesisConfig
+    args, config, server = _parser(
+        "hfx cartridge synthesize", SynthesizeArguments, SynthesisConfig, ServerArguments
     ).parse_args_and_config(argv)
     model, tokenizer, _ = load_model(args.model_name_or_path)
     corpus = load_corpus(args.corpus, tokenizer)
@@ -55,6 +58,7 @@ def _cartridge_synthesize(argv: list[str]) -> None:
         args.synthesis_dir,
         config,
         model_name=model_display_name(args.model_name_or_path),
+        server=server,
     )
     print(f"{len(dataset)} conversations in {args.synthesis_dir}")
     if args.hub_repo_id:
@@ -95,6 +99,16 @@ def _cartridge_eval(argv: list[str]) -> None:
     print(report["table"])
 
 
+def _cartridge_compose(argv: list[str]) -> None:
+    from hfx.cartridges.pipeline import ComposeArguments, compose_and_evaluate
+
+    (args,) = _parser("hfx cartridge compose", ComposeArguments).parse_args_and_config(argv)
+    report = compose_and_evaluate(args)
+    if report:
+        print(report["table"])
+    print(f"composed cartridge saved in {args.output_dir}")
+
+
 def _cartridge_run(argv: list[str]) -> None:
     from hfx.cartridges.pipeline import RunArguments, run_from_arguments
     from hfx.cartridges.synthesis import SynthesisConfig
@@ -104,6 +118,32 @@ def _cartridge_run(argv: list[str]) -> None:
     if result.report:
         print(result.report["table"])
     print(f"cartridge saved in {result.cartridge_dir} ({result.seconds / 60:.1f} min)")
+
+
+def _cartridge_push(argv: list[str]) -> None:
+    from hfx.cartridges.hub import PushArguments, push_cartridge_to_hub
+
+    (args,) = _parser("hfx cartridge push", PushArguments).parse_args_and_config(argv)
+    result = push_cartridge_to_hub(
+        args.cartridge,
+        args.repo_id,
+        synthesis_dir=args.synthesis_dir,
+        dataset_repo_id=args.dataset_repo_id,
+        base_model=args.base_model,
+        private=args.private,
+        dry_run_dir=args.dry_run,
+        commit_message=args.commit_message,
+    )
+    for name in ("model", "dataset"):
+        if name not in result:
+            continue
+        repo = result[name]
+        if result["dry_run"]:
+            print(f"{name} for {repo['url']}: {repo['folder']} ({', '.join(repo['files'])})")
+        else:
+            print(f"{name} uploaded to {repo['url']}: {repo['commit_url']}")
+    if result["dry_run"]:
+        print(f"dry run: nothing uploaded; the folders are in {args.dry_run}")
 
 
 def _corpora(argv: list[str]) -> None:
@@ -287,6 +327,8 @@ COMMANDS = {
     ("cartridge", "synthesize"): _cartridge_synthesize,
     ("cartridge", "train"): _cartridge_train,
     ("cartridge", "eval"): _cartridge_eval,
+    ("cartridge", "compose"): _cartridge_compose,
+    ("cartridge", "push"): _cartridge_push,
     ("peer-mla", "analyze"): _peer_mla_analyze,
     ("peer-mla", "init"): _peer_mla_init,
     **{

@@ -1,16 +1,40 @@
 """Cards and Hub transfer shared by every hfx artifact.
 
 Cards are rendered from the templates in ``model_cards/`` with huggingface_hub's own card classes, so the YAML
-front matter is what the Hub expects; pushing is ``upload_folder`` on the artifact directory as saved.
+front matter is what the Hub expects; pushing is ``upload_folder`` on the artifact directory as saved, minus what is
+never shared (:data:`UPLOAD_IGNORE_PATTERNS`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+#: Never uploaded: Trainer checkpoints (resume state, optimizer moments), temp files of atomic writes, hidden
+#: files, and pickled objects (``training_args.bin``, ``optimizer.pt``, ``rng_state.pth``...): hfx artifacts are
+#: safetensors, Parquet and JSON only.
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "*/checkpoint-*",
+    "*.tmp*",
+    ".*",
+    "*/.*",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.pkl",
+    "*.pickle",
+    "runs/*",
+]
+
+
+def is_ignored(path_in_repo: str) -> bool:
+    """Whether ``path_in_repo`` (relative, ``/``-separated) matches :data:`UPLOAD_IGNORE_PATTERNS`."""
+    return any(fnmatch.fnmatch(path_in_repo, pattern) for pattern in UPLOAD_IGNORE_PATTERNS)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -51,17 +75,26 @@ def push_folder(
     repo_type: str = "model",
     private: bool = False,
     commit_message: str | None = None,
+    delete_patterns: list[str] | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` (card included); returns the commit URL."""
+    """Create ``repo_id`` if needed and upload ``folder`` (card included); returns the commit URL.
+
+    Files matching :data:`UPLOAD_IGNORE_PATTERNS` are never uploaded. Remote files matching ``delete_patterns``
+    that the folder does not have are deleted in the same commit (``["*"]``: the repo mirrors the folder).
+    """
     from huggingface_hub import HfApi
 
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder to upload.")
     api = HfApi()
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     info = api.upload_folder(
         folder_path=str(folder),
         repo_id=repo_id,
         repo_type=repo_type,
-        commit_message=commit_message or f"Upload {Path(folder).name} with hfx",
-        ignore_patterns=["checkpoint-*", "*.tmp*", ".*"],
+        commit_message=commit_message or f"Upload {folder.name} with hfx",
+        ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        delete_patterns=delete_patterns,
     )
     return str(info)

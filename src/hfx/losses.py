@@ -11,6 +11,7 @@ def topk_distillation_loss(
     loss_mask: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Cross-entropy of the student against the teacher's stored top-k distribution.
 
@@ -26,9 +27,14 @@ def topk_distillation_loss(
         teacher_topk_logprobs: ``[batch, seq, k]`` the teacher's log-probabilities of those ids (full-vocabulary
             normalised; their mass over the top-k is used as the target weights, as stored).
 
+        reduction: ``"mean"`` over labelled positions, or ``"sum"`` (for a caller that divides by a token count
+            taken over several batches or processes).
+
     Returns:
-        Mean over labelled positions of ``-sum_k p_teacher(k) * log p_student(k)``.
+        Mean (or sum) over labelled positions of ``-sum_k p_teacher(k) * log p_student(k)``.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     if loss_mask.sum() == 0:
         # Keep the graph connected so DDP/accumulation see a gradient (of zero).
         return student_hidden.sum() * 0.0
@@ -37,7 +43,8 @@ def topk_distillation_loss(
     ids = teacher_topk_ids[loss_mask].long()
     teacher_probs = teacher_topk_logprobs[loss_mask].float().exp()
     student_at_teacher_topk = student_logprobs.gather(-1, ids)
-    return -(teacher_probs * student_at_teacher_topk).sum(-1).mean()
+    per_position = -(teacher_probs * student_at_teacher_topk).sum(-1)
+    return per_position.sum() if reduction == "sum" else per_position.mean()
 
 
 def full_vocab_distillation_loss(

@@ -98,3 +98,99 @@ def test_composition_refuses_other_base_models_and_shapes(tmp_path, tokenizer):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="cart1: the cartridge's weights cannot be read"):
         composed_prefix(dirs[:2], model_config=model.config)
+
+
+def test_compose_command_writes_the_adapter_card_and_the_multi_document_table(
+    tmp_path, tokenizer, tiny_model_dir
+):
+    from transformers import AutoModelForCausalLM
+
+    from hfx.cli import main
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    documents = []
+    for i, text in enumerate(TEXTS):
+        path = tmp_path / f"doc{i}.txt"
+        path.write_text(text * 10)
+        documents.append(path)
+    dirs = _save_cartridges(tmp_path, tokenizer, model, base=str(tiny_model_dir))
+    questions = tmp_path / "questions.jsonl"
+    rows = [
+        {
+            "question": "Who founded Velkin harbour and who designed Zorblat?",
+            "choices": ["Ito Brann and Mara Quell", "Mara Quell and Ito Brann"],
+            "answer": 0,
+            "documents": ["doc0", "doc1"],
+        },
+        {
+            "question": "How long is the Quorra festival and when was Zorblat designed?",
+            "choices": ["nine days and 1987", "five days and 1987"],
+            "answer": 0,
+            "documents": ["doc0", "doc2"],
+        },
+        {"question": "How many ships does Velkin handle?", "choices": ["40", "12"], "answer": 0},
+    ]
+    questions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "composed"
+    argv = ["cartridge", "compose", "--cartridges", *map(str, dirs), "--output_dir", str(out)]
+    main(
+        [
+            *argv,
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--questions",
+            str(questions),
+            "--corpora",
+            *map(str, documents),
+        ]
+    )
+
+    report = json.loads((out / "eval_results.json").read_text())
+    names = [r["condition"] for r in report["results"]]
+    assert names[0] == "no context" and names[1].startswith("ICL, all 3 documents")
+    assert names[2:] == [
+        "cartridge doc0 (p=4)",
+        "cartridge doc1 (p=6)",
+        "cartridge doc2 (p=5)",
+        "composed 3 cartridges (p=15)",
+    ]
+    assert report["results"][-1]["kv_tokens"] == 15
+    assert set(report["by_group"]) == {"doc0 + doc1", "doc0 + doc2"}
+    pair = report["by_group"]["doc0 + doc1"]
+    assert pair["num_questions"] == 1 and "composed doc0 + doc1 (p=10)" in pair["accuracy"]
+    assert all(0.0 <= a <= 1.0 for a in pair["accuracy"].values())
+    assert "| composed 3 cartridges (p=15) |" in report["table"]
+    card = (out / "README.md").read_text()
+    assert "## Composition" in card and "doc2" in card and "| composed 3 cartridges (p=15) |" in card
+    PeftModel.from_pretrained(model, str(out))  # loads as one adapter
+
+    # Bad input: a composition that exists, a question about a document no cartridge knows, too few cartridges.
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        main([*argv, "--model_name_or_path", str(tiny_model_dir)])
+    rows[0]["documents"] = ["doc0", "atlantis"]
+    questions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(SystemExit, match=r"name documents \['atlantis'\] that none of the cartridges"):
+        main(
+            [
+                *argv[:-1],
+                str(tmp_path / "again"),
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--questions",
+                str(questions),
+                "--corpora",
+                *map(str, documents),
+            ]
+        )
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(SystemExit, match="at least 2 cartridges"):
+        main(
+            [
+                "cartridge",
+                "compose",
+                "--cartridges",
+                str(dirs[0]),
+                "--model_name_or_path",
+                str(tiny_model_dir),
+            ]
+        )

@@ -128,3 +128,122 @@ def compose_cartridges(
         output_dir.rmdir()
     os.replace(tmp, output_dir)
     return output_dir
+
+
+def _question_groups(questions_path: str | Path) -> list[tuple[str, ...] | None]:
+    """The optional ``documents`` field of each question (which documents it needs), in file order."""
+    groups = []
+    for line in Path(questions_path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            documents = json.loads(line).get("documents")
+            groups.append(tuple(documents) if documents else None)
+    return groups
+
+
+def check_question_documents(questions_path: str | Path, names: list[str]) -> list[tuple[str, ...] | None]:
+    """The document groups of the questions; a document no cartridge was trained on is an error."""
+    groups = _question_groups(questions_path)
+    unknown = sorted({d for g in groups if g for d in g} - set(names))
+    if unknown:
+        raise ValueError(
+            f"{questions_path}: questions name documents {unknown} that none of the cartridges ({names}) was trained on."
+        )
+    return groups
+
+
+def evaluate_composition(
+    model,
+    tokenizer,
+    cartridge_dirs: list[str | Path],
+    documents: list[tuple[str, str]],
+    questions_path: str | Path,
+    base_model: str | None = None,
+    max_context_tokens: int | None = None,
+    throughput_batch: int = 8,
+    throughput_tokens: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Composed vs single cartridges vs ICL with every document, on questions that need several documents.
+
+    ``documents`` are ``(name, text)`` pairs, one per cartridge in the same order (the name is the corpus name
+    recorded in the cartridge). Questions may name the documents they need (``"documents": ["rcv1", "iris"]``);
+    each such group is also scored separately, with the composition of just its cartridges as an extra condition.
+    """
+    from hfx.cartridges.evaluation import (
+        Condition,
+        evaluate_conditions,
+        icl_condition,
+        load_questions,
+        score_multiple_choice,
+    )
+
+    if len(cartridge_dirs) != len(documents):
+        raise ValueError(
+            f"{len(cartridge_dirs)} cartridges but {len(documents)} documents; give one per cartridge."
+        )
+    check_same_base(cartridge_dirs, model.config, base_model)
+    questions = load_questions(questions_path)
+    names = [name for name, _ in documents]
+    groups = check_question_documents(questions_path, names)
+    prefixes = {
+        name: load_prefix(d, dtype=model.dtype) for name, d in zip(names, cartridge_dirs, strict=True)
+    }
+    composed = PrefixKV.concat(list(prefixes.values()))
+    conditions = [
+        Condition("no context", None, prompt_after_system=False),
+        icl_condition(model, tokenizer, "\n\n".join(text for _, text in documents), max_context_tokens),
+        *[Condition(f"cartridge {name} (p={p.num_tokens})", p, False) for name, p in prefixes.items()],
+        Condition(f"composed {len(names)} cartridges (p={composed.num_tokens})", composed, False),
+    ]
+    conditions[1].name = f"ICL, all {len(names)} documents ({conditions[1].prefix.num_tokens} tokens)"
+    results = evaluate_conditions(
+        model,
+        tokenizer,
+        conditions,
+        questions,
+        throughput_batch=throughput_batch,
+        throughput_tokens=throughput_tokens,
+        progress=progress,
+    )
+    by_group: dict[str, dict[str, float]] = {}
+    for group in sorted({g for g in groups if g}):
+        subset = [q for q, g in zip(questions, groups, strict=True) if g == group]
+        pair = PrefixKV.concat([prefixes[name] for name in group])
+        label = " + ".join(group)
+        scores = {}
+        for condition in [
+            *conditions,
+            Condition(f"composed {label} (p={pair.num_tokens})", pair, False),
+        ]:
+            accuracy, _ = score_multiple_choice(model, tokenizer, condition, subset, progress=False)
+            scores[condition.name] = accuracy
+        by_group[label] = {"num_questions": len(subset), "accuracy": scores}
+    from hfx.cartridges.evaluation import results_to_json
+
+    return {"results": results_to_json(results), "by_group": by_group, "num_questions": len(questions)}
+
+
+def format_composition_table(report: dict) -> str:
+    """Markdown: one row per condition, overall accuracy, accuracy per document group, KV size."""
+    from hfx.cartridges.evaluation import _fmt_bytes
+
+    groups = list(report["by_group"])
+    header = "| condition | accuracy (all) | " + " | ".join(groups) + " | KV tokens | KV bytes |"
+    lines = [header, "|" + "---|" * (4 + len(groups))]
+    for result in report["results"]:
+        cells = [
+            f"{report['by_group'][g]['accuracy'].get(result['condition'], float('nan')):.3f}" for g in groups
+        ]
+        lines.append(
+            f"| {result['condition']} | {result['accuracy']:.3f} | "
+            + " | ".join(cells)
+            + f" | {result['kv_tokens']} | {_fmt_bytes(result['kv_bytes'])} |"
+        )
+    for g in groups:
+        for name, accuracy in report["by_group"][g]["accuracy"].items():
+            if name.startswith(f"composed {g} "):
+                cells = [f"{accuracy:.3f}" if other == g else "—" for other in groups]
+                lines.append(f"| {name} | — | " + " | ".join(cells) + " | — | — |")
+    counts = ", ".join(f"{g}: {report['by_group'][g]['num_questions']}" for g in groups)
+    lines.append(f"\n{report['num_questions']} multiple-choice questions ({counts}).")
+    return "\n".join(lines)

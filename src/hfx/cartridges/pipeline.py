@@ -98,6 +98,10 @@ def train_cartridge(
         logger.info("Resuming training from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: the loss curve (log_history), written by the main process
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return Path(args.output_dir)
     # Checkpoints exist to resume a killed run; the finished artifact is the adapter alone.
     for checkpoint in Path(args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         shutil.rmtree(checkpoint)
@@ -112,6 +116,10 @@ def train_cartridge(
             "initialization": args.initialization,
             "learning_rate": args.learning_rate,
             "global_steps": trainer.state.global_step,
+            "num_processes": trainer.accelerator.num_processes,
+            "global_batch_size": args.per_device_train_batch_size
+            * args.gradient_accumulation_steps
+            * trainer.accelerator.num_processes,
             "train_conversations": len(dataset),
             "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"),
@@ -167,20 +175,13 @@ def evaluate_cartridge(
 
 
 def write_cartridge_card(cartridge_dir: str | Path, report: dict | None = None) -> None:
-    from hfx.hub import render_card
+    """Render the cartridge's README.md from its metadata and, when evaluated, its ``report`` table.
 
-    metadata = read_metadata(cartridge_dir)
-    render_card(
-        "cartridge_card.md",
-        Path(cartridge_dir) / "README.md",
-        card_data={
-            "library_name": "peft",
-            "base_model": metadata.get("base_model"),
-            "tags": ["hfx", "cartridges", "peft", "cartridge", "self-study"],
-        },
-        meta=metadata,
-        report=report,
-    )
+    The same renderer writes the card of a pushed cartridge (:mod:`hfx.cartridges.hub`), with the repo ids added.
+    """
+    from hfx.cartridges.hub import render_cartridge_card
+
+    render_cartridge_card(read_metadata(cartridge_dir), Path(cartridge_dir) / "README.md", report=report)
 
 
 @dataclass
@@ -319,16 +320,20 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
 
     dataset = load_synthesis(args.synthesis_dir)
     train_cartridge(args.corpus, dataset, training_args, model_name_or_path=args.model_name_or_path)
+    if (
+        training_args.process_index != 0
+    ):  # under `accelerate launch`, one process evaluates and writes the card
+        return None
     report = None
     if args.questions:
         report = evaluate_cartridge(
             training_args.output_dir, args.corpus, args.questions, args.model_name_or_path
         )
     write_cartridge_card(training_args.output_dir, report)
-    if args.hub_repo_id:
-        from hfx.hub import push_folder
+    if args.hub_repo_id and training_args.process_index == 0:
+        from hfx.cartridges.hub import push_cartridge_to_hub
 
-        push_folder(training_args.output_dir, args.hub_repo_id)
+        push_cartridge_to_hub(training_args.output_dir, args.hub_repo_id)
     return report
 
 
@@ -343,3 +348,81 @@ def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig) -> RunRes
     return run_self_study(
         args.output_dir, args.corpus, args.questions, synthesis, training, args.model_name_or_path
     )
+
+
+@dataclass
+class ComposeArguments:
+    cartridges: list[str] = field(
+        default_factory=list, metadata={"help": "Two or more saved cartridge folders, in prefix order."}
+    )
+    output_dir: str = field(
+        default="outputs/composed", metadata={"help": "Where the composed adapter (and its card) goes."}
+    )
+    model_name_or_path: str = field(
+        default="embedded",
+        metadata={"help": "Base model: 'embedded' (SmolLM2-135M-Instruct) or a local path."},
+    )
+    questions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Questions JSONL to compare composed vs single cartridges vs ICL with every document; a "
+            'question may list the documents it needs ("documents": ["rcv1", "iris"]).'
+        },
+    )
+    corpora: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The documents of the cartridges, same order (default: each cartridge's recorded corpus)."
+        },
+    )
+    max_context_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Truncate the ICL documents to this many tokens (default: the model window)."},
+    )
+
+
+def compose_and_evaluate(args: ComposeArguments) -> dict | None:
+    """`hfx cartridge compose`: write the composed adapter with its card; evaluate it when questions are given."""
+    from hfx.cartridges.composition import (
+        check_question_documents,
+        compose_cartridges,
+        evaluate_composition,
+        format_composition_table,
+    )
+    from hfx.cartridges.corpus import read_document
+
+    if len(args.cartridges) < 2:
+        raise ValueError(
+            f"Give at least 2 cartridges to compose (--cartridges A B C), got {len(args.cartridges)}."
+        )
+    model, tokenizer, _ = load_model(args.model_name_or_path)
+    base_model = model_display_name(args.model_name_or_path)
+    output_dir = Path(args.output_dir)
+    documents = None
+    if args.questions:  # checked before anything is written
+        corpora = args.corpora or [read_metadata(d).get("corpus") for d in args.cartridges]
+        if len(corpora) != len(args.cartridges) or not all(corpora):
+            raise ValueError(
+                "Give --corpora, one per cartridge (some cartridges do not record their corpus)."
+            )
+        documents = [read_document(c) for c in corpora]
+        load_questions(args.questions)
+        check_question_documents(args.questions, [name for name, _ in documents])
+    compose_cartridges(args.cartridges, output_dir, model_config=model.config, base_model=base_model)
+    report = None
+    if documents is not None:
+        window = getattr(model.config, "max_position_embeddings", None)
+        max_context = args.max_context_tokens or (window - 256 if window else None)
+        composition = evaluate_composition(
+            model, tokenizer, args.cartridges, documents, args.questions, base_model, max_context
+        )
+        table = format_composition_table(composition)
+        report = {
+            **composition,
+            "questions": str(args.questions),
+            "corpora": [name for name, _ in documents],
+            "table": table,
+        }
+        write_text_atomic(output_dir / "eval_results.json", json.dumps(report, indent=2))
+    write_cartridge_card(output_dir, report)
+    return report

@@ -119,7 +119,23 @@ class CartridgeCollator:
 
 
 class CartridgeTrainer(Trainer):
-    """``Trainer`` whose loss is top-k distillation from the stored teacher; everything else is Trainer's."""
+    """``Trainer`` whose loss is top-k distillation from the stored teacher; everything else is Trainer's.
+
+    The loss is normalized by the number of answer tokens in the whole optimizer step (all accumulation
+    micro-batches, all processes), so 2 processes with half the per-device batch take the same step as one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count itself
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        if not batch_samples or "loss_mask" not in batch_samples[0]:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = sum(batch["loss_mask"].sum() for batch in batch_samples).to(device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(
@@ -131,11 +147,18 @@ class CartridgeTrainer(Trainer):
         )
         loss = topk_distillation_loss(
             outputs.hidden_states[-1],
-            model.get_output_embeddings(),
+            self.accelerator.unwrap_model(model).get_output_embeddings(),
             inputs["loss_mask"],
             inputs["teacher_topk_ids"],
             inputs["teacher_topk_logprobs"],
+            reduction="sum",
         )
+        if num_items_in_batch is None:
+            accumulation = getattr(self, "current_gradient_accumulation_steps", 1)
+            loss = loss / inputs["loss_mask"].sum().clamp(min=1) / accumulation
+        else:
+            # DDP averages gradients over processes: scale back up so the step is sum / (all tokens).
+            loss = loss / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict=None):

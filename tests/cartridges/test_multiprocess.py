@@ -1,0 +1,184 @@
+"""Cartridge training under real multi-process `accelerate launch --cpu` (gloo) on the embedded model.
+
+Two processes with half the per-device batch take the same optimizer steps as one process with the whole batch,
+and a 2-process run killed with SIGKILL resumes from its last checkpoint onto the same loss curve.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hfx.artifacts import write_parquet_atomic
+from hfx.cartridges.corpus import user_turn_ids
+from hfx.cartridges.synthesis import FEATURES
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = (
+    "The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. It uses 17 rounds of "
+    "mixing, each with a 40-bit key schedule. Version 2, released in 1994, added checksums. "
+) * 6
+QA = [
+    ("Who designed the Zorblat protocol?", "Mara Quell designed it in 1987."),
+    ("How many rounds of mixing does it use?", "It uses 17 rounds of mixing."),
+    ("What did version 2 add?", "Version 2 added checksums in 1994."),
+    ("Where was it designed?", "At the Ostrava Institute."),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tokenizer):
+    """A corpus file and a 16-conversation synthesis folder whose teacher prefers the reference answer."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    (root / "zorblat.txt").write_text(TEXT)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(16):
+        question, answer = QA[i % len(QA)]
+        prompt = user_turn_ids(tokenizer, question, after_system=False)
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [
+            tokenizer.convert_tokens_to_ids("<|im_end|>")
+        ]
+        ids = torch.randint(100, 5000, (len(answer_ids), 4), generator=generator)
+        ids[:, 0] = torch.tensor(answer_ids)
+        logprobs = torch.log_softmax(torch.tensor([3.0, 1.0, 0.5, 0.0]), -1).expand(len(answer_ids), 4)
+        rows.append(
+            {
+                "conversation_id": i,
+                "seed_kind": "question",
+                "chunk_start": 0,
+                "chunk_end": 10,
+                "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                "input_ids": prompt + answer_ids,
+                "answer_start": len(prompt),
+                "topk_token_ids": ids.tolist(),
+                "topk_logprobs": logprobs.tolist(),
+            }
+        )
+    write_parquet_atomic(rows, FEATURES, root / "synthesis" / "data" / "train-00000.parquet")
+    return root
+
+
+def _launch(
+    workdir: Path, output: str, processes: int, per_device: int, max_steps: int = 8
+) -> subprocess.Popen:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(ROOT / "examples" / "cartridges" / "train.py"),
+        "--corpus",
+        str(workdir / "zorblat.txt"),
+        "--model_name_or_path",
+        "embedded",
+        "--synthesis_dir",
+        str(workdir / "synthesis"),
+        "--output_dir",
+        str(workdir / output),
+        "--num_virtual_tokens",
+        "16",
+        "--per_device_train_batch_size",
+        str(per_device),
+        "--max_steps",
+        str(max_steps),
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "10",
+        "--model_dtype",
+        "float32",
+        "--learning_rate",
+        "0.02",
+        "--seed",
+        "0",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = (workdir / f"{output}.log").open("a")
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _run(workdir, output, processes, per_device, max_steps=8):
+    process = _launch(workdir, output, processes, per_device, max_steps)
+    if process.wait(timeout=600) != 0:
+        pytest.fail(f"accelerate launch failed:\n{(workdir / f'{output}.log').read_text()[-4000:]}")
+    return _losses(workdir / output)
+
+
+def _losses(output: Path) -> list[float]:
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def two_processes(workdir):
+    """The loss curve of an uninterrupted 2-process run (global batch 4)."""
+    return _run(workdir, "two", processes=2, per_device=2)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(workdir, two_processes):
+    one = _run(workdir, "one", processes=1, per_device=4)
+    two = two_processes
+    assert len(one) == len(two) == 8
+    assert one[-1] < one[0]  # it learns
+    assert two == pytest.approx(one, rel=2e-3, abs=2e-3)
+    a = load_file(str(workdir / "one" / "adapter_model.safetensors"))
+    b = load_file(str(workdir / "two" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-3)
+    meta = json.loads((workdir / "two" / "hfx_cartridge.json").read_text())
+    assert meta["num_processes"] == 2 and meta["global_batch_size"] == 4 and meta["global_steps"] == 8
+    assert not list((workdir / "two").glob("checkpoint-*"))
+
+
+def test_a_killed_two_process_run_resumes_on_the_same_loss_curve(workdir, two_processes):
+    process = _launch(workdir, "killed", processes=2, per_device=2)
+    checkpoint = workdir / "killed" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    # Kill the whole job, as a scheduler would: the launcher and every worker (torch starts them in new sessions).
+    job = psutil.Process(process.pid)
+    members = [job, *job.children(recursive=True)]
+    for member in members:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=60)
+    psutil.wait_procs(members[1:], timeout=60)
+    assert not (workdir / "killed" / "adapter_model.safetensors").exists()
+
+    resumed = _run(workdir, "killed", processes=2, per_device=2)
+    second_run = (workdir / "killed.log").read_text().split("starting 2 gloo processes")[-1]
+    assert "| 5/8 [" in second_run and "| 1/8 [" not in second_run  # went on from step 4
+    assert len(resumed) == 8
+    assert resumed == pytest.approx(two_processes, rel=2e-3, abs=2e-3)
