@@ -44,6 +44,23 @@ def test_unknown_command_and_bad_input_exit_with_a_message(tmp_path, tiny_model_
         )
     assert not (tmp_path / "s").exists()
 
+    # A dataset without the teacher's log-probs cannot train a cartridge: the shard and the columns are named.
+    import datasets
+
+    shard = tmp_path / "no-teacher" / "data" / "train-00000.parquet"
+    shard.parent.mkdir(parents=True)
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "answer_start": [1]}).to_parquet(str(shard))
+    with pytest.raises(
+        SystemExit, match=r"train-00000\.parquet: missing column\(s\) conversation_id, .*topk_logprobs"
+    ):
+        main(
+            [
+                "cartridge", "train", "--synthesis_dir", str(shard.parents[1]), "--model_name_or_path",
+                str(tiny_model_dir), "--output_dir", str(tmp_path / "cart"),
+            ]
+        )  # fmt: skip
+    assert not (tmp_path / "cart").exists()
+
 
 def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     doc = tmp_path / "doc.txt"

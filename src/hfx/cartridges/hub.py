@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfx.cartridges.synthesis import FEATURES, SEED_KINDS
+from hfx.cartridges.synthesis import FEATURES, SEED_KINDS, check_shard_columns
 from hfx.cartridges.training import METADATA_FILE
 from hfx.hub import is_ignored, push_folder, render_card, write_text_atomic
 
@@ -215,16 +215,7 @@ def check_synthesis(synthesis_dir: str | Path) -> SynthesisFolder:
     num_rows, answer_tokens = 0, 0
     seed_kind_counts = dict.fromkeys(SEED_KINDS, 0)
     for shard in shards:
-        try:
-            columns = pq.read_schema(shard).names
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"{shard}: cannot be read as Parquet ({type(err).__name__}: {err}).") from None
-        missing = [name for name in FEATURES if name not in columns]
-        if missing:
-            raise ValueError(
-                f"{shard}: missing column(s) {', '.join(missing)}; a self-study dataset has the columns "
-                f"{', '.join(FEATURES)} (hfx.cartridges.synthesis.FEATURES)."
-            )
+        check_shard_columns(shard)
         table = pq.read_table(shard, columns=["seed_kind", "input_ids", "answer_start"])
         num_rows += table.num_rows
         answer_tokens += (pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0) - (

@@ -510,7 +510,26 @@ def load_synthesis(output_dir: str | Path) -> datasets.Dataset:
         raise FileNotFoundError(
             f"{output_dir}: no synthesized shards (data/train-*.parquet); run synthesis first."
         )
+    for path in files:
+        check_shard_columns(path)
     return datasets.Dataset.from_parquet(files, features=FEATURES)
+
+
+def check_shard_columns(path: str | Path) -> list[str]:
+    """The shard's column names; a file that is not Parquet or lacks a column of ``FEATURES`` raises ``ValueError``."""
+    import pyarrow.parquet as pq
+
+    try:
+        columns = pq.read_schema(path).names
+    except Exception as err:  # noqa: BLE001 - any read failure is a corrupt shard for the user
+        raise ValueError(f"{path}: cannot be read as Parquet ({type(err).__name__}: {err}).") from None
+    missing = [name for name in FEATURES if name not in columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(missing)}; a self-study dataset has the columns "
+            f"{', '.join(FEATURES)} (hfx.cartridges.synthesis.FEATURES)."
+        )
+    return columns
 
 
 def shard_statistics(output_dir: str | Path) -> tuple[dict[str, int], int]:
