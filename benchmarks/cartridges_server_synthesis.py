@@ -5,7 +5,7 @@ same chunks, same seed prompts) both ways, alternating, in this process. The ser
 without log-probs (`transformers serve` ignores them), so each is re-scored by the local teacher: its cost per
 conversation is printed too.
 
-.venv/bin/python benchmarks/cartridges_server_synthesis.py --batches 2 --conversations-per-chunk 8
+.venv/bin/python benchmarks/cartridges_server_synthesis.py --batches 2 --conversations-per-chunk 8 --concurrency 2
 """
 
 from __future__ import annotations
@@ -64,7 +64,13 @@ def main() -> None:
     parser.add_argument("--conversations-per-chunk", type=int, default=8)
     parser.add_argument("--question-tokens", type=int, default=24)
     parser.add_argument("--answer-tokens", type=int, default=48)
-    parser.add_argument("--concurrency", type=int, default=8, help="server requests in flight")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="server requests in flight (transformers serve runs each in a thread)",
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     args = parser.parse_args()
 
     model, tokenizer, path = load_model("embedded")
@@ -79,7 +85,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url, server = start_server(embedded.embedded_model_path(), Path(tmp) / "serve.log")
         try:
-            client = ChatClient(url, path, max_concurrency=args.concurrency, extra_body=SAMPLE)
+            client = ChatClient(
+                url, path, max_concurrency=args.concurrency, timeout=args.timeout, extra_body=SAMPLE
+            )
             remote = ServerBatches(client, model, tokenizer, use_server_logprobs=False)
             remote(corpus, config, 0)  # warm-up: the server loads the model on its first request
             remote.rescore_seconds, remote.counts = 0.0, {"server_logprobs": 0, "rescored": 0}
@@ -96,7 +104,11 @@ def main() -> None:
             client.close()
         finally:
             os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
     local = rows["local"] / seconds["local"]
     remote_rate = rows["server"] / seconds["server"]

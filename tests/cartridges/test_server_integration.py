@@ -70,7 +70,11 @@ def serve(embedded_dir, tmp_path_factory):
     yield url, process
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def test_synthesis_through_transformers_serve_rescores_exactly_and_survives_the_server_dying(
