@@ -195,7 +195,10 @@ def evaluate_composition(
         *[Condition(f"cartridge {name} (p={p.num_tokens})", p, False) for name, p in prefixes.items()],
         Condition(f"composed {len(names)} cartridges (p={composed.num_tokens})", composed, False),
     ]
-    conditions[1].name = f"ICL, all {len(names)} documents ({conditions[1].prefix.num_tokens} tokens)"
+    truncated = conditions[1].name != "ICL"  # icl_condition names a cut document "ICL (first N tokens)"
+    conditions[
+        1
+    ].name = f"ICL, all {len(names)} documents ({'first ' if truncated else ''}{conditions[1].prefix.num_tokens} tokens)"
     results = evaluate_conditions(
         model,
         tokenizer,

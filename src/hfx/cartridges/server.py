@@ -128,17 +128,26 @@ class TokenIds:
     """Maps the token strings a server returns in log-probs back to vocabulary ids, when that is unambiguous."""
 
     def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         self.vocab = tokenizer.get_vocab()
-        decoded: dict[str, int] = {}
-        ambiguous: set[str] = set()
-        for token_id in range(len(tokenizer)):
-            text = tokenizer.decode([token_id])
-            if text in decoded:
-                ambiguous.add(text)
-            decoded[text] = token_id
-        for text in ambiguous:
-            decoded.pop(text, None)
-        self.decoded = decoded
+        self._decoded: dict[str, int] | None = None
+
+    @property
+    def decoded(self) -> dict[str, int]:
+        """Decoded text -> id for every token whose text is unique (built on first use: servers that give ids,
+        or no log-probs at all, never need it)."""
+        if self._decoded is None:
+            decoded: dict[str, int] = {}
+            ambiguous: set[str] = set()
+            for token_id in range(len(self.tokenizer)):
+                text = self.tokenizer.decode([token_id])
+                if text in decoded:
+                    ambiguous.add(text)
+                decoded[text] = token_id
+            for text in ambiguous:
+                decoded.pop(text, None)
+            self._decoded = decoded
+        return self._decoded
 
     def __call__(self, token: str) -> int | None:
         if token.startswith("token_id:"):
