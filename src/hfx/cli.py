@@ -111,10 +111,13 @@ def _cartridge_compose(argv: list[str]) -> None:
 
 def _cartridge_run(argv: list[str]) -> None:
     from hfx.cartridges.pipeline import RunArguments, run_from_arguments
+    from hfx.cartridges.server import ServerArguments
     from hfx.cartridges.synthesis import SynthesisConfig
 
-    args, config = _parser("hfx cartridge run", RunArguments, SynthesisConfig).parse_args_and_config(argv)
-    result = run_from_arguments(args, config)
+    args, config, server = _parser(
+        "hfx cartridge run", RunArguments, SynthesisConfig, ServerArguments
+    ).parse_args_and_config(argv)
+    result = run_from_arguments(args, config, server)
     if result.report:
         print(result.report["table"])
     print(f"cartridge saved in {result.cartridge_dir} ({result.seconds / 60:.1f} min)")

@@ -199,8 +199,12 @@ def run_self_study(
     synthesis: SynthesisConfig | None = None,
     training: dict | None = None,
     model_name_or_path: str | None = None,
+    server=None,
 ) -> RunResult:
-    """The main job: synthesize, train, evaluate, save the cartridge with its card. Resumable."""
+    """The main job: synthesize, train, evaluate, save the cartridge with its card. Resumable.
+
+    ``server`` (:class:`~hfx.cartridges.server.ServerArguments`) synthesizes through an OpenAI-compatible server.
+    """
     start = time.perf_counter()
     output_dir = Path(output_dir)
     synthesis = synthesis or SynthesisConfig()
@@ -213,6 +217,7 @@ def run_self_study(
         output_dir / "synthesis",
         synthesis,
         model_name=model_display_name(model_name_or_path),
+        server=server,
     )
     del model
 
@@ -337,7 +342,7 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
     return report
 
 
-def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig) -> RunResult:
+def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig, server=None) -> RunResult:
     training = {
         "num_virtual_tokens": args.num_virtual_tokens,
         "num_train_epochs": args.num_train_epochs,
@@ -346,7 +351,7 @@ def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig) -> RunRes
         "initialization": args.initialization,
     }
     return run_self_study(
-        args.output_dir, args.corpus, args.questions, synthesis, training, args.model_name_or_path
+        args.output_dir, args.corpus, args.questions, synthesis, training, args.model_name_or_path, server
     )
 
 
