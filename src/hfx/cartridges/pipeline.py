@@ -335,7 +335,7 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
             training_args.output_dir, args.corpus, args.questions, args.model_name_or_path
         )
     write_cartridge_card(training_args.output_dir, report)
-    if args.hub_repo_id and training_args.process_index == 0:
+    if args.hub_repo_id:
         from hfx.cartridges.hub import push_cartridge_to_hub
 
         push_cartridge_to_hub(training_args.output_dir, args.hub_repo_id)
