@@ -39,6 +39,7 @@ MODEL_FILES = {
     "adapter_model.safetensors",
     "eval_results.json",
     "hfx_cartridge.json",
+    "trainer_state.json",  # the loss curve (log_history)
     "training_args.json",
 }
 DATASET_FILES = {
