@@ -2,19 +2,16 @@
 
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from hfx.cartridges.corpus import document_prefix_ids, load_corpus, user_turn_ids
 from hfx.cartridges.server import ServerArguments, ServerError
 from hfx.cartridges.synthesis import SynthesisConfig, synthesize
+from tests.servers import free_port, serving
 
 pytestmark = pytest.mark.integration
 
@@ -22,59 +19,19 @@ pytestmark = pytest.mark.integration
 SAMPLE = '{"generation_config": "{\\"do_sample\\": true}"}'
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve(embedded_dir, tmp_path_factory):
     """``transformers serve`` with the embedded model preloaded; yields (base URL, process)."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     binary = Path(sys.executable).with_name("transformers")
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            [
-                str(binary),
-                "serve",
-                str(embedded_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--device",
-                "cpu",
-                "--dtype",
-                "float32",
-            ],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            start_new_session=True,
-        )
+    command = [
+        str(binary), "serve", str(embedded_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+        "--dtype", "float32",
+    ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"transformers serve exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"transformers serve did not come up in 180 s:\n{log.read_text()[-3000:]}")
-    yield url, process
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    with serving(command, f"{url}/health", log, {**os.environ, "HF_HUB_OFFLINE": "1"}, 180) as process:
+        yield url, process
 
 
 def test_synthesis_through_transformers_serve_rescores_exactly_and_survives_the_server_dying(

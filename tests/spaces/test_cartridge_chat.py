@@ -11,13 +11,10 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from hfx.cartridges.pipeline import model_display_name
 from hfx.cartridges.training import create_cartridge, write_metadata
 from tests.browser import chromium_page
 from tests.conftest import make_tiny_llama
+from tests.servers import free_port, serving
 
 APP = Path(__file__).resolve().parents[2] / "spaces" / "cartridge-chat" / "app.py"
 STARTUP_SECONDS = 180
@@ -35,12 +33,6 @@ MAX_NEW_TOKENS = 12
 ANSWER_MS = 120_000  # a streamed answer (and the first ICL prefill) on a busy 2-core machine
 UPLOAD_MS = 30_000
 CORPORA = (("linnerud", 8), ("covtype", 12))  # two short descriptions: (corpus, p)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_app_module():
@@ -353,33 +345,9 @@ def server(tmp_path_factory, cartridges):
     command = [sys.executable, str(APP), "--port", str(port), "--document", "linnerud"]
     command += ["--cartridge", str(cartridges["linnerud"]), "--cartridge", str(cartridges["covtype"])]
     command += ["--max-new-tokens", str(MAX_NEW_TOKENS)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"The Space exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"The Space did not answer on {url} within {STARTUP_SECONDS} s:\n{log_path.read_text()}"
-                )
-            time.sleep(0.5)
+    with serving(command, url, log_path, env, STARTUP_SECONDS):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_help_lists_the_options(app, capsys):

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.browser import chromium_page
 from tests.quanta.test_viewer import make_artifact
+from tests.servers import free_port, serving
 
 APP = Path(__file__).resolve().parents[2] / "spaces" / "quanta-browser" / "app.py"
 STARTUP_SECONDS = 60
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_app_module():
@@ -47,38 +38,10 @@ def server(tmp_path_factory):
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "MPLBACKEND": "Agg",
     }
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(APP), "--artifact", str(artifact), "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    command = [sys.executable, str(APP), "--artifact", str(artifact), "--port", str(port)]
     url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"The Space exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"The Space did not answer on {url} within {STARTUP_SECONDS} s:\n{log_path.read_text()}"
-                )
-            time.sleep(0.5)
+    with serving(command, url, log_path, env, STARTUP_SECONDS):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_browse_clusters_in_the_space(server):
