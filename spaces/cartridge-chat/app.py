@@ -37,6 +37,7 @@ if (HERE / "hfx-cache" / "models").is_dir():
 from hfx import embedded  # noqa: E402
 from hfx.cartridges.composition import composed_prefix  # noqa: E402
 from hfx.cartridges.corpus import chat_ids, document_prefix_ids, read_document  # noqa: E402
+from hfx.cartridges.evaluation import format_bytes  # noqa: E402
 from hfx.cartridges.pipeline import load_model, model_display_name  # noqa: E402
 from hfx.cartridges.prefix import PrefixKV, generate_after_prefix  # noqa: E402
 from hfx.cartridges.training import METADATA_FILE  # noqa: E402
@@ -219,13 +220,6 @@ def on_device(prefix: PrefixKV, device: torch.device) -> PrefixKV:
     if prefix.keys[0].device == device:
         return prefix
     return PrefixKV([k.to(device) for k in prefix.keys], [v.to(device) for v in prefix.values])
-
-
-def format_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def message_text(content) -> str:

@@ -228,7 +228,7 @@ def evaluate_composition(
 
 def format_composition_table(report: dict) -> str:
     """Markdown: one row per condition, overall accuracy, accuracy per document group, KV size."""
-    from hfx.cartridges.evaluation import _fmt_bytes
+    from hfx.cartridges.evaluation import format_bytes
 
     groups = list(report["by_group"])
     header = "| condition | accuracy (all) | " + " | ".join(groups) + " | KV tokens | KV bytes |"
@@ -240,7 +240,7 @@ def format_composition_table(report: dict) -> str:
         lines.append(
             f"| {result['condition']} | {result['accuracy']:.3f} | "
             + " | ".join(cells)
-            + f" | {result['kv_tokens']} | {_fmt_bytes(result['kv_bytes'])} |"
+            + f" | {result['kv_tokens']} | {format_bytes(result['kv_bytes'])} |"
         )
     for g in groups:
         for name, accuracy in report["by_group"][g]["accuracy"].items():

@@ -234,7 +234,8 @@ def evaluate_conditions(
     return results
 
 
-def _fmt_bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``n`` bytes in binary units, e.g. ``4.4 MiB`` (``0`` for nothing)."""
     if n == 0:
         return "0"
     units = ["B", "KiB", "MiB", "GiB"]
@@ -251,7 +252,7 @@ def format_table(results: list[ConditionResult], num_questions: int | None = Non
     for r in results:
         tput = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s is not None else "—"
         lines.append(
-            f"| {r.condition} | {r.accuracy:.3f} | {r.answer_log_ppl:.3f} | {r.kv_tokens} | {_fmt_bytes(r.kv_bytes)} | {tput} |"
+            f"| {r.condition} | {r.accuracy:.3f} | {r.answer_log_ppl:.3f} | {r.kv_tokens} | {format_bytes(r.kv_bytes)} | {tput} |"
         )
     if num_questions is not None:
         lines.append(f"\n{num_questions} multiple-choice questions.")

@@ -187,8 +187,14 @@ def plan_batch(tokenizer, corpus: Corpus, config: SynthesisConfig, batch_idx: in
     )
 
 
+def _end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn in the chat template (``<|im_end|>``), else EOS."""
+    token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tokenizer.eos_token_id if token_id is None or token_id == tokenizer.unk_token_id else token_id
+
+
 def _eos_ids(tokenizer) -> set[int]:
-    return {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
+    return {tokenizer.eos_token_id, _end_of_turn_id(tokenizer)} - {None}
 
 
 def _row(tokenizer, plan: BatchPlan, i: int, question: str, answer_ids, topk_ids, topk_logprobs) -> dict:
@@ -360,9 +366,7 @@ class ServerBatches:
                 for i in keep
             ]
         )
-        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if eos is None or eos == self.tokenizer.unk_token_id:
-            eos = self.tokenizer.eos_token_id
+        eos = _end_of_turn_id(self.tokenizer)
         rows: dict[int, dict] = {}
         to_rescore: list[tuple[int, list[int]]] = []
         for i, answer in zip(keep, answers, strict=True):
