@@ -8,6 +8,7 @@
     hfx cartridge push        a cartridge (+ its dataset) to the Hub with linked cards; --dry-run DIR to inspect
     hfx peer-mla analyze      total vs active parameters per token, by component, with a PNG plot
     hfx peer-mla init         a randomly initialised PEER-MLA model folder (code, config, safetensors, card)
+    hfx peer-mla pretrain     pretrain a PEER-MLA LM (or its dense baseline) on a streamed data mixture (Trainer)
     hfx quanta run            quanta discovery: losses -> filter -> gradients -> similarity -> cluster -> view
     hfx quanta losses         per-token losses of a causal LM over a corpus (resumable Parquet shards)
     hfx quanta filter         keep low-loss tokens that induction does not explain
@@ -20,7 +21,7 @@
     hfx lens eval             KL of the lens vs mean/zero ablation, FVE, samples -> JSON
     hfx corpora               the bundled corpora and their sizes
 
-Each cartridge, quanta and lens subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
+Each cartridge, quanta, lens and peer-mla pretrain subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
 every option.
 """
 
@@ -217,6 +218,19 @@ def _peer_mla_init(argv: list[str]) -> None:
     print(f"model saved in {path}")
 
 
+def _peer_mla_pretrain(argv: list[str]) -> None:
+    from hfx.peer_mla.data import DataArguments
+    from hfx.peer_mla.training import ModelArguments, PeerMlaTrainingArguments, pretrain
+
+    model_args, data_args, training_args = _parser(
+        "hfx peer-mla pretrain", ModelArguments, DataArguments, PeerMlaTrainingArguments
+    ).parse_args_and_config(argv)
+    results = pretrain(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        print(json.dumps(results, indent=2))
+        print(f"model saved in {training_args.output_dir}")
+
+
 def _quanta(stage: str):
     def command(argv: list[str]) -> None:
         from hfx.quanta import pipeline as quanta
@@ -334,6 +348,7 @@ COMMANDS = {
     ("cartridge", "push"): _cartridge_push,
     ("peer-mla", "analyze"): _peer_mla_analyze,
     ("peer-mla", "init"): _peer_mla_init,
+    ("peer-mla", "pretrain"): _peer_mla_pretrain,
     **{
         ("quanta", stage): _quanta(stage)
         for stage in ("run", "losses", "filter", "gradients", "similarity", "cluster", "view")

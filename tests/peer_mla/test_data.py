@@ -71,7 +71,7 @@ def test_mixture_follows_probabilities(tmp_path, tokenizer):
         block_size=4,
         eval_fraction=0.0,
         shuffle_buffer_size=0,
-        seed=1,
+        mixture_seed=1,
     )
     train, _ = build_datasets(args, tokenizer)
     blocks = take(train, 2000)
@@ -144,7 +144,7 @@ def test_eval_split_is_disjoint_and_deterministic(tmp_path, tokenizer):
             block_size=8,
             eval_fraction=0.2,
             max_eval_blocks=10,
-            seed=seed,
+            mixture_seed=seed,
         )
         return list(build_datasets(args, tokenizer)[1])
 
