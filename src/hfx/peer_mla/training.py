@@ -459,7 +459,11 @@ class ExpertUsageCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
             image = plot_expert_usage(
-                counts, self.hot_factor, state.global_step, self.folder / f"step-{state.global_step:07d}.png"
+                counts,
+                self.hot_factor,
+                state.global_step,
+                self.folder / f"step-{state.global_step:07d}.png",
+                window=self.log_freq,
             )
             with open(self.folder / "hot_experts.jsonl", "a", encoding="utf-8") as out:
                 out.write(
