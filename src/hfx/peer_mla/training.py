@@ -254,8 +254,8 @@ def comparable_config(config: PeerMlaConfig | dict) -> dict:
 def run_config(
     config: PeerMlaConfig, data_args: DataArguments, training_args: TrainingArguments, tokens_per_step: int
 ) -> dict:
-    """What a checkpoint must share with the current command to be resumed by it."""
-    return {
+    """What a checkpoint must share with the current command to be resumed by it (JSON-normalised)."""
+    values = {
         "model": comparable_config(config),
         "data": {
             "mixture": list(data_args.mixture),
@@ -269,6 +269,7 @@ def run_config(
         },
         "training": {"tokens_per_step": tokens_per_step, "seed": training_args.seed},
     }
+    return json.loads(json.dumps(values))
 
 
 def _differences(saved, current, prefix: str = "") -> list[str]:
@@ -455,7 +456,9 @@ class ExpertUsageCallback(TrainerCallback):
             metrics[f"experts/layer_{layer}/ever_used_fraction"] = float(
                 self.ever_used[layer].double().mean()
             )
+        should_log = control.should_log  # Trainer.log clears it; the step's own loss log must still happen
         self.trainer.log(metrics)
+        control.should_log = self.trainer.control.should_log = should_log
         if state.is_world_process_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
             image = plot_expert_usage(
@@ -617,6 +620,11 @@ def pretrain(
     if checkpoint:
         check_resume_compatible(checkpoint, expected)
         logger.info("Resuming from %s", checkpoint)
+    elif (output_dir / RESULTS_NAME).is_file():
+        raise FileExistsError(
+            f"{output_dir} holds a finished run ({RESULTS_NAME}) and no checkpoint to continue from; choose another "
+            "--output_dir (or train longer from a kept checkpoint: --keep_checkpoints true)."
+        )
 
     report = analyze_parameters(config)
     logger.info(

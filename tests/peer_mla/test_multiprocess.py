@@ -1,0 +1,199 @@
+"""PEER-MLA pretraining under real multi-process `accelerate launch --cpu` (gloo), killed and resumed; ablations.
+
+Two processes with half the per-device batch take the same optimizer steps as one process with the whole batch
+(the queries' BatchNorm is off here: with it on, each process normalises over its own half of the batch, as
+DDP does without SyncBatchNorm), and a 2-process run killed with SIGKILL resumes from its last complete
+checkpoint onto the same loss curve. The ablation runner, killed in its second run, skips the finished first run
+and finishes the second with --resume.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.peer_mla.test_training import TINY_MODEL, tiny_config
+from tests.servers import free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peer-multiprocess")
+    tiny_config(
+        root,
+        model_overrides=dict(TINY_MODEL, peer_batch_norm=False),
+        max_steps=STEPS,
+        save_steps=2,
+        save_total_limit=10,
+        eval_steps=4,
+        learning_rate=0.003,
+        warmup_steps=0,
+    )
+    return root
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """Kill a job as a scheduler would: the launcher and every worker (torch starts them in new sessions)."""
+    job = psutil.Process(process.pid)
+    members = [job, *job.children(recursive=True)]
+    for member in members:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=60)
+    psutil.wait_procs(members[1:], timeout=60)
+
+
+def _launch(workdir: Path, output: str, processes: int, per_device: int) -> subprocess.Popen:
+    command = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "examples" / "peer_mla" / "pretrain.py"),
+        "--config",
+        str(workdir / "pretrain.yaml"),
+        "--output_dir",
+        str(workdir / output),
+        "--per_device_train_batch_size",
+        str(per_device),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = (workdir / f"{output}.log").open("a")
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _run(workdir, output, processes, per_device):
+    process = _launch(workdir, output, processes, per_device)
+    if process.wait(timeout=600) != 0:
+        pytest.fail(f"accelerate launch failed:\n{(workdir / f'{output}.log').read_text()[-4000:]}")
+    return _losses(workdir / output)
+
+
+def _losses(output: Path) -> list[float]:
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def two_processes(workdir):
+    """The loss curve of an uninterrupted 2-process run (global batch 4)."""
+    return _run(workdir, "two", processes=2, per_device=2)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(workdir, two_processes):
+    one = _run(workdir, "one", processes=1, per_device=4)
+    assert len(one) == len(two_processes) == STEPS
+    assert one[-1] < one[0]  # it learns
+    assert two_processes == pytest.approx(one, rel=2e-3, abs=2e-3)
+    results = json.loads((workdir / "two" / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["tokens"] == STEPS * 4 * 64 and results["steps"] == STEPS
+    one_results = json.loads((workdir / "one" / "results.json").read_text())
+    assert results["eval_loss"] == pytest.approx(one_results["eval_loss"], rel=2e-3)
+    history = json.loads((workdir / "two" / "trainer_state.json").read_text())["log_history"]
+    assert any("experts/layer_1/used_fraction" in entry for entry in history)  # counts summed over processes
+    assert not list((workdir / "two").glob("checkpoint-*"))
+
+
+def test_a_killed_two_process_run_resumes_on_the_same_loss_curve(workdir, two_processes):
+    process = _launch(workdir, "killed", processes=2, per_device=2)
+    marker = workdir / "killed" / "checkpoint-4" / "hfx_checkpoint_complete"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    _kill_tree(process)
+    assert not (workdir / "killed" / "results.json").exists()
+
+    resumed = _run(workdir, "killed", processes=2, per_device=2)
+    second_run = (workdir / "killed.log").read_text().split("starting 2 gloo processes")[-1]
+    assert "Resuming from" in second_run
+    assert f"| {5}/{STEPS} [" in second_run and f"| 1/{STEPS} [" not in second_run  # went on after step 4
+    assert len(resumed) == STEPS
+    assert resumed == pytest.approx(two_processes, rel=2e-3, abs=2e-3)
+
+
+def test_ablation_runner_resumes_after_a_kill(workdir, tmp_path):
+    ablation = tmp_path / "ablation.yaml"
+    output = tmp_path / "ablations"
+    ablation.write_text(
+        yaml.safe_dump(
+            {
+                "base_config": str(workdir / "pretrain.yaml"),
+                "output_dir": str(output),
+                "max_tokens": 8 * 4 * 64,
+                "overrides": {"save_steps": 1, "eval_steps": 2},
+                "axes": {"mlp": ["peer", "dense"], "peer_num_heads": [1, 2]},
+            }
+        )
+    )
+    command = [
+        sys.executable,
+        str(ROOT / "examples/peer_mla/ablate.py"),
+        "--config",
+        str(ablation),
+        "--axes",
+        "mlp",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "ablate.log").open("a")
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    second = output / "runs" / "mlp-dense"
+    deadline = time.monotonic() + 600
+    while not (second / "checkpoint-2" / "hfx_checkpoint_complete").exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert process.poll() is None, "the ablation ended before it could be killed"
+    _kill_tree(process)
+    assert (output / "runs" / "mlp-peer" / "results.json").is_file()
+    assert not (second / "results.json").exists() and not (output / "results.md").exists()
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "pass --resume" in again.stderr  # no silent restart over existing runs
+
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (output / "runs" / "mlp-peer" / "train.log").read_text().count("\n$ ") == 1  # not run again
+    dense_log = (second / "train.log").read_text()
+    assert dense_log.count("\n$ ") == 2 and "Resuming from" in dense_log.split("\n$ ")[-1]
+    table = (output / "results.md").read_text()
+    assert "| mlp-peer | peer |" in table and "| mlp-dense | dense |" in table
+    rows = (output / "results.csv").read_text().splitlines()
+    assert (
+        rows[0].startswith("run,mlp,total_params,active_params,tokens,eval_loss,eval_perplexity")
+        and len(rows) == 3
+    )
+    peer, dense = (
+        json.loads((output / "runs" / r / "results.json").read_text()) for r in ("mlp-peer", "mlp-dense")
+    )
+    assert peer["active_params"] == pytest.approx(dense["active_params"], rel=0.01)
+    assert peer["tokens"] == dense["tokens"] == 8 * 4 * 64
+    assert (output / "results.png").stat().st_size > 10_000

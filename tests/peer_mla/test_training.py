@@ -1,0 +1,248 @@
+"""PEER-MLA pretraining: Trainer run end to end, expert monitoring, dense baseline, checked resume, fp8 off on CPU."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hfx.peer_mla.analysis import analyze_parameters
+from hfx.peer_mla.data import DataArguments
+from hfx.peer_mla.training import (
+    COMPLETE_MARKER,
+    ModelArguments,
+    PeerMlaTrainingArguments,
+    build_config,
+    dense_baseline_config,
+    expert_usage_metrics,
+    last_complete_checkpoint,
+    pretrain,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = {
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "intermediate_size": 128,
+    "product_key_dim": [16, 16],
+    "peer_query_dim": 32,
+    "num_experts_per_tok": 4,
+    "peer_num_heads": 2,
+}
+# Small real text: scikit-learn's dataset descriptions and the pydoc topics, with a 1024-token BPE trained on them.
+TINY_DATA = {
+    "mixture": ["sklearn_descr:0.5", "pydoc_topics:0.5"],
+    "tokenizer_name_or_path": "train",
+    "tokenizer_vocab_size": 1024,
+    "block_size": 64,
+    "eval_fraction": 0.1,
+    "max_eval_blocks": 8,
+}
+
+
+def tiny_config(tmp_path: Path, **changes) -> Path:
+    """A complete pretraining YAML for a tiny model, written into tmp_path."""
+    values = {
+        "model_config": str(ROOT / "examples/peer_mla/configs/model_cpu.yaml"),
+        "model_overrides": dict(TINY_MODEL),
+        **TINY_DATA,
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "eval_steps": 3,
+        "save_steps": 3,
+        "expert_log_freq": 2,
+        "seed": 0,
+    }
+    values.update(changes)
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def parse(config: Path, *argv: str):
+    from trl import TrlParser
+
+    parser = TrlParser((ModelArguments, DataArguments, PeerMlaTrainingArguments))
+    return parser.parse_args_and_config(["--config", str(config), *argv])
+
+
+def test_dense_baseline_has_the_same_active_parameters():
+    peer = build_config(ModelArguments(model_config=str(ROOT / "examples/peer_mla/configs/model_cpu.yaml")))
+    dense = dense_baseline_config(peer)
+    assert dense.peer_layers is None and dense.num_experts == 0
+    peer_report, dense_report = analyze_parameters(peer), analyze_parameters(dense)
+    per_unit = 3 * peer.hidden_size * peer.num_hidden_layers  # one unit of SwiGLU width in every layer
+    assert abs(peer_report.active - dense_report.active) <= per_unit / 2
+    assert (
+        peer_report.total > 4 * dense_report.total
+    )  # PEER's extra parameters are experts a token does not use
+
+
+def test_expert_usage_metrics():
+    uniform = torch.full((64,), 10)
+    skewed = torch.zeros(64, dtype=torch.long)
+    skewed[:4] = 10
+    skewed[7] = 600  # 600 of 640 retrievals: 60x the mean of 10
+    metrics, hot = expert_usage_metrics({0: uniform, 2: skewed}, hot_factor=10.0)
+    assert metrics["experts/layer_0/used_fraction"] == 1.0
+    assert metrics["experts/layer_0/entropy"] == pytest.approx(1.0)
+    assert metrics["experts/layer_0/max_load"] == pytest.approx(1.0)
+    assert metrics["experts/layer_0/hot_experts"] == 0 and hot[0] == []
+    assert metrics["experts/layer_2/used_fraction"] == pytest.approx(5 / 64)
+    assert metrics["experts/layer_2/max_load"] == pytest.approx(60.0)
+    assert metrics["experts/layer_2/hot_experts"] == 1 and hot[2] == [(7, 60.0)]
+    assert 0 < metrics["experts/layer_2/entropy"] < 0.3
+
+
+def test_pretrain_end_to_end_with_monitoring_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = tmp_path / "run"
+    model_args, data_args, training_args = parse(
+        tiny_config(tmp_path),
+        "--output_dir",
+        str(output),
+        "--report_to",
+        "tensorboard",
+        "--keep_checkpoints",
+        "true",
+    )
+    results = pretrain(model_args, data_args, training_args)
+
+    assert results["steps"] == 6 and results["tokens"] == 6 * 4 * 64
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert results["eval_perplexity"] < 1024  # better than uniform over the vocabulary after 6 steps
+    assert json.loads((output / "results.json").read_text()) == results
+
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    losses = [e for e in history if "loss" in e]
+    assert len(losses) == 6 and all(e["perplexity"] == pytest.approx(math.exp(e["loss"])) for e in losses)
+    evals = [e for e in history if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [3, 6, 6]  # every eval_steps, and the final evaluation
+    usage = [e for e in history if "experts/layer_1/used_fraction" in e]
+    assert [e["step"] for e in usage] == [2, 4, 6]
+    for entry in usage:
+        for layer in (1, 3):
+            for metric in ("used_fraction", "ever_used_fraction", "max_load", "entropy", "hot_experts"):
+                assert f"experts/layer_{layer}/{metric}" in entry
+            assert (
+                0
+                < entry[f"experts/layer_{layer}/used_fraction"]
+                <= entry[f"experts/layer_{layer}/ever_used_fraction"]
+            )
+    assert usage[-1]["experts/layer_1/ever_used_fraction"] >= usage[0]["experts/layer_1/ever_used_fraction"]
+
+    images = sorted((output / "expert_usage").glob("step-*.png"))
+    assert [p.name for p in images] == ["step-0000002.png", "step-0000004.png", "step-0000006.png"]
+    hot_lines = [
+        json.loads(line) for line in (output / "expert_usage" / "hot_experts.jsonl").read_text().splitlines()
+    ]
+    assert [line["step"] for line in hot_lines] == [2, 4, 6] and set(hot_lines[0]["hot"]) == {"1", "3"}
+
+    events = EventAccumulator(str(next(output.glob("runs/*"))), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "experts/usage_histogram" in events.Tags()["images"]
+    assert len(events.Images("experts/usage_histogram")) == 3
+    assert {"eval/perplexity", "train/perplexity", "train/experts/layer_3/entropy"} <= set(events.Tags()["scalars"])
+
+    # A self-contained Hub folder: remote code, weights, the trained tokenizer, a card; no pickle.
+    assert not list(output.rglob("training_args.bin"))
+    assert (output / "training_args.json").is_file() and (output / "README.md").is_file()
+    checkpoints = sorted(output.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-3", "checkpoint-6"]
+    assert all(
+        (c / COMPLETE_MARKER).is_file() and (c / "expert_usage.safetensors").is_file() for c in checkpoints
+    )
+    model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert len(tokenizer) == 1024 and model.config.vocab_size == 1024
+    assert type(model).__module__.startswith("transformers_modules")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # no bf16/fp8 on CPU unless asked
+    ids = tokenizer("The iris dataset", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss)
+
+    # Resuming this run with another configuration is refused, naming the difference.
+    changed = dict(TINY_MODEL, peer_num_heads=4)
+    model_args, data_args, training_args = parse(
+        tiny_config(tmp_path, model_overrides=changed, max_steps=9), "--output_dir", str(output)
+    )
+    with pytest.raises(
+        ValueError, match=r"another configuration(.|\n)*peer_num_heads: 2 in the checkpoint, 4 now"
+    ):
+        pretrain(model_args, data_args, training_args)
+    model_args, data_args, training_args = parse(
+        tiny_config(tmp_path, max_steps=9, block_size=32), "--output_dir", str(output)
+    )
+    with pytest.raises(ValueError, match=r"data.block_size: 64 in the checkpoint, 32 now"):
+        pretrain(model_args, data_args, training_args)
+
+
+def test_incomplete_checkpoints_are_skipped(tmp_path):
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "hfx_pretrain.json").write_text("{}")
+        (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("")
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"  # checkpoint-4 was cut by a kill
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="sum to 0.7"):
+        parse(tiny_config(tmp_path, mixture=["sklearn_descr:0.5", "pydoc_topics:0.2"]))
+    with pytest.raises(ValueError, match="Got 2 probabilities for 3 datasets"):
+        from hfx.peer_mla.data import mix
+
+        mix([[], [], []], [0.5, 0.5], seed=0, stopping_strategy="all_exhausted")
+    missing = json.dumps({"name": "notes", "path_or_files": str(tmp_path / "nope.txt"), "probability": 1.0})
+    model_args, data_args, training_args = parse(
+        tiny_config(tmp_path, mixture=[missing]), "--output_dir", str(tmp_path / "out")
+    )
+    with pytest.raises(ValueError, match=r"Source 'notes': data file .*nope.txt' does not exist"):
+        pretrain(model_args, data_args, training_args)
+    assert not (tmp_path / "out" / "results.json").exists()
+    with pytest.raises(ValueError, match="unknown PeerMlaConfig field"):
+        build_config(
+            ModelArguments(
+                model_config=str(ROOT / "examples/peer_mla/configs/model_cpu.yaml"),
+                model_overrides='{"num_expert": 4}',
+            )
+        )
+    with pytest.raises(ValueError, match="mlp must be one of"):
+        ModelArguments(mlp="moe")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp8_is_refused_without_a_gpu(tmp_path):
+    with pytest.raises(ValueError, match="fp8 training needs a CUDA GPU"):
+        PeerMlaTrainingArguments(output_dir=str(tmp_path), fp8=True)
+    assert PeerMlaTrainingArguments(output_dir=str(tmp_path)).fp8 is False
+
+
+def test_cli_help_lists_every_section(capsys):
+    from hfx.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["peer-mla", "pretrain", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--model_config",
+        "--mlp",
+        "--mixture",
+        "--block_size",
+        "--max_tokens",
+        "--expert_log_freq",
+        "--fp8",
+    ):
+        assert option in text
