@@ -12,6 +12,8 @@ Every field of `ModelArguments`, `DataArguments` and `PeerMlaTrainingArguments` 
 Start the same command again after a kill to resume from the last complete checkpoint.
 """
 
+import logging
+
 from trl import TrlParser
 
 from hfx.launch import relaunch_cpu_processes
@@ -23,6 +25,8 @@ def main() -> None:
     relaunch_cpu_processes()
     parser = TrlParser((ModelArguments, DataArguments, PeerMlaTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_and_config()
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hfx").setLevel(logging.INFO if training_args.process_index == 0 else logging.WARNING)
     results = pretrain(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(
