@@ -1,0 +1,121 @@
+"""Training-step throughput: PEER-MLA vs its dense-FFN baseline at the same active parameters per token.
+
+Both models come from the same pretraining config (`examples/peer_mla/configs/model_cpu.yaml`, 8192-token
+vocabulary); the dense one is `--mlp dense` (`hfx.peer_mla.training.dense_baseline_config`: every PEER layer a
+SwiGLU MLP, width chosen so the active parameters per token match). One step = forward + backward + AdamW step on
+a (batch, block) of token ids, as in `pretrain.py`. The steps of the two models alternate; tokens/s are medians.
+
+With `--precisions` the same comparison runs per precision on a CUDA device: fp32, bf16 (autocast) and fp8
+(torchao float8 training of the Linear layers, under bf16 autocast), each also as a ratio to fp32.
+
+    .venv/bin/python benchmarks/peer_mla_train_step.py
+    python benchmarks/peer_mla_train_step.py --device cuda --batch 32 --block 1024 --precisions fp32 bf16 fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from hfx.peer_mla.analysis import analyze_parameters
+from hfx.peer_mla.modeling_peer_mla import PeerMlaForCausalLM
+from hfx.peer_mla.training import ModelArguments, build_config, convert_to_fp8
+
+
+def make_step(model, batch, precision: str, device: torch.device):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision in ("bf16", "fp8") else nullcontext()
+    )
+
+    def step():
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_config", default="examples/peer_mla/configs/model_cpu.yaml")
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp8"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batch = torch.randint(0, args.vocab_size, (args.batch, args.block), device=device)
+    tokens = batch.numel()
+
+    configs = {
+        mlp: build_config(
+            ModelArguments(
+                model_config=args.model_config, mlp=mlp, model_overrides={"vocab_size": args.vocab_size}
+            )
+        )
+        for mlp in ("peer", "dense")
+    }
+    for mlp, config in configs.items():
+        report = analyze_parameters(config)
+        extra = (
+            f", {config.num_experts:,} experts"
+            if config.num_experts
+            else f", MLP width {config.intermediate_size}"
+        )
+        print(f"{mlp:5s}: {report.total:>12,} parameters, {report.active:>10,} active per token{extra}")
+    print(f"device {device}, batch {args.batch} x block {args.block} = {tokens:,} tokens per step\n")
+
+    base = {mlp: PeerMlaForCausalLM(config) for mlp, config in configs.items()}
+    results: dict[str, dict[str, float]] = {}
+    for precision in args.precisions:
+        steps = {}
+        for mlp, model in base.items():
+            model = copy.deepcopy(model).to(device).train()
+            if precision == "fp8":
+                convert_to_fp8(model)
+            steps[mlp] = make_step(model, batch, precision, device)
+        for fn in steps.values():  # warm-up (allocations, kernel selection)
+            fn()
+            fn()
+        times = {mlp: [] for mlp in steps}
+        for _ in range(args.repeats):
+            for mlp, fn in steps.items():
+                start = time.perf_counter()
+                fn()
+                times[mlp].append(time.perf_counter() - start)
+        results[precision] = {mlp: tokens / statistics.median(t) for mlp, t in times.items()}
+        del steps
+
+    print("| precision | PEER-MLA tokens/s | dense tokens/s | PEER / dense | PEER vs fp32 | dense vs fp32 |")
+    print("|---|---|---|---|---|---|")
+    for precision, speed in results.items():
+        fp32 = results.get("fp32")
+        vs = (
+            (f"{speed['peer'] / fp32['peer']:.2f}x", f"{speed['dense'] / fp32['dense']:.2f}x")
+            if fp32
+            else ("", "")
+        )
+        print(
+            f"| {precision} | {speed['peer']:,.0f} | {speed['dense']:,.0f} | {speed['peer'] / speed['dense']:.2f} "
+            f"| {vs[0]} | {vs[1]} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
