@@ -150,7 +150,9 @@ def test_pretrain_end_to_end_with_monitoring_and_tensorboard(tmp_path):
     events.Reload()
     assert "experts/usage_histogram" in events.Tags()["images"]
     assert len(events.Images("experts/usage_histogram")) == 3
-    assert {"eval/perplexity", "train/perplexity", "train/experts/layer_3/entropy"} <= set(events.Tags()["scalars"])
+    assert {"eval/perplexity", "train/perplexity", "train/experts/layer_3/entropy"} <= set(
+        events.Tags()["scalars"]
+    )
 
     # A self-contained Hub folder: remote code, weights, the trained tokenizer, a card; no pickle.
     assert not list(output.rglob("training_args.bin"))
@@ -246,3 +248,32 @@ def test_cli_help_lists_every_section(capsys):
         "--fp8",
     ):
         assert option in text
+
+
+def test_report_to_trackio_offline(tmp_path):
+    """Trackio keeps runs in a local SQLite database: scalars, perplexity and the expert histograms as images."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    config = tiny_config(tmp_path, max_steps=4)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRACKIO_DIR": str(tmp_path / "trackio")}
+    hfx = str(Path(sys.executable).with_name("hfx"))
+    command = [hfx, "peer-mla", "pretrain", "--config", str(config), "--output_dir", str(tmp_path / "run")]
+    command += ["--report_to", "trackio", "--project", "peer-test", "--run_name", "tiny"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        json.loads(blob)
+        for (blob,) in sqlite3.connect(tmp_path / "trackio" / "peer-test.db").execute(
+            "select metrics from metrics"
+        )
+    ]
+    assert any("train/perplexity" in r for r in rows) and any("eval/perplexity" in r for r in rows)
+    assert any("train/experts/layer_1/ever_used_fraction" in r for r in rows)
+    images = [r["experts/usage_histogram"] for r in rows if "experts/usage_histogram" in r]
+    assert [r["train/global_step"] for r in rows if "experts/usage_histogram" in r] == [2, 4]
+    for image in images:
+        assert image["_type"] == "trackio.image"
+        assert (tmp_path / "trackio" / "media" / image["file_path"]).stat().st_size > 10_000
