@@ -152,6 +152,22 @@ def test_eval_split_is_disjoint_and_deterministic(tmp_path, tokenizer):
     assert len(first) == 10 and all(len(b["input_ids"]) == 8 for b in first)
     assert first == eval_blocks(0) == eval_blocks(5)  # a single source: eval does not depend on the seed
 
+    # A fixed eval_mixture: runs trained on another mixture are scored on the same held-out blocks.
+    other = write_jsonl(tmp_path / "other.jsonl", [f"Another text {i} about apples." for i in range(200)])
+    args = DataArguments(
+        mixture=[json_entry("other", other, 1.0)],
+        eval_mixture=[json_entry("docs", str(tmp_path / "docs.jsonl"), 1.0)],
+        block_size=8,
+        eval_fraction=0.2,
+        max_eval_blocks=10,
+    )
+    train, evaluation = build_datasets(args, tokenizer)
+    assert list(evaluation) == first
+    assert all(
+        "apples" in tokenizer.decode(b["input_ids"]) or "Another" in tokenizer.decode(b["input_ids"])
+        for b in take(train, 5)
+    )
+
 
 def test_default_corpus_first_blocks(tokenizer):
     args = DataArguments(block_size=32, max_eval_blocks=2, shuffle_buffer_size=4, pack_batch_size=4)

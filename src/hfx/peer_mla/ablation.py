@@ -106,7 +106,7 @@ class AblationConfig:
             axes[axis] = _labelled(path, axis, options)
         overrides = values.get("overrides") or []
         if isinstance(overrides, dict):
-            overrides = [item for k, v in overrides.items() for item in (f"--{k}", _cli_value(v))]
+            overrides = [item for k, v in overrides.items() for item in _cli_args(k, v)]
         return cls(
             base_config=str(values["base_config"]),
             output_dir=str(values["output_dir"]),
@@ -138,6 +138,13 @@ def _labelled(path, axis: str, options) -> dict[str, object]:
     if not labelled:
         raise ValueError(f"{path}: axis {axis!r} has no values.")
     return labelled
+
+
+def _cli_args(option: str, value) -> list[str]:
+    """``--option value``; a list becomes several values (``--mixture a:0.5 b:0.5``), a mapping JSON."""
+    if isinstance(value, list | tuple):
+        return [f"--{option}", *(_cli_value(v) for v in value)]
+    return [f"--{option}", _cli_value(value)]
 
 
 def _cli_value(value) -> str:
@@ -188,10 +195,8 @@ def run_arguments(run: Run, base_model: dict) -> list[str]:
     for axis, value in values.items():
         if axis in config_fields:
             overrides[axis] = value
-        elif axis == "mixture":
-            cli += ["--mixture", *([value] if isinstance(value, str) else [str(v) for v in value])]
         else:
-            cli += [f"--{axis}", _cli_value(value)]
+            cli += _cli_args(axis, value)
     if overrides:
         cli += ["--model_overrides", json.dumps(overrides)]
     return cli

@@ -146,6 +146,20 @@ class DataArguments:
         default=0.05, metadata={"help": "Fraction of documents (by a hash of their text) held out for eval."}
     )
     max_eval_blocks: int = field(default=64, metadata={"help": "Number of packed eval rows, at most."})
+    eval_mixture: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Sources of the held-out set (same syntax as mixture); None: the training mixture. Fix it to "
+            "compare runs trained on different mixtures on the same held-out text."
+        },
+    )
+    tokenizer_mixture: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Sources a trained tokenizer learns from; None: the training mixture. Fix it so that runs on "
+            "different mixtures share one vocabulary."
+        },
+    )
     pack_batch_size: int = field(
         default=64, metadata={"help": "Documents packed together; the remainder of each batch is dropped."}
     )
@@ -170,11 +184,18 @@ class DataArguments:
             raise ValueError(
                 f"tokenizer_vocab_size must be above 256 (the byte alphabet), got {self.tokenizer_vocab_size}."
             )
-        self.sources()  # parse the mixture now, so a bad entry fails when the config is read
+        for which in ("train", "eval", "tokenizer"):
+            self.sources(which)  # parse the mixtures now, so a bad entry fails when the config is read
 
-    def sources(self) -> list[MixtureSource]:
-        """The parsed ``mixture`` entries, with probabilities checked."""
-        sources = [parse_mixture_entry(entry) for entry in self.mixture]
+    def sources(self, which: str = "train") -> list[MixtureSource]:
+        """The parsed entries of ``mixture`` (``"train"``), ``eval_mixture`` (``"eval"``) or ``tokenizer_mixture``
+        (``"tokenizer"``), the last two falling back to ``mixture``; probabilities checked."""
+        entries = {"train": self.mixture, "eval": self.eval_mixture, "tokenizer": self.tokenizer_mixture}[
+            which
+        ]
+        if entries is None:
+            entries = self.mixture
+        sources = [parse_mixture_entry(entry) for entry in entries]
         check_probabilities([s.probability for s in sources], len(sources), [s.name for s in sources])
         return sources
 
@@ -434,7 +455,7 @@ TRAINED_TOKENIZER_EOS = "<|endoftext|>"
 def tokenizer_fingerprint(args: DataArguments) -> str:
     """What a trained tokenizer depends on: the sources (files and probabilities), the split, the sizes."""
     sources = []
-    for source in args.sources():
+    for source in args.sources("tokenizer"):
         entry = {k: getattr(source, k) for k in ("name", "builder", "text_field", "sample_by", "probability")}
         if source.builder == "hub":
             entry["dataset"] = [str(source.path_or_files), source.config_name, source.split]
@@ -455,7 +476,7 @@ def tokenizer_fingerprint(args: DataArguments) -> str:
 
 def _training_texts(args: DataArguments):
     """Training-split documents of each source, up to its probability's share of ``tokenizer_train_chars``."""
-    for source in args.sources():
+    for source in args.sources("tokenizer"):
         if source.probability <= 0:
             continue
         budget = int(args.tokenizer_train_chars * source.probability)
@@ -547,22 +568,44 @@ def build_datasets(args: DataArguments, tokenizer=None):
     """
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer_name_or_path, args)
     sources = args.sources()
-    names = [s.name for s in sources]
-    probabilities = [s.probability for s in sources]
-    documents = [load_source(source) for source in sources]
-
-    train_parts, eval_parts = [], []
-    for index, (source, docs) in enumerate(zip(sources, documents, strict=True)):
-        train_docs = split_documents(docs, args.eval_fraction, "train")
+    train_parts = []
+    for index, source in enumerate(sources):
+        train_docs = split_documents(load_source(source), args.eval_fraction, "train")
         if args.shuffle_buffer_size > 0:
             train_docs = train_docs.shuffle(
                 seed=args.mixture_seed + index, buffer_size=args.shuffle_buffer_size
             )
         train_parts.append(pack(train_docs, tokenizer, args.block_size, args.pack_batch_size, source.name))
-        eval_docs = split_documents(docs, args.eval_fraction, "eval")
-        eval_parts.append(pack(eval_docs, tokenizer, args.block_size, args.pack_batch_size, source.name))
+    # Held-out documents are chosen by a hash of their text, so a source's held-out documents are never trained
+    # on, whichever mixture (training or eval_mixture) it appears in.
+    eval_sources = args.sources("eval")
+    eval_parts = [
+        pack(
+            split_documents(load_source(source), args.eval_fraction, "eval"),
+            tokenizer,
+            args.block_size,
+            args.pack_batch_size,
+            source.name,
+        )
+        for source in eval_sources
+    ]
 
-    train = mix(train_parts, probabilities, args.mixture_seed, args.stopping_strategy, names)
-    evaluation = mix(eval_parts, probabilities, args.mixture_seed, "all_exhausted_without_replacement", names)
-    logger.info("Data mixture: %s", ", ".join(f"{s.name}={s.probability}" for s in sources))
+    def describe(items):
+        return ", ".join(f"{s.name}={s.probability}" for s in items)
+
+    train = mix(
+        train_parts,
+        [s.probability for s in sources],
+        args.mixture_seed,
+        args.stopping_strategy,
+        [s.name for s in sources],
+    )
+    evaluation = mix(
+        eval_parts,
+        [s.probability for s in eval_sources],
+        args.mixture_seed,
+        "all_exhausted_without_replacement",
+        [s.name for s in eval_sources],
+    )
+    logger.info("Data mixture: %s; held out: %s", describe(sources), describe(eval_sources))
     return train, evaluation.take(args.max_eval_blocks)

@@ -266,6 +266,8 @@ def run_config(
             "mixture_seed": data_args.mixture_seed,
             "shuffle_buffer_size": data_args.shuffle_buffer_size,
             "eval_fraction": data_args.eval_fraction,
+            "eval_mixture": data_args.eval_mixture,
+            "tokenizer_mixture": data_args.tokenizer_mixture,
         },
         "training": {"tokens_per_step": tokens_per_step, "seed": training_args.seed},
     }
