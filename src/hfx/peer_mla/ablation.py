@@ -354,10 +354,16 @@ def write_results(rows: list[dict], axes: list[str], output_dir: Path) -> None:
     write_text_atomic(output_dir / "results.csv", buffer.getvalue())
     write_text_atomic(output_dir / "results.md", format_markdown(rows, axes))
     if rows:
-        plot_results(rows, output_dir)
+        plot_results(rows, output_dir, axes)
 
 
-def plot_results(rows: list[dict], output_dir: Path) -> Path:
+def _short_label(row: dict, axes: list[str]) -> str:
+    return "/".join(str(row.get(axis, "")) for axis in axes) if axes else row["run"]
+
+
+def plot_results(rows: list[dict], output_dir: Path, axes: list[str] | None = None) -> Path:
+    """Held-out perplexity against training tokens (one line per run) and at the end (bars), runs labelled by
+    their axis values in the order named in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,27 +371,31 @@ def plot_results(rows: list[dict], output_dir: Path) -> Path:
 
     from hfx.artifacts import save_figure_atomic
 
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for row in rows:
+    axes = list(axes or [])
+    height = 3.2 + 0.22 * len(rows)
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [1.1, 1]})
+    labels = [_short_label(row, axes) for row in rows]
+    for row, label in zip(rows, labels, strict=True):
         curve = _eval_curve(output_dir / "runs" / row["run"])
         if curve:
             tokens, perplexity = zip(*curve, strict=True)
-            curves.plot(tokens, perplexity, marker="o", markersize=3, label=row["run"])
+            curves.plot(tokens, perplexity, marker="o", markersize=3, label=label)
     curves.set_xlabel("training tokens")
     curves.set_ylabel("held-out perplexity")
     curves.set_yscale("log")
     curves.set_title("held-out perplexity during training")
     if curves.lines:
-        curves.legend(fontsize=7)
-    names = [row["run"] for row in rows]
+        curves.legend(fontsize=7, loc="upper right", ncol=1 if len(rows) <= 8 else 2, framealpha=0.6)
     values = [row["eval_perplexity"] or float("nan") for row in rows]
     bars.barh(range(len(rows)), values, color="#4C72B0")
-    bars.set_yticks(range(len(rows)), names, fontsize=7)
+    bars.set_yticks(range(len(rows)), labels, fontsize=7)
     bars.invert_yaxis()
     bars.set_xlabel("held-out perplexity at the end (lower is better)")
+    if axes:
+        bars.set_title(" / ".join(axes), fontsize=9)
     for i, value in enumerate(values):
         if value == value:
-            bars.text(value, i, f" {value:.2f}", va="center", fontsize=7)
+            bars.text(value, i, f" {value:.1f}", va="center", fontsize=7)
     fig.tight_layout()
     saved = save_figure_atomic(fig, output_dir / "results.png")
     plt.close(fig)
