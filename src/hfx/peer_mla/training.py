@@ -667,7 +667,14 @@ def pretrain(
         )
 
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+    eval_metrics = {}
+    if eval_dataset is not None:  # the last step's evaluation when there was one, else a final evaluation
+        final = [
+            e
+            for e in trainer.state.log_history
+            if "eval_loss" in e and e["step"] == trainer.state.global_step
+        ]
+        eval_metrics = final[-1] if final else trainer.evaluate()
     trainer.save_model(str(output_dir))
     trainer.save_state()
     trainer.accelerator.wait_for_everyone()
