@@ -236,10 +236,10 @@ def _base_model_config(base_config: str) -> dict:
     import yaml
 
     from .analysis import load_config
-    from .training import config_with
+    from .training import ModelArguments, config_with
 
     values = yaml.safe_load(Path(base_config).read_text()) or {}
-    config = load_config(values.get("model_config", "examples/peer_mla/configs/model_small.yaml"))
+    config = load_config(values.get("model_config", ModelArguments().model_config))
     overrides = values.get("model_overrides")
     if isinstance(overrides, str):
         overrides = json.loads(overrides)
