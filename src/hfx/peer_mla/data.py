@@ -40,6 +40,7 @@ source, or a JSON object with the fields of :class:`MixtureSource`, e.g.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -184,8 +185,10 @@ class DataArguments:
             raise ValueError(
                 f"tokenizer_vocab_size must be above 256 (the byte alphabet), got {self.tokenizer_vocab_size}."
             )
-        for which in ("train", "eval", "tokenizer"):
-            self.sources(which)  # parse the mixtures now, so a bad entry fails when the config is read
+        self.sources()  # parse the mixtures now, so a bad entry fails when the config is read
+        for which, entries in (("eval", self.eval_mixture), ("tokenizer", self.tokenizer_mixture)):
+            if entries is not None:
+                self.sources(which)
 
     def sources(self, which: str = "train") -> list[MixtureSource]:
         """The parsed entries of ``mixture`` (``"train"``), ``eval_mixture`` (``"eval"``) or ``tokenizer_mixture``
@@ -255,13 +258,15 @@ def check_probabilities(probabilities: Sequence[float], num_datasets: int, names
 # Built-in offline sources
 
 
-def _stdlib_files() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[str, ...]:
+    """The standard library's source files (scanned once per process: the walk takes a second or two)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [
+    return tuple(
         str(path)
         for path in sorted(stdlib.rglob("*.py"))
         if not _STDLIB_SKIPPED_DIRS & set(path.relative_to(stdlib).parts[:-1])
-    ]
+    )
 
 
 def _sklearn_descr_files() -> list[str]:
@@ -297,7 +302,7 @@ def _pydoc_topics_file() -> str:
 def builtin_source(name: str, probability: float = 1.0) -> MixtureSource:
     """One of :data:`BUILTIN_SOURCES` as a :class:`MixtureSource` (files resolved now, read later)."""
     if name == "python_stdlib":
-        return MixtureSource(name, _stdlib_files(), "text", probability=probability)
+        return MixtureSource(name, list(_stdlib_files()), "text", probability=probability)
     if name == "sklearn_descr":
         return MixtureSource(name, _sklearn_descr_files(), "text", probability=probability)
     if name == "pydoc_topics":

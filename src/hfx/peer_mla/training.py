@@ -398,12 +398,6 @@ def plot_expert_usage(
     return saved
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 class ExpertUsageCallback(TrainerCallback):
     """Every ``log_freq`` steps: per-layer expert-usage metrics (logged through the Trainer to every reporter),
     a histogram PNG in ``output_dir/expert_usage/`` (also sent as an image to TensorBoard / W&B / Trackio when
@@ -424,7 +418,7 @@ class ExpertUsageCallback(TrainerCallback):
         return Path(self.trainer.args.output_dir) / EXPERT_USAGE_DIR
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model = _unwrap(model if model is not None else self.trainer.model)
+        model = self.trainer.accelerator.unwrap_model(model if model is not None else self.trainer.model)
         model.track_expert_usage(True)
         model.reset_expert_usage()
         self.ever_used = {
@@ -443,7 +437,7 @@ class ExpertUsageCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.log_freq:
             return
-        model = _unwrap(model if model is not None else self.trainer.model)
+        model = self.trainer.accelerator.unwrap_model(model if model is not None else self.trainer.model)
         counts = model.expert_usage().counts
         model.reset_expert_usage()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -536,7 +530,7 @@ class PeerMlaTrainer(Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, *args, **kwargs):
-        layers = list(_unwrap(self.model).model.peer_layers().values())
+        layers = list(self.accelerator.unwrap_model(self.model).model.peer_layers().values())
         saved = [layer.expert_counts for layer in layers]
         for layer in layers:
             layer.expert_counts = None
