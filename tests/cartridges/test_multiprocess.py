@@ -5,15 +5,9 @@ and a 2-process run killed with SIGKILL resumes from its last checkpoint onto th
 """
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,6 +15,7 @@ from safetensors.torch import load_file
 from hfx.artifacts import write_parquet_atomic
 from hfx.cartridges.corpus import user_turn_ids
 from hfx.cartridges.synthesis import FEATURES
+from tests.launching import accelerate_cpu, finish, kill_job, logged_losses, start, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -73,24 +68,7 @@ def workdir(tmp_path_factory, tokenizer):
 def _launch(
     workdir: Path, output: str, processes: int, per_device: int, max_steps: int = 8
 ) -> subprocess.Popen:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--cpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(ROOT / "examples" / "cartridges" / "train.py"),
+    arguments = [
         "--corpus",
         str(workdir / "zorblat.txt"),
         "--model_name_or_path",
@@ -118,23 +96,14 @@ def _launch(
         "--seed",
         "0",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = (workdir / f"{output}.log").open("a")
-    return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    command = accelerate_cpu(ROOT / "examples" / "cartridges" / "train.py", processes, arguments)
+    return start(command, workdir / f"{output}.log")
 
 
 def _run(workdir, output, processes, per_device, max_steps=8):
     process = _launch(workdir, output, processes, per_device, max_steps)
-    if process.wait(timeout=600) != 0:
-        pytest.fail(f"accelerate launch failed:\n{(workdir / f'{output}.log').read_text()[-4000:]}")
-    return _losses(workdir / output)
-
-
-def _losses(output: Path) -> list[float]:
-    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
+    finish(process, workdir / f"{output}.log")
+    return logged_losses(workdir / output)
 
 
 @pytest.fixture(scope="module")
@@ -160,21 +129,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(workdir, two
 
 def test_a_killed_two_process_run_resumes_on_the_same_loss_curve(workdir, two_processes):
     process = _launch(workdir, "killed", processes=2, per_device=2)
-    checkpoint = workdir / "killed" / "checkpoint-4" / "trainer_state.json"
-    deadline = time.monotonic() + 600
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    # Kill the whole job, as a scheduler would: the launcher and every worker (torch starts them in new sessions).
-    job = psutil.Process(process.pid)
-    members = [job, *job.children(recursive=True)]
-    for member in members:
-        try:
-            member.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    process.wait(timeout=60)
-    psutil.wait_procs(members[1:], timeout=60)
+    wait_for(workdir / "killed" / "checkpoint-4" / "trainer_state.json", process)
+    kill_job(process)  # as a scheduler would: the launcher and every worker
     assert not (workdir / "killed" / "adapter_model.safetensors").exists()
 
     resumed = _run(workdir, "killed", processes=2, per_device=2)

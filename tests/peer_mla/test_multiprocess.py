@@ -9,18 +9,15 @@ and finishes the second with --resume.
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
+from tests.launching import accelerate_cpu, finish, kill_job, logged_losses, start, wait_for
 from tests.peer_mla.test_training import TINY_MODEL, tiny_config
-from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -44,59 +41,17 @@ def workdir(tmp_path_factory):
     return root
 
 
-def _kill_tree(process: subprocess.Popen) -> None:
-    """Kill a job as a scheduler would: the launcher and every worker (torch starts them in new sessions)."""
-    job = psutil.Process(process.pid)
-    members = [job, *job.children(recursive=True)]
-    for member in members:
-        try:
-            member.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    process.wait(timeout=60)
-    psutil.wait_procs(members[1:], timeout=60)
-
-
 def _launch(workdir: Path, output: str, processes: int, per_device: int) -> subprocess.Popen:
-    command = [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--cpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / "examples" / "peer_mla" / "pretrain.py"),
-        "--config",
-        str(workdir / "pretrain.yaml"),
-        "--output_dir",
-        str(workdir / output),
-        "--per_device_train_batch_size",
-        str(per_device),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = (workdir / f"{output}.log").open("a")
-    return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    arguments = ["--config", str(workdir / "pretrain.yaml"), "--output_dir", str(workdir / output)]
+    arguments += ["--per_device_train_batch_size", str(per_device)]
+    command = accelerate_cpu(ROOT / "examples" / "peer_mla" / "pretrain.py", processes, arguments)
+    return start(command, workdir / f"{output}.log")
 
 
 def _run(workdir, output, processes, per_device):
     process = _launch(workdir, output, processes, per_device)
-    if process.wait(timeout=600) != 0:
-        pytest.fail(f"accelerate launch failed:\n{(workdir / f'{output}.log').read_text()[-4000:]}")
-    return _losses(workdir / output)
-
-
-def _losses(output: Path) -> list[float]:
-    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
+    finish(process, workdir / f"{output}.log")
+    return logged_losses(workdir / output)
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +76,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(workdir, two
 
 def test_a_killed_two_process_run_resumes_on_the_same_loss_curve(workdir, two_processes):
     process = _launch(workdir, "killed", processes=2, per_device=2)
-    marker = workdir / "killed" / "checkpoint-4" / "hfx_checkpoint_complete"
-    deadline = time.monotonic() + 600
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    _kill_tree(process)
+    wait_for(workdir / "killed" / "checkpoint-4" / "hfx_checkpoint_complete", process)
+    kill_job(process)
     assert not (workdir / "killed" / "results.json").exists()
 
     resumed = _run(workdir, "killed", processes=2, per_device=2)
@@ -159,21 +110,14 @@ def test_ablation_runner_resumes_after_a_kill(workdir, tmp_path):
         "--axes",
         "mlp",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = (tmp_path / "ablate.log").open("a")
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    process = start(command, tmp_path / "ablate.log")
     second = output / "runs" / "mlp-dense"
-    deadline = time.monotonic() + 600
-    while not (second / "checkpoint-2" / "hfx_checkpoint_complete").exists() and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert process.poll() is None, "the ablation ended before it could be killed"
-    _kill_tree(process)
+    wait_for(second / "checkpoint-2" / "hfx_checkpoint_complete", process)
+    kill_job(process)
     assert (output / "runs" / "mlp-peer" / "results.json").is_file()
     assert not (second / "results.json").exists() and not (output / "results.md").exists()
 
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "pass --resume" in again.stderr  # no silent restart over existing runs
 
