@@ -39,7 +39,7 @@ from pathlib import Path
 
 from hfx.hub import write_text_atomic
 
-from .training import RESULTS_NAME, _config_fields, read_results
+from .training import _config_fields, format_value, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -325,21 +325,11 @@ def _eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     ]
 
 
-def _format(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 def format_markdown(rows: list[dict], axes: list[str]) -> str:
     columns = ["run", *axes, *TABLE_COLUMNS] if rows else ["run"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_format(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(format_value(row.get(c)) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -413,5 +403,4 @@ __all__ = [
     "collect_results",
     "write_results",
     "format_markdown",
-    "RESULTS_NAME",
 ]

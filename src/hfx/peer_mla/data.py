@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sysconfig
 import tempfile
 from collections.abc import Sequence
@@ -543,8 +544,6 @@ def train_tokenizer(args: DataArguments, output_dir: str | os.PathLike | None = 
                 raise
     finally:
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
     return AutoTokenizer.from_pretrained(output_dir)
 

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -701,7 +701,13 @@ def pretrain(
             f"{', '.join(data_args.mixture)} (block size {data_args.block_size}, {step_tokens:,} tokens per step, "
             f"{results['steps']} steps); held-out perplexity {results['eval_perplexity']}."
         )
-        write_model_card(output_dir, config, report, training=training, results=_card_results(results))
+        write_model_card(
+            output_dir,
+            config,
+            report,
+            training=training,
+            results={k: format_value(v) for k, v in results.items() if v is not None},
+        )
         if not training_args.keep_checkpoints:
             for path in output_dir.glob("checkpoint-*"):
                 shutil.rmtree(path, ignore_errors=True)
@@ -710,23 +716,18 @@ def pretrain(
     return results
 
 
-def _card_results(results: dict) -> dict:
-    shown = {}
-    for key, value in results.items():
-        if isinstance(value, float):
-            shown[key] = f"{value:.4g}"
-        elif isinstance(value, int):
-            shown[key] = f"{value:,}"
-        elif value is not None:
-            shown[key] = str(value)
-    return shown
+def format_value(value) -> str:
+    """A result for a table or card: 4 significant digits, thousands separators, "" for None."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
 
 
 def read_results(output_dir: str | os.PathLike) -> dict | None:
     """A finished run's results.json, or None when the run has not finished."""
     path = Path(output_dir) / RESULTS_NAME
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def arguments_to_dict(*dataclasses) -> dict:
-    return {k: v for d in dataclasses for k, v in asdict(d).items()}
