@@ -88,18 +88,6 @@ def embedded_model_path() -> Path:
     return target
 
 
-def load_embedded_model(dtype=None):
-    """Load (model, tokenizer) of the embedded SmolLM2-135M-Instruct, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = embedded_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
-
-
 def resolve_model_path(name_or_path: str | None) -> str:
     """``None``, ``"embedded"`` or the Hub id of the embedded model map to the local checkpoint; anything else
     (a local directory or a Hub id available offline) is returned as is."""
@@ -162,22 +150,3 @@ def load_documents(name: str) -> list[tuple[str, str]]:
             (p.name, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(stdlib.glob("*.py"))
         ]
     raise ValueError(f"Unknown document collection {name!r}; known: {', '.join(DOCUMENT_COLLECTIONS)}.")
-
-
-def load_causal_lm(name_or_path: str | None = "embedded", dtype: str = "float32"):
-    """(model in eval mode, tokenizer) of any causal LM; `None`/`"embedded"` is the embedded model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
-    path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def model_id(name_or_path: str | None) -> str:
-    """The name to record for a model: the embedded model's Hub id, or what was given."""
-    if resolve_model_path(name_or_path) == resolve_model_path(None):
-        return EMBEDDED_MODEL_ID
-    return str(name_or_path)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 def test_the_document_in_context_beats_no_context_on_the_default_corpus(embedded_model, tokenizer):
     """Why cartridges are worth making: the model uses the document when it has it."""
-    from hfx.cartridges.attention import use_grouped_sdpa
+    from hfx.attention import use_grouped_sdpa
 
     use_grouped_sdpa(embedded_model)
     questions = load_questions(DATA / "questions" / f"{embedded.DEFAULT_CORPUS}.jsonl")

@@ -1,15 +1,20 @@
-"""Grouped-query SDPA without copying the KV cache, registered with transformers' ``AttentionInterface``.
+"""Grouped-query SDPA without copying the KV cache on the CPU, registered with transformers' ``AttentionInterface``.
 
 transformers' ``sdpa`` attention repeats every key/value head for its query group (``repeat_kv``) whenever an
 attention mask is present: a full copy of the cache per layer per step. Self-study always runs with a mask (a shared
 prefix, then padded prompts), so on CPU that copy is most of the decode time. PyTorch's SDPA takes grouped heads
 directly (``enable_gqa=True``), which on CPU is ~10x faster for SmolLM2's 9 query / 3 KV heads at 700 cached tokens.
+
+The choice is made per call, from the device the tensors are on: a model loaded on the CPU and later moved to a GPU
+runs transformers' own SDPA there (flash / memory-efficient kernels), since ``enable_gqa`` with a mask would send
+CUDA's SDPA to its slow math path.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 NAME = "sdpa_gqa"
@@ -26,6 +31,10 @@ def sdpa_gqa_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    if query.device.type != "cpu":
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if is_causal is None:
@@ -48,6 +57,8 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def use_grouped_sdpa(model) -> None:
-    """Switch a model on CPU to :func:`sdpa_gqa_attention_forward` (same math as ``sdpa``; GPUs keep theirs)."""
-    if model.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+    """Route a model's ``sdpa`` attention through :func:`sdpa_gqa_attention_forward` (same math as ``sdpa``).
+
+    Safe on any device: the grouped path runs only while the tensors are on the CPU."""
+    if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(NAME)
