@@ -31,10 +31,10 @@ QUESTION = "What does the dataset describe, and what are its variables?"
 def make_cartridges(corpora: list[str], p: int, directory: Path) -> list[Path]:
     """Cartridges of the embedded model initialized from each corpus's first tokens (no training needed)."""
     from hfx.cartridges.corpus import load_corpus
-    from hfx.cartridges.pipeline import load_model, model_display_name
     from hfx.cartridges.training import create_cartridge, write_metadata
+    from hfx.models import load_causal_lm, model_id
 
-    model, tokenizer, _ = load_model("embedded")
+    model, tokenizer = load_causal_lm("embedded")
     paths = []
     for name in corpora:
         peft_model = create_cartridge(
@@ -46,9 +46,7 @@ def make_cartridges(corpora: list[str], p: int, directory: Path) -> list[Path]:
         )
         path = directory / name
         peft_model.save_pretrained(path)
-        write_metadata(
-            path, {"base_model": model_display_name("embedded"), "corpus": name, "num_virtual_tokens": p}
-        )
+        write_metadata(path, {"base_model": model_id("embedded"), "corpus": name, "num_virtual_tokens": p})
         model = peft_model.get_base_model()
         paths.append(path)
     return paths

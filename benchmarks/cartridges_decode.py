@@ -9,7 +9,7 @@ from peft import CartridgeConfig, get_peft_model
 
 from hfx.cartridges.corpus import load_corpus
 from hfx.cartridges.evaluation import cartridge_condition, decode_throughput, icl_condition
-from hfx.cartridges.pipeline import load_model
+from hfx.models import load_causal_lm
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    model, tokenizer, _ = load_model("embedded")
+    model, tokenizer = load_causal_lm("embedded")
     corpus = load_corpus(args.corpus, tokenizer)
     icl = icl_condition(model, tokenizer, corpus.text)
     peft_model = get_peft_model(model, CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.p))

@@ -24,9 +24,9 @@ import httpx
 
 from hfx import embedded
 from hfx.cartridges.corpus import load_corpus
-from hfx.cartridges.pipeline import load_model
 from hfx.cartridges.server import ChatClient
 from hfx.cartridges.synthesis import ServerBatches, SynthesisConfig, synthesize_batch
+from hfx.models import load_causal_lm
 
 SAMPLE = {"generation_config": '{"do_sample": true}'}
 
@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     args = parser.parse_args()
 
-    model, tokenizer, path = load_model("embedded")
+    model, tokenizer = load_causal_lm("embedded")
+    path = str(embedded.embedded_model_path())
     corpus = load_corpus(args.corpus, tokenizer)
     config = SynthesisConfig(
         num_conversations=args.batches * args.conversations_per_chunk,

@@ -8,8 +8,8 @@ import tempfile
 import time
 
 from hfx.cartridges.corpus import load_corpus
-from hfx.cartridges.pipeline import load_model
 from hfx.cartridges.synthesis import SynthesisConfig, synthesize
+from hfx.models import load_causal_lm
 
 
 def run(model, tokenizer, corpus, config: SynthesisConfig) -> tuple[float, int]:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    model, tokenizer, _ = load_model("embedded")
+    model, tokenizer = load_causal_lm("embedded")
     corpus = load_corpus(args.corpus, tokenizer)
     common = dict(
         num_conversations=args.conversations,

@@ -14,7 +14,6 @@ import time
 import torch
 
 from hfx.cartridges.corpus import load_corpus
-from hfx.cartridges.pipeline import load_model
 from hfx.cartridges.training import (
     CartridgeCollator,
     CartridgeTrainer,
@@ -22,6 +21,7 @@ from hfx.cartridges.training import (
     create_cartridge,
 )
 from hfx.losses import full_vocab_distillation_loss
+from hfx.models import load_causal_lm
 
 
 def synthetic_rows(tokenizer, n, prompt_len, answer_len, k, seed=0):
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
 
-    model, tokenizer, _ = load_model("embedded", dtype=args.dtype)
+    model, tokenizer = load_causal_lm("embedded", dtype=args.dtype)
     model.requires_grad_(False)
     peft_model = create_cartridge(model, tokenizer, load_corpus("rcv1", tokenizer), args.p)
     peft_model.train()

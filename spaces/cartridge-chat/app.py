@@ -38,9 +38,9 @@ from hfx import embedded  # noqa: E402
 from hfx.cartridges.composition import composed_prefix  # noqa: E402
 from hfx.cartridges.corpus import chat_ids, document_prefix_ids, read_document  # noqa: E402
 from hfx.cartridges.evaluation import format_bytes  # noqa: E402
-from hfx.cartridges.pipeline import load_model, model_display_name  # noqa: E402
 from hfx.cartridges.prefix import PrefixKV, generate_after_prefix  # noqa: E402
 from hfx.cartridges.training import METADATA_FILE  # noqa: E402
+from hfx.models import load_causal_lm, model_id, resolve  # noqa: E402
 
 logger = logging.getLogger("cartridge-chat")
 
@@ -216,12 +216,6 @@ def readable(err: Exception, cartridges: list[Cartridge]) -> str:
     return message
 
 
-def on_device(prefix: PrefixKV, device: torch.device) -> PrefixKV:
-    if prefix.keys[0].device == device:
-        return prefix
-    return PrefixKV([k.to(device) for k in prefix.keys], [v.to(device) for v in prefix.values])
-
-
 def message_text(content) -> str:
     """The text of a chat message as Gradio hands it over (a string, or a list of content blocks)."""
     if isinstance(content, str):
@@ -336,13 +330,15 @@ class ChatEngine:
         cartridges: list[str | Path] | None = None,
         document: str | None = None,
         max_new_tokens: int = 256,
-        dtype: str = "float32",
+        dtype: str = "auto",
         loader: Callable[[str], tuple] | None = None,
+        device: str | None = None,
     ):
         self.base_names = list(dict.fromkeys(base_models or ["embedded"]))
         self.max_new_tokens = max_new_tokens
-        self.dtype = dtype
-        self._loader = loader or (lambda name: load_model(name, dtype=dtype))
+        # Checked now, so a device or dtype this machine lacks stops the app before it serves anything.
+        self.device, self.dtype = resolve(device, dtype)
+        self._loader = loader or (lambda name: load_causal_lm(name, device=self.device, dtype=self.dtype))
         self._models: dict[str, BaseModel] = {}
         self._models_lock = threading.Lock()
         self._prefixes = LRUCache()
@@ -378,16 +374,14 @@ class ChatEngine:
         with self._models_lock:
             if name not in self._models:
                 logger.info("Loading base model %s", name)
-                model, tokenizer, _ = self._loader(name)
-                if torch.cuda.is_available() and model.device.type == "cpu":
-                    model.to("cuda")
+                model, tokenizer = self._loader(name)
                 if tokenizer.pad_token_id is None:
                     tokenizer.pad_token = tokenizer.eos_token
                 if not getattr(tokenizer, "chat_template", None):
                     raise ValueError(
                         f"Base model {name}: its tokenizer has no chat template; pick a chat model."
                     )
-                self._models[name] = BaseModel(name, model_display_name(name), model, tokenizer)
+                self._models[name] = BaseModel(name, model_id(name), model, tokenizer)
             return self._models[name]
 
     # -- cartridges ------------------------------------------------------------------------------------------
@@ -413,10 +407,11 @@ class ChatEngine:
                     model_config=base.model.config,
                     base_model=base.display_name,
                     dtype=base.model.dtype,
+                    device=base.model.device,
                 )
             except (ValueError, FileNotFoundError) as err:
                 raise ChatError(readable(err, cartridges)) from None
-            return on_device(prefix, base.model.device)
+            return prefix
 
         return self._prefixes.get_or_make(key, make)
 
@@ -940,7 +935,7 @@ def build_app(engine: ChatEngine) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 base_model = gr.Dropdown(
-                    choices=[(f"{name} — {model_display_name(name)}", name) for name in engine.base_names],
+                    choices=[(f"{name} — {model_id(name)}", name) for name in engine.base_names],
                     value=engine.base_names[0],
                     label="base model",
                     interactive=len(engine.base_names) > 1,
@@ -1074,7 +1069,17 @@ def main(argv: list[str] | None = None) -> None:
         default=int(os.environ.get("CARTRIDGE_CHAT_CONCURRENCY", "8")),
         help="answers generated at once (the page and the API together); more wait in the queue (default: 8)",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--device",
+        default=os.environ.get("CARTRIDGE_CHAT_DEVICE"),
+        help="cuda, cuda:N, xpu, mps or cpu (default: the accelerator accelerate finds, else the CPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=os.environ.get("CARTRIDGE_CHAT_DTYPE", "auto"),
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto = bfloat16 on a GPU that supports it, else float32",
+    )
     parser.add_argument(
         "--port",
         type=int,
@@ -1092,7 +1097,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_new_tokens < 1 or args.concurrency < 1:
         parser.error("--max-new-tokens and --concurrency must be at least 1")
     try:
-        engine = ChatEngine(base_models, cartridges, args.document, args.max_new_tokens, dtype=args.dtype)
+        engine = ChatEngine(
+            base_models, cartridges, args.document, args.max_new_tokens, dtype=args.dtype, device=args.device
+        )
         if (
             len(engine.base_names) == 1
         ):  # a cartridge that cannot work is a start-up error, not a later surprise

@@ -33,7 +33,15 @@ def sdpa_gqa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     if query.device.type != "cpu":
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]

@@ -43,14 +43,15 @@ def _parser(prog: str, *dataclass_types):
 
 def _cartridge_synthesize(argv: list[str]) -> None:
     from hfx.cartridges.corpus import load_corpus
-    from hfx.cartridges.pipeline import SynthesizeArguments, load_model, model_display_name
+    from hfx.cartridges.pipeline import SynthesizeArguments
     from hfx.cartridges.server import ServerArguments
     from hfx.cartridges.synthesis import SynthesisConfig, synthesize
+    from hfx.models import load_causal_lm, model_id
 
     args, config, server = _parser(
         "hfx cartridge synthesize", SynthesizeArguments, SynthesisConfig, ServerArguments
     ).parse_args_and_config(argv)
-    model, tokenizer, _ = load_model(args.model_name_or_path)
+    model, tokenizer = load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
     corpus = load_corpus(args.corpus, tokenizer)
     dataset = synthesize(
         model,
@@ -58,7 +59,7 @@ def _cartridge_synthesize(argv: list[str]) -> None:
         corpus,
         args.synthesis_dir,
         config,
-        model_name=model_display_name(args.model_name_or_path),
+        model_name=model_id(args.model_name_or_path),
         server=server,
     )
     print(f"{len(dataset)} conversations in {args.synthesis_dir}")
@@ -95,6 +96,8 @@ def _cartridge_eval(argv: list[str]) -> None:
         max_context_tokens=args.max_context_tokens,
         throughput_batch=args.throughput_batch,
         throughput_tokens=args.throughput_tokens,
+        device=args.device,
+        dtype=args.dtype,
     )
     write_cartridge_card(args.cartridge, report)
     print(report["table"])

@@ -178,6 +178,27 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def training_arguments_on(args, device: str | torch.device | None):
+    """``args`` (a ``TrainingArguments``) made to train on ``device``, checked before any work is done.
+
+    Trainer picks its own device (the process's accelerator, or the CPU with ``use_cpu``); ``--device cpu`` turns
+    ``use_cpu`` on in a copy, and an accelerator must be the one Trainer would pick. ``None`` keeps Trainer's."""
+    import dataclasses
+
+    if device is None or str(device) in ("", "auto"):
+        return args
+    wanted = resolve_device(device)
+    if wanted.type == "cpu":
+        return args if args.use_cpu else dataclasses.replace(args, use_cpu=True)
+    trainer_device = args.device
+    if wanted.type != trainer_device.type or (wanted.index is not None and wanted != trainer_device):
+        raise ValueError(
+            f"--device {device!r}: Trainer trains this process on {trainer_device} (--use_cpu "
+            f"{args.use_cpu}). Choose the GPU with CUDA_VISIBLE_DEVICES or `accelerate launch` instead."
+        )
+    return args
+
+
 def model_id(name_or_path: str | None) -> str:
     """The name to record for a model: the embedded model's Hub id, or what was given."""
     if name_or_path in (None, "", "embedded", embedded.EMBEDDED_MODEL_ID, embedded.EMBEDDED_MODEL_NAME):

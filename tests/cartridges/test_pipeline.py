@@ -7,11 +7,11 @@ from hfx.cartridges.training import CartridgeTrainingArguments, read_metadata
 
 def test_training_resumes_from_the_last_checkpoint_after_a_kill(tmp_path, tiny_model_dir, caplog):
     from hfx.cartridges.corpus import load_corpus
-    from hfx.cartridges.pipeline import load_model
+    from hfx.models import load_causal_lm
 
     doc = tmp_path / "doc.txt"
     doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
-    model, tokenizer, _ = load_model(str(tiny_model_dir))
+    model, tokenizer = load_causal_lm(str(tiny_model_dir))
     config = SynthesisConfig(
         num_conversations=4,
         conversations_per_chunk=4,

@@ -19,8 +19,6 @@ from hfx.cartridges.hub import push_cartridge_to_hub
 from hfx.cartridges.pipeline import (
     TrainArguments,
     evaluate_cartridge,
-    load_model,
-    model_display_name,
     train_and_report,
     train_cartridge,
     write_cartridge_card,
@@ -28,6 +26,7 @@ from hfx.cartridges.pipeline import (
 from hfx.cartridges.synthesis import FEATURES, SynthesisConfig, load_synthesis, synthesize
 from hfx.cartridges.training import CartridgeTrainingArguments, read_metadata
 from hfx.cli import main
+from hfx.models import load_causal_lm, model_id
 from tests.conftest import make_tiny_llama
 
 REPO = "hfx-test/zorblat-cartridge"
@@ -65,7 +64,7 @@ def run(tmp_path_factory, tiny_model_dir):
         json.dumps({"question": "Who designed it?", "choices": ["Mara Quell", "Ivo Brand"], "answer": 0})
         + "\n"
     )
-    model, tokenizer, _ = load_model(str(tiny_model_dir))
+    model, tokenizer = load_causal_lm(str(tiny_model_dir))
     config = SynthesisConfig(
         num_conversations=4,
         conversations_per_chunk=2,
@@ -81,7 +80,7 @@ def run(tmp_path_factory, tiny_model_dir):
         load_corpus(doc, tokenizer),
         synthesis,
         config,
-        model_name=model_display_name(str(tiny_model_dir)),
+        model_name=model_id(str(tiny_model_dir)),
         progress=False,
     )
     cartridge = root / "cartridge"

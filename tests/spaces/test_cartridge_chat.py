@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from hfx.cartridges.corpus import load_corpus, user_turn_ids
-from hfx.cartridges.pipeline import model_display_name
 from hfx.cartridges.training import create_cartridge, write_metadata
+from hfx.models import model_id
 from tests.browser import chromium_page
 from tests.conftest import make_tiny_llama
 from tests.servers import free_port, serving
@@ -73,7 +73,7 @@ def cartridges(tmp_path_factory, embedded_model, tokenizer) -> dict[str, Path]:
     """Two good cartridges of the embedded model, and the bad uploads: another base model, another shape,
     truncated weights; plus a good and a truncated one as .zip files."""
     root = tmp_path_factory.mktemp("cartridges")
-    base = model_display_name("embedded")
+    base = model_id("embedded")
     paths = {}
     for corpus_name, p in CORPORA:
         paths[corpus_name] = save_cartridge(
@@ -169,7 +169,7 @@ def test_base_models_are_picked_by_name_and_cartridges_checked_against_the_one_p
     tiny = str(tiny_model_dir)
     model = make_tiny_llama(tokenizer)
     cartridge_dir = save_cartridge(
-        model, tokenizer, "linnerud", 4, tmp_path / "tiny-cart", model_display_name(tiny)
+        model, tokenizer, "linnerud", 4, tmp_path / "tiny-cart", model_id(tiny)
     )
     engine = app.ChatEngine(["embedded", tiny], [cartridge_dir], max_new_tokens=4)
     ui = app.ChatUI(engine)
@@ -193,7 +193,7 @@ def engine(app, cartridges, embedded_model, tokenizer, embedded_dir):
         [cartridges["linnerud"], cartridges["covtype"]],
         document="linnerud",
         max_new_tokens=MAX_NEW_TOKENS,
-        loader=lambda name: (embedded_model, tokenizer, embedded_dir),
+        loader=lambda name: (embedded_model, tokenizer),
     )
 
 

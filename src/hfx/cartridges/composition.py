@@ -51,8 +51,11 @@ def check_same_base(
     return expected
 
 
-def load_prefix(adapter_dir: str | Path, dtype: torch.dtype | None = None) -> PrefixKV:
-    """A saved cartridge's KV prefix, read straight from its weights (no PEFT model wrapping needed)."""
+def load_prefix(
+    adapter_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> PrefixKV:
+    """A saved cartridge's KV prefix, read straight from its weights (no PEFT model wrapping needed), in
+    ``dtype`` on ``device`` (those of the model it feeds)."""
     from peft import PeftConfig
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
@@ -76,19 +79,22 @@ def load_prefix(adapter_dir: str | Path, dtype: torch.dtype | None = None) -> Pr
         )
     # PEFT's layout (get_prompt): [p, layers, 2, heads, head_dim] -> per layer [1, heads, p, head_dim].
     kv = embeddings.view(p, config.num_layers * 2, heads, head_dim).permute(1, 2, 0, 3)
-    if dtype is not None:
-        kv = kv.to(dtype)
+    kv = kv.to(device=device, dtype=dtype)
     keys = [kv[2 * i].unsqueeze(0).contiguous() for i in range(config.num_layers)]
     values = [kv[2 * i + 1].unsqueeze(0).contiguous() for i in range(config.num_layers)]
     return PrefixKV(keys, values)
 
 
 def composed_prefix(
-    adapter_dirs: list[str | Path], model_config=None, base_model: str | None = None, dtype=None
+    adapter_dirs: list[str | Path],
+    model_config=None,
+    base_model: str | None = None,
+    dtype=None,
+    device: torch.device | str | None = None,
 ) -> PrefixKV:
     """The KV prefix of ``adapter_dirs`` composed in order, checked against the model first."""
     check_same_base(adapter_dirs, model_config, base_model)
-    return PrefixKV.concat([load_prefix(d, dtype=dtype) for d in adapter_dirs])
+    return PrefixKV.concat([load_prefix(d, dtype=dtype, device=device) for d in adapter_dirs])
 
 
 def compose_cartridges(
@@ -186,7 +192,8 @@ def evaluate_composition(
     names = [name for name, _ in documents]
     groups = check_question_documents(questions_path, names)
     prefixes = {
-        name: load_prefix(d, dtype=model.dtype) for name, d in zip(names, cartridge_dirs, strict=True)
+        name: load_prefix(d, dtype=model.dtype, device=model.device)
+        for name, d in zip(names, cartridge_dirs, strict=True)
     }
     composed = PrefixKV.concat(list(prefixes.values()))
     conditions = [

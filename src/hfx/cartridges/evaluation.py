@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from hfx.cartridges.corpus import document_prefix_ids, user_turn_ids
 from hfx.cartridges.prefix import PrefixKV, forward_with_prefix, generate_after_prefix
+from hfx.models import synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def decode_throughput(
     seqs = [user_turn_ids(tokenizer, p, after_system=condition.prompt_after_system) for p in prompts]
     best = 0.0
     for _ in range(repeats):
+        synchronize(model.device)  # time the decode itself, not work queued before it
         start = time.perf_counter()
         out, width = generate_after_prefix(
             model,
@@ -179,6 +181,7 @@ def decode_throughput(
             min_new_tokens=new_tokens,
             do_sample=False,
         )
+        synchronize(model.device)
         elapsed = time.perf_counter() - start
         best = max(best, (out.shape[1] - width) * len(seqs) / elapsed)
     return best

@@ -13,10 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from hfx import embedded
-from hfx.cartridges.attention import use_grouped_sdpa
 from hfx.cartridges.corpus import Corpus, load_corpus
 from hfx.cartridges.evaluation import (
     Condition,
@@ -38,31 +35,16 @@ from hfx.cartridges.training import (
     write_metadata,
 )
 from hfx.hub import write_text_atomic
+from hfx.models import (
+    DeviceArguments,
+    dtype_name,
+    load_causal_lm,
+    model_id,
+    resolve,
+    training_arguments_on,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def load_model(model_name_or_path: str | None, dtype: str = "float32"):
-    """(model, tokenizer, resolved path); ``None``/``"embedded"`` is the embedded SmolLM2-135M-Instruct."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = embedded.resolve_model_path(model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model.eval()
-    use_grouped_sdpa(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, path
-
-
-def model_display_name(model_name_or_path: str | None) -> str:
-    resolved = embedded.resolve_model_path(model_name_or_path)
-    return (
-        embedded.EMBEDDED_MODEL_ID
-        if resolved == str(embedded.embedded_model_path())
-        else str(model_name_or_path)
-    )
 
 
 def train_cartridge(
@@ -74,7 +56,8 @@ def train_cartridge(
     """Train a cartridge on a synthesized dataset and save it (adapter + metadata) in ``args.output_dir``."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-    model, tokenizer, _ = load_model(model_name_or_path, dtype=args.model_dtype)
+    # The frozen base goes where Trainer trains (its device), in the training dtype; the cartridge stays float32.
+    model, tokenizer = load_causal_lm(model_name_or_path, device=args.device, dtype=args.model_dtype)
     for param in model.parameters():
         param.requires_grad_(False)
     corpus = load_corpus(corpus_source, tokenizer)
@@ -108,7 +91,7 @@ def train_cartridge(
     write_metadata(
         args.output_dir,
         {
-            "base_model": model_display_name(model_name_or_path),
+            "base_model": model_id(model_name_or_path),
             "corpus": corpus.name,
             "corpus_tokens": corpus.num_tokens,
             "num_virtual_tokens": args.num_virtual_tokens,
@@ -136,9 +119,11 @@ def evaluate_cartridge(
     max_context_tokens: int | None = None,
     throughput_batch: int = 8,
     throughput_tokens: int = 32,
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> dict:
     """The three-condition table for a saved cartridge; also written to ``<cartridge>/eval_results.json``."""
-    model, tokenizer, _ = load_model(model_name_or_path)
+    model, tokenizer = load_causal_lm(model_name_or_path, device=device, dtype=dtype)
     questions = load_questions(questions_path)
     corpus = load_corpus(corpus_source, tokenizer)
     window = getattr(model.config, "max_position_embeddings", None)
@@ -167,6 +152,8 @@ def evaluate_cartridge(
         "corpus_tokens": corpus.num_tokens,
         "questions": str(questions_path),
         "num_questions": len(questions),
+        "device": str(model.device),
+        "dtype": dtype_name(model.dtype),
         "results": results_to_json(results),
         "table": format_table(results, num_questions=len(questions)),
     }
@@ -200,15 +187,19 @@ def run_self_study(
     training: dict | None = None,
     model_name_or_path: str | None = None,
     server=None,
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> RunResult:
     """The main job: synthesize, train, evaluate, save the cartridge with its card. Resumable.
 
     ``server`` (:class:`~hfx.cartridges.server.ServerArguments`) synthesizes through an OpenAI-compatible server.
+    Every stage runs on ``device`` (default: accelerate's device of this process); ``dtype`` is the dtype of the
+    synthesizing and evaluating model (training's frozen base takes ``training["model_dtype"]``, bfloat16).
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
     synthesis = synthesis or SynthesisConfig()
-    model, tokenizer, _ = load_model(model_name_or_path)
+    model, tokenizer = load_causal_lm(model_name_or_path, device=device, dtype=dtype)
     corpus: Corpus = load_corpus(corpus_source, tokenizer)
     dataset = synthesize(
         model,
@@ -216,9 +207,10 @@ def run_self_study(
         corpus,
         output_dir / "synthesis",
         synthesis,
-        model_name=model_display_name(model_name_or_path),
+        model_name=model_id(model_name_or_path),
         server=server,
     )
+    run_device = model.device
     del model
 
     cartridge_dir = output_dir / "cartridge"
@@ -229,14 +221,19 @@ def run_self_study(
         args = CartridgeTrainingArguments(
             output_dir=str(output_dir / "cartridge"),
             seed=synthesis.seed,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=run_device.type == "cpu",
             **training,
         )
         train_cartridge(corpus_source, dataset, args, model_name_or_path=model_name_or_path)
     report = None
     if questions_path is not None:
         report = evaluate_cartridge(
-            cartridge_dir, corpus_source, questions_path, model_name_or_path=model_name_or_path
+            cartridge_dir,
+            corpus_source,
+            questions_path,
+            model_name_or_path=model_name_or_path,
+            device=str(run_device),
+            dtype=dtype,
         )
     write_cartridge_card(cartridge_dir, report)
     return RunResult(output_dir, cartridge_dir, report or {}, time.perf_counter() - start)
@@ -247,7 +244,7 @@ def run_self_study(
 
 
 @dataclass
-class CorpusArguments:
+class CorpusArguments(DeviceArguments):
     corpus: str = field(
         default=embedded.DEFAULT_CORPUS,
         metadata={
@@ -272,6 +269,13 @@ class SynthesizeArguments(CorpusArguments):
 
 @dataclass
 class TrainArguments(CorpusArguments):
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the model that evaluates the cartridge (--questions): auto = bfloat16 on a GPU "
+            "that supports it, else float32. The frozen base during training takes --model_dtype."
+        },
+    )
     synthesis_dir: str = field(
         default="outputs/synthesis", metadata={"help": "A directory made by synthesize."}
     )
@@ -323,6 +327,9 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
     """`hfx cartridge train` / examples/cartridges/train.py: train, optionally evaluate, write the card, push."""
     from hfx.cartridges.synthesis import load_synthesis
 
+    resolve(args.device, args.dtype)  # a device or dtype this machine lacks stops here, before any work
+    training_args = training_arguments_on(training_args, args.device)
+    resolve(training_args.device, training_args.model_dtype)
     dataset = load_synthesis(args.synthesis_dir)
     train_cartridge(args.corpus, dataset, training_args, model_name_or_path=args.model_name_or_path)
     if (
@@ -332,7 +339,12 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
     report = None
     if args.questions:
         report = evaluate_cartridge(
-            training_args.output_dir, args.corpus, args.questions, args.model_name_or_path
+            training_args.output_dir,
+            args.corpus,
+            args.questions,
+            args.model_name_or_path,
+            device=str(training_args.device),
+            dtype=args.dtype,
         )
     write_cartridge_card(training_args.output_dir, report)
     if args.hub_repo_id:
@@ -351,12 +363,20 @@ def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig, server=No
         "initialization": args.initialization,
     }
     return run_self_study(
-        args.output_dir, args.corpus, args.questions, synthesis, training, args.model_name_or_path, server
+        args.output_dir,
+        args.corpus,
+        args.questions,
+        synthesis,
+        training,
+        args.model_name_or_path,
+        server,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
 @dataclass
-class ComposeArguments:
+class ComposeArguments(DeviceArguments):
     cartridges: list[str] = field(
         default_factory=list, metadata={"help": "Two or more saved cartridge folders, in prefix order."}
     )
@@ -400,8 +420,8 @@ def compose_and_evaluate(args: ComposeArguments) -> dict | None:
         raise ValueError(
             f"Give at least 2 cartridges to compose (--cartridges A B C), got {len(args.cartridges)}."
         )
-    model, tokenizer, _ = load_model(args.model_name_or_path)
-    base_model = model_display_name(args.model_name_or_path)
+    model, tokenizer = load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
+    base_model = model_id(args.model_name_or_path)
     output_dir = Path(args.output_dir)
     documents = None
     if args.questions:  # checked before anything is written

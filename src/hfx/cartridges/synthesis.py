@@ -467,7 +467,15 @@ def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progre
             "server_model": client.model,
             "server_logprobs": generator.use_server_logprobs,
         }
-    check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
+    from accelerate import PartialState
+
+    # Under `accelerate launch --num_processes N` each process synthesizes every N-th shard on its own device.
+    state = PartialState()
+    if state.is_main_process:
+        check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
 
     batch_sizes = [
         min(config.conversations_per_chunk, config.num_conversations - b * config.conversations_per_chunk)
@@ -478,23 +486,27 @@ def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progre
         range(s * config.batches_per_shard, min((s + 1) * config.batches_per_shard, config.num_batches))
         for s in range(num_shards)
     ]
-    done = {s for s in range(num_shards) if _shard_path(output_dir, s).exists()}
+    mine = range(state.process_index, num_shards, state.num_processes)
+    done = {s for s in mine if _shard_path(output_dir, s).exists()}
     if done:
         logger.info(
-            "Resuming synthesis in %s: %d of %d shards already written", output_dir, len(done), num_shards
+            "Resuming synthesis in %s: %d of this process's %d shards already written",
+            output_dir,
+            len(done),
+            len(mine),
         )
     bar = tqdm(
-        total=config.num_conversations,
+        total=sum(batch_sizes[b] for s in mine for b in shard_batches[s]),
         initial=sum(batch_sizes[b] for s in done for b in shard_batches[s]),
-        desc="synthesize",
+        desc="synthesize" if state.num_processes == 1 else f"synthesize (process {state.process_index})",
         unit="conv",
         disable=not progress,
     )
-    for shard_idx, batches in enumerate(shard_batches):
+    for shard_idx in mine:
         if shard_idx in done:
             continue
         rows = []
-        for batch_idx in batches:
+        for batch_idx in shard_batches[shard_idx]:
             if generator is None:
                 rows.extend(synthesize_batch(model, tokenizer, corpus, config, batch_idx))
             else:
@@ -502,8 +514,11 @@ def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progre
             bar.update(batch_sizes[batch_idx])
         write_parquet_atomic(rows, FEATURES, _shard_path(output_dir, shard_idx))
     bar.close()
+    state.wait_for_everyone()
     dataset = load_synthesis(output_dir)
-    write_dataset_card(output_dir, manifest, dataset)
+    if state.is_main_process:
+        write_dataset_card(output_dir, manifest, dataset)
+    state.wait_for_everyone()
     return dataset
 
 

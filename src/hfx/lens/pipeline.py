@@ -1,21 +1,28 @@
-"""Consistency Lens jobs: `hfx lens dump` (activation dataset). Training and evaluation build on it."""
+"""Consistency Lens jobs: `hfx lens dump` (activation dataset), `hfx lens train`, `hfx lens eval`.
+
+Each takes `--device`/`--dtype` (`hfx.models.DeviceArguments`), checked before anything is read or written. The
+dump puts each `accelerate launch` process on its own device; training runs where Trainer runs (the frozen model
+is loaded there, and the lens is trained in the same dtype); evaluation runs both models on the device given.
+Manifests and cards record the resolved dtype ("float32", "bfloat16"), never "auto".
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from hfx import embedded
+import torch
+
+from hfx import models
 from hfx.documents import DEFAULT_DATASET, load_documents
 
 from .data import DumpConfig, dump_activations, load_activations
 
 
 @dataclass
-class DumpArguments:
+class DumpArguments(models.DeviceArguments):
     output_dir: str = field(default="outputs/lens-activations", metadata={"help": "dataset directory"})
     model_name_or_path: str = field(default="embedded", metadata={"help": "the frozen model to explain"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16 or float16"})
     dataset: str = field(
         default=DEFAULT_DATASET,
         metadata={
@@ -40,11 +47,11 @@ def run_dump(args: DumpArguments):
     from accelerate import PartialState
 
     state = PartialState()
-    model, tokenizer = embedded.load_causal_lm(args.model_name_or_path, args.dtype)
+    model, tokenizer = models.load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
     config = DumpConfig(**{f.name: getattr(args, f.name) for f in fields(DumpConfig)})
     manifest = {
-        "model": embedded.model_id(args.model_name_or_path),
-        "dtype": args.dtype,
+        "model": models.model_id(args.model_name_or_path),
+        "dtype": models.dtype_name(model.dtype),
         "dataset": args.dataset,
     }
     documents = load_documents(args.dataset, args.text_column)
@@ -63,12 +70,13 @@ def run_dump(args: DumpArguments):
 
 
 @dataclass
-class LensArguments:
+class LensArguments(models.DeviceArguments):
+    """The lens and its frozen model; `--dtype` is that of both (training: the lens's weights too)."""
+
     activations_dir: str = field(
         default="outputs/lens-activations", metadata={"help": "`hfx lens dump` output"}
     )
     model_name_or_path: str = field(default="embedded", metadata={"help": "the frozen model (as dumped)"})
-    dtype: str = field(default="float32", metadata={"help": "dtype of the frozen model and the lens"})
     lens_name_or_path: str | None = field(
         default=None, metadata={"help": "start from this lens instead of the base"}
     )
@@ -109,20 +117,37 @@ def _split(dataset, eval_examples: int):
     return dataset.select(range(cut)), dataset.select(range(cut, len(dataset)))
 
 
+def trainer_device(args: models.DeviceArguments, training_args) -> torch.device:
+    """The device Trainer trains on, which the frozen model must share; `--device`, when given, must name it.
+
+    Trainer picks the device itself (this process's accelerator, or the CPU with `--use_cpu true`), so a
+    different `--device` is refused, naming the option that moves Trainer, rather than silently ignored."""
+    asked = None if args.device in (None, "", "auto") else models.resolve_device(args.device)
+    device = training_args.device
+    if asked is not None and (asked.type, asked.index or 0) != (device.type, device.index or 0):
+        fix = (
+            "add --use_cpu true to train on the CPU"
+            if asked.type == "cpu"
+            else "choose the GPU with CUDA_VISIBLE_DEVICES or `accelerate launch`"
+        )
+        raise ValueError(f"--device {args.device!r}: Trainer trains this process on {device}; {fix}.")
+    return device
+
+
 def run_train(args: LensArguments, training_args) -> Path:
     """Train (resuming from the last checkpoint in output_dir if any) and save the lens with a card."""
-    import torch
     from transformers.trainer_utils import get_last_checkpoint
 
     from .modeling_lens import ConsistencyLens
     from .training import LensTrainer
 
-    base, tokenizer = embedded.load_causal_lm(args.model_name_or_path, args.dtype)
+    device = trainer_device(args, training_args)
+    base, tokenizer = models.load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
     data = load_activations(args.activations_dir)
     layer = data[0]["layer"]
     train, _ = _split(data, args.eval_examples)
     if args.lens_name_or_path:
-        lens = ConsistencyLens.from_pretrained(args.lens_name_or_path, dtype=getattr(torch, args.dtype))
+        lens = ConsistencyLens.from_pretrained(args.lens_name_or_path, dtype=base.dtype)
     else:
         if args.output_init not in ("identity", "mean"):
             raise ValueError(f"output_init must be identity or mean, got {args.output_init!r}.")
@@ -137,7 +162,7 @@ def run_train(args: LensArguments, training_args) -> Path:
             read_token=args.read_token,
             write_backwards=args.write_backwards,
             identity_output=args.output_init == "identity",
-            base_model_name_or_path=embedded.model_id(args.model_name_or_path),
+            base_model_name_or_path=models.model_id(args.model_name_or_path),
             mean_activation=activations.mean(0),
             activation_norm=float(activations.norm(dim=-1).mean()),
         )
@@ -180,15 +205,13 @@ def run_eval(args: LensArguments, lens_dir: str, output: str | None = None, batc
     """Evaluate a trained lens on the held-out split of its activation dataset; write the results as JSON."""
     import json
 
-    import torch
-
     from hfx.hub import write_text_atomic
 
     from .evaluation import evaluate_lens
     from .modeling_lens import ConsistencyLens
 
-    base, tokenizer = embedded.load_causal_lm(args.model_name_or_path, args.dtype)
-    lens = ConsistencyLens.from_pretrained(lens_dir, dtype=getattr(torch, args.dtype))
+    base, tokenizer = models.load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
+    lens = ConsistencyLens.from_pretrained(lens_dir, dtype=base.dtype).to(base.device)
     train, held_out = _split(load_activations(args.activations_dir), args.eval_examples)
     mean = torch.tensor(train["activation"]).mean(0)
     results = evaluate_lens(lens, base, held_out, mean, tokenizer, batch_size)

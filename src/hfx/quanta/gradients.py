@@ -11,6 +11,10 @@ Each selected layer's gradient is either kept whole (`projection_dim=0`, exact) 
 sketch_j = sum_t (r_j . delta_t)(s_j . x_t) / sqrt(m), computed from R delta and S x without forming G. It is an
 unbiased Johnson-Lindenstrauss sketch (E <sketch(G), sketch(H)> = <G, H>) whose variance is at most four times a
 dense Gaussian projection's of the same size, and memory grows with the number of layers, not parameters.
+
+Everything runs on the device of the model. The projection matrices are drawn by a generator seeded on the CPU
+and then moved there, so the same seed gives the same sketch on every device: a run can resume on another device,
+and CPU and GPU results agree to rounding.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ class PerTokenGradients:
     """Computes per-token gradients of selected linear layers for batches of (context, target) rows.
 
     Use as: `grads = PerTokenGradients(model, projection_dim=256, seed=0)`; `rows = grads(batch_contexts,
-    batch_targets)` -> (B, width) float32, not normalised."""
+    batch_targets)` -> (B, width) float32 on the model's device, not normalised."""
 
     def __init__(
         self,
@@ -109,12 +113,14 @@ class PerTokenGradients:
         self.projection_dim = projection_dim
         self.seed = seed
         device = next(model.parameters()).device
+        # (R, S) of each layer, on the model's device.
         self.projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         dims = []
         for index, (name, module) in enumerate(self.layers.items()):
             fan_in, fan_out = _in_out(module)
             has_bias = getattr(module, "bias", None) is not None
             if projection_dim:
+                # Drawn on the CPU (device-independent numbers), then moved: a CUDA generator draws others.
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
                 r_out = torch.randn(projection_dim, fan_out, generator=generator)
                 r_in = torch.randn(projection_dim, fan_in, generator=generator)
@@ -178,6 +184,13 @@ class PerTokenGradients:
             out = self.model(**kwargs)
         return out.logits[:, -1]
 
+    def _projection(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # The model may have moved since the projections were drawn: they follow it (once).
+        r_out, r_in = self.projections[name]
+        if r_out.device != device:
+            r_out, r_in = self.projections[name] = (r_out.to(device), r_in.to(device))
+        return r_out, r_in
+
     def _rows(self, batch: int, deltas: dict[str, torch.Tensor | None]) -> torch.Tensor:
         parts = []
         for name, module in self.layers.items():
@@ -190,7 +203,7 @@ class PerTokenGradients:
             x = x.reshape(batch, -1, x.shape[-1])
             delta = delta.reshape(batch, -1, delta.shape[-1])
             if self.projection_dim:
-                r_out, r_in = self.projections[name]
+                r_out, r_in = self._projection(name, delta.device)
                 delta = delta @ r_out.t()
                 scale = 1.0 / math.sqrt(self.projection_dim)
                 parts.append(torch.einsum("btm,btm->bm", delta, x @ r_in.t()) * scale)

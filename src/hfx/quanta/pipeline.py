@@ -9,7 +9,10 @@
 
 Each stage reads the previous stage's files, so any stage can be re-run alone; the long ones (losses, gradients)
 resume after a kill. `hfx quanta run` chains them. Under `accelerate launch` the long stages split their shards
-over the processes and the main process does the rest.
+over the processes (each on its own GPU: the loader places every process's model on accelerate's device of that
+process) and the main process does the rest. Device and dtype are checked before a stage writes anything; the
+manifests record the resolved dtype ("float32", "bfloat16"), never "auto", and not the device: a run resumed on
+another device continues the same artifacts (the random projections are drawn on the CPU).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hfx import embedded
+import torch
+
+from hfx import embedded, models
 from hfx.documents import DEFAULT_DATASET, load_documents
 from hfx.hub import write_text_atomic
 
@@ -34,16 +39,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RunArguments:
+class RunArguments(models.DeviceArguments):
+    """The run directory and the model, with `--device`/`--dtype` (bfloat16 is also about 2x faster on CPUs that
+    have it)."""
+
     output_dir: str = field(
         default="outputs/quanta", metadata={"help": "run directory holding every stage's files"}
     )
     model_name_or_path: str = field(
         default="embedded", metadata={"help": "any causal LM; 'embedded' = SmolLM2-135M-Instruct"}
-    )
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "model dtype: float32 or bfloat16 (about 2x faster on CPUs with bf16)"},
     )
 
 
@@ -119,11 +123,17 @@ class ViewArguments:
 
 
 def load_model(run: RunArguments):
-    return embedded.load_causal_lm(run.model_name_or_path, run.dtype)
+    """(model, tokenizer) on the run's device and dtype (checked before the weights are read)."""
+    return models.load_causal_lm(run.model_name_or_path, device=run.device, dtype=run.dtype)
 
 
 def _model_name(run: RunArguments) -> str:
-    return embedded.model_id(run.model_name_or_path)
+    return models.model_id(run.model_name_or_path)
+
+
+def _model_manifest(run: RunArguments, model) -> dict:
+    # The dtype the model really runs in: "auto" resolves per device, and artifacts record what it became.
+    return {"model": _model_name(run), "dtype": models.dtype_name(next(model.parameters()).dtype)}
 
 
 def _process():
@@ -141,7 +151,7 @@ def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=N
     config = LossesConfig(
         args.context_length, args.max_tokens, args.loss_batch_size, args.loss_windows_per_shard
     )
-    manifest = {"model": _model_name(run), "dtype": run.dtype, "dataset": args.dataset}
+    manifest = {**_model_manifest(run, model), "dataset": args.dataset}
     compute_losses(
         model,
         tokenizer,
@@ -181,12 +191,18 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
         args.gradient_batch_size,
         args.gradient_tokens_per_shard,
     )
-    manifest = {"model": _model_name(run), "dtype": run.dtype}
+    manifest = _model_manifest(run, model)
     out = compute_gradients(
         model, tokens, run.output_dir, config, manifest, state.process_index, state.num_processes
     )
     state.wait_for_everyone()
     return out
+
+
+def run_similarity(run: RunArguments, device: str | torch.device | None = None) -> Path:
+    """The similarity matrix of the gradients, its blocks computed on the run's device (or `device`)."""
+    resolved = models.resolve_device(run.device if device is None else device)
+    return similarity_matrix(run.output_dir, resolved)
 
 
 def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
@@ -237,7 +253,8 @@ def run_discovery(
     def lap(name: str) -> None:
         timings[name] = time.perf_counter() - start - sum(timings.values())
 
-    model, tokenizer = load_model(run)
+    model, tokenizer = load_model(run)  # device and dtype are checked here, before any stage writes
+    device = next(model.parameters()).device
     run_losses(run, losses, model, tokenizer)
     lap("losses")
     if state.is_main_process:
@@ -248,7 +265,7 @@ def run_discovery(
     lap("gradients")
     if not state.is_main_process:
         return {}
-    similarity_matrix(run.output_dir)
+    run_similarity(run, device)
     lap("similarity")
     clusters = run_cluster(run, clustering)
     lap("cluster")
@@ -257,6 +274,8 @@ def run_discovery(
     summary = {
         "timings_seconds": timings,
         "processes": state.num_processes,
+        "device": str(device),
+        "dtype": models.dtype_name(next(model.parameters()).dtype),
         "clusters": str(clusters),
         "page": str(page),
         "arguments": {

@@ -2,8 +2,9 @@
 
 Gradients are written as safetensors shards `gradients/gradients-*.safetensors` (`token_index`, unit-norm
 `gradients` rows) so that a killed run resumes at the next shard. The similarity C = G G^T is assembled from pairs
-of shards, so only two shards and the n x n result are in memory at once. The clustering affinity is the angular
-one, 1 - arccos(C) / pi (in [0, 1], 1 for identical directions).
+of shards, so only two shards and the n x n result are in memory at once; each block is computed on the device
+given (a GPU when there is one) and comes back to the CPU, where the matrix is written. The clustering affinity is
+the angular one, 1 - arccos(C) / pi (in [0, 1], 1 for identical directions).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def compute_gradients(
                 grads = gradients([contexts[i] for i in picked], [targets[i] for i in picked])
                 if result is None:
                     result = torch.empty(len(rows), grads.shape[1])
-                result[picked] = torch.nn.functional.normalize(grads, dim=1)
+                # Rows are written from the CPU whatever device computed them.
+                result[picked] = torch.nn.functional.normalize(grads, dim=1).cpu()
                 bar.update(len(picked))
             save_safetensors_atomic(
                 {"token_index": torch.tensor(rows["token_index"]), "gradients": result}, _shard(out, shard)
@@ -129,8 +131,14 @@ def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return handle.get_tensor("token_index"), handle.get_tensor("gradients")
 
 
-def similarity_matrix(output_dir: str | Path) -> Path:
-    """Cosine similarities between all token gradients, assembled shard pair by shard pair."""
+def similarity_matrix(output_dir: str | Path, device: str | torch.device | None = None) -> Path:
+    """Cosine similarities between all token gradients, assembled shard pair by shard pair.
+
+    Blocks are multiplied on `device` (default: this process's device, as `hfx.models.resolve_device` picks it)
+    in float32, and gathered into the matrix on the CPU."""
+    from hfx.models import resolve_device
+
+    device = resolve_device(device)
     shards = gradient_shards(output_dir)
     sizes, indices = [], []
     for path in shards:
@@ -142,9 +150,9 @@ def similarity_matrix(output_dir: str | Path) -> Path:
     similarity = torch.empty(n, n, dtype=torch.float32)
     pairs = [(i, j) for i in range(len(shards)) for j in range(i, len(shards))]
     for i, j in tqdm(pairs, desc="similarity blocks", unit="block"):
-        _, left = _load(shards[i])
-        right = left if i == j else _load(shards[j])[1]
-        block = (left @ right.t()).clamp_(-1.0, 1.0)
+        left = _load(shards[i])[1].to(device)
+        right = left if i == j else _load(shards[j])[1].to(device)
+        block = (left @ right.t()).clamp_(-1.0, 1.0).cpu()
         similarity[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]] = block
         similarity[offsets[j] : offsets[j + 1], offsets[i] : offsets[i + 1]] = block.t()
     out = Path(output_dir) / SIMILARITY_DIR / "similarity.safetensors"
