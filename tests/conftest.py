@@ -25,52 +25,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def train_tiny_tokenizer(path: Path, vocab_size: int = 1024):
-    """A byte-level BPE tokenizer with a ChatML template, trained on bundled text in about a second.
-
-    The GPU tests use it: the GPU machine has no embedded model (its weights do not travel), so they build
-    random-weight models around this tokenizer instead."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from hfx import embedded
-
-    text = [body for _, body in embedded.load_documents("sklearn_descr")]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(
-        text,
-        trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=special,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
-    """A small real tokenizer that needs no model download nor the embedded model (see train_tiny_tokenizer)."""
-    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+def tiny_tokenizer():
+    """A small real chat tokenizer trained on bundled text: no download, no embedded model. The GPU tests build
+    random-weight models around it, since the embedded model's weights do not travel to a GPU machine."""
+    from hfx.tokenization import small_chat_tokenizer
+
+    return small_chat_tokenizer()
 
 
 @pytest.fixture(scope="session")
