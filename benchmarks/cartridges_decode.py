@@ -1,43 +1,57 @@
 """Decode throughput after a cartridge (p KV tokens) vs after the whole document in context (ICL).
 
-.venv/bin/python benchmarks/cartridges_decode.py --corpus rcv1 --p 96
+    .venv/bin/python benchmarks/cartridges_decode.py --corpus rcv1 --p 96
+    python benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 2048 8192 32768 --p 2048 \\
+        --batch 32 --device cuda
+
+The first form uses the embedded model and a real document. The second builds a random-weight model of a public
+shape (no weights needed, for a GPU machine with no network) and prefills random token ids as the "document" of each
+context length; only shapes matter for throughput. The cartridge's prefix has p tokens whatever the context, so its
+share of the KV cache (and of each decode step's memory traffic) shrinks as the context grows.
 """
 
 import argparse
+import random
 
-from peft import CartridgeConfig, get_peft_model
+import torch
 
-from hfx.cartridges.corpus import load_corpus
-from hfx.cartridges.evaluation import cartridge_condition, decode_throughput, icl_condition
-from hfx.models import load_causal_lm
+from hfx.cartridges.evaluation import Condition, decode_throughput
+from hfx.cartridges.prefix import PrefixKV
+from hfx.models import resolve
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--corpus", default="rcv1")
-    parser.add_argument(
-        "--p", type=int, default=96, help="cartridge tokens (throughput does not depend on its values)"
-    )
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def prompts_for(batch: int) -> list[str]:
+    return [f"Question {i}: what does the document say about its data?" for i in range(batch)]
 
-    model, tokenizer = load_causal_lm("embedded")
+
+def measure(model, tokenizer, icl: Condition, cartridge: Condition, args) -> dict[str, float]:
+    results = {}
+    for condition in (icl, cartridge):
+        results[condition.name] = decode_throughput(
+            model,
+            tokenizer,
+            condition,
+            prompts_for(args.batch),
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+        )
+    return results
+
+
+def embedded_document(args, device, dtype) -> None:
+    from peft import CartridgeConfig, get_peft_model
+
+    from hfx.cartridges.corpus import load_corpus
+    from hfx.cartridges.evaluation import cartridge_condition, icl_condition
+    from hfx.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("embedded", device=device, dtype=dtype)
     corpus = load_corpus(args.corpus, tokenizer)
     icl = icl_condition(model, tokenizer, corpus.text)
     peft_model = get_peft_model(model, CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.p))
     cartridge = cartridge_condition(peft_model)
-    prompts = [f"Question {i}: what does the document say about its data?" for i in range(args.batch)]
     with peft_model.disable_adapter():
-        base = peft_model.get_base_model()
-        results = {}
-        for condition in (icl, cartridge):
-            results[condition.name] = decode_throughput(
-                base, tokenizer, condition, prompts, new_tokens=args.new_tokens, repeats=args.repeats
-            )
+        results = measure(peft_model.get_base_model(), tokenizer, icl, cartridge, args)
     print(
         f"corpus {corpus.name}: ICL prefix {icl.prefix.num_tokens} tokens ({icl.prefix.nbytes / 2**20:.1f} MiB/seq), "
         f"cartridge {args.p} tokens ({cartridge.prefix.nbytes / 2**20:.1f} MiB/seq)"
@@ -46,10 +60,73 @@ def main() -> None:
         print(
             f"{name:24s} {tps:8.1f} tokens/s (batch {args.batch}, {args.new_tokens} new tokens, best of {args.repeats})"
         )
+    ratio = results[cartridge.name] / results[icl.name]
     print(
-        f"ratio cartridge/ICL throughput: {results[cartridge.name] / results[icl.name]:.2f}x; "
+        f"ratio cartridge/ICL throughput: {ratio:.2f}x; "
         f"KV bytes ICL/cartridge: {icl.prefix.nbytes / cartridge.prefix.nbytes:.1f}x"
     )
+    print(f"RESULT cartridge_decode_{corpus.name} {ratio:.3f}")
+
+
+def random_documents(args, device, dtype) -> None:
+    from _random_models import random_causal_lm
+
+    from hfx.tokenization import small_chat_tokenizer
+
+    tokenizer = small_chat_tokenizer()
+    model = random_causal_lm(args.random_model, tokenizer, device, dtype)
+    rng = random.Random(0)
+    random_ids = [rng.randrange(len(tokenizer)) for _ in range(max(args.contexts + [args.p]))]
+    cartridge = Condition(f"cartridge (p={args.p})", PrefixKV.prefill(model, random_ids[: args.p]), False)
+    print(
+        f"{args.random_model} (random weights) on {device}, {str(dtype).removeprefix('torch.')}: batch {args.batch}, "
+        f"{args.new_tokens} new tokens, best of {args.repeats}; cartridge p={args.p} "
+        f"({cartridge.prefix.nbytes / 2**20:.0f} MiB/seq)"
+    )
+    print(f"{'context':>8} {'ICL tok/s':>10} {'cartridge tok/s':>16} {'ratio':>7} {'KV ratio':>9}")
+    for context in args.contexts:
+        icl = Condition(f"ICL ({context})", PrefixKV.prefill(model, random_ids[:context]), True)
+        results = measure(model, tokenizer, icl, cartridge, args)
+        ratio = results[cartridge.name] / results[icl.name]
+        print(
+            f"{context:>8} {results[icl.name]:>10.0f} {results[cartridge.name]:>16.0f} {ratio:>6.2f}x "
+            f"{icl.prefix.nbytes / cartridge.prefix.nbytes:>8.1f}x"
+        )
+        print(f"RESULT cartridge_decode_{context} {ratio:.3f}")
+        del icl
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--corpus", default="rcv1", help="document of the embedded-model form")
+    parser.add_argument(
+        "--random-model",
+        default=None,
+        help="a random-weight model of this shape instead: smollm2-135m, llama-3.2-1b",
+    )
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[2048, 8192, 32768], help="ICL lengths of the random form"
+    )
+    parser.add_argument(
+        "--p", type=int, default=96, help="cartridge tokens (throughput does not depend on its values)"
+    )
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: accelerate's device of this process")
+    parser.add_argument(
+        "--dtype", default="auto", help="default: bfloat16 on a GPU that supports it, else float32"
+    )
+    args = parser.parse_args()
+    device, dtype = resolve(args.device, args.dtype)
+    if args.random_model:
+        random_documents(args, device, dtype)
+    else:
+        embedded_document(args, device, dtype)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
 """Synthesis throughput: batches sharing one chunk's KV vs one conversation at a time.
 
-.venv/bin/python benchmarks/cartridges_synthesis.py --conversations 16
+    .venv/bin/python benchmarks/cartridges_synthesis.py --conversations 16
+    python benchmarks/cartridges_synthesis.py --random-model smollm2-135m --device cuda --cpu-reference 0.5
+
+The second form synthesizes with a random-weight model of SmolLM2-135M's shape (no weights needed: a GPU machine
+with no network) and a small tokenizer trained on bundled text; every answer then runs to its token limit, so the
+work per conversation is fixed. ``--cpu-reference`` is the batched conv/s of the same command with ``--device cpu``
+on another machine: the GPU/CPU ratio is printed against it.
 """
 
 import argparse
@@ -9,7 +15,7 @@ import time
 
 from hfx.cartridges.corpus import load_corpus
 from hfx.cartridges.synthesis import SynthesisConfig, synthesize
-from hfx.models import load_causal_lm
+from hfx.models import load_causal_lm, resolve
 
 
 def run(model, tokenizer, corpus, config: SynthesisConfig) -> tuple[float, int]:
@@ -31,9 +37,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="conversations per chunk in the batched run")
     parser.add_argument("--question-tokens", type=int, default=24)
     parser.add_argument("--answer-tokens", type=int, default=48)
+    parser.add_argument(
+        "--random-model", default=None, help="random weights of this shape: smollm2-135m, ..."
+    )
+    parser.add_argument("--device", default=None, help="default: accelerate's device of this process")
+    parser.add_argument(
+        "--dtype", default="auto", help="default: bfloat16 on a GPU that supports it, else float32"
+    )
+    parser.add_argument("--skip-single", action="store_true", help="only the batched run")
+    parser.add_argument(
+        "--cpu-reference", type=float, default=None, help="batched conv/s of the same command on a CPU"
+    )
     args = parser.parse_args()
 
-    model, tokenizer = load_causal_lm("embedded")
+    device, dtype = resolve(args.device, args.dtype)
+    if args.random_model:
+        from _random_models import random_causal_lm, tokenizer_for
+
+        tokenizer = tokenizer_for(args.random_model)
+        model = random_causal_lm(args.random_model, tokenizer, device, dtype)
+    else:
+        model, tokenizer = load_causal_lm("embedded", device=device, dtype=dtype)
     corpus = load_corpus(args.corpus, tokenizer)
     common = dict(
         num_conversations=args.conversations,
@@ -44,17 +68,23 @@ def main() -> None:
     batched, batched_tokens = run(
         model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=args.batch, **common)
     )
-    single, single_tokens = run(
-        model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=1, **common)
-    )
     print(
-        f"corpus {corpus.name}, {args.conversations} conversations, <= {args.question_tokens}+{args.answer_tokens} new tokens"
+        f"corpus {corpus.name}, {args.conversations} conversations, <= {args.question_tokens}+{args.answer_tokens} "
+        f"new tokens, {model.device}, {str(model.dtype).removeprefix('torch.')}"
     )
     print(
         f"batched (shared chunk KV, {args.batch}/chunk): {batched:.3f} conv/s ({batched_tokens} answer tokens)"
     )
-    print(f"one at a time:                        {single:.3f} conv/s ({single_tokens} answer tokens)")
-    print(f"ratio: {batched / single:.2f}x")
+    if not args.skip_single:
+        single, single_tokens = run(
+            model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=1, **common)
+        )
+        print(f"one at a time:                        {single:.3f} conv/s ({single_tokens} answer tokens)")
+        print(f"ratio: {batched / single:.2f}x")
+        print(f"RESULT synthesis_batched_vs_single {batched / single:.3f}")
+    if args.cpu_reference:
+        print(f"vs the CPU reference {args.cpu_reference:.3f} conv/s: {batched / args.cpu_reference:.1f}x")
+        print(f"RESULT synthesis_{model.device.type}_vs_cpu {batched / args.cpu_reference:.3f}")
 
 
 if __name__ == "__main__":
