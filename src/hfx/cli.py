@@ -46,7 +46,7 @@ def _cartridge_synthesize(argv: list[str]) -> None:
     from hfx.cartridges.pipeline import SynthesizeArguments
     from hfx.cartridges.server import ServerArguments
     from hfx.cartridges.synthesis import SynthesisConfig, synthesize
-    from hfx.models import load_causal_lm, model_id
+    from hfx.models import load_causal_lm, model_id, process_state
 
     args, config, server = _parser(
         "hfx cartridge synthesize", SynthesizeArguments, SynthesisConfig, ServerArguments
@@ -62,6 +62,8 @@ def _cartridge_synthesize(argv: list[str]) -> None:
         model_name=model_id(args.model_name_or_path),
         server=server,
     )
+    if not process_state().is_main_process:  # under `accelerate launch`, one process reports and uploads
+        return
     print(f"{len(dataset)} conversations in {args.synthesis_dir}")
     if args.hub_repo_id:
         from hfx.hub import push_folder

@@ -66,12 +66,22 @@ def _device_available(device_type: str) -> bool:
     return False
 
 
+def process_state():
+    """accelerate's ``PartialState`` of this process: its rank, the number of processes, its device.
+
+    Under ``accelerate launch --cpu`` (or on a machine with no accelerator) processes started by a distributed
+    launcher join as CPU processes over gloo; without this they would each run alone as process 0 of 1."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    no_accelerator = not any(_device_available(kind) for kind in ("cuda", "xpu", "mps"))
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator)
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The device a process runs on: ``device`` when given (checked), else accelerate's device of this process."""
-    from accelerate import PartialState
-
     if device is None or str(device) in ("", "auto"):
-        return PartialState().device
+        return process_state().device
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
@@ -88,7 +98,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         )
     if resolved.type in ("cuda", "xpu"):
         if resolved.index is None:
-            process_device = PartialState().device
+            process_device = process_state().device
             # Under `accelerate launch` a bare "cuda" means this process's own GPU, not GPU 0 for everyone.
             return process_device if process_device.type == resolved.type else torch.device(resolved.type, 0)
         count = torch.cuda.device_count() if resolved.type == "cuda" else torch.xpu.device_count()

@@ -1,4 +1,4 @@
-"""Cartridge training under real multi-process `accelerate launch --cpu` (gloo) on the embedded model.
+"""Cartridge synthesis and training under real multi-process `accelerate launch --cpu` (gloo).
 
 Two processes with half the per-device batch take the same optimizer steps as one process with the whole batch,
 and a 2-process run killed with SIGKILL resumes from its last checkpoint onto the same loss curve.
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from hfx.artifacts import write_parquet_atomic
 from hfx.cartridges.corpus import user_turn_ids
-from hfx.cartridges.synthesis import FEATURES
+from hfx.cartridges.synthesis import FEATURES, load_synthesis
 from tests.launching import accelerate_cpu, finish, kill_job, logged_losses, start, wait_for
 
 pytestmark = pytest.mark.integration
@@ -138,3 +138,28 @@ def test_a_killed_two_process_run_resumes_on_the_same_loss_curve(workdir, two_pr
     assert "| 5/8 [" in second_run and "| 1/8 [" not in second_run  # went on from step 4
     assert len(resumed) == 8
     assert resumed == pytest.approx(two_processes, rel=2e-3, abs=2e-3)
+
+
+def test_synthesis_splits_its_shards_over_processes_and_matches_one_process(tmp_path, tiny_model_dir):
+    """`accelerate launch --num_processes 2 examples/cartridges/synthesize.py`: each process writes every other
+    shard, and the dataset is the one a single process writes."""
+    (tmp_path / "zorblat.txt").write_text(TEXT)
+    datasets = {}
+    for processes in (1, 2):
+        output = tmp_path / f"synthesis-{processes}"
+        arguments = [
+            "--corpus", str(tmp_path / "zorblat.txt"), "--model_name_or_path", str(tiny_model_dir),
+            "--synthesis_dir", str(output), "--num_conversations", "8", "--conversations_per_chunk", "2",
+            "--batches_per_shard", "1", "--chunk_min_tokens", "16", "--chunk_max_tokens", "32",
+            "--max_question_tokens", "4", "--max_answer_tokens", "4",
+        ]  # fmt: skip
+        log = tmp_path / f"synthesis-{processes}.log"
+        command = accelerate_cpu(ROOT / "examples" / "cartridges" / "synthesize.py", processes, arguments)
+        finish(start(command, log), log)
+        datasets[processes] = load_synthesis(output)
+        assert len(list((output / "data").glob("train-*.parquet"))) == 4
+    assert "synthesize (process 1)" in (tmp_path / "synthesis-2.log").read_text()
+    assert datasets[2]["conversation_id"] == datasets[1]["conversation_id"] == list(range(8))
+    assert datasets[2]["input_ids"] == datasets[1]["input_ids"]
+    flat = {n: [v for row in d["topk_logprobs"] for step in row for v in step] for n, d in datasets.items()}
+    assert flat[2] == pytest.approx(flat[1], abs=1e-5)

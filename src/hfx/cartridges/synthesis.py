@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from hfx.artifacts import check_or_write_manifest, write_parquet_atomic
 from hfx.cartridges.corpus import Corpus, document_prefix_ids, document_system_prompt, user_turn_ids
 from hfx.cartridges.prefix import PrefixKV, forward_with_prefix, generate_after_prefix
+from hfx.models import process_state
 
 logger = logging.getLogger(__name__)
 
@@ -467,10 +468,8 @@ def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progre
             "server_model": client.model,
             "server_logprobs": generator.use_server_logprobs,
         }
-    from accelerate import PartialState
-
     # Under `accelerate launch --num_processes N` each process synthesizes every N-th shard on its own device.
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
     state.wait_for_everyone()
