@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from hfx import embedded
+from hfx import models
 from hfx.lens.data import load_activations
 from hfx.lens.modeling_lens import ConsistencyLens
 from hfx.lens.training import LensTrainer, LensTrainingArguments
@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
-    base, _ = embedded.load_causal_lm()
+    base, _ = models.load_causal_lm()  # where Trainer trains: this process's accelerator, else the CPU
     data = load_activations(args.activations_dir).select(range(args.steps * args.batch_size))
     topk = len(data[0]["reference_topk_ids"])
     rates = {}

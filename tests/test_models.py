@@ -95,16 +95,20 @@ def test_grouped_sdpa_is_chosen_per_call_by_the_device_of_the_tensors(monkeypatc
     assert calls == ["meta"]
 
 
-def test_training_arguments_follow_device(tmp_path):
-    from transformers import TrainingArguments
+def test_training_refuses_a_device_other_than_trainers():
+    from types import SimpleNamespace
 
-    args = TrainingArguments(output_dir=str(tmp_path))
-    cpu = models.training_arguments_on(args, "cpu")
-    assert cpu.use_cpu and cpu.device.type == "cpu" and not args.use_cpu  # a copy: the caller's is untouched
-    assert models.training_arguments_on(args, None) is args
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))
+    with pytest.raises(
+        ValueError, match=r"--device 'cpu': Trainer trains this process on cuda; add --use_cpu true"
+    ):
+        models.training_device("cpu", on_gpu)
+    assert models.training_device(None, on_gpu) == torch.device("cuda")
+    on_cpu = SimpleNamespace(device=torch.device("cpu"))
+    assert models.training_device("cpu", on_cpu) == torch.device("cpu")
     if NO_CUDA:
         with pytest.raises(ValueError, match="no CUDA device"):
-            models.training_arguments_on(args, "cuda")
+            models.training_device("cuda", on_cpu)
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the error on a machine without CUDA")
@@ -123,7 +127,9 @@ def test_cartridge_commands_stop_on_a_missing_device_before_any_work(tmp_path, t
     out, data = tmp_path / "out", tmp_path / "data"
     argv = [part.format(out=out, data=data) for part in command]
     argv += ["--model_name_or_path", str(tiny_model_dir), "--device", "cuda"]
-    with pytest.raises(SystemExit, match=r"error: --device 'cuda' was asked for, but this machine has no CUDA"):
+    with pytest.raises(
+        SystemExit, match=r"error: --device 'cuda' was asked for, but this machine has no CUDA"
+    ):
         main(argv)
     assert not out.exists()
 
@@ -141,7 +147,9 @@ def test_cartridge_commands_stop_on_an_unsupported_dtype_before_any_work(
         "compose": ["--cartridges", str(tmp_path), str(tmp_path), "--output_dir", str(out)],
     }[command]
     with pytest.raises(SystemExit, match="bfloat16 was asked for, but cpu does not support bfloat16"):
-        main(["cartridge", command, *argv, "--model_name_or_path", str(tiny_model_dir), "--dtype", "bfloat16"])
+        main(
+            ["cartridge", command, *argv, "--model_name_or_path", str(tiny_model_dir), "--dtype", "bfloat16"]
+        )
     assert not out.exists()
 
 

@@ -275,9 +275,7 @@ def _quanta(stage: str):
         elif stage == "gradients":
             print(f"gradients saved in {quanta.run_gradients(run, *args)}")
         elif stage == "similarity":
-            from hfx.quanta.similarity import similarity_matrix
-
-            print(f"similarity saved in {similarity_matrix(run.output_dir)}")
+            print(f"similarity saved in {quanta.run_similarity(run)}")
         elif stage == "cluster":
             out = quanta.run_cluster(run, *args)
             print(_quanta_summary(json.loads((out / "clusters.json").read_text())))

@@ -188,25 +188,22 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def training_arguments_on(args, device: str | torch.device | None):
-    """``args`` (a ``TrainingArguments``) made to train on ``device``, checked before any work is done.
+def training_device(device: str | torch.device | None, training_args) -> torch.device:
+    """The device Trainer trains this process on (``training_args.device``), which ``--device``, when given, must name.
 
-    Trainer picks its own device (the process's accelerator, or the CPU with ``use_cpu``); ``--device cpu`` turns
-    ``use_cpu`` on in a copy, and an accelerator must be the one Trainer would pick. ``None`` keeps Trainer's."""
-    import dataclasses
-
-    if device is None or str(device) in ("", "auto"):
-        return args
-    wanted = resolve_device(device)
-    if wanted.type == "cpu":
-        return args if args.use_cpu else dataclasses.replace(args, use_cpu=True)
-    trainer_device = args.device
-    if wanted.type != trainer_device.type or (wanted.index is not None and wanted != trainer_device):
-        raise ValueError(
-            f"--device {device!r}: Trainer trains this process on {trainer_device} (--use_cpu "
-            f"{args.use_cpu}). Choose the GPU with CUDA_VISIBLE_DEVICES or `accelerate launch` instead."
+    Trainer picks its device itself (the process's accelerator, or the CPU with ``--use_cpu true``), so a different
+    ``--device`` is refused, naming the option that moves Trainer, rather than silently ignored; checked before any
+    work is done."""
+    asked = None if device is None or str(device) in ("", "auto") else resolve_device(device)
+    trained_on = training_args.device
+    if asked is not None and (asked.type, asked.index or 0) != (trained_on.type, trained_on.index or 0):
+        fix = (
+            "add --use_cpu true to train on the CPU"
+            if asked.type == "cpu"
+            else "choose the GPU with CUDA_VISIBLE_DEVICES or `accelerate launch`"
         )
-    return args
+        raise ValueError(f"--device {str(device)!r}: Trainer trains this process on {trained_on}; {fix}.")
+    return trained_on
 
 
 def model_id(name_or_path: str | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hfx.lens.activations import (
     decoder_layers,
@@ -177,6 +177,23 @@ def test_save_and_load_round_trip(tmp_path):
             torch.testing.assert_close(loaded.reconstruct(explanation), expected)
             torch.manual_seed(1)
             assert torch.equal(loaded.explain(activations).explanation_ids, expected_ids)
+
+
+def test_a_lens_of_a_bfloat16_base_loads_wholly_in_the_dtype_asked(tmp_path):
+    # A base loaded in bf16 records its dtype in its config; the lens's decoder and encoder must not inherit it.
+    tiny_base().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=2, decoder_num_layers=1, encoder_num_layers=1
+    )
+    assert {p.dtype for p in lens.parameters()} == {torch.bfloat16}
+    lens.save_pretrained(tmp_path / "lens")
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = ConsistencyLens.from_pretrained(tmp_path / "lens", dtype=dtype)
+        assert {p.dtype for p in loaded.parameters()} == {dtype}
+    assert {p.dtype for p in ConsistencyLens.from_pretrained(tmp_path / "lens").parameters()} == {
+        torch.bfloat16
+    }
 
 
 def test_kl_and_entropy():

@@ -47,3 +47,49 @@ def test_dump_train_eval_on_the_embedded_model(tmp_path, capsys):
     with torch.no_grad():
         out = lens(activation, sample=False)
     assert out.explanation_ids.shape == (1, 3) and out.reconstruction.shape == (1, 576)
+
+
+def test_each_command_runs_on_the_resolved_device_and_dtype(tmp_path, tiny_model_dir, monkeypatch):
+    from tests.quanta.test_pipeline import loaded_models
+
+    loaded = loaded_models(monkeypatch)
+    acts, lens_dir = tmp_path / "acts", tmp_path / "lens"
+    model = ["--model_name_or_path", str(tiny_model_dir)]
+    main(
+        [
+            "lens",
+            "dump",
+            "--output_dir",
+            str(acts),
+            *model,
+            "--dtype",
+            "bfloat16",
+            "--dataset",
+            "sklearn_descr",
+        ]
+        + ["--layer", "1", "--context_length", "16", "--max_examples", "20", "--batch_size", "8"]
+    )
+    assert json.loads((acts / "dump_config.json").read_text())["dtype"] == "bfloat16"
+    common = ["--activations_dir", str(acts), *model, "--eval_examples", "4"]
+    main(
+        ["lens", "train", *common, "--dtype", "bfloat16", "--output_dir", str(lens_dir), "--device", "cpu"]
+        + ["--explanation_length", "2", "--decoder_num_layers", "1", "--max_steps", "2"]
+        + ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--verbose_samples", "0"]
+    )
+    assert ConsistencyLens.from_pretrained(lens_dir).dtype == torch.bfloat16  # the lens trains in --dtype
+    main(["lens", "eval", *common, "--lens", str(lens_dir)])
+    assert json.loads((lens_dir / "eval_results.json").read_text())["examples"] == 4
+    placed = [{(p.device.type, p.dtype) for p in m.parameters()} for m in loaded]
+    assert placed == [{("cpu", torch.bfloat16)}] * 2 + [{("cpu", torch.float32)}]  # default: fp32 on the CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_missing_device_stops_every_command_before_anything_is_written(tmp_path, tiny_model_dir):
+    missing = ["--model_name_or_path", str(tiny_model_dir), "--device", "cuda"]
+    with pytest.raises(SystemExit, match=r"hfx lens dump: error: --device 'cuda'.*no CUDA device"):
+        main(["lens", "dump", "--output_dir", str(tmp_path / "acts"), *missing])
+    with pytest.raises(SystemExit, match=r"hfx lens train: error: --device 'cuda'.*no CUDA device"):
+        main(["lens", "train", "--output_dir", str(tmp_path / "lens"), *missing])
+    with pytest.raises(SystemExit, match=r"hfx lens eval: error: --device 'cuda'.*no CUDA device"):
+        main(["lens", "eval", "--lens", str(tmp_path / "lens"), *missing])
+    assert list(tmp_path.iterdir()) == []

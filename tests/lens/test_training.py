@@ -57,6 +57,9 @@ def test_runtime_mode_sees_the_same_batch_as_precomputed(tmp_path):
     base = tiny_base()
     data = dumped(tmp_path, base)
     trainer = make_trainer(tmp_path, base, data)
+    # the frozen model sits where Trainer put the lens (here the CPU), without gradients
+    assert trainer.base_model.device == trainer.model.device == trainer.args.device
+    assert not any(p.requires_grad for p in trainer.base_model.parameters())
     rows = [data[i] for i in range(4)]
     torch.manual_seed(0)
     precomputed = trainer.lens_batch(trainer.model, collate(rows))

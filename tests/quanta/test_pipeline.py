@@ -131,3 +131,66 @@ def test_quanta_job_end_to_end_on_the_embedded_model(tmp_path, capsys):
         SystemExit, match=r"n_clusters=40 must be smaller than the number of tokens kept \(40\)"
     ):
         main(["quanta", "cluster", *common, "--n_clusters", "40"])
+
+
+def loaded_models(monkeypatch) -> list:
+    """Every model the commands load, as the loader returns it."""
+    from hfx import models
+
+    loaded, load = [], models.load_causal_lm
+
+    def spy(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        loaded.append(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(models, "load_causal_lm", spy)
+    return loaded
+
+
+def test_each_stage_runs_on_the_resolved_device_and_dtype(tmp_path, tiny_model_dir, monkeypatch):
+    loaded = loaded_models(monkeypatch)
+    model = ["--model_name_or_path", str(tiny_model_dir)]
+    losses = ["--dataset", "sklearn_descr", "--context_length", "16", "--max_tokens", "300"]
+    kept = ["--loss_threshold_bits", "100", "--num_tokens", "24"]  # a random model: keep every token
+    gradients = ["--projection_dim", "8"]
+    out = tmp_path / "default"
+    main(["quanta", "run", "--output_dir", str(out), *model, *losses, *kept, *gradients, "--n_clusters", "3"])
+    (default,) = loaded
+    assert {(p.device.type, p.dtype) for p in default.parameters()} == {("cpu", torch.float32)}
+    for manifest in ("losses/losses_config.json", "gradients/gradients_config.json"):
+        assert json.loads((out / manifest).read_text())["dtype"] == "float32"  # never "auto"
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["device"] == "cpu" and summary["dtype"] == "float32"
+
+    # stages alone, in bfloat16: each loads the model in it, and the manifests record it
+    out = tmp_path / "bf16"
+    run = ["--output_dir", str(out), *model, "--dtype", "bfloat16"]
+    main(["quanta", "losses", *run, *losses])
+    main(["quanta", "filter", *run, *kept])
+    main(["quanta", "gradients", *run, *gradients])
+    assert [(m.device.type, m.dtype) for m in loaded[1:]] == [("cpu", torch.bfloat16)] * 2
+    for manifest in ("losses/losses_config.json", "gradients/gradients_config.json"):
+        assert json.loads((out / manifest).read_text())["dtype"] == "bfloat16"
+    from hfx.quanta.pipeline import RunArguments, run_similarity
+    from hfx.quanta.similarity import load_similarity
+
+    run_similarity(RunArguments(output_dir=str(out), device="cpu"))
+    _, similarity = load_similarity(out)
+    assert similarity.shape == (24, 24)
+    torch.testing.assert_close(similarity.diagonal(), torch.ones(24))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_missing_device_stops_every_stage_before_anything_is_written(tmp_path, tiny_model_dir):
+    from hfx.quanta.pipeline import RunArguments, run_similarity
+
+    model = ["--model_name_or_path", str(tiny_model_dir), "--device", "cuda"]
+    for stage in ("run", "losses", "gradients"):
+        out = tmp_path / stage
+        with pytest.raises(SystemExit, match=rf"hfx quanta {stage}: error: --device 'cuda'.*no CUDA device"):
+            main(["quanta", stage, "--output_dir", str(out), *model])
+        assert not out.exists()
+    with pytest.raises(ValueError, match=r"--device 'cuda'.*no CUDA device"):
+        run_similarity(RunArguments(output_dir=str(tmp_path / "similarity"), device="cuda"))
+    assert not (tmp_path / "similarity").exists()

@@ -41,7 +41,7 @@ from hfx.models import (
     load_causal_lm,
     model_id,
     resolve,
-    training_arguments_on,
+    training_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -327,8 +327,8 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
     """`hfx cartridge train` / examples/cartridges/train.py: train, optionally evaluate, write the card, push."""
     from hfx.cartridges.synthesis import load_synthesis
 
-    resolve(args.device, args.dtype)  # a device or dtype this machine lacks stops here, before any work
-    training_args = training_arguments_on(training_args, args.device)
+    # A device or dtype this machine lacks stops here, before any work.
+    resolve(training_device(args.device, training_args), args.dtype)
     resolve(training_args.device, training_args.model_dtype)
     dataset = load_synthesis(args.synthesis_dir)
     train_cartridge(args.corpus, dataset, training_args, model_name_or_path=args.model_name_or_path)

@@ -38,13 +38,16 @@ def hidden_states_of(output):
 @contextmanager
 def replace_activations(model: nn.Module, layer: int, positions: torch.Tensor, values: torch.Tensor):
     """Within the block, decoder layer `layer` outputs `values[b]` at `positions[b]` of row b; gradients flow into
-    `values`."""
+    `values` (on any device: they are moved to the layer's)."""
     module = decoder_layer(model, layer)
 
     def hook(module, args, output):
         hidden = hidden_states_of(output)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        patched = hidden.index_put((rows, positions.to(hidden.device)), values.to(hidden.dtype))
+        # The replacement may come from a lens on another device or in another dtype: it joins the hidden states.
+        patched = hidden.index_put(
+            (rows, positions.to(hidden.device)), values.to(device=hidden.device, dtype=hidden.dtype)
+        )
         return (patched, *output[1:]) if isinstance(output, tuple) else patched
 
     handle = module.register_forward_hook(hook)

@@ -68,6 +68,10 @@ class ConsistencyLensConfig(PretrainedConfig):
         """The backbone config, optionally truncated to `num_layers` layers."""
         values = dict(self.backbone_config)
         model_type = values.pop("model_type")
+        # The decoder and encoder are built in the dtype the lens is built or loaded in, not the one the base
+        # model happened to be saved in (else a lens trained in bf16 could not be loaded in fp32, nor the reverse).
+        values.pop("dtype", None)
+        values.pop("torch_dtype", None)
         config = AutoConfig.for_model(model_type, **values)
         if num_layers is not None:
             config.num_hidden_layers = num_layers

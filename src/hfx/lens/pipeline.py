@@ -44,9 +44,7 @@ class DumpArguments(models.DeviceArguments):
 
 def run_dump(args: DumpArguments):
     """Write the activation dataset (each `accelerate launch` process its share of the shards); return it."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = models.process_state()
     model, tokenizer = models.load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
     config = DumpConfig(**{f.name: getattr(args, f.name) for f in fields(DumpConfig)})
     manifest = {
@@ -117,23 +115,6 @@ def _split(dataset, eval_examples: int):
     return dataset.select(range(cut)), dataset.select(range(cut, len(dataset)))
 
 
-def trainer_device(args: models.DeviceArguments, training_args) -> torch.device:
-    """The device Trainer trains on, which the frozen model must share; `--device`, when given, must name it.
-
-    Trainer picks the device itself (this process's accelerator, or the CPU with `--use_cpu true`), so a
-    different `--device` is refused, naming the option that moves Trainer, rather than silently ignored."""
-    asked = None if args.device in (None, "", "auto") else models.resolve_device(args.device)
-    device = training_args.device
-    if asked is not None and (asked.type, asked.index or 0) != (device.type, device.index or 0):
-        fix = (
-            "add --use_cpu true to train on the CPU"
-            if asked.type == "cpu"
-            else "choose the GPU with CUDA_VISIBLE_DEVICES or `accelerate launch`"
-        )
-        raise ValueError(f"--device {args.device!r}: Trainer trains this process on {device}; {fix}.")
-    return device
-
-
 def run_train(args: LensArguments, training_args) -> Path:
     """Train (resuming from the last checkpoint in output_dir if any) and save the lens with a card."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -141,7 +122,7 @@ def run_train(args: LensArguments, training_args) -> Path:
     from .modeling_lens import ConsistencyLens
     from .training import LensTrainer
 
-    device = trainer_device(args, training_args)
+    device = models.training_device(args.device, training_args)
     base, tokenizer = models.load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
     data = load_activations(args.activations_dir)
     layer = data[0]["layer"]

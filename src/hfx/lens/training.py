@@ -12,6 +12,9 @@ first `context_warmup_steps` steps instead teach the decoder to write the tokens
 base model's first layers can already read back. The activation and the reference distribution come from the
 dumped dataset (precomputed mode) or are captured from the frozen model on the fly (runtime mode, same
 trainer, examples only). Everything else (resume, accumulation, LR schedules, logging) is Trainer's.
+
+The frozen model moves with the lens: LensTrainer puts it on the device Trainer trains on (`args.device`, where
+Trainer places the lens), so the patched passes and the runtime captures run there too.
 """
 
 from __future__ import annotations
@@ -152,14 +155,17 @@ def collate(rows: list[dict]) -> dict:
 
 
 class LensTrainer(Trainer):
-    """`Trainer` over a `ConsistencyLens`; `base_model` is the frozen model it explains."""
+    """`Trainer` over a `ConsistencyLens`; `base_model` is the frozen model it explains, moved to the device the
+    lens trains on."""
 
     def __init__(self, *args, base_model=None, topk: int = 64, **kwargs):
         kwargs.setdefault("data_collator", collate)
         super().__init__(*args, **kwargs)
         if base_model is None:
             raise ValueError("LensTrainer needs the frozen base_model the lens explains.")
-        self.base_model = base_model.eval().requires_grad_(False)
+        # Trainer has placed the lens on args.device (each process its own under `accelerate launch`); the
+        # frozen model must sit there too, or every patched pass would mix devices.
+        self.base_model = base_model.eval().requires_grad_(False).to(self.args.device)
         self.topk = topk
         self._metrics: dict[str, tuple[float, int]] = {}
         self._samples: list[dict] = []

@@ -137,9 +137,7 @@ def _model_manifest(run: RunArguments, model) -> dict:
 
 
 def _process():
-    from accelerate import PartialState
-
-    return PartialState()
+    return models.process_state()
 
 
 def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=None):
