@@ -6,10 +6,17 @@ SwiGLU MLP, width chosen so the active parameters per token match). One step = f
 a (batch, block) of token ids, as in `pretrain.py`. The steps of the two models alternate; tokens/s are medians.
 
 With `--precisions` the same comparison runs per precision on a CUDA device: fp32, bf16 (autocast) and fp8
-(torchao float8 training of the Linear layers, under bf16 autocast), each also as a ratio to fp32.
+(torchao float8 training of the Linear layers, under bf16 autocast), each also as a ratio to fp32. On CUDA the
+PEER experts run the Triton kernel of hub_kernels/peer, kernelized as pretraining does (`--peer-kernel auto`, or
+`triton`; `pytorch` keeps the model's own forward), the defaults are bf16 and batch 32 x 256 tokens, and the device
+is synchronized around every timed step.
 
     .venv/bin/python benchmarks/peer_mla_train_step.py
+    python benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton
     python benchmarks/peer_mla_train_step.py --device cuda --batch 32 --block 1024 --precisions fp32 bf16 fp8
+
+Prints `RESULT peer_mla_vs_dense_train_step_<precision> <PEER-MLA tokens/s / dense tokens/s>` last (the last
+precision).
 """
 
 from __future__ import annotations
@@ -22,9 +29,17 @@ from contextlib import nullcontext
 
 import torch
 
+from hfx.models import resolve_device, synchronize
 from hfx.peer_mla.analysis import analyze_parameters
 from hfx.peer_mla.modeling_peer_mla import PeerMlaForCausalLM
-from hfx.peer_mla.training import ModelArguments, build_config, convert_to_fp8
+from hfx.peer_mla.training import (
+    PEER_KERNELS,
+    ModelArguments,
+    build_config,
+    choose_peer_kernel,
+    convert_to_fp8,
+    kernelize_peer_experts,
+)
 
 
 def make_step(model, batch, precision: str, device: torch.device):
@@ -39,8 +54,7 @@ def make_step(model, batch, precision: str, device: torch.device):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return loss
 
     return step
@@ -52,13 +66,29 @@ def main():
     )
     parser.add_argument("--model_config", default="examples/peer_mla/configs/model_cpu.yaml")
     parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 on the CPU, 32 on a GPU")
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp8"])
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=None,
+        choices=["fp32", "bf16", "fp8"],
+        help="default: fp32 on the CPU, bf16 on a GPU",
+    )
+    parser.add_argument(
+        "--peer-kernel",
+        choices=PEER_KERNELS,
+        default="auto",
+        help="PEER experts: triton (hub_kernels/peer, kernelized), pytorch, or auto (triton on CUDA)",
+    )
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    on_gpu = device.type != "cpu"
+    args.batch = args.batch or (32 if on_gpu else 8)
+    args.precisions = args.precisions or (["bf16"] if on_gpu else ["fp32"])
+    peer_kernel = choose_peer_kernel(args.peer_kernel, device)  # refuses triton where it cannot run
     torch.manual_seed(0)
     batch = torch.randint(0, args.vocab_size, (args.batch, args.block), device=device)
     tokens = batch.numel()
@@ -79,7 +109,10 @@ def main():
             else f", MLP width {config.intermediate_size}"
         )
         print(f"{mlp:5s}: {report.total:>12,} parameters, {report.active:>10,} active per token{extra}")
-    print(f"device {device}, batch {args.batch} x block {args.block} = {tokens:,} tokens per step\n")
+    print(
+        f"device {device}, batch {args.batch} x block {args.block} = {tokens:,} tokens per step, "
+        f"PEER experts on {peer_kernel}\n"
+    )
 
     base = {mlp: PeerMlaForCausalLM(config) for mlp, config in configs.items()}
     results: dict[str, dict[str, float]] = {}
@@ -89,6 +122,8 @@ def main():
             model = copy.deepcopy(model).to(device).train()
             if precision == "fp8":
                 convert_to_fp8(model)
+            if peer_kernel == "triton" and model.model.peer_layers():
+                kernelize_peer_experts(model, device)
             steps[mlp] = make_step(model, batch, precision, device)
         for fn in steps.values():  # warm-up (allocations, kernel selection)
             fn()
@@ -115,6 +150,8 @@ def main():
             f"| {precision} | {speed['peer']:,.0f} | {speed['dense']:,.0f} | {speed['peer'] / speed['dense']:.2f} "
             f"| {vs[0]} | {vs[1]} |"
         )
+    precision, speed = list(results.items())[-1]
+    print(f"RESULT peer_mla_vs_dense_train_step_{precision} {speed['peer'] / speed['dense']:.2f}")
 
 
 if __name__ == "__main__":

@@ -267,6 +267,35 @@ def check_kernelize_modes(kernel):
     return result
 
 
+def check_pretrain_kernelize():
+    """hfx.peer_mla.training.kernelize_peer_experts, as pretraining calls it, on a model with a dense SwiGLU layer
+    beside the PEER one (transformers' activations are hub-decorated too and must be left alone)."""
+    from hfx.peer_mla.modeling_peer_mla import PeerMlaForCausalLM
+    from hfx.peer_mla.training import choose_peer_kernel, kernelize_peer_experts
+
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    config.peer_layers = [1]
+    reference_model = PeerMlaForCausalLM(config).train()
+    model = copy.deepcopy(reference_model)
+    swapped = kernelize_peer_experts(model, "cpu", KERNEL_REPO)
+    input_ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    ref = reference_model(input_ids=input_ids, labels=input_ids)
+    ref.loss.backward()
+    ref_params = dict(reference_model.named_parameters())
+    errors = {name: rel_err(p.grad, ref_params[name].grad) for name, p in model.named_parameters()}
+    act_fn = model.model.layers[0].mlp.act_fn
+    return {
+        "choice": choose_peer_kernel("triton", torch.device("cpu")),
+        "swapped": swapped,
+        "activation_untouched": "forward" not in act_fn.__dict__,
+        "loss": abs(out.loss.item() - ref.loss.item()),
+        "max_grad_error": max(errors.values()),
+    }
+
+
 def check_layout():
     from kernels._rust import Build
     from kernels.resolver import resolve_local_kernel
@@ -313,6 +342,7 @@ def run_interpreter_checks() -> dict:
         "opcheck": lambda: check_opcheck(kernel),
         "kernelize": lambda: check_kernelize(kernel),
         "kernelize_modes": lambda: check_kernelize_modes(kernel),
+        "pretrain_kernelize": check_pretrain_kernelize,
     }
     for name, check in checks.items():
         try:

@@ -272,6 +272,99 @@ def test_gpu_attention_kernels_fall_back_or_refuse_clearly_on_cpu():
         modeling.select_attention_kernel("flash_attn", query, value, absorbed=False, masked=True)
 
 
+@pytest.fixture
+def fresh_kernel_state(monkeypatch):
+    """An empty per-process kernel cache and fallback log, and a `kernels.get_kernel` that records its calls."""
+    import kernels
+
+    calls = []
+    outcome = {"result": RuntimeError("offline: kernels-community/flash-attn3 is not in the cache")}
+
+    def get_kernel(repo_id, version=None, **kwargs):
+        calls.append(repo_id)
+        if isinstance(outcome["result"], Exception):
+            raise outcome["result"]
+        return outcome["result"]
+
+    monkeypatch.setattr(modeling, "_HUB_KERNELS", {})
+    monkeypatch.setattr(modeling, "_REPORTED_FALLBACKS", set())
+    monkeypatch.setattr(kernels, "get_kernel", get_kernel)
+    return calls, outcome
+
+
+def pretend_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+
+
+def test_auto_attention_kernels_on_a_cpu_machine_load_nothing_and_say_nothing(fresh_kernel_state, caplog):
+    calls, _ = fresh_kernel_state
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only machine")
+    with caplog.at_level("INFO", logger=modeling.__name__):
+        model = tiny_model()
+        with torch.no_grad():
+            model(torch.randint(3, 96, (2, 6)))
+    assert calls == [] and caplog.records == []
+    assert all(layer.self_attn.attention_kernels == () for layer in model.model.layers)
+
+
+def test_attention_kernels_load_when_the_model_is_built_never_in_forward(
+    fresh_kernel_state, monkeypatch, caplog
+):
+    calls, outcome = fresh_kernel_state
+    pretend_hopper_gpu(monkeypatch)
+    # Offline: the load fails once, one warning names the reason, every build and forward after it uses SDPA.
+    with caplog.at_level("INFO", logger=modeling.__name__):
+        first, second = tiny_model(), tiny_model(seed=1)
+        with torch.no_grad():
+            for _ in range(3):
+                first(torch.randint(3, 96, (2, 6)))
+                second(torch.randint(3, 96, (1, 4)))
+    assert calls == ["kernels-community/flash-attn3"]  # FlashMLA does not fit the tiny head sizes: not tried
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "offline" in warnings[0].getMessage()
+    assert "falls back to SDPA" in warnings[0].getMessage()
+    assert any(
+        "flash_mla is not used (FlashMLA needs kv_lora_rank=512" in r.getMessage() for r in caplog.records
+    )
+    assert first.model.layers[0].self_attn.attention_kernels == ()
+
+    # Loadable: the model holds it; a forward that cannot use it (CPU tensors, fp32) runs SDPA and loads nothing.
+    outcome["result"] = object()
+    modeling._HUB_KERNELS.clear()
+    model = tiny_model()
+    assert model.load_attention_kernels() == ("flash_attn",)
+    assert {layer.self_attn.attention_kernels for layer in model.model.layers} == {("flash_attn",)}
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randint(3, 96, (2, 6)))
+    assert calls == []
+
+
+def test_an_explicit_attention_kernel_that_cannot_be_used_is_refused_when_the_model_is_built(
+    fresh_kernel_state, monkeypatch
+):
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            RuntimeError, match="attention_kernel='flash_attn' cannot be used: this machine has no CUDA"
+        ):
+            tiny_model(attention_kernel="flash_attn")
+    pretend_hopper_gpu(monkeypatch)
+    with pytest.raises(RuntimeError, match="'flash_mla' cannot be used: FlashMLA needs kv_lora_rank=512"):
+        tiny_model(attention_kernel="flash_mla")
+    with pytest.raises(RuntimeError, match="'flash_attn' cannot be used: .*flash-attn3.*offline.*'sdpa'"):
+        tiny_model(attention_kernel="flash_attn")
+    calls = fresh_kernel_state[0]
+    calls.clear()
+    model = tiny_model(attention_kernel="sdpa")
+    assert calls == [] and model.model.layers[0].self_attn.attention_kernels == ()
+    # Switched after the build without reloading: the forward refuses instead of loading.
+    model.config.attention_kernel = "flash_attn"
+    with pytest.raises(RuntimeError, match="not loaded when the model was built"):
+        model(torch.randint(3, 96, (1, 4)))
+
+
 class _FlashMlaSpec:
     """FlashMLA's documented dense-decode semantics in plain torch: paged bf16 cache (pages of 64 tokens), block
     table, per-sequence lengths, V = first head_dim_v columns of K, bottom-right causal mask."""

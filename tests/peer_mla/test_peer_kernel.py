@@ -155,6 +155,12 @@ def test_kernelize_modes(interpreter_results):
     assert all(result.values()), result
 
 
+def test_pretraining_kernelizes_only_the_expert_banks(interpreter_results):
+    result = result_of(interpreter_results, "pretrain_kernelize")
+    assert result["choice"] == "triton" and result["swapped"] == 1 and result["activation_untouched"]
+    assert result["loss"] < 1e-5 and result["max_grad_error"] < 1e-4, result
+
+
 @pytest.fixture(scope="module")
 def compiled_results() -> dict:
     return run_checks("no-interpreter", interpret=False)

@@ -1,7 +1,11 @@
-"""PEER-MLA pretraining: Trainer run end to end, expert monitoring, dense baseline, checked resume, fp8 off on CPU."""
+"""PEER-MLA pretraining: Trainer run end to end, expert monitoring, dense baseline, checked resume, fp8 off on CPU,
+device/dtype options and the choice of the PEER kernel."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +16,17 @@ from hfx.peer_mla.analysis import analyze_parameters
 from hfx.peer_mla.data import DataArguments
 from hfx.peer_mla.training import (
     COMPLETE_MARKER,
+    PEER_KERNEL_REPO_ENV,
     ModelArguments,
     PeerMlaTrainingArguments,
     build_config,
+    choose_peer_kernel,
     dense_baseline_config,
     expert_usage_metrics,
+    fit_to_device,
     last_complete_checkpoint,
+    mixed_precision_flags,
+    peer_kernel_repository,
     pretrain,
 )
 
@@ -117,6 +126,7 @@ def test_pretrain_end_to_end_with_monitoring_and_tensorboard(tmp_path):
     results = pretrain(model_args, data_args, training_args)
 
     assert results["steps"] == 6 and results["tokens"] == 6 * 4 * 64
+    assert (results["device"], results["precision"], results["peer_kernel"]) == ("cpu", "float32", "pytorch")
     assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
     assert results["eval_perplexity"] < 1024  # better than uniform over the vocabulary after 6 steps
     assert json.loads((output / "results.json").read_text()) == results
@@ -241,6 +251,9 @@ def test_cli_help_lists_every_section(capsys):
     for option in (
         "--model_config",
         "--mlp",
+        "--device",
+        "--dtype",
+        "--peer_kernel",
         "--mixture",
         "--block_size",
         "--max_tokens",
@@ -277,3 +290,115 @@ def test_report_to_trackio_offline(tmp_path):
     for image in images:
         assert image["_type"] == "trackio.image"
         assert (tmp_path / "trackio" / "media" / image["file_path"]).stat().st_size > 10_000
+
+
+# --- device, precision, PEER kernel --------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+
+
+def test_device_dtype_and_kernel_options(tmp_path):
+    model_args, _, training_args = parse(
+        tiny_config(tmp_path),
+        *("--device", "cpu", "--dtype", "bfloat16", "--peer_kernel", "pytorch"),
+        *("--output_dir", str(tmp_path / "out")),
+    )
+    assert (model_args.device, model_args.dtype, model_args.peer_kernel) == ("cpu", "bfloat16", "pytorch")
+    fitted = fit_to_device(model_args, training_args)
+    assert fitted.use_cpu and fitted.bf16 and fitted.device == CPU and fitted.mixed_precision == "bf16"
+    # Defaults on the CPU: float32, the PyTorch experts, TrainingArguments left as they were.
+    model_args, _, training_args = parse(tiny_config(tmp_path), "--output_dir", str(tmp_path / "out"))
+    assert (model_args.device, model_args.dtype, model_args.peer_kernel) == (None, "auto", "auto")
+    if not torch.cuda.is_available():
+        assert fit_to_device(model_args, training_args) is training_args
+    for argv, message in (
+        (("--peer_kernel", "cuda"), "peer_kernel must be one of"),
+        (("--dtype", "fp8"), "--dtype 'fp8' is not one of auto"),
+        (("--device", "tpu"), "is not a device; use one of cuda"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model_args, _, training_args = parse(tiny_config(tmp_path), *argv)
+            fit_to_device(model_args, training_args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
+def test_cuda_or_the_triton_kernel_without_a_gpu_stop_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match="--device 'cuda' was asked for, but this machine has no CUDA"):
+        parse(tiny_config(tmp_path), "--device", "cuda", "--output_dir", str(output))
+    model_args, data_args, training_args = parse(
+        tiny_config(tmp_path), "--peer_kernel", "triton", "--output_dir", str(output)
+    )
+    with pytest.raises(ValueError, match="--peer_kernel triton runs on a CUDA GPU.*TRITON_INTERPRET=1"):
+        pretrain(model_args, data_args, training_args)
+    assert not output.exists()
+
+
+def test_precision_follows_the_device(monkeypatch):
+    import hfx.models
+
+    monkeypatch.setattr(hfx.models, "supports_bfloat16", lambda device: device.type in ("cpu", "cuda"))
+    assert mixed_precision_flags("auto", CUDA, bf16=False, fp16=False) == {"bf16": True}
+    assert mixed_precision_flags("auto", CUDA, bf16=False, fp16=True) == {}  # --fp16 was chosen: kept
+    assert mixed_precision_flags("auto", CUDA, bf16=True, fp16=False) == {}
+    assert mixed_precision_flags("auto", CPU, bf16=False, fp16=False) == {}  # float32 on the CPU
+    assert mixed_precision_flags("auto", CPU, bf16=True, fp16=False) == {}  # unless asked
+    assert mixed_precision_flags("float16", CUDA, bf16=False, fp16=False) == {"fp16": True}
+    assert mixed_precision_flags("float32", CUDA, bf16=False, fp16=False) == {}
+    with pytest.raises(ValueError, match="--dtype float16 contradicts --bf16 true"):
+        mixed_precision_flags("float16", CUDA, bf16=True, fp16=False)
+    with pytest.raises(ValueError, match="--dtype float32 contradicts --fp16 true"):
+        mixed_precision_flags("float32", CUDA, bf16=False, fp16=True)
+    monkeypatch.setattr(hfx.models, "supports_bfloat16", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    assert mixed_precision_flags("auto", CUDA, bf16=False, fp16=False) == {}  # e.g. a V100: float32
+    with pytest.raises(ValueError, match="does not support bfloat16"):
+        mixed_precision_flags("bfloat16", CUDA, bf16=False, fp16=False)
+
+
+def test_peer_kernel_is_triton_on_cuda_and_pytorch_elsewhere(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert choose_peer_kernel("auto", CUDA) == "triton"
+    assert choose_peer_kernel("auto", CPU) == "pytorch"
+    assert choose_peer_kernel("pytorch", CUDA) == "pytorch"
+    assert choose_peer_kernel("triton", CUDA) == "triton"
+    with pytest.raises(ValueError, match="runs on a CUDA GPU, and this run is on cpu"):
+        choose_peer_kernel("triton", CPU)
+    with pytest.raises(ValueError, match="runs on a CUDA GPU, and this run is on mps"):
+        choose_peer_kernel("triton", torch.device("mps"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choose_peer_kernel("triton", CPU) == "triton"
+    assert choose_peer_kernel("auto", CPU) == "pytorch"  # the interpreter is for tests: never chosen for you
+
+
+def test_peer_kernel_repository_is_found_from_the_checkout_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(PEER_KERNEL_REPO_ENV, raising=False)
+    assert peer_kernel_repository() == ROOT / "hub_kernels" / "peer"
+    monkeypatch.setenv(PEER_KERNEL_REPO_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"not at \\${PEER_KERNEL_REPO_ENV} = {tmp_path}"):
+        peer_kernel_repository()
+    monkeypatch.setenv(PEER_KERNEL_REPO_ENV, str(ROOT / "hub_kernels" / "peer"))
+    assert peer_kernel_repository() == ROOT / "hub_kernels" / "peer"
+
+
+def test_pretrain_kernelizes_the_experts_with_the_triton_kernel_under_the_interpreter(tmp_path):
+    """The pretraining command with --peer_kernel triton, run on the CPU under Triton's interpreter (a separate
+    process: the interpreter is chosen when the kernel is loaded): the experts are kernelized, the choice is
+    logged once, and the run records it."""
+    config = tiny_config(tmp_path, max_steps=2, eval_strategy="no", expert_log_freq=0, save_steps=100)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    hfx = str(Path(sys.executable).with_name("hfx"))
+    command = [hfx, "peer-mla", "pretrain", "--config", str(config), "--output_dir", str(tmp_path / "run")]
+    command += ["--device", "cpu", "--peer_kernel", "triton", "--log_level", "info"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (results["device"], results["peer_kernel"], results["steps"]) == ("cpu", "triton", 2)
+    assert math.isfinite(results["train_loss"])
+    choice = [line for line in done.stderr.splitlines() if "PEER experts:" in line]
+    assert len(choice) == 1 and "Triton kernel of" in choice[0] and "(2 layers)" in choice[0], done.stderr[
+        -3000:
+    ]

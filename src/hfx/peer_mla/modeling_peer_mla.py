@@ -8,6 +8,7 @@ This file and `configuration_peer_mla.py` are exported next to the weights by `s
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_peer_mla import PeerMlaConfig
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Norms and rotary embeddings
@@ -220,12 +223,17 @@ class _PeerExpertsFunction(torch.autograd.Function):
             grad_x = grad_x.to(hidden_states.dtype)
         if need_w:
             grad_w = (act * grad_act).view(*expert_weights.shape, m).sum(-1).to(expert_weights.dtype)
+        # Expert gradients accumulate in float32 for half/bf16 banks, like the Triton kernel's: CUDA's sparse @ dense
+        # product has no half types, and many tokens' contributions to one expert add up better in float32.
+        accumulate = torch.promote_types(down_proj.dtype, torch.float32)
         if need_down:
-            grad_down = torch.zeros_like(down_proj)
+            grad_down = torch.zeros(down_proj.shape, dtype=accumulate, device=down_proj.device)
             _scatter_outer(grad_down.view(num_experts * m, hidden_size), columns, grad_pre, hidden_states)
+            grad_down = grad_down.to(down_proj.dtype)
         if need_up:
-            grad_up = torch.zeros_like(up_proj)
+            grad_up = torch.zeros(up_proj.shape, dtype=accumulate, device=up_proj.device)
             _scatter_outer(grad_up.view(num_experts * m, hidden_size), columns, act * weights, grad_out)
+            grad_up = grad_up.to(up_proj.dtype)
         return grad_x, None, grad_w, grad_down, grad_up, None
 
 
@@ -419,26 +427,49 @@ def _latent_attention(query, key, value, attention_mask, scale):
     return out.view(batch, heads, q_len, value.shape[-1])
 
 
-# GPU attention kernels, loaded through the `kernels` library (FlashMLA for absorbed decode, flash-attn 3 for
-# the naive path). Each wrapper takes (query, key, value, scale) in (batch, heads, seq, dim) layout with
-# bottom-right causal masking and returns (batch, heads, q_len, v_dim).
-_HUB_KERNELS: dict[str, object] = {}
+# GPU attention kernels from the Hub, through the `kernels` library: FlashMLA for absorbed decode, flash-attn 3 for
+# the naive path. They are loaded when the model is built (`resolve_attention_kernels`, also
+# `PeerMlaPreTrainedModel.load_attention_kernels`), never inside forward: forward only looks up what was loaded.
+# Each wrapper takes (query, key, value, scale) in (batch, heads, seq, dim) layout with bottom-right causal masking
+# and returns (batch, heads, q_len, v_dim).
 FLASH_MLA_REPO = ("kernels-community/flash-mla", 1)
 FLASH_ATTN_REPO = ("kernels-community/flash-attn3", 1)
+ATTENTION_KERNEL_REPOS = {"flash_mla": FLASH_MLA_REPO, "flash_attn": FLASH_ATTN_REPO}
+# Per process: repo id -> the loaded kernel, or the error its load raised; the fallbacks already logged.
+_HUB_KERNELS: dict[str, object] = {}
+_REPORTED_FALLBACKS: set[str] = set()
 
 
 def _load_hub_kernel(repo: tuple[str, int]):
-    """Load (once) a kernel from the Hub cache; a failure is remembered and re-raised, not retried per call."""
+    """Load (once per process) a kernel through `kernels.get_kernel` (the Hub cache, or a download when online);
+    a failure is remembered and re-raised, not retried."""
     if repo[0] not in _HUB_KERNELS:
         try:
             from kernels import get_kernel
-
-            _HUB_KERNELS[repo[0]] = get_kernel(repo[0], version=repo[1])
-        except Exception as error:  # noqa: BLE001
-            _HUB_KERNELS[repo[0]] = error
+        except ImportError:
+            _HUB_KERNELS[repo[0]] = ImportError(
+                "the `kernels` package is not installed (pip install kernels)"
+            )
+        else:
+            try:
+                with torch.device("cpu"):  # from_pretrained builds under a meta-device context
+                    _HUB_KERNELS[repo[0]] = get_kernel(repo[0], version=repo[1])
+            except Exception as error:  # noqa: BLE001 - offline, wrong arch, missing build: all mean "not loaded"
+                _HUB_KERNELS[repo[0]] = error
     loaded = _HUB_KERNELS[repo[0]]
     if isinstance(loaded, Exception):
         raise loaded
+    return loaded
+
+
+def _loaded_hub_kernel(repo: tuple[str, int]):
+    """A kernel loaded earlier by `_load_hub_kernel`; never loads (this runs inside forward)."""
+    loaded = _HUB_KERNELS.get(repo[0])
+    if loaded is None or isinstance(loaded, Exception):
+        raise RuntimeError(
+            f"The attention kernel {repo[0]} is not loaded: kernels are loaded when the model is built, or by "
+            "model.load_attention_kernels(), never inside forward."
+        )
     return loaded
 
 
@@ -446,7 +477,7 @@ def flash_mla_attention(query, key, value, scale):
     """Absorbed MLA decode with FlashMLA: query (b, h, s, 576), latent key (b, 1, t, 576), value = key[..., :512].
 
     FlashMLA reads a paged cache (pages of 64 tokens); the contiguous latent cache is padded and viewed as pages."""
-    flash_mla = _load_hub_kernel(FLASH_MLA_REPO)
+    flash_mla = _loaded_hub_kernel(FLASH_MLA_REPO)
     batch, _, kv_len, dim = key.shape
     page = 64
     pages = -(-kv_len // page)
@@ -470,7 +501,7 @@ def flash_mla_attention(query, key, value, scale):
 
 def flash_attn_attention(query, key, value, scale):
     """Naive-path attention with flash-attn 3 (allows a value head size different from the key's)."""
-    flash_attn = _load_hub_kernel(FLASH_ATTN_REPO)
+    flash_attn = _loaded_hub_kernel(FLASH_ATTN_REPO)
     out = flash_attn.flash_attn_func(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scale, causal=True
     )
@@ -478,18 +509,92 @@ def flash_attn_attention(query, key, value, scale):
     return out.transpose(1, 2)
 
 
-def select_attention_kernel(
-    choice: str, query: torch.Tensor, value: torch.Tensor, absorbed: bool, masked: bool
-):
-    """The GPU kernel to use for this call, or None for SDPA.
+def _kernel_not_applicable(name: str, config: PeerMlaConfig) -> str | None:
+    """Why the kernel `name` cannot run for `config` on this machine, before trying to load it (None: try)."""
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:  # FlashMLA and flash-attn 3 are Hopper (sm90) kernels
+        return f"it needs a GPU of compute capability 9.0 or newer, this one is {major}.{minor}"
+    if name == "flash_mla" and (config.kv_lora_rank != 512 or config.qk_rope_head_dim != 64):
+        return (
+            f"FlashMLA needs kv_lora_rank=512 and qk_rope_head_dim=64 (got {config.kv_lora_rank} and "
+            f"{config.qk_rope_head_dim})"
+        )
+    return None
 
-    "auto" uses a kernel only where it applies (CUDA, bf16/fp16, no padding mask, FlashMLA's 576/512 head sizes
-    for absorbed decode) and can be loaded; anything else falls back to SDPA. An explicit "flash_mla" or
-    "flash_attn" raises instead of falling back."""
+
+def _log_fallback_once(level: int, message: str) -> None:
+    if message not in _REPORTED_FALLBACKS:
+        _REPORTED_FALLBACKS.add(message)
+        logger.log(level, message)
+
+
+def resolve_attention_kernels(config: PeerMlaConfig) -> tuple[str, ...]:
+    """Load the GPU attention kernels `config.attention_kernel` asks for; returns the names of those loaded.
+
+    Runs when a model is built (and from `load_attention_kernels`); forward only uses what this returned.
+    "auto": each kernel that applies to this machine and config (none on a machine without CUDA, silently); one
+    that should apply but cannot be loaded (offline, no build for this setup) is skipped with one warning naming
+    the reason, and attention runs on SDPA. "flash_mla" / "flash_attn": that kernel, or a RuntimeError saying why
+    it cannot be used. "sdpa": none.
+    """
+    choice = config.attention_kernel
+    if choice == "sdpa":
+        return ()
+    loaded = []
+    for name in ATTENTION_KERNEL_REPOS if choice == "auto" else (choice,):
+        repo = ATTENTION_KERNEL_REPOS[name]
+        reason = _kernel_not_applicable(name, config)
+        if reason is not None:
+            if choice == name:
+                raise RuntimeError(
+                    f"attention_kernel={name!r} cannot be used: {reason}. Use attention_kernel='auto' (the kernel "
+                    "where it applies, SDPA elsewhere) or 'sdpa'."
+                )
+            no_gpu = not torch.cuda.is_available()
+            _log_fallback_once(
+                logging.DEBUG if no_gpu else logging.INFO,
+                f"attention_kernel='auto': {name} is not used ({reason}); attention runs on SDPA there.",
+            )
+            continue
+        try:
+            _load_hub_kernel(repo)
+        except Exception as error:  # noqa: BLE001 - offline, wrong arch, missing package: all mean "use SDPA"
+            if choice == name:
+                raise RuntimeError(
+                    f"attention_kernel={name!r} cannot be used: {repo[0]} (version {repo[1]}) could not be loaded "
+                    f"({type(error).__name__}: {error}). Install `kernels` and fetch the kernel while online (it is "
+                    "then cached), or use attention_kernel='auto' or 'sdpa'."
+                ) from error
+            _log_fallback_once(
+                logging.WARNING,
+                f"attention_kernel='auto': {repo[0]} (version {repo[1]}) could not be loaded "
+                f"({type(error).__name__}: {error}); {name} attention falls back to SDPA.",
+            )
+            continue
+        loaded.append(name)
+    return tuple(loaded)
+
+
+def select_attention_kernel(
+    choice: str,
+    query: torch.Tensor,
+    value: torch.Tensor,
+    absorbed: bool,
+    masked: bool,
+    loaded: tuple[str, ...] = (),
+):
+    """The GPU kernel for this call, or None for SDPA. Never loads anything: `loaded` names the kernels loaded
+    when the model was built (`resolve_attention_kernels`).
+
+    "auto" uses a loaded kernel only where it applies (CUDA, bf16/fp16, no padding mask, FlashMLA's 576/512 head
+    sizes for absorbed decode) and SDPA elsewhere, without a word: these are per-call conditions (autocast,
+    padded batches), not failures. An explicit "flash_mla" or "flash_attn" raises instead of falling back."""
     if choice == "sdpa":
         return None
     wanted = "flash_mla" if absorbed else "flash_attn"
-    if choice not in ("auto", wanted):
+    if choice not in ("auto", wanted) or (choice == "auto" and wanted not in loaded):
         return None
     problems = []
     if query.device.type != "cuda":
@@ -503,11 +608,11 @@ def select_attention_kernel(
             f"FlashMLA needs kv_lora_rank=512 and qk_rope_head_dim=64 (got {value.shape[-1]} and "
             f"{query.shape[-1] - value.shape[-1]})"
         )
-    if not problems:
-        try:
-            _load_hub_kernel(FLASH_MLA_REPO if absorbed else FLASH_ATTN_REPO)
-        except Exception as error:  # noqa: BLE001 - offline, wrong arch, missing package: all mean "use SDPA"
-            problems.append(f"could not load the kernel ({error})")
+    if wanted not in loaded:
+        problems.append(
+            "the kernel was not loaded when the model was built (after changing config.attention_kernel, call "
+            "model.load_attention_kernels())"
+        )
     if not problems:
         return flash_mla_attention if absorbed else flash_attn_attention
     if choice == wanted:
@@ -539,6 +644,8 @@ class PeerMlaAttention(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.scaling = self.qk_head_dim**-0.5
+        # Names of the GPU attention kernels loaded for this model (set by load_attention_kernels); SDPA otherwise.
+        self.attention_kernels: tuple[str, ...] = ()
 
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
@@ -616,7 +723,12 @@ class PeerMlaAttention(nn.Module):
         key = torch.cat([key_nope, key_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([query_nope, query_rope], dim=-1)
         kernel = select_attention_kernel(
-            self.config.attention_kernel, query, value, absorbed=False, masked=attention_mask is not None
+            self.config.attention_kernel,
+            query,
+            value,
+            absorbed=False,
+            masked=attention_mask is not None,
+            loaded=self.attention_kernels,
         )
         if kernel is not None and not (self.training and self.config.attention_dropout):
             return kernel(query, key, value, self.scaling)
@@ -630,7 +742,12 @@ class PeerMlaAttention(nn.Module):
         query = torch.cat([query_latent, query_rope], dim=-1)
         key = torch.cat([latent, key_rope], dim=-1)
         kernel = select_attention_kernel(
-            self.config.attention_kernel, query, latent, absorbed=True, masked=attention_mask is not None
+            self.config.attention_kernel,
+            query,
+            latent,
+            absorbed=True,
+            masked=attention_mask is not None,
+            loaded=self.attention_kernels,
         )
         if kernel is not None:
             out_latent = kernel(query, key, latent, self.scaling)
@@ -693,6 +810,16 @@ class PeerMlaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, PeerMlaRotary):
             init.copy_(module.inv_freq, rope_inverse_frequencies(module.config))
 
+    def load_attention_kernels(self) -> tuple[str, ...]:
+        """Load the GPU attention kernels `config.attention_kernel` asks for (see `resolve_attention_kernels`) and
+        hand them to every attention layer; returns their names. Runs when the model is built; call it again
+        after changing `config.attention_kernel`. Forward never loads a kernel."""
+        loaded = resolve_attention_kernels(self.config)
+        for module in self.modules():
+            if isinstance(module, PeerMlaAttention):
+                module.attention_kernels = loaded
+        return loaded
+
 
 def _attention_mask(
     attention_mask: torch.Tensor | None, positions: torch.Tensor, kv_len: int, batch: int
@@ -728,6 +855,7 @@ class PeerMlaModel(PeerMlaPreTrainedModel):
         self.norm = PeerMlaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = PeerMlaRotary(config)
         self.gradient_checkpointing = False
+        self.load_attention_kernels()
         self.post_init()
 
     def peer_layers(self) -> dict[int, PeerLayer]:
@@ -883,4 +1011,5 @@ __all__ = [
     "PeerMlaAttention",
     "peer_experts_reference",
     "latent_cache_bytes_per_token",
+    "resolve_attention_kernels",
 ]

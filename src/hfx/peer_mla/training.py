@@ -5,8 +5,10 @@
 
 One YAML holds three sections, all overridable on the command line (``trl.TrlParser``):
 
-* :class:`ModelArguments`: a PeerMlaConfig YAML (``model_config``), field overrides, and ``mlp: dense`` for the
-  dense-FFN baseline with the same active parameters per token (:func:`dense_baseline_config`).
+* :class:`ModelArguments`: a PeerMlaConfig YAML (``model_config``), field overrides, ``mlp: dense`` for the
+  dense-FFN baseline with the same active parameters per token (:func:`dense_baseline_config`), and where and how
+  it trains: ``device``, ``dtype`` (the mixed precision) and ``peer_kernel`` (on CUDA the PEER experts run the
+  Triton kernel of ``hub_kernels/peer``, swapped in by ``kernels.kernelize``: :func:`kernelize_peer_experts`).
 * :class:`hfx.peer_mla.data.DataArguments`: the streamed, interleaved, packed data mixture.
 * :class:`PeerMlaTrainingArguments`: every ``TrainingArguments`` field, plus a token budget (``max_tokens``),
   expert monitoring (``expert_log_freq``, ``hot_expert_factor``) and FP8 (``fp8``, CUDA + torchao only).
@@ -21,6 +23,8 @@ configuration is refused with the differences listed.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import inspect
 import json
 import logging
@@ -43,6 +47,9 @@ from .data import DataArguments
 logger = logging.getLogger(__name__)
 
 MLP_KINDS = ("peer", "dense")
+PEER_KERNELS = ("auto", "triton", "pytorch")
+#: Path of the PEER kernel repository (``hub_kernels/peer``) for an hfx installed without its source checkout.
+PEER_KERNEL_REPO_ENV = "HFX_PEER_KERNEL_REPO"
 RUN_CONFIG_NAME = "hfx_pretrain.json"
 RESULTS_NAME = "results.json"
 EXPERT_USAGE_DIR = "expert_usage"
@@ -80,10 +87,40 @@ class ModelArguments:
             "a SwiGLU MLP whose width gives the same active parameters per token."
         },
     )
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device to train on: cuda or cpu (or mps, xpu). Default: the device accelerate gives this "
+            "process (its own GPU under `accelerate launch`, else the CPU)."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Mixed precision of training (weights stay float32): float32, bfloat16 or float16; auto = "
+            "bfloat16 on a GPU that supports it unless --bf16/--fp16 is set, float32 on the CPU."
+        },
+    )
+    peer_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "PEER expert sum: 'triton' = the Triton kernel of hub_kernels/peer swapped in by "
+            "kernels.kernelize (CUDA; on the CPU only under TRITON_INTERPRET=1), 'pytorch' = the model's own "
+            "PyTorch forward, 'auto' = triton on CUDA, pytorch elsewhere."
+        },
+    )
 
     def __post_init__(self) -> None:
+        from hfx.models import DTYPES, resolve_device
+
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}.")
+        if self.peer_kernel not in PEER_KERNELS:
+            raise ValueError(f"peer_kernel must be one of {PEER_KERNELS}, got {self.peer_kernel!r}.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}.")
+        if self.device not in (None, "", "auto"):
+            resolve_device(self.device)  # a device this machine lacks stops the command here, before any work
         if isinstance(self.model_overrides, str):
             try:
                 self.model_overrides = (
@@ -245,6 +282,121 @@ def build_config(model_args: ModelArguments, tokenizer=None) -> PeerMlaConfig:
 def comparable_config(config: PeerMlaConfig | dict) -> dict:
     values = config.to_dict() if isinstance(config, PeerMlaConfig) else dict(config)
     return {k: v for k, v in values.items() if k not in _IGNORED_CONFIG_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device, precision and the PEER kernel
+
+
+def mixed_precision_flags(dtype: str, device: torch.device, bf16: bool, fp16: bool) -> dict[str, bool]:
+    """The ``bf16``/``fp16`` TrainingArguments flags that ``--dtype`` asks for on ``device`` (only those to change).
+
+    "auto": bfloat16 autocast on a GPU that supports it, unless --bf16 or --fp16 already chose; float32 on the
+    CPU. An explicit dtype sets its flag and refuses a contradicting one."""
+    from hfx.models import resolve_dtype
+
+    resolved = resolve_dtype(dtype, device)  # refuses bf16 on a device without it
+    if dtype == "auto":
+        return {"bf16": True} if resolved == torch.bfloat16 and not (bf16 or fp16) else {}
+    wanted = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolved)
+    for flag, value in (("bf16", bf16), ("fp16", fp16)):
+        if value and flag != wanted:
+            raise ValueError(f"--dtype {dtype} contradicts --{flag} true: set only one of them.")
+    return {wanted: True} if wanted and not {"bf16": bf16, "fp16": fp16}[wanted] else {}
+
+
+def fit_to_device(
+    model_args: ModelArguments, training_args: PeerMlaTrainingArguments
+) -> PeerMlaTrainingArguments:
+    """``training_args`` set for ``--device`` and ``--dtype`` (rebuilt, so that Trainer's device setup and mixed
+    precision follow them): cpu -> ``use_cpu``; a device this machine or process cannot train on -> ValueError.
+    Runs before any work."""
+    from hfx.models import resolve_device, training_device
+
+    changes: dict[str, bool] = {}
+    if model_args.device in (None, "", "auto"):
+        device = training_args.device  # accelerate's device of this process, as Trainer will use it
+    else:
+        device = resolve_device(model_args.device)
+        if device.type == "cpu" and not training_args.use_cpu:
+            changes["use_cpu"] = True
+        elif device.type != "cpu" and training_args.use_cpu:
+            raise ValueError(
+                f"--device {model_args.device} contradicts --use_cpu true: set only one of them."
+            )
+    changes.update(mixed_precision_flags(model_args.dtype, device, training_args.bf16, training_args.fp16))
+    if changes:
+        training_args = dataclasses.replace(training_args, **changes)
+    training_device(model_args.device, training_args)  # the device Trainer will use must be the one asked for
+    return training_args
+
+
+def choose_peer_kernel(choice: str, device: torch.device) -> str:
+    """What computes the PEER expert sum for ``--peer_kernel choice`` on ``device``: "triton" (the kernel of
+    hub_kernels/peer, swapped in by :func:`kernelize_peer_experts`) or "pytorch" (the model's own forward, the
+    memory-light CPU path). An explicit "triton" that cannot run raises."""
+    if choice not in PEER_KERNELS:
+        raise ValueError(f"peer_kernel must be one of {PEER_KERNELS}, got {choice!r}.")
+    if choice == "pytorch":
+        return "pytorch"
+    has_triton = importlib.util.find_spec("triton") is not None
+    on_cuda = device.type == "cuda" and torch.version.hip is None  # hub_kernels/peer has CUDA and CPU builds
+    if choice == "auto":
+        if on_cuda and not has_triton:
+            logger.warning("--peer_kernel auto: triton is not installed, so the PEER experts run on PyTorch.")
+        return "triton" if on_cuda and has_triton else "pytorch"
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if not (on_cuda or interpreted):
+        raise ValueError(
+            f"--peer_kernel triton runs on a CUDA GPU, and this run is on {device}. Use --peer_kernel auto or "
+            "pytorch (the experts' own PyTorch forward), or set TRITON_INTERPRET=1 to run the kernel on the CPU "
+            "under Triton's interpreter (slow: for tests)."
+        )
+    if not has_triton:
+        raise ValueError("--peer_kernel triton needs the triton package (pip install triton).")
+    return "triton"
+
+
+def peer_kernel_repository() -> Path:
+    """The local kernel repository of the PEER Triton kernel (``hub_kernels/peer``, the `kernels` layout).
+
+    ``$HFX_PEER_KERNEL_REPO`` when set, else the source checkout this hfx runs from (an editable install or
+    ``PYTHONPATH=src``): ``hub_kernels/`` sits next to ``src/`` and is not part of an installed wheel."""
+    configured = os.environ.get(PEER_KERNEL_REPO_ENV)
+    candidate = (
+        Path(configured) if configured else Path(__file__).resolve().parents[3] / "hub_kernels" / "peer"
+    )
+    if (candidate / "build").is_dir() and (candidate / "torch-ext" / "peer").is_dir():
+        return candidate
+    where = f"${PEER_KERNEL_REPO_ENV} = {configured}" if configured else f"{candidate} (next to hfx's source)"
+    raise FileNotFoundError(
+        f"The PEER Triton kernel repository (hub_kernels/peer) is not at {where}. An hfx installed from a wheel "
+        f"does not ship it: set {PEER_KERNEL_REPO_ENV} to the hub_kernels/peer folder of an hfx checkout, or use "
+        "--peer_kernel pytorch."
+    )
+
+
+def kernelize_peer_experts(model: torch.nn.Module, device: torch.device | str, repo_path=None) -> int:
+    """Swap the forward of every ``PeerExperts`` of ``model`` for the Triton kernel of hub_kernels/peer
+    (``kernels.kernelize`` in training mode, which keeps its backward); returns how many were swapped.
+
+    On the CPU the kernel runs only under ``TRITON_INTERPRET=1`` (set before the kernel is first loaded)."""
+    from kernels import LocalLayerRepository, Mode, kernelize, use_kernel_mapping
+
+    from .modeling_peer_mla import PeerExperts
+
+    device = torch.device(device)
+    repo = LocalLayerRepository(
+        repo_path=Path(repo_path) if repo_path is not None else peer_kernel_repository(),
+        layer_name="PeerExperts",
+    )
+    experts = [module for module in model.modules() if isinstance(module, PeerExperts)]
+    # One expert bank at a time: the model's other hub-decorated layers (transformers' activations) keep their
+    # forward, and a PeerExperts the kernel cannot serve raises instead of silently keeping its own.
+    with use_kernel_mapping({"PeerExperts": {device.type: repo}}, inherit_mapping=False):
+        for module in experts:
+            kernelize(module, mode=Mode.TRAINING, device=device.type, use_fallback=False)
+    return sum(getattr(module.forward, "__func__", None) is not PeerExperts.forward for module in experts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -603,6 +755,14 @@ def pretrain(
     from .data import build_datasets, load_tokenizer
     from .modeling_peer_mla import PeerMlaForCausalLM
 
+    # Device, precision and kernel are settled (or refused) before anything is read or written.
+    training_args = fit_to_device(model_args, training_args)
+    device = training_args.device
+    peer_kernel = choose_peer_kernel(model_args.peer_kernel, device)
+    kernel_repo = peer_kernel_repository() if peer_kernel == "triton" else None
+    precision = {"bf16": "bfloat16", "fp16": "float16"}.get(training_args.mixed_precision, "float32")
+    where = f"{device}, " + ("float32" if precision == "float32" else f"{precision} mixed precision")
+
     output_dir = Path(training_args.output_dir)
     with training_args.main_process_first(desc="tokenizer"):
         tokenizer = load_tokenizer(data_args.tokenizer_name_or_path, data_args)
@@ -636,6 +796,18 @@ def pretrain(
     if training_args.fp8:
         converted = convert_to_fp8(model)
         logger.info("fp8: %d Linear layers train in float8", converted)
+    if not model.model.peer_layers():
+        peer_kernel = None
+        logger.info("Training on %s; no PEER layers", where)
+    elif peer_kernel == "triton":
+        swapped = kernelize_peer_experts(model, device, kernel_repo)
+        logger.info(
+            "Training on %s; PEER experts: Triton kernel of %s (%d layers)", where, kernel_repo, swapped
+        )
+    else:
+        logger.info(
+            "Training on %s; PEER experts: PyTorch forward (--peer_kernel %s)", where, model_args.peer_kernel
+        )
 
     train_dataset, eval_stream = build_datasets(data_args, tokenizer)
     eval_rows = list(eval_stream)
@@ -683,6 +855,9 @@ def pretrain(
         "tokens": int(tokens_seen),
         "tokens_per_step": step_tokens,
         "num_processes": training_args.world_size,
+        "device": device.type,
+        "precision": precision,
+        "peer_kernel": peer_kernel,
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
         "eval_perplexity": eval_metrics.get("eval_perplexity"),
@@ -699,7 +874,9 @@ def pretrain(
         training = (
             f"Pretrained with `hfx peer-mla pretrain` on {results['tokens']:,} tokens of "
             f"{', '.join(data_args.mixture)} (block size {data_args.block_size}, {step_tokens:,} tokens per step, "
-            f"{results['steps']} steps); held-out perplexity {results['eval_perplexity']}."
+            f"{results['steps']} steps, {where}"
+            + (f", PEER experts on {peer_kernel}" if peer_kernel else "")
+            + f"); held-out perplexity {results['eval_perplexity']}."
         )
         write_model_card(
             output_dir,
