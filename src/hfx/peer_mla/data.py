@@ -501,10 +501,10 @@ def train_tokenizer(args: DataArguments, output_dir: str | os.PathLike | None = 
     ``output_dir``, by default ``$HFX_CACHE/tokenizers/bpe-<vocab>-<fingerprint>``; an existing folder is reused.
     The folder appears only when complete (temp folder, then rename).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     from hfx.embedded import cache_dir
+    from hfx.tokenization import train_bpe
 
     if output_dir is None:
         output_dir = (
@@ -516,22 +516,13 @@ def train_tokenizer(args: DataArguments, output_dir: str | os.PathLike | None = 
     logger.info(
         "Training a %d-token BPE tokenizer on the mixture -> %s", args.tokenizer_vocab_size, output_dir
     )
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=args.tokenizer_vocab_size,
-        special_tokens=[TRAINED_TOKENIZER_EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_training_texts(args), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
+    tokenizer = train_bpe(
+        _training_texts(args),
+        args.tokenizer_vocab_size,
+        [TRAINED_TOKENIZER_EOS],
         eos_token=TRAINED_TOKENIZER_EOS,
         bos_token=TRAINED_TOKENIZER_EOS,
         pad_token=TRAINED_TOKENIZER_EOS,
-        model_max_length=1_000_000,
     )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
