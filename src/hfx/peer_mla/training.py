@@ -39,6 +39,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
 from hfx.hub import write_text_atomic
+from hfx.models import DeviceArguments
 
 from .analysis import _GENERIC_CONFIG_KEYS, analyze_parameters, load_config, write_model_card
 from .configuration_peer_mla import PeerMlaConfig
@@ -64,7 +65,7 @@ _IGNORED_CONFIG_KEYS = _GENERIC_CONFIG_KEYS | {"_name_or_path", "use_cache", "at
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(DeviceArguments):
     """Model section of a pretraining config."""
 
     model_config: str = field(
@@ -87,14 +88,7 @@ class ModelArguments:
             "a SwiGLU MLP whose width gives the same active parameters per token."
         },
     )
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": "Device to train on: cuda or cpu (or mps, xpu). Default: the device accelerate gives this "
-            "process (its own GPU under `accelerate launch`, else the CPU)."
-        },
-    )
-    dtype: str = field(
+    dtype: str = field(  # --device comes from DeviceArguments; here the dtype is the training's precision
         default="auto",
         metadata={
             "help": "Mixed precision of training (weights stay float32): float32, bfloat16 or float16; auto = "
