@@ -32,12 +32,15 @@ from .configuration_lens import ConsistencyLensConfig
 @dataclass
 class LensOutput(ModelOutput):
     """reconstruction (B, d); explanation_ids (B, k); explanation (B, k, V) one-hot rows carrying the
-    straight-through gradient; logits (B, k, V) of the decoder at each step."""
+    straight-through gradient; logits (B, k, V) of the decoder at each step; with context targets, the decoder's
+    teacher-forced context_loss and context_accuracy (see `context_loss`)."""
 
     reconstruction: torch.Tensor | None = None
     explanation_ids: torch.Tensor | None = None
     explanation: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    context_loss: torch.Tensor | None = None
+    context_accuracy: torch.Tensor | None = None
 
 
 class ConsistencyLens(PreTrainedModel):
@@ -216,10 +219,19 @@ class ConsistencyLens(PreTrainedModel):
         temperature: float = 1.0,
         hard: bool = True,
         sample: bool | None = None,
+        context_targets: torch.Tensor | None = None,
+        explain: bool = True,
     ) -> LensOutput:
-        explained = self.explain(activations, temperature, hard, sample)
-        explained.reconstruction = self.reconstruct(explained.explanation)
-        return explained
+        """Explain and reconstruct `activations`; with `context_targets`, also the context loss of the decoder
+        (`explain=False`: that loss alone). Every loss of a training step comes from this one call, which is what
+        DistributedDataParallel needs to synchronise the gradients of all of them."""
+        output = LensOutput()
+        if explain:
+            output = self.explain(activations, temperature, hard, sample)
+            output.reconstruction = self.reconstruct(output.explanation)
+        if context_targets is not None:
+            output.context_loss, output.context_accuracy = self.context_loss(activations, context_targets)
+        return output
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

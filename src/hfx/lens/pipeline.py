@@ -161,8 +161,11 @@ def run_train(args: LensArguments, training_args) -> Path:
     last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    write_lens_card(training_args.output_dir, lens.config)
+    trainer.save_state()  # trainer_state.json: the loss curve beside the lens
+    if trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the folder's other files
+        tokenizer.save_pretrained(training_args.output_dir)
+        write_lens_card(training_args.output_dir, lens.config)
+    trainer.accelerator.wait_for_everyone()
     return Path(training_args.output_dir)
 
 

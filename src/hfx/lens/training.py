@@ -170,15 +170,18 @@ class LensTrainer(Trainer):
         self._metrics: dict[str, tuple[float, int]] = {}
         self._samples: list[dict] = []
 
-    def lens_batch(self, lens, inputs: dict) -> dict:
-        """Reconstruct the batch's activations and measure the frozen model with them patched in."""
+    def lens_batch(self, model, inputs: dict, with_context: bool = False) -> dict:
+        """Reconstruct the batch's activations and measure the frozen model with them patched in (and, with
+        `with_context`, the decoder's context loss on the same activations, in the same forward)."""
         args: LensTrainingArguments = self.args
+        lens = self.accelerator.unwrap_model(model)  # `model` may be DDP-wrapped: its forward syncs gradients
         layer = lens.config.layer
         inputs = self.with_activations(lens, inputs)
         device = lens.device
         activation = inputs["activation"].to(device)
         step = self.kl_step
-        out = lens(activation, temperature=args.temperature(step))
+        targets = self.context_targets_of(lens, inputs) if with_context else None
+        out = model(activation, temperature=args.temperature(step), context_targets=targets)
         logits = patched_next_token_logits(self.base_model, layer, inputs["input_ids"], out.reconstruction)
         kl = topk_kl_divergence(
             inputs["reference_topk_ids"].to(device), inputs["reference_topk_logprobs"].to(device), logits
@@ -222,11 +225,20 @@ class LensTrainer(Trainer):
             return inputs
         return {**inputs, **capture_batch(self.base_model, lens.config.layer, inputs["input_ids"], self.topk)}
 
-    def context_batch(self, lens, inputs: dict) -> dict:
+    @staticmethod
+    def context_targets_of(lens, inputs: dict) -> torch.Tensor:
+        return context_targets(inputs["input_ids"], lens.config.explanation_length, lens.device)
+
+    def context_batch(self, model, inputs: dict) -> dict:
+        """The decoder's context loss alone (the warm-up steps)."""
+        lens = self.accelerator.unwrap_model(model)
         inputs = self.with_activations(lens, inputs)
-        targets = context_targets(inputs["input_ids"], lens.config.explanation_length, lens.device)
-        loss, accuracy = lens.context_loss(inputs["activation"].to(lens.device), targets)
-        return {"context_ce": loss, "context_accuracy": accuracy}
+        out = model(
+            inputs["activation"].to(lens.device),
+            context_targets=self.context_targets_of(lens, inputs),
+            explain=False,
+        )
+        return {"context_ce": out.context_loss, "context_accuracy": out.context_accuracy}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: LensTrainingArguments = self.args
@@ -234,13 +246,13 @@ class LensTrainer(Trainer):
             parts = self.context_batch(model, inputs)
             self._accumulate(parts)
             return (parts["context_ce"], None) if return_outputs else parts["context_ce"]
-        parts = self.lens_batch(model, inputs)
+        parts = self.lens_batch(model, inputs, with_context=bool(args.context_weight))
         alpha = args.lm_weight(self.kl_step)
         loss = args.kl_weight * parts["kl"] + alpha * parts["lm"] + args.entropy_weight * parts["entropy"]
         if args.context_weight:
-            context = self.context_batch(model, parts["inputs"])
-            loss = loss + args.context_weight * context["context_ce"]
-            self._accumulate(context)
+            out = parts["out"]
+            loss = loss + args.context_weight * out.context_loss
+            self._accumulate({"context_ce": out.context_loss, "context_accuracy": out.context_accuracy})
         self._accumulate({key: parts[key] for key in ("kl", "lm", "entropy")})
         if args.verbose_samples and self.state.global_step % max(1, args.logging_steps) == 0:
             self._samples = self.describe(parts, args.verbose_samples)
