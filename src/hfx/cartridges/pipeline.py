@@ -40,7 +40,7 @@ from hfx.models import (
     dtype_name,
     load_causal_lm,
     model_id,
-    resolve,
+    resolve_dtype,
     training_device,
 )
 
@@ -328,8 +328,9 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
     from hfx.cartridges.synthesis import load_synthesis
 
     # A device or dtype this machine lacks stops here, before any work.
-    resolve(training_device(args.device, training_args), args.dtype)
-    resolve(training_args.device, training_args.model_dtype)
+    device = training_device(args.device, training_args)
+    for dtype in (training_args.model_dtype, args.dtype):  # training's frozen base, then the evaluating model
+        resolve_dtype(dtype, device)
     dataset = load_synthesis(args.synthesis_dir)
     train_cartridge(args.corpus, dataset, training_args, model_name_or_path=args.model_name_or_path)
     if (

@@ -470,11 +470,11 @@ def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progre
         }
     # Under `accelerate launch --num_processes N` each process synthesizes every N-th shard on its own device.
     state = process_state()
-    if state.is_main_process:
+    # Every process checks an existing manifest (so a mismatch stops them all, none left waiting at the barrier);
+    # only the main process writes a new one.
+    if state.is_main_process or (output_dir / "synthesis_config.json").exists():
         check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
     state.wait_for_everyone()
-    if not state.is_main_process:
-        check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
 
     batch_sizes = [
         min(config.conversations_per_chunk, config.num_conversations - b * config.conversations_per_chunk)

@@ -136,13 +136,9 @@ def _model_manifest(run: RunArguments, model) -> dict:
     return {"model": _model_name(run), "dtype": models.dtype_name(next(model.parameters()).dtype)}
 
 
-def _process():
-    return models.process_state()
-
-
 def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=None):
     """Per-token losses; under `accelerate launch`, each process scores its share of the shards."""
-    state = _process()
+    state = models.process_state()
     if model is None:
         model, tokenizer = load_model(run)
     documents = load_documents(args.dataset, args.text_column)
@@ -178,7 +174,7 @@ def run_filter(run: RunArguments, args: FilterArguments, tokenizer=None) -> Path
 
 def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Path:
     """Per-token gradients; under `accelerate launch`, each process computes its share of the shards."""
-    state = _process()
+    state = models.process_state()
     if model is None:
         model, _ = load_model(run)
     tokens = load_tokens(run.output_dir)
@@ -199,8 +195,7 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
 
 def run_similarity(run: RunArguments, device: str | torch.device | None = None) -> Path:
     """The similarity matrix of the gradients, its blocks computed on the run's device (or `device`)."""
-    resolved = models.resolve_device(run.device if device is None else device)
-    return similarity_matrix(run.output_dir, resolved)
+    return similarity_matrix(run.output_dir, run.device if device is None else device)
 
 
 def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
@@ -244,7 +239,7 @@ def run_discovery(
     view: ViewArguments,
 ) -> dict:
     """All stages; each resumes or is redone from its inputs. Returns timings and the artifact paths."""
-    state = _process()
+    state = models.process_state()
     timings = {}
     start = time.perf_counter()
 
