@@ -28,6 +28,30 @@ def run(model, tokenizer, corpus, config: SynthesisConfig) -> tuple[float, int]:
     )
 
 
+def profile(model, tokenizer, corpus, config: SynthesisConfig, rows: int) -> None:
+    """Where one batch's time goes: operators by self time, and the share of the three that dominate."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from hfx.cartridges.synthesis import synthesize_batch
+
+    synthesize_batch(model, tokenizer, corpus, config, 0)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        synthesize_batch(model, tokenizer, corpus, config, 1)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = {
+        "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+        "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_flash_attention_forward"),
+        "sampling": ("aten::exponential_", "aten::multinomial", "aten::sort", "aten::topk"),
+    }
+    for group, names in groups.items():
+        share = sum(e.self_cpu_time_total for e in events if e.key in names) / total
+        print(f"RESULT synthesis_profile_{group}_share {share:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -47,6 +71,13 @@ def main() -> None:
     parser.add_argument("--skip-single", action="store_true", help="only the batched run")
     parser.add_argument(
         "--cpu-reference", type=float, default=None, help="batched conv/s of the same command on a CPU"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one batch with torch.profiler and print its N most expensive operators",
     )
     args = parser.parse_args()
 
@@ -82,6 +113,14 @@ def main() -> None:
         print(f"one at a time:                        {single:.3f} conv/s ({single_tokens} answer tokens)")
         print(f"ratio: {batched / single:.2f}x")
         print(f"RESULT synthesis_batched_vs_single {batched / single:.3f}")
+    if args.profile:
+        profile(
+            model,
+            tokenizer,
+            corpus,
+            SynthesisConfig(conversations_per_chunk=args.batch, **common),
+            args.profile,
+        )
     if args.cpu_reference:
         print(f"vs the CPU reference {args.cpu_reference:.3f} conv/s: {batched / args.cpu_reference:.1f}x")
         print(f"RESULT synthesis_{model.device.type}_vs_cpu {batched / args.cpu_reference:.3f}")

@@ -77,6 +77,40 @@ def test_synthesis_rows_carry_the_teachers_topk_with_the_chunk_in_context(
         assert (torch.tensor(row["topk_token_ids"])[:, 0] == expected.indices[:, 0]).all()
 
 
+def test_continuations_answer_with_the_documents_next_tokens_and_the_teachers_topk(
+    tmp_path, tiny_model, tokenizer, corpus
+):
+    config = SynthesisConfig(**{**CONFIG, "continuation_fraction": 0.5, "continuation_cue_tokens": 6})
+    ds = synthesize(tiny_model, tokenizer, corpus, tmp_path / "synth", config, progress=False)
+    kinds = [row["seed_kind"] for row in ds]
+    assert "continuation" in kinds and set(kinds) - {"continuation"}, kinds
+    for row in ds:
+        if row["seed_kind"] != "continuation":
+            continue
+        chunk = corpus.token_ids[row["chunk_start"] : row["chunk_end"]]
+        answer = row["input_ids"][row["answer_start"] :]
+        assert len(answer) == min(config.max_answer_tokens, len(chunk) - 6)
+        # The answer is the passage that follows the quoted opening words, inside the chunk.
+        starts = [s for s in range(len(chunk) - len(answer) + 1) if chunk[s : s + len(answer)] == answer]
+        request = row["messages"][0]["content"]
+        assert any(tokenizer.decode(chunk[s - 6 : s]).strip() in request for s in starts if s >= 6), request
+        chunk_text = tokenizer.decode(chunk)
+        teacher_prompt = document_prefix_ids(tokenizer, chunk_text) + user_turn_ids(
+            tokenizer, request, after_system=True
+        )
+        with torch.no_grad():
+            logits = tiny_model(torch.tensor([teacher_prompt + answer])).logits[0]
+        expected = torch.log_softmax(logits[len(teacher_prompt) - 1 : -1], -1).topk(4, -1)
+        assert torch.tensor(row["topk_logprobs"]).allclose(expected.values, atol=2e-3)
+    # The default draws none.
+    plain = synthesize(
+        tiny_model, tokenizer, corpus, tmp_path / "plain", SynthesisConfig(**CONFIG), progress=False
+    )
+    assert "continuation" not in plain["seed_kind"]
+    with pytest.raises(ValueError, match="continuation_fraction"):
+        SynthesisConfig(continuation_fraction=1.5)
+
+
 def test_synthesis_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_model, tokenizer, corpus):
     out = tmp_path / "synth"
     config = SynthesisConfig(**CONFIG)

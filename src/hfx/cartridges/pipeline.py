@@ -6,6 +6,7 @@ shards, training resumes from the last Trainer checkpoint, and a finished cartri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -171,6 +172,57 @@ def write_cartridge_card(cartridge_dir: str | Path, report: dict | None = None) 
     render_cartridge_card(read_metadata(cartridge_dir), Path(cartridge_dir) / "README.md", report=report)
 
 
+def _budgeted_synthesis(
+    output_dir,
+    budget_minutes,
+    model,
+    model_name_or_path,
+    tokenizer,
+    corpus,
+    synthesis,
+    training,
+    server,
+    start,
+):
+    """The synthesis config a budget allows, and the probe's batches; a resumed run keeps the plan it wrote."""
+    from hfx.cartridges.budget import measure_and_plan, read_plan, write_plan
+
+    defaults = CartridgeTrainingArguments.__dataclass_fields__
+    batch_size = (
+        training.get("per_device_train_batch_size") or defaults["per_device_train_batch_size"].default
+    )
+    epochs = training.get("num_train_epochs") or defaults["num_train_epochs"].default
+    plan = read_plan(output_dir)
+    ready = None
+    if plan is not None:
+        if plan.budget_minutes != budget_minutes:
+            raise ValueError(
+                f"{output_dir} holds a run planned for --budget_minutes {plan.budget_minutes:g}, not "
+                f"{budget_minutes:g}; use another output directory or delete it to start over."
+            )
+        logger.info("Resuming with the plan in %s: %s", output_dir, plan.describe())
+    else:
+        plan, ready = measure_and_plan(
+            model,
+            tokenizer,
+            corpus,
+            synthesis,
+            budget_minutes,
+            num_virtual_tokens=training["num_virtual_tokens"],
+            per_device_train_batch_size=batch_size,
+            num_train_epochs=epochs,
+            started=start,
+            training_dtype=training.get("model_dtype") or defaults["model_dtype"].default,
+            model_name_or_path=model_name_or_path,
+            server=server,
+        )
+        write_plan(output_dir, plan)
+        logger.info(plan.describe())
+    training["num_train_epochs"] = plan.num_train_epochs
+    training["per_device_train_batch_size"] = plan.per_device_train_batch_size
+    return dataclasses.replace(synthesis, num_conversations=plan.num_conversations), ready
+
+
 @dataclass
 class RunResult:
     output_dir: Path
@@ -189,18 +241,38 @@ def run_self_study(
     server=None,
     device: str | None = None,
     dtype: str = "auto",
+    budget_minutes: float | None = None,
 ) -> RunResult:
     """The main job: synthesize, train, evaluate, save the cartridge with its card. Resumable.
 
     ``server`` (:class:`~hfx.cartridges.server.ServerArguments`) synthesizes through an OpenAI-compatible server.
     Every stage runs on ``device`` (default: accelerate's device of this process); ``dtype`` is the dtype of the
-    synthesizing and evaluating model (training's frozen base takes ``training["model_dtype"]``, bfloat16).
+    synthesizing and evaluating model (training's frozen base takes ``training["model_dtype"]``).
+    ``budget_minutes`` replaces ``synthesis.num_conversations`` by the number that fits the budget on this machine
+    (:mod:`hfx.cartridges.budget`); the plan is written to ``output_dir/plan.json`` and kept by a resumed run.
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
     synthesis = synthesis or SynthesisConfig()
     model, tokenizer = load_causal_lm(model_name_or_path, device=device, dtype=dtype)
     corpus: Corpus = load_corpus(corpus_source, tokenizer)
+    training = dict(training or {})
+    if training.get("num_virtual_tokens") is None:
+        training["num_virtual_tokens"] = max(1, corpus.num_tokens // 8)
+    ready = None
+    if budget_minutes is not None:
+        synthesis, ready = _budgeted_synthesis(
+            output_dir,
+            budget_minutes,
+            model,
+            model_name_or_path,
+            tokenizer,
+            corpus,
+            synthesis,
+            training,
+            server,
+            start,
+        )
     dataset = synthesize(
         model,
         tokenizer,
@@ -209,14 +281,12 @@ def run_self_study(
         synthesis,
         model_name=model_id(model_name_or_path),
         server=server,
+        ready=ready,
     )
     run_device = model.device
     del model
 
     cartridge_dir = output_dir / "cartridge"
-    training = dict(training or {})
-    if training.get("num_virtual_tokens") is None:
-        training["num_virtual_tokens"] = max(1, corpus.num_tokens // 8)
     if not (cartridge_dir / "adapter_model.safetensors").is_file():
         args = CartridgeTrainingArguments(
             output_dir=str(output_dir / "cartridge"),
@@ -311,6 +381,14 @@ class RunArguments(CorpusArguments):
         default="outputs/self-study", metadata={"help": "Directory of the whole run (resumable)."}
     )
     questions: str | None = field(default=None, metadata={"help": "Questions JSONL for the final table."})
+    budget_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Finish within this many minutes on this machine: the first batches are timed and the number "
+            "of conversations (and so of training steps) is planned to fit, replacing --num_conversations. "
+            "The plan is logged and written to OUTPUT_DIR/plan.json; a resumed run keeps it."
+        },
+    )
     num_virtual_tokens: int | None = field(
         default=None,
         metadata={"help": "Cartridge size p (KV tokens per layer); default 1/8 of the corpus's tokens."},
@@ -373,6 +451,7 @@ def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig, server=No
         server,
         device=args.device,
         dtype=args.dtype,
+        budget_minutes=args.budget_minutes,
     )
 
 

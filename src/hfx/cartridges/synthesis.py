@@ -19,7 +19,9 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -62,7 +64,13 @@ SEED_PROMPTS: dict[str, list[str]] = {
         "Ask the assistant to explain one fact of the document above to a student. Write only the request.",
     ],
 }
-SEED_KINDS = tuple(SEED_PROMPTS)
+#: Requests of the ``continuation`` kind; ``{cue}`` is the passage's opening words, quoted from the document.
+CONTINUATION_PROMPTS = [
+    'Continue this passage of the document, word for word: "{cue}"',
+    'Quote the document from "{cue}" onwards.',
+    'What does the document say after "{cue}"? Quote it.',
+]
+SEED_KINDS = (*SEED_PROMPTS, "continuation")
 
 FEATURES = datasets.Features(
     {
@@ -93,6 +101,12 @@ class SynthesisConfig:
     question_temperature: float = 0.8
     answer_temperature: float = 0.3
     top_k: int = 20
+    #: Share of each batch's conversations that ask to continue a passage of the chunk from its opening words
+    #: (the ``continuation`` kind): the answer is the document's own next tokens, re-read by the teacher with
+    #: the chunk in context. No generation, so they cost a fraction of a generated conversation.
+    continuation_fraction: float = 0.0
+    #: Opening words (tokens) of a continuation's passage, quoted in its request.
+    continuation_cue_tokens: int = 16
     seed: int = 0
     #: Batches per Parquet shard: a killed run loses at most one shard's work.
     batches_per_shard: int = 1
@@ -107,6 +121,12 @@ class SynthesisConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"SynthesisConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.continuation_fraction <= 1.0:
+            raise ValueError(
+                f"SynthesisConfig.continuation_fraction must be in [0, 1], got {self.continuation_fraction}."
+            )
+        if self.continuation_cue_tokens < 1:
+            raise ValueError("SynthesisConfig.continuation_cue_tokens must be >= 1.")
         if self.chunk_max_tokens < self.chunk_min_tokens:
             raise ValueError("SynthesisConfig.chunk_max_tokens must be >= chunk_min_tokens.")
 
@@ -174,8 +194,12 @@ def plan_batch(tokenizer, corpus: Corpus, config: SynthesisConfig, batch_idx: in
     first_id = batch_idx * config.conversations_per_chunk
     size = min(config.conversations_per_chunk, config.num_conversations - first_id)
     chunk_start, chunk_end = sample_chunk(corpus.num_tokens, config, rng)
-    kinds = [rng.choice(SEED_KINDS) for _ in range(size)]
+    kinds = [rng.choice(list(SEED_PROMPTS)) for _ in range(size)]
     seeds = [rng.choice(SEED_PROMPTS[kind]) for kind in kinds]
+    if config.continuation_fraction > 0:  # drawn only then, so other settings keep their conversations
+        for i in range(size):
+            if rng.random() < config.continuation_fraction:
+                kinds[i], seeds[i] = "continuation", rng.choice(CONTINUATION_PROMPTS)
     return BatchPlan(
         batch_idx=batch_idx,
         first_id=first_id,
@@ -226,8 +250,59 @@ def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, 
     eos_ids = _eos_ids(tokenizer)
     chunk_kv = PrefixKV.prefill(model, document_prefix_ids(tokenizer, plan.chunk_text))
 
-    # Agent A: the seed prompt becomes a user message.
-    prompts_a = [user_turn_ids(tokenizer, seed, after_system=True) for seed in plan.seeds]
+    generated = [i for i, kind in enumerate(plan.kinds) if kind != "continuation"]
+    rows = continuation_rows(model, tokenizer, corpus, config, plan, chunk_kv)
+    if generated:
+        rows.extend(_generated_rows(model, tokenizer, config, plan, chunk_kv, generated, pad_id, eos_ids))
+    return sorted(rows, key=lambda row: row["conversation_id"])
+
+
+def continuation_rows(
+    model,
+    tokenizer,
+    corpus: Corpus,
+    config: SynthesisConfig,
+    plan: BatchPlan,
+    chunk_kv: PrefixKV | None = None,
+) -> list[dict]:
+    """The batch's ``continuation`` conversations: quote a passage's opening, answer with the document's next tokens.
+
+    The passage is a random window of the chunk; the teacher's top-k at every answer token comes from one forward
+    pass with the chunk in context (:func:`rescore`), so the student learns what the model with the document
+    says there.
+    """
+    wanted = [i for i, kind in enumerate(plan.kinds) if kind == "continuation"]
+    if not wanted:
+        return []
+    rng = random.Random(f"{config.seed}-{plan.batch_idx}-continuation")
+    cue_len = config.continuation_cue_tokens
+    chunk = corpus.token_ids[plan.chunk_start : plan.chunk_end]
+    conversations = []
+    for i in wanted:
+        answer_len = min(config.max_answer_tokens, len(chunk) - cue_len)
+        if answer_len < 1:
+            continue
+        start = rng.randint(0, len(chunk) - cue_len - answer_len)
+        cue = tokenizer.decode(chunk[start : start + cue_len]).strip()
+        request = plan.seeds[i].format(cue=cue)
+        conversations.append((i, request, chunk[start + cue_len : start + cue_len + answer_len]))
+    scored = rescore(
+        model,
+        tokenizer,
+        plan.chunk_text,
+        [(q, a) for _, q, a in conversations],
+        config.top_k,
+        chunk_kv=chunk_kv,
+    )
+    return [
+        _row(tokenizer, plan, i, request, answer, top_ids, top_logprobs)
+        for (i, request, answer), (top_ids, top_logprobs) in zip(conversations, scored, strict=True)
+    ]
+
+
+def _generated_rows(model, tokenizer, config, plan, chunk_kv, indices, pad_id, eos_ids) -> list[dict]:
+    """Agent A writes the user messages of conversations ``indices`` from their seed prompts; agent B answers."""
+    prompts_a = [user_turn_ids(tokenizer, plan.seeds[i], after_system=True) for i in indices]
     out_a, width_a = generate_after_prefix(
         model,
         chunk_kv,
@@ -236,12 +311,15 @@ def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, 
         max_new_tokens=config.max_question_tokens,
         do_sample=True,
         temperature=config.question_temperature,
+        # The user message is cut after its first question mark (clean_user_message): a row stops there, and
+        # the batch as soon as every row has, instead of running to max_question_tokens.
+        stop_strings="?",
+        tokenizer=tokenizer,
     )
-    questions = [
-        clean_user_message(tokenizer.decode(ids, skip_special_tokens=True))
-        for ids in _new_tokens(out_a, width_a, eos_ids)
-    ]
-    keep = [i for i, q in enumerate(questions) if q]
+    questions = dict.fromkeys(range(len(plan.kinds)), "")
+    for i, ids in zip(indices, _new_tokens(out_a, width_a, eos_ids), strict=True):
+        questions[i] = clean_user_message(tokenizer.decode(ids, skip_special_tokens=True))
+    keep = [i for i in indices if questions[i]]
     if not keep:
         return []
 
@@ -295,13 +373,16 @@ def rescore(
     conversations: list[tuple[str, list[int]]],
     top_k: int,
     batch_size: int = 8,
+    chunk_kv: PrefixKV | None = None,
 ) -> list[tuple[list[list[int]], list[list[float]]]]:
     """The teacher's exact top-k at every answer token: (question, answer ids) pairs re-read with the chunk in context.
 
-    The chunk's KV is computed once and shared; the conversations go through in right-padded batches.
+    The chunk's KV is computed once (or given as ``chunk_kv``) and shared; the conversations go through in
+    right-padded batches.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    chunk_kv = PrefixKV.prefill(model, document_prefix_ids(tokenizer, chunk_text))
+    if chunk_kv is None:
+        chunk_kv = PrefixKV.prefill(model, document_prefix_ids(tokenizer, chunk_text))
     results = []
     for start in range(0, len(conversations), batch_size):
         batch = conversations[start : start + batch_size]
@@ -340,21 +421,27 @@ class ServerBatches:
         system = {"role": "system", "content": document_system_prompt(plan.chunk_text)}
         # Per-request seeds: servers that honour them (vLLM, SGLang) give the same conversations on a rerun.
         seed = plan.torch_seed % (2**31)
-        questions = [
-            clean_user_message(c.text)
-            for c in self.client.complete_many(
-                [
-                    {
-                        "messages": [system, {"role": "user", "content": prompt}],
-                        "max_tokens": config.max_question_tokens,
-                        "temperature": config.question_temperature,
-                        "seed": seed + i,
-                    }
-                    for i, prompt in enumerate(plan.seeds)
-                ]
-            )
-        ]
-        keep = [i for i, q in enumerate(questions) if q]
+        # Continuations need no generation: the local teacher re-reads the document's own next tokens.
+        rows: dict[int, dict] = {
+            row["conversation_id"] - plan.first_id: row
+            for row in continuation_rows(self.model, self.tokenizer, corpus, config, plan)
+        }
+        asked = [i for i, kind in enumerate(plan.kinds) if kind != "continuation"]
+        questions = dict.fromkeys(range(len(plan.kinds)), "")
+        completions = self.client.complete_many(
+            [
+                {
+                    "messages": [system, {"role": "user", "content": plan.seeds[i]}],
+                    "max_tokens": config.max_question_tokens,
+                    "temperature": config.question_temperature,
+                    "seed": seed + i,
+                }
+                for i in asked
+            ]
+        )
+        for i, completion in zip(asked, completions, strict=True):
+            questions[i] = clean_user_message(completion.text)
+        keep = [i for i in asked if questions[i]]
         answers = self.client.complete_many(
             [
                 {
@@ -368,7 +455,6 @@ class ServerBatches:
             ]
         )
         eos = _end_of_turn_id(self.tokenizer)
-        rows: dict[int, dict] = {}
         to_rescore: list[tuple[int, list[int]]] = []
         for i, answer in zip(keep, answers, strict=True):
             if answer.tokens:
@@ -410,6 +496,34 @@ def _shard_path(output_dir: Path, shard_idx: int) -> Path:
     return output_dir / "data" / f"train-{shard_idx:05d}.parquet"
 
 
+@contextmanager
+def batch_generator(model, tokenizer, server=None, model_name: str = ""):
+    """The callable ``(corpus, config, batch_idx) -> rows`` that makes one batch: local, or through a server.
+
+    ``server`` (:class:`~hfx.cartridges.server.ServerArguments` with a ``server_url``) generates with an
+    OpenAI-compatible server (a :class:`ServerBatches`, whose client is closed on exit); ``model`` is then the
+    local teacher that re-scores answers the server gave no usable log-probs for.
+    """
+    if server is None or not server.server_url:
+        yield partial(synthesize_batch, model, tokenizer)
+        return
+    from hfx.cartridges.server import ChatClient
+
+    client = ChatClient.from_arguments(
+        server, default_model=str(getattr(model, "name_or_path", "") or model_name), tokenizer=tokenizer
+    )
+    try:
+        yield ServerBatches(
+            client,
+            model,
+            tokenizer,
+            rescore_batch_size=server.rescore_batch_size,
+            use_server_logprobs=server.server_logprobs == "auto",
+        )
+    finally:
+        client.close()
+
+
 def synthesize(
     model,
     tokenizer,
@@ -419,40 +533,28 @@ def synthesize(
     model_name: str = "",
     progress: bool = True,
     server=None,
+    ready: dict[int, list[dict]] | None = None,
 ) -> datasets.Dataset:
     """Synthesize ``config.num_conversations`` conversations into ``output_dir`` (resumable); return the dataset.
 
     ``server`` (:class:`~hfx.cartridges.server.ServerArguments` with a ``server_url``) generates with an
     OpenAI-compatible server; ``model`` is then the local teacher that re-scores answers the server gave no
-    usable log-probs for.
+    usable log-probs for. ``ready`` maps batch indices to rows already made with this ``config`` (the budget
+    planner's probe batches): they are written instead of being generated again.
     """
     config = config or SynthesisConfig()
-    output_dir = Path(output_dir)
-    generator = None
-    client = None
-    if server is not None and server.server_url:
-        from hfx.cartridges.server import ChatClient
-
-        client = ChatClient.from_arguments(
-            server, default_model=str(getattr(model, "name_or_path", "") or model_name), tokenizer=tokenizer
-        )
-        generator = ServerBatches(
-            client,
-            model,
-            tokenizer,
-            rescore_batch_size=server.rescore_batch_size,
-            use_server_logprobs=server.server_logprobs == "auto",
-        )
-    try:
+    for batch_idx in ready or {}:
+        if not 0 <= batch_idx < config.num_batches or config.num_conversations < (batch_idx + 1) * (
+            config.conversations_per_chunk
+        ):
+            raise ValueError(f"Batch {batch_idx} given as ready is not a whole batch of this synthesis.")
+    with batch_generator(model, tokenizer, server, model_name) as generator:
         return _synthesize(
-            model, tokenizer, corpus, output_dir, config, model_name, progress, generator, client
+            tokenizer, corpus, Path(output_dir), config, model_name, progress, generator, dict(ready or {})
         )
-    finally:
-        if client is not None:
-            client.close()
 
 
-def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progress, generator, client):
+def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, generator, ready):
     manifest = {
         "corpus": corpus.name,
         "corpus_tokens": corpus.num_tokens,
@@ -461,11 +563,11 @@ def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progre
         "seed_prompts_sha256": hashlib.sha256(json.dumps(SEED_PROMPTS, sort_keys=True).encode()).hexdigest(),
         **asdict(config),
     }
-    if client is not None:
+    if isinstance(generator, ServerBatches):
         # Another generator makes other conversations: a resumed run must use the same one.
         manifest["generator"] = {
             "backend": "openai-compatible server",
-            "server_model": client.model,
+            "server_model": generator.client.model,
             "server_logprobs": generator.use_server_logprobs,
         }
     # Under `accelerate launch --num_processes N` each process synthesizes every N-th shard on its own device.
@@ -506,10 +608,8 @@ def _synthesize(model, tokenizer, corpus, output_dir, config, model_name, progre
             continue
         rows = []
         for batch_idx in shard_batches[shard_idx]:
-            if generator is None:
-                rows.extend(synthesize_batch(model, tokenizer, corpus, config, batch_idx))
-            else:
-                rows.extend(generator(corpus, config, batch_idx))
+            made = ready.pop(batch_idx, None)
+            rows.extend(made if made is not None else generator(corpus, config, batch_idx))
             bar.update(batch_sizes[batch_idx])
         write_parquet_atomic(rows, FEATURES, _shard_path(output_dir, shard_idx))
     bar.close()
