@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 main: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/hfx cartridge run --corpus rcv1 --questions tests/data/questions/rcv1.jsonl --output_dir outputs/self-study
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hfx cartridge run --corpus rcv1 --questions tests/data/questions/rcv1.jsonl --output_dir outputs/self-study --budget_minutes 18
 
 # Headless Chromium for the browser tests: Debian's package, installed once (Playwright's own download is not used).
 browser:

@@ -81,6 +81,9 @@ def main() -> None:
         conversations_per_chunk=args.conversations_per_chunk,
         max_question_tokens=args.question_tokens,
         max_answer_tokens=args.answer_tokens,
+        continuation_fraction=0.0,  # every conversation generated: what the server backend does
+        chunk_min_tokens=256,
+        chunk_max_tokens=512,
         seed=0,
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -94,6 +94,10 @@ def main() -> None:
         num_conversations=args.conversations,
         max_question_tokens=args.question_tokens,
         max_answer_tokens=args.answer_tokens,
+        # Generated conversations (agents A and B) about 256-512-token chunks: what this benchmark measures.
+        continuation_fraction=0.0,
+        chunk_min_tokens=256,
+        chunk_max_tokens=512,
         seed=0,
     )
     batched, batched_tokens = run(

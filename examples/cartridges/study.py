@@ -104,6 +104,9 @@ def run_row(study, synthesis, training) -> dict:
     base = baselines(model, tokenizer, corpus, study.questions, root / "baselines")
 
     settings = dataclasses.asdict(synthesis)
+    if not synthesis.continuation_fraction:  # without continuations their settings change no row
+        settings.pop("continuation_fraction")
+        settings.pop("continuation_cue_tokens")
     if study.synthesis_tag:
         settings["tag"] = study.synthesis_tag
     synthesis_dir = root / "synthesis" / f"{corpus.name}-{_digest(settings)}"
@@ -184,15 +187,16 @@ def run_row(study, synthesis, training) -> dict:
 
 def table(results: Path) -> str:
     lines = [
-        "| row | document | conversations | steps | minutes (synth + train) | accuracy | share of gap | KV ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | document | conversations | steps | minutes (synth + train) | accuracy | share of gap | answer log-ppl "
+        "| KV ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for line in results.read_text().splitlines():
         r = json.loads(line)
         lines.append(
             f"| {r['name']} | {r['corpus']} | {r['conversations']} | {r['steps']} | "
             f"{r['minutes']:.1f} ({r['synthesis_min']:.1f} + {r['train_min']:.1f}) | {r['accuracy']:.3f} | "
-            f"{r['gap_share']:.0%} | {r['kv_ratio']:.1f}× |"
+            f"{r['gap_share']:.0%} | {r['answer_log_ppl']:.3f} | {r['kv_ratio']:.1f}× |"
         )
     return "\n".join(lines)
 

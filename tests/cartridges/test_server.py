@@ -28,6 +28,7 @@ def _config(**overrides):
         max_question_tokens=8,
         max_answer_tokens=8,
         top_k=3,
+        continuation_fraction=0.0,  # every conversation through the server
     )
     values.update(overrides)
     return SynthesisConfig(**values)

@@ -48,6 +48,7 @@ def test_synthesis_through_transformers_serve_rescores_exactly_and_survives_the_
         max_answer_tokens=24,
         top_k=8,
         batches_per_shard=1,
+        continuation_fraction=0.0,
     )
     args = ServerArguments(server_url=url, server_model=str(embedded_dir), server_extra_body=SAMPLE)
     dataset = synthesize(

@@ -25,6 +25,7 @@ CONFIG = dict(
     max_answer_tokens=5,
     top_k=4,
     batches_per_shard=2,
+    continuation_fraction=0.0,  # generated conversations; continuations have their own test
 )
 
 
@@ -102,7 +103,7 @@ def test_continuations_answer_with_the_documents_next_tokens_and_the_teachers_to
             logits = tiny_model(torch.tensor([teacher_prompt + answer])).logits[0]
         expected = torch.log_softmax(logits[len(teacher_prompt) - 1 : -1], -1).topk(4, -1)
         assert torch.tensor(row["topk_logprobs"]).allclose(expected.values, atol=2e-3)
-    # The default draws none.
+    # With a fraction of 0 there are none.
     plain = synthesize(
         tiny_model, tokenizer, corpus, tmp_path / "plain", SynthesisConfig(**CONFIG), progress=False
     )

@@ -20,6 +20,8 @@ COMMAND = [
     "synthesize",
     "--corpus",
     "rcv1",
+    "--continuation_fraction",
+    "0",
     "--num_conversations",
     "8",
     "--conversations_per_chunk",

@@ -43,7 +43,9 @@ class BudgetPlan:
 
     budget_minutes: float
     device: str
+    #: dtype of the synthesizing model, and of the frozen base in the timed training step.
     dtype: str
+    training_dtype: str
     #: Seconds spent before planning: loading the model and corpus, and the probe itself.
     setup_seconds: float
     seconds_per_conversation: float
@@ -68,10 +70,11 @@ class BudgetPlan:
         synthesis = self.num_conversations * self.seconds_per_conversation
         training = self.steps * self.seconds_per_step
         return (
-            f"Plan for {self.budget_minutes:g} min on {self.device} ({self.dtype}): "
-            f"{self.num_conversations} conversations ({self.seconds_per_conversation:.2f} s each, "
+            f"Plan for {self.budget_minutes:g} min on {self.device}: "
+            f"{self.num_conversations} conversations ({self.dtype}, {self.seconds_per_conversation:.2f} s each, "
             f"{synthesis / 60:.1f} min), {self.steps} training steps of {self.per_device_train_batch_size} "
-            f"({self.num_train_epochs:g} epochs, {self.seconds_per_step:.2f} s each, {training / 60:.1f} min), "
+            f"({self.training_dtype}, {self.num_train_epochs:g} epochs, {self.seconds_per_step:.2f} s each, "
+            f"{training / 60:.1f} min), "
             f"setup {self.setup_seconds / 60:.1f} min, kept for evaluation and saving "
             f"{self.reserve_seconds / 60:.1f} min: {self.planned_seconds / 60:.1f} min in all."
         )
@@ -95,6 +98,7 @@ def plan_budget(
     min_conversations: int,
     device: str = "cpu",
     dtype: str = "float32",
+    training_dtype: str = "float32",
     reserve_fraction: float = RESERVE_FRACTION,
 ) -> BudgetPlan:
     """The largest whole number of batches of conversations (at least ``min_conversations``) that fits the budget.
@@ -138,6 +142,7 @@ def plan_budget(
         budget_minutes=budget_minutes,
         device=device,
         dtype=dtype,
+        training_dtype=training_dtype,
         setup_seconds=setup_seconds,
         seconds_per_conversation=seconds_per_conversation,
         seconds_per_step=seconds_per_step,
@@ -271,6 +276,7 @@ def measure_and_plan(
         num_virtual_tokens,
         per_device_train_batch_size,
     )
+    training_dtype_name = dtype_name(step_model.dtype)
     del step_model
     plan = plan_budget(
         budget_minutes,
@@ -284,5 +290,6 @@ def measure_and_plan(
         min_conversations=probed,
         device=str(model.device),
         dtype=dtype_name(model.dtype),
+        training_dtype=training_dtype_name,
     )
     return plan, rows

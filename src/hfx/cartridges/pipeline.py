@@ -394,7 +394,7 @@ class RunArguments(CorpusArguments):
         metadata={"help": "Cartridge size p (KV tokens per layer); default 1/8 of the corpus's tokens."},
     )
     num_train_epochs: float = field(default=2.0)
-    learning_rate: float = field(default=2e-2)
+    learning_rate: float = field(default=6e-2)
     per_device_train_batch_size: int = field(default=8)
     initialization: str = field(
         default="first_tokens", metadata={"help": "first_tokens, random_text or random_vectors."}

@@ -94,8 +94,10 @@ class SynthesisConfig:
     num_conversations: int = 384
     #: Conversations per batch; a batch shares one chunk and its KV.
     conversations_per_chunk: int = 32
-    chunk_min_tokens: int = 256
-    chunk_max_tokens: int = 512
+    #: Chunk length, drawn in [min, max]: a document up to this long is its own chunk (the teacher then reads
+    #: it as ICL does); a longer one is studied in windows of this size.
+    chunk_min_tokens: int = 2048
+    chunk_max_tokens: int = 2048
     max_question_tokens: int = 40
     max_answer_tokens: int = 80
     question_temperature: float = 0.8
@@ -104,7 +106,7 @@ class SynthesisConfig:
     #: Share of each batch's conversations that ask to continue a passage of the chunk from its opening words
     #: (the ``continuation`` kind): the answer is the document's own next tokens, re-read by the teacher with
     #: the chunk in context. No generation, so they cost a fraction of a generated conversation.
-    continuation_fraction: float = 0.0
+    continuation_fraction: float = 1.0
     #: Opening words (tokens) of a continuation's passage, quoted in its request.
     continuation_cue_tokens: int = 16
     seed: int = 0
