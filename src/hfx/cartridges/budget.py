@@ -258,6 +258,12 @@ def measure_and_plan(
     # Rows of a batch depend on (seed, batch index) alone, so the probe's batches are those of the planned run.
     probed = probe_batches * synthesis.conversations_per_chunk
     probe_config = dataclasses.replace(synthesis, num_conversations=probed)
+    logger.info(
+        "Planning %g min: timing the first %d batches (%d conversations) and a training step",
+        budget_minutes,
+        probe_batches,
+        probed,
+    )
     rows: dict[int, list[dict]] = {}
     with batch_generator(model, tokenizer, server, model_name) as generator:
         synchronize(model.device)
