@@ -83,16 +83,20 @@ def test_a_budgeted_run_plans_writes_the_plan_and_keeps_it_on_resume(tmp_path, t
     )
     training = {"num_virtual_tokens": 8, "per_device_train_batch_size": 2, "num_train_epochs": 1.0}
     out = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="hfx.cartridges.pipeline"):
-        result = run_self_study(
+
+    def run(budget_minutes):
+        return run_self_study(
             out,
             str(doc),
             synthesis=synthesis,
             training=dict(training),
             model_name_or_path=str(tiny_model_dir),
             device="cpu",
-            budget_minutes=0.5,
+            budget_minutes=budget_minutes,
         )
+
+    with caplog.at_level(logging.INFO, logger="hfx.cartridges.pipeline"):
+        result = run(0.5)
     plan = read_plan(out)
     assert plan is not None and plan.budget_minutes == 0.5
     assert "Plan for 0.5 min" in caplog.text
@@ -103,28 +107,12 @@ def test_a_budgeted_run_plans_writes_the_plan_and_keeps_it_on_resume(tmp_path, t
     assert meta["train_conversations"] <= plan.num_conversations
     assert meta["global_steps"] == pytest.approx(plan.steps, abs=1)
 
-    # A resumed run reads the plan back instead of measuring again, even on a machine of another speed.
+    # A resumed run reads the plan back instead of measuring again.
     written = (out / PLAN_FILE).read_text()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hfx.cartridges.pipeline"):
-        run_self_study(
-            out,
-            str(doc),
-            synthesis=synthesis,
-            training=dict(training),
-            model_name_or_path=str(tiny_model_dir),
-            device="cpu",
-            budget_minutes=0.5,
-        )
+        run(0.5)
     assert "Resuming with the plan" in caplog.text
     assert (out / PLAN_FILE).read_text() == written
     with pytest.raises(ValueError, match="planned for --budget_minutes 0.5, not 2"):
-        run_self_study(
-            out,
-            str(doc),
-            synthesis=synthesis,
-            training=dict(training),
-            model_name_or_path=str(tiny_model_dir),
-            device="cpu",
-            budget_minutes=2,
-        )
+        run(2)
