@@ -107,6 +107,9 @@ def run_row(study, synthesis, training) -> dict:
     if not synthesis.continuation_fraction:  # without continuations their settings change no row
         settings.pop("continuation_fraction")
         settings.pop("continuation_cue_tokens")
+    if not (synthesis.continuation_fraction and synthesis.quote_fraction):  # likewise for quotes
+        settings.pop("quote_fraction")
+        settings.pop("quote_cue_tokens")
     if study.synthesis_tag:
         settings["tag"] = study.synthesis_tag
     synthesis_dir = root / "synthesis" / f"{corpus.name}-{_digest(settings)}"

@@ -4,6 +4,7 @@ import torch
 from hfx.cartridges.corpus import document_prefix_ids, load_corpus, user_turn_ids
 from hfx.cartridges.synthesis import (
     FEATURES,
+    QUOTED_KINDS,
     SEED_KINDS,
     SynthesisConfig,
     load_synthesis,
@@ -81,7 +82,9 @@ def test_synthesis_rows_carry_the_teachers_topk_with_the_chunk_in_context(
 def test_continuations_answer_with_the_documents_next_tokens_and_the_teachers_topk(
     tmp_path, tiny_model, tokenizer, corpus
 ):
-    config = SynthesisConfig(**{**CONFIG, "continuation_fraction": 0.5, "continuation_cue_tokens": 6})
+    config = SynthesisConfig(
+        **{**CONFIG, "continuation_fraction": 0.5, "continuation_cue_tokens": 6, "quote_fraction": 0.0}
+    )
     ds = synthesize(tiny_model, tokenizer, corpus, tmp_path / "synth", config, progress=False)
     kinds = [row["seed_kind"] for row in ds]
     assert "continuation" in kinds and set(kinds) - {"continuation"}, kinds
@@ -110,6 +113,49 @@ def test_continuations_answer_with_the_documents_next_tokens_and_the_teachers_to
     assert "continuation" not in plain["seed_kind"]
     with pytest.raises(ValueError, match="continuation_fraction"):
         SynthesisConfig(continuation_fraction=1.5)
+
+
+def test_quotes_answer_with_the_passage_around_the_quoted_words(tmp_path, tiny_model, tokenizer, corpus):
+    config = SynthesisConfig(
+        **CONFIG
+        | {
+            "num_conversations": 8,
+            "max_answer_tokens": 12,
+            "continuation_fraction": 1.0,
+            "quote_fraction": 0.5,
+            "quote_cue_tokens": 4,
+        }
+    )
+    ds = synthesize(tiny_model, tokenizer, corpus, tmp_path / "synth", config, progress=False)
+    kinds = [row["seed_kind"] for row in ds]
+    assert {"quote", "continuation"} <= set(kinds) <= set(QUOTED_KINDS), kinds
+    inside = 0
+    for row in ds:
+        if row["seed_kind"] != "quote":
+            continue
+        chunk = corpus.token_ids[row["chunk_start"] : row["chunk_end"]]
+        answer = row["input_ids"][row["answer_start"] :]
+        assert len(answer) == min(config.max_answer_tokens, len(chunk))
+        assert any(chunk[s : s + len(answer)] == answer for s in range(len(chunk) - len(answer) + 1))
+        request = row["messages"][0]["content"]
+        cues = {tokenizer.decode(answer[c : c + 4]).strip() for c in range(len(answer) - 3)}
+        assert any(cue and cue in request for cue in cues), request
+        # Quoted from inside the passage, not only from its opening words.
+        inside += tokenizer.decode(answer[:4]).strip() not in request
+        assert len(row["topk_token_ids"]) == len(answer)
+    assert inside > 0
+    # Without quotes, the same seed gives the same continuations as before quotes existed.
+    plain = synthesize(
+        tiny_model,
+        tokenizer,
+        corpus,
+        tmp_path / "plain",
+        SynthesisConfig(**{**CONFIG, "continuation_fraction": 1.0, "quote_fraction": 0.0}),
+        progress=False,
+    )
+    assert set(plain["seed_kind"]) == {"continuation"}
+    with pytest.raises(ValueError, match="quote_fraction"):
+        SynthesisConfig(quote_fraction=-0.1)
 
 
 def test_synthesis_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_model, tokenizer, corpus):

@@ -53,8 +53,13 @@ def train_cartridge(
     dataset,
     args: CartridgeTrainingArguments,
     model_name_or_path: str | None = None,
+    callbacks: list | None = None,
 ) -> Path:
-    """Train a cartridge on a synthesized dataset and save it (adapter + metadata) in ``args.output_dir``."""
+    """Train a cartridge on a synthesized dataset and save it (adapter + metadata) in ``args.output_dir``.
+
+    ``callbacks`` are ``transformers.TrainerCallback`` objects added to the Trainer (e.g. to keep a copy of each
+    checkpoint's adapter: the checkpoints themselves are removed once the cartridge is saved).
+    """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
     # The frozen base goes where Trainer trains (its device), in the training dtype; the cartridge stays float32.
@@ -76,6 +81,7 @@ def train_cartridge(
         args=args,
         train_dataset=dataset,
         data_collator=CartridgeCollator(tokenizer.pad_token_id),
+        callbacks=callbacks,
     )
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     if last:
@@ -242,6 +248,7 @@ def run_self_study(
     device: str | None = None,
     dtype: str = "auto",
     budget_minutes: float | None = None,
+    callbacks: list | None = None,
 ) -> RunResult:
     """The main job: synthesize, train, evaluate, save the cartridge with its card. Resumable.
 
@@ -250,6 +257,7 @@ def run_self_study(
     synthesizing and evaluating model (training's frozen base takes ``training["model_dtype"]``).
     ``budget_minutes`` replaces ``synthesis.num_conversations`` by the number that fits the budget on this machine
     (:mod:`hfx.cartridges.budget`); the plan is written to ``output_dir/plan.json`` and kept by a resumed run.
+    ``callbacks`` go to the training stage's Trainer (:func:`train_cartridge`).
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
@@ -294,7 +302,9 @@ def run_self_study(
             use_cpu=run_device.type == "cpu",
             **training,
         )
-        train_cartridge(corpus_source, dataset, args, model_name_or_path=model_name_or_path)
+        train_cartridge(
+            corpus_source, dataset, args, model_name_or_path=model_name_or_path, callbacks=callbacks
+        )
     report = None
     if questions_path is not None:
         report = evaluate_cartridge(

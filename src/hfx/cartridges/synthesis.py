@@ -70,7 +70,15 @@ CONTINUATION_PROMPTS = [
     'Quote the document from "{cue}" onwards.',
     'What does the document say after "{cue}"? Quote it.',
 ]
-SEED_KINDS = (*SEED_PROMPTS, "continuation")
+#: Requests of the ``quote`` kind; ``{cue}`` is a few words quoted from the middle of the passage asked for.
+QUOTE_PROMPTS = [
+    'Quote the passage of the document that contains "{cue}".',
+    'Which part of the document mentions "{cue}"? Quote it word for word.',
+    'Find "{cue}" in the document and quote the whole passage around it.',
+]
+#: Kinds whose answer is the document's own text, re-read by the teacher: no generation.
+QUOTED_KINDS = ("continuation", "quote")
+SEED_KINDS = (*SEED_PROMPTS, *QUOTED_KINDS)
 
 FEATURES = datasets.Features(
     {
@@ -109,6 +117,11 @@ class SynthesisConfig:
     continuation_fraction: float = 1.0
     #: Opening words (tokens) of a continuation's passage, quoted in its request.
     continuation_cue_tokens: int = 16
+    #: Share of those no-generation conversations that quote a few words from the *middle* of a passage and ask
+    #: for the whole passage (the ``quote`` kind), so the cartridge also learns what comes before a phrase.
+    quote_fraction: float = 0.5
+    #: Words (tokens) a ``quote`` request cites from inside its passage.
+    quote_cue_tokens: int = 8
     seed: int = 0
     #: Batches per Parquet shard: a killed run loses at most one shard's work.
     batches_per_shard: int = 1
@@ -127,8 +140,10 @@ class SynthesisConfig:
             raise ValueError(
                 f"SynthesisConfig.continuation_fraction must be in [0, 1], got {self.continuation_fraction}."
             )
-        if self.continuation_cue_tokens < 1:
-            raise ValueError("SynthesisConfig.continuation_cue_tokens must be >= 1.")
+        if not 0.0 <= self.quote_fraction <= 1.0:
+            raise ValueError(f"SynthesisConfig.quote_fraction must be in [0, 1], got {self.quote_fraction}.")
+        if self.continuation_cue_tokens < 1 or self.quote_cue_tokens < 1:
+            raise ValueError("SynthesisConfig.continuation_cue_tokens and quote_cue_tokens must be >= 1.")
         if self.chunk_max_tokens < self.chunk_min_tokens:
             raise ValueError("SynthesisConfig.chunk_max_tokens must be >= chunk_min_tokens.")
 
@@ -202,6 +217,8 @@ def plan_batch(tokenizer, corpus: Corpus, config: SynthesisConfig, batch_idx: in
         for i in range(size):
             if rng.random() < config.continuation_fraction:
                 kinds[i], seeds[i] = "continuation", rng.choice(CONTINUATION_PROMPTS)
+                if config.quote_fraction > 0 and rng.random() < config.quote_fraction:
+                    kinds[i], seeds[i] = "quote", rng.choice(QUOTE_PROMPTS)
     return BatchPlan(
         batch_idx=batch_idx,
         first_id=first_id,
@@ -252,7 +269,7 @@ def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, 
     eos_ids = _eos_ids(tokenizer)
     chunk_kv = PrefixKV.prefill(model, document_prefix_ids(tokenizer, plan.chunk_text))
 
-    generated = [i for i, kind in enumerate(plan.kinds) if kind != "continuation"]
+    generated = [i for i, kind in enumerate(plan.kinds) if kind not in QUOTED_KINDS]
     rows = continuation_rows(model, tokenizer, corpus, config, plan, chunk_kv)
     if generated:
         rows.extend(_generated_rows(model, tokenizer, config, plan, chunk_kv, generated, pad_id, eos_ids))
@@ -267,27 +284,37 @@ def continuation_rows(
     plan: BatchPlan,
     chunk_kv: PrefixKV | None = None,
 ) -> list[dict]:
-    """The batch's ``continuation`` conversations: quote a passage's opening, answer with the document's next tokens.
+    """The batch's conversations whose answer is a passage of the document itself (:data:`QUOTED_KINDS`).
 
-    The passage is a random window of the chunk; the teacher's top-k at every answer token comes from one forward
-    pass with the chunk in context (:func:`rescore`), so the student learns what the model with the document
-    says there.
+    The passage is a random window of the chunk. A ``continuation`` request quotes the words just before it
+    ("continue from ..."); a ``quote`` request quotes a few words from its middle ("quote the passage that
+    contains ..."). The teacher's top-k at every answer token comes from one forward pass with the chunk in
+    context (:func:`rescore`), so the student learns what the model with the document says there.
     """
-    wanted = [i for i, kind in enumerate(plan.kinds) if kind == "continuation"]
+    wanted = [i for i, kind in enumerate(plan.kinds) if kind in QUOTED_KINDS]
     if not wanted:
         return []
     rng = random.Random(f"{config.seed}-{plan.batch_idx}-continuation")
-    cue_len = config.continuation_cue_tokens
     chunk = corpus.token_ids[plan.chunk_start : plan.chunk_end]
     conversations = []
     for i in wanted:
-        answer_len = min(config.max_answer_tokens, len(chunk) - cue_len)
-        if answer_len < 1:
-            continue
-        start = rng.randint(0, len(chunk) - cue_len - answer_len)
-        cue = tokenizer.decode(chunk[start : start + cue_len]).strip()
-        request = plan.seeds[i].format(cue=cue)
-        conversations.append((i, request, chunk[start + cue_len : start + cue_len + answer_len]))
+        if plan.kinds[i] == "continuation":
+            cue_len = config.continuation_cue_tokens
+            answer_len = min(config.max_answer_tokens, len(chunk) - cue_len)
+            if answer_len < 1:
+                continue
+            start = rng.randint(0, len(chunk) - cue_len - answer_len)
+            cue_ids = chunk[start : start + cue_len]
+            answer = chunk[start + cue_len : start + cue_len + answer_len]
+        else:
+            answer_len = min(config.max_answer_tokens, len(chunk))
+            cue_len = min(config.quote_cue_tokens, answer_len)
+            start = rng.randint(0, len(chunk) - answer_len)
+            answer = chunk[start : start + answer_len]
+            cue_at = rng.randint(0, answer_len - cue_len)
+            cue_ids = answer[cue_at : cue_at + cue_len]
+        cue = tokenizer.decode(cue_ids).strip()
+        conversations.append((i, plan.seeds[i].format(cue=cue), answer))
     scored = rescore(
         model,
         tokenizer,
@@ -428,7 +455,7 @@ class ServerBatches:
             row["conversation_id"] - plan.first_id: row
             for row in continuation_rows(self.model, self.tokenizer, corpus, config, plan)
         }
-        asked = [i for i, kind in enumerate(plan.kinds) if kind != "continuation"]
+        asked = [i for i, kind in enumerate(plan.kinds) if kind not in QUOTED_KINDS]
         questions = dict.fromkeys(range(len(plan.kinds)), "")
         completions = self.client.complete_many(
             [
