@@ -112,11 +112,13 @@ def main(argv: list[str] | None = None) -> None:
         start = json.loads(start_path.read_text())["start"]
     else:
         start = time.time()
+        output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(start_path, json.dumps({"start": start}))
     training = {
         "num_virtual_tokens": args.num_virtual_tokens,
         "num_train_epochs": args.num_train_epochs,
         "learning_rate": args.learning_rate,
+        "lr_scheduler_type": args.lr_scheduler_type,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "initialization": args.initialization,
         "save_steps": curve_args.save_steps,

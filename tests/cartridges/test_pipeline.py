@@ -1,4 +1,7 @@
+import json
 import logging
+
+import torch
 
 from hfx.cartridges.pipeline import train_cartridge
 from hfx.cartridges.synthesis import SynthesisConfig, synthesize
@@ -53,3 +56,62 @@ def test_training_resumes_from_the_last_checkpoint_after_a_kill(tmp_path, tiny_m
     assert "Resuming training from" in caplog.text and "checkpoint-2" in caplog.text
     meta = read_metadata(tmp_path / "cart")
     assert meta["global_steps"] == 4 and meta["num_virtual_tokens"] == 8 and meta["corpus"] == "doc"
+
+
+def test_callbacks_reach_trainer_and_the_curve_example_keeps_each_checkpoints_adapter(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import importlib.util
+    import sys
+    import time
+    from pathlib import Path
+
+    from hfx.cartridges.corpus import load_corpus
+    from hfx.cartridges.training import load_cartridge
+    from hfx.models import load_causal_lm
+
+    spec = importlib.util.spec_from_file_location(
+        "cartridge_curve", Path(__file__).parents[2] / "examples" / "cartridges" / "curve.py"
+    )
+    curve = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, curve)  # its dataclasses look their module up there
+    spec.loader.exec_module(curve)
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
+    model, tokenizer = load_causal_lm(str(tiny_model_dir))
+    config = SynthesisConfig(
+        num_conversations=4,
+        conversations_per_chunk=4,
+        chunk_min_tokens=20,
+        chunk_max_tokens=40,
+        max_answer_tokens=4,
+    )
+    dataset = synthesize(
+        model, tokenizer, load_corpus(doc, tokenizer), tmp_path / "synth", config, progress=False
+    )
+    args = CartridgeTrainingArguments(
+        output_dir=str(tmp_path / "cart"),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        num_virtual_tokens=8,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    keep = curve.KeepCheckpointAdapters(tmp_path / "curve", start=time.time())
+    train_cartridge(str(doc), dataset, args, model_name_or_path=str(tiny_model_dir), callbacks=[keep])
+
+    # The run removed its checkpoints; the callback's copies of steps 2 and 4 remain, each a loadable cartridge.
+    assert not list((tmp_path / "cart").glob("checkpoint-*"))
+    assert sorted(p.name for p in (tmp_path / "curve").iterdir()) == ["step-2", "step-4"]
+    prefixes = []
+    for step in (2, 4):
+        snapshot = tmp_path / "curve" / f"step-{step}"
+        elapsed = json.loads((snapshot / "elapsed.json").read_text())
+        assert elapsed["step"] == step and elapsed["minutes"] >= 0
+        base, _ = load_causal_lm(str(tiny_model_dir))
+        prefixes.append(
+            load_cartridge(base, snapshot).prompt_encoder["default"].embedding.weight.detach().clone()
+        )
+    assert not torch.equal(prefixes[0], prefixes[1])  # two points of training, not one adapter copied twice

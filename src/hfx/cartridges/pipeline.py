@@ -405,6 +405,10 @@ class RunArguments(CorpusArguments):
     )
     num_train_epochs: float = field(default=2.0)
     learning_rate: float = field(default=6e-2)
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={"help": "Trainer's schedule of the learning rate (constant, cosine, linear...)."},
+    )
     per_device_train_batch_size: int = field(default=8)
     initialization: str = field(
         default="first_tokens", metadata={"help": "first_tokens, random_text or random_vectors."}
@@ -448,6 +452,7 @@ def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig, server=No
         "num_virtual_tokens": args.num_virtual_tokens,
         "num_train_epochs": args.num_train_epochs,
         "learning_rate": args.learning_rate,
+        "lr_scheduler_type": args.lr_scheduler_type,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "initialization": args.initialization,
     }
