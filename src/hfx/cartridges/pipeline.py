@@ -406,8 +406,10 @@ class RunArguments(CorpusArguments):
     num_train_epochs: float = field(default=2.0)
     learning_rate: float = field(default=6e-2)
     lr_scheduler_type: str = field(
-        default="constant",
-        metadata={"help": "Trainer's schedule of the learning rate (constant, cosine, linear...)."},
+        default="cosine",
+        metadata={
+            "help": "Trainer's schedule of the learning rate (cosine decays to 0 at the last step; constant, linear...)."
+        },
     )
     per_device_train_batch_size: int = field(default=8)
     initialization: str = field(

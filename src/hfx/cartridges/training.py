@@ -37,7 +37,7 @@ METADATA_FILE = "hfx_cartridge.json"
 
 @dataclass
 class CartridgeTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with the cartridge's own settings and defaults (Adam, lr 6e-2, constant)."""
+    """``TrainingArguments`` with the cartridge's own settings and defaults (Adam, lr 6e-2, cosine decay to 0)."""
 
     num_virtual_tokens: int = field(default=128, metadata={"help": "Cartridge size p: KV tokens per layer."})
     num_frozen_tokens: int = field(
@@ -56,7 +56,9 @@ class CartridgeTrainingArguments(TrainingArguments):
         metadata={"help": "Adam learning rate (self-study uses 2e-2; 6e-2 learns more in a short run)."},
     )
     weight_decay: float = field(default=0.0)
-    lr_scheduler_type: str = field(default="constant")
+    #: Decays to 0 at the run's last step: a constant lr leaves the last cartridge wherever the noise of the last
+    #: steps put it (the study's curves: answer log-ppl 3.08 at the end with cosine, 3.48 constant).
+    lr_scheduler_type: str = field(default="cosine")
     per_device_train_batch_size: int = field(default=8)
     num_train_epochs: float = field(default=2.0)
     logging_steps: float = field(default=5)
