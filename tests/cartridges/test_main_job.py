@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.heavy, pytest.mark.integration]
 
 #: The Makefile's `make main` budget.
 MAIN_JOB_BUDGET_MINUTES = 18
-#: Share of the no-context -> ICL accuracy gap the default cartridge closes on rcv1 (measured: 0.71; the aim is 0.8).
+#: Share of the no-context -> ICL accuracy gap the default cartridge closes on rcv1 (measured: 0.76; the aim is 0.8).
 GAP_SHARE_BAR = 0.65
 
 
