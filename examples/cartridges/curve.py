@@ -94,7 +94,7 @@ def score_snapshots(snapshots: Path, questions: str, device: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     from transformers import HfArgumentParser
 
-    from hfx.cartridges.pipeline import RunArguments, run_self_study
+    from hfx.cartridges.pipeline import RunArguments, run_self_study, run_training_settings
     from hfx.cartridges.synthesis import SynthesisConfig
     from hfx.hub import write_text_atomic
 
@@ -114,15 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.time()
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(start_path, json.dumps({"start": start}))
-    training = {
-        "num_virtual_tokens": args.num_virtual_tokens,
-        "num_train_epochs": args.num_train_epochs,
-        "learning_rate": args.learning_rate,
-        "lr_scheduler_type": args.lr_scheduler_type,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "initialization": args.initialization,
-        "save_steps": curve_args.save_steps,
-    }
+    training = {**run_training_settings(args), "save_steps": curve_args.save_steps}
     result = run_self_study(
         output_dir,
         args.corpus,

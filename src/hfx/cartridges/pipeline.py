@@ -449,8 +449,9 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
     return report
 
 
-def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig, server=None) -> RunResult:
-    training = {
+def run_training_settings(args: RunArguments) -> dict:
+    """The ``training`` settings of :func:`run_self_study` that ``hfx cartridge run``'s arguments carry."""
+    return {
         "num_virtual_tokens": args.num_virtual_tokens,
         "num_train_epochs": args.num_train_epochs,
         "learning_rate": args.learning_rate,
@@ -458,12 +459,15 @@ def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig, server=No
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "initialization": args.initialization,
     }
+
+
+def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig, server=None) -> RunResult:
     return run_self_study(
         args.output_dir,
         args.corpus,
         args.questions,
         synthesis,
-        training,
+        run_training_settings(args),
         args.model_name_or_path,
         server,
         device=args.device,
