@@ -56,14 +56,17 @@ class KeepCheckpointAdapters(TrainerCallback):
         partial.rename(destination)
 
 
-def score_snapshots(snapshots: Path, questions: str, device: str) -> list[dict]:
+def score_snapshots(
+    snapshots: Path, questions: str, model_name_or_path: str, device: str, dtype: str
+) -> list[dict]:
+    """Each kept cartridge scored on ``questions`` by the run's base model, on its device and in its dtype."""
     import torch
 
     from hfx.cartridges.evaluation import cartridge_condition, evaluate_conditions, load_questions
     from hfx.cartridges.training import load_cartridge
     from hfx.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm("embedded", device=device, dtype="float32")
+    model, tokenizer = load_causal_lm(model_name_or_path, device=device, dtype=dtype)
     rows = []
     steps = sorted(snapshots.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     if not steps:
@@ -128,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[KeepCheckpointAdapters(snapshots, start)],
     )
     run_minutes = (time.time() - start) / 60
-    rows = score_snapshots(snapshots, args.questions, result.report["device"])
+    rows = score_snapshots(
+        snapshots, args.questions, args.model_name_or_path, result.report["device"], result.report["dtype"]
+    )
     (final,) = [r for r in result.report["results"] if r["condition"].startswith("cartridge")]
     rows.append(
         {

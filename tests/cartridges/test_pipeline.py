@@ -8,7 +8,8 @@ from hfx.cartridges.synthesis import SynthesisConfig, synthesize
 from hfx.cartridges.training import CartridgeTrainingArguments, read_metadata
 
 
-def test_training_resumes_from_the_last_checkpoint_after_a_kill(tmp_path, tiny_model_dir, caplog):
+def _tiny_synthesis(tmp_path, tiny_model_dir):
+    """A short document, the tiny model and its tokenizer, and 4 conversations synthesized about the document."""
     from hfx.cartridges.corpus import load_corpus
     from hfx.models import load_causal_lm
 
@@ -26,6 +27,13 @@ def test_training_resumes_from_the_last_checkpoint_after_a_kill(tmp_path, tiny_m
     dataset = synthesize(
         model, tokenizer, load_corpus(doc, tokenizer), tmp_path / "synth", config, progress=False
     )
+    return doc, model, tokenizer, dataset
+
+
+def test_training_resumes_from_the_last_checkpoint_after_a_kill(tmp_path, tiny_model_dir, caplog):
+    from hfx.cartridges.corpus import load_corpus
+
+    doc, model, tokenizer, dataset = _tiny_synthesis(tmp_path, tiny_model_dir)
 
     def args(max_steps):
         return CartridgeTrainingArguments(
@@ -66,7 +74,6 @@ def test_callbacks_reach_trainer_and_the_curve_example_keeps_each_checkpoints_ad
     import time
     from pathlib import Path
 
-    from hfx.cartridges.corpus import load_corpus
     from hfx.cartridges.training import load_cartridge
     from hfx.models import load_causal_lm
 
@@ -77,19 +84,7 @@ def test_callbacks_reach_trainer_and_the_curve_example_keeps_each_checkpoints_ad
     monkeypatch.setitem(sys.modules, spec.name, curve)  # its dataclasses look their module up there
     spec.loader.exec_module(curve)
 
-    doc = tmp_path / "doc.txt"
-    doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
-    model, tokenizer = load_causal_lm(str(tiny_model_dir))
-    config = SynthesisConfig(
-        num_conversations=4,
-        conversations_per_chunk=4,
-        chunk_min_tokens=20,
-        chunk_max_tokens=40,
-        max_answer_tokens=4,
-    )
-    dataset = synthesize(
-        model, tokenizer, load_corpus(doc, tokenizer), tmp_path / "synth", config, progress=False
-    )
+    doc, model, _, dataset = _tiny_synthesis(tmp_path, tiny_model_dir)
     args = CartridgeTrainingArguments(
         output_dir=str(tmp_path / "cart"),
         max_steps=4,
