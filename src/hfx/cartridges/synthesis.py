@@ -118,8 +118,9 @@ class SynthesisConfig:
     #: Opening words (tokens) of a continuation's passage, quoted in its request.
     continuation_cue_tokens: int = 16
     #: Share of those no-generation conversations that quote a few words from the *middle* of a passage and ask
-    #: for the whole passage (the ``quote`` kind), so the cartridge also learns what comes before a phrase.
-    quote_fraction: float = 0.5
+    #: for the whole passage (the ``quote`` kind), so the cartridge also learns what comes before a phrase; the
+    #: rest are continuations (what follows a phrase). All quotes by default (the study's quote100 row).
+    quote_fraction: float = 1.0
     #: Words (tokens) a ``quote`` request cites from inside its passage.
     quote_cue_tokens: int = 8
     seed: int = 0
