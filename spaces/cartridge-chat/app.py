@@ -36,7 +36,11 @@ if (HERE / "hfx-cache" / "models").is_dir():
 
 from hfx import embedded  # noqa: E402
 from hfx.cartridges.composition import composed_prefix  # noqa: E402
-from hfx.cartridges.corpus import chat_ids, document_prefix_ids, read_document  # noqa: E402
+from hfx.cartridges.corpus import (  # noqa: E402
+    chat_ids,
+    document_prefix_ids_within,
+    read_document,
+)
 from hfx.cartridges.evaluation import format_bytes  # noqa: E402
 from hfx.cartridges.prefix import PrefixKV, generate_after_prefix  # noqa: E402
 from hfx.cartridges.training import METADATA_FILE  # noqa: E402
@@ -194,10 +198,10 @@ def resolve_cartridge(source: str | Path) -> Path:
         logger.info("%s is not a local path: downloading it as a Hub model repo.", source)
         try:
             path = Path(snapshot_download(repo_id=str(source), allow_patterns=list(CARTRIDGE_FILES)))
-        except Exception as err:  # noqa: BLE001 - offline, missing or private repo: one message for the user
+        except (OSError, ValueError) as err:  # offline, a missing or private repo, an invalid repo id
             raise FileNotFoundError(
                 f"--cartridge {source}: neither a folder nor a downloadable Hub repo ({type(err).__name__}: {err})."
-            ) from None
+            ) from err
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"--cartridge {source}: no adapter_config.json there; give the folder a cartridge was saved to."
@@ -463,15 +467,7 @@ class ChatEngine:
         """Ids of the document's system turn, cut to fit the window; and whether it was cut."""
         limit = base.window - self.max_new_tokens - CONVERSATION_ROOM
         with base.tokenizer_lock:
-            ids = document_prefix_ids(base.tokenizer, text)
-        if len(ids) <= limit:
-            return ids, False
-        # Cut the document, not the template, so the system turn stays well formed (as icl_condition does).
-        doc_ids = base.encode(text)
-        overhead = len(ids) - len(doc_ids)
-        kept = base.tokenizer.decode(doc_ids[: max(0, limit - overhead - 4)])
-        with base.tokenizer_lock:
-            return document_prefix_ids(base.tokenizer, kept), True
+            return document_prefix_ids_within(base.tokenizer, text, limit)
 
     def icl_tokens(self, base: BaseModel, text: str) -> tuple[int, bool]:
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -96,7 +96,9 @@ def test_composition_refuses_other_base_models_and_shapes(tmp_path, tokenizer):
 
     weights = dirs[1] / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="cart1: the cartridge's weights cannot be read"):
+    with pytest.raises(
+        ValueError, match="cart1/adapter_model.safetensors: the cartridge's weights cannot be read"
+    ):
         composed_prefix(dirs[:2], model_config=model.config)
 
 

@@ -172,7 +172,7 @@ def test_loading_errors_name_the_problem(tmp_path, tokenizer, tiny_model):
     weights = tmp_path / "cart" / "adapter_model.safetensors"
     load_file(weights)  # intact before we damage it
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ValueError, match="weights cannot be loaded"):
+    with pytest.raises(ValueError, match="adapter_model.safetensors: the cartridge's weights cannot be read"):
         load_cartridge(make_tiny_llama(tokenizer), tmp_path / "cart")
 
     (tmp_path / "cart" / "adapter_config.json").write_text("{ not json")

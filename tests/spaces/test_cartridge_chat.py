@@ -223,7 +223,9 @@ def test_composition_memory_and_bad_cartridges(app, engine, cartridges):
         app.ChatError, match="other_shape: this cartridge was trained for a base model of another"
     ):
         engine.compose(base, [bad("other_shape")])
-    with pytest.raises(app.ChatError, match="truncated: the cartridge's weights cannot be read"):
+    with pytest.raises(
+        app.ChatError, match="truncated/adapter_model.safetensors: the cartridge's weights cannot be read"
+    ):
         engine.compose(base, [bad("truncated")])
     # The messages name the cartridge as the user knows it, never a server-side path.
     with pytest.raises(app.ChatError) as caught:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfx import embedded
+from hfx.atomic import write_text_atomic
 from hfx.cartridges.corpus import Corpus, load_corpus
 from hfx.cartridges.evaluation import (
     Condition,
@@ -35,7 +36,6 @@ from hfx.cartridges.training import (
     read_metadata,
     write_metadata,
 )
-from hfx.hub import write_text_atomic
 from hfx.models import (
     DeviceArguments,
     dtype_name,

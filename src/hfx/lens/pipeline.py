@@ -189,7 +189,7 @@ def run_eval(args: LensArguments, lens_dir: str, output: str | None = None, batc
     """Evaluate a trained lens on the held-out split of its activation dataset; write the results as JSON."""
     import json
 
-    from hfx.hub import write_text_atomic
+    from hfx.atomic import write_text_atomic
 
     from .evaluation import evaluate_lens
     from .modeling_lens import ConsistencyLens

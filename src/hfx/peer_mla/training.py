@@ -38,7 +38,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
-from hfx.hub import write_text_atomic
+from hfx.atomic import write_text_atomic
 from hfx.models import DeviceArguments
 
 from .analysis import _GENERIC_CONFIG_KEYS, analyze_parameters, load_config, write_model_card
@@ -517,15 +517,13 @@ def plot_expert_usage(
     counts: dict[int, torch.Tensor], hot_factor: float, step: int, path: Path, window: int | None = None
 ) -> Path:
     """One histogram per PEER layer: how many experts were retrieved how often, hot threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from hfx.artifacts import save_figure_atomic
 
     layers = sorted(counts)
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.2), squeeze=False)
+    fig = Figure(figsize=(4 * len(layers), 3.2))
+    axes = fig.subplots(1, len(layers), squeeze=False)
     for ax, layer in zip(axes[0], layers, strict=True):
         count = counts[layer].double()
         mean = float(count.mean())
@@ -540,7 +538,6 @@ def plot_expert_usage(
     fig.suptitle(f"expert usage over {span}")
     fig.tight_layout()
     saved = save_figure_atomic(fig, path)
-    plt.close(fig)
     return saved
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hfx.hub import write_text_atomic
+from hfx.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
