@@ -29,6 +29,7 @@ from hfx.artifacts import replace_pickled_training_args
 from hfx.atomic import write_text_atomic
 from hfx.batching import padded
 from hfx.cartridges.corpus import Corpus, document_system_prompt
+from hfx.checkpoints import MarkCompleteCheckpoints
 from hfx.losses import topk_distillation_loss
 from hfx.models import seeded
 
@@ -131,14 +132,17 @@ class CartridgeTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count itself
+        self.add_callback(MarkCompleteCheckpoints())  # after the callbacks passed in
 
-    def _get_num_items_in_batch(self, batch_samples, device):
-        if not batch_samples or "loss_mask" not in batch_samples[0]:
-            return super()._get_num_items_in_batch(batch_samples, device)
-        count = sum(batch["loss_mask"].sum() for batch in batch_samples).to(device)
-        if self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
-        return count
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The optimizer step's micro-batches, and its number of answer tokens (the loss's normalizer): across
+        processes when ``average_tokens_across_devices`` (the default), else this process's."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and "loss_mask" in batch_samples[0]:
+            num_items = sum(batch["loss_mask"].sum() for batch in batch_samples).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items = self.accelerator.gather(num_items).sum()
+        return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(
@@ -160,13 +164,16 @@ class CartridgeTrainer(Trainer):
             accumulation = getattr(self, "current_gradient_accumulation_steps", 1)
             loss = loss / inputs["loss_mask"].sum().clamp(min=1) / accumulation
         else:
-            # DDP averages gradients over processes: scale back up so the step is sum / (all tokens).
-            loss = loss / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
+            loss = loss / num_items_in_batch.clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                # DDP averages gradients over processes: scale back up so the step is sum / (all tokens).
+                loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
-        replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
 
 
 def create_cartridge(
@@ -294,6 +301,11 @@ def check_cartridge_weights(
 
 def write_metadata(output_dir: str | Path, metadata: dict) -> None:
     write_text_atomic(Path(output_dir) / METADATA_FILE, json.dumps(metadata, indent=2))
+
+
+def is_trained_cartridge(output_dir: str | Path) -> bool:
+    """Whether training finished in ``output_dir``: its metadata, the last file training writes, is there."""
+    return (Path(output_dir) / METADATA_FILE).is_file()
 
 
 def read_metadata(output_dir: str | Path) -> dict:
