@@ -82,7 +82,6 @@ def test_synthesis_through_transformers_serve_rescores_exactly_and_survives_the_
         server_model=str(embedded_dir),
         server_extra_body=SAMPLE,
         server_max_retries=1,
-        server_backoff=0.05,
     )
     with pytest.raises(
         ServerError,
