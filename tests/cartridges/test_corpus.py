@@ -60,9 +60,15 @@ def test_prompt_pieces_concatenate_to_the_chat_template(tokenizer):
         add_generation_prompt=True,
     )
     pieces = document_prefix_ids(tokenizer, doc) + user_turn_ids(tokenizer, question, after_system=True)
-    assert tokenizer.decode(pieces) == full
-    alone = tokenizer.decode(user_turn_ids(tokenizer, question, after_system=False))
-    assert alone.startswith("<|im_start|>system") and alone.endswith("<|im_start|>assistant\n")
+    assert (
+        pieces == tokenizer(full, add_special_tokens=False)["input_ids"]
+    )  # the same ids, not just the same text
+    alone = user_turn_ids(tokenizer, question, after_system=False)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    assert alone == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(alone).startswith("<|im_start|>system")  # the template's default system turn
 
 
 def test_a_document_cut_to_a_token_limit_keeps_the_system_turn_whole(tokenizer):

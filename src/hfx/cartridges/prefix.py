@@ -79,7 +79,7 @@ class PrefixKV:
             if max_cache_len
             else DynamicCache(config=config)
         )
-        for layer_idx, (k, v) in enumerate(zip(self.keys, self.values, strict=False)):
+        for layer_idx, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             cache.update(
                 k.expand(batch_size, -1, -1, -1).contiguous(),
                 v.expand(batch_size, -1, -1, -1).contiguous(),
