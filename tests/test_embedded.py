@@ -50,4 +50,26 @@ def test_importing_hfx_is_light():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == [__import__("hfx").__version__, "False", "False"]
-    assert callable(__import__("hfx").topk_distillation_loss)
+    from hfx.losses import topk_distillation_loss
+
+    assert __import__("hfx").topk_distillation_loss is topk_distillation_loss  # the lazy export resolves
+
+
+def test_python_stdlib_is_one_collection_for_every_system():
+    from pathlib import Path
+
+    from hfx.peer_mla.data import builtin_source
+
+    files = embedded.stdlib_files()
+    root = Path(files[0]).parent
+    documents = embedded.load_documents("python_stdlib")
+    # The same files, in the same order, for the corpus-level jobs and for PEER-MLA's pretraining mixture.
+    assert [name for name, _ in documents] == [p.relative_to(root).as_posix() for p in files]
+    assert builtin_source("python_stdlib").path_or_files == [str(p) for p in files]
+    names = [name for name, _ in documents]
+    assert "argparse.py" in names and "json/decoder.py" in names  # top-level modules and packages
+    assert not any(
+        part in ("test", "tests", "site-packages") for name in names for part in name.split("/")[:-1]
+    )
+    depths = [name.count("/") for name in names]
+    assert depths == sorted(depths)  # top-level modules first

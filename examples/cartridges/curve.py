@@ -24,6 +24,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from hfx.atomic import atomic_folder
+
 
 @dataclass
 class CurveArguments:
@@ -46,14 +48,12 @@ class KeepCheckpointAdapters(TrainerCallback):
         destination = self.target / f"step-{state.global_step}"
         if destination.is_dir() or not checkpoint.is_dir():
             return
-        partial = destination.with_name(destination.name + ".partial")
-        partial.mkdir(parents=True, exist_ok=True)
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            shutil.copy2(checkpoint / name, partial / name)
-        (partial / "elapsed.json").write_text(
-            json.dumps({"step": state.global_step, "minutes": (time.time() - self.start) / 60})
-        )
-        partial.rename(destination)
+        with atomic_folder(destination) as partial:
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copy2(checkpoint / name, partial / name)
+            (partial / "elapsed.json").write_text(
+                json.dumps({"step": state.global_step, "minutes": (time.time() - self.start) / 60})
+            )
 
 
 def score_snapshots(
@@ -97,9 +97,9 @@ def score_snapshots(
 def main(argv: list[str] | None = None) -> None:
     from transformers import HfArgumentParser
 
+    from hfx.atomic import write_text_atomic
     from hfx.cartridges.pipeline import RunArguments, run_self_study, run_training_settings
     from hfx.cartridges.synthesis import SynthesisConfig
-    from hfx.hub import write_text_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv

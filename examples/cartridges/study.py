@@ -59,7 +59,7 @@ def _timed_json(path: Path, compute):
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
-    from hfx.hub import write_text_atomic
+    from hfx.atomic import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(value, indent=2))
@@ -90,12 +90,12 @@ def baselines(model, tokenizer, corpus, questions_path: str, cache: Path) -> dic
 def run_row(study, synthesis, training) -> dict:
     import torch
 
+    from hfx.atomic import write_text_atomic
     from hfx.cartridges.corpus import load_corpus
     from hfx.cartridges.evaluation import cartridge_condition, evaluate_conditions, load_questions
     from hfx.cartridges.pipeline import train_cartridge
     from hfx.cartridges.synthesis import synthesize
     from hfx.cartridges.training import load_cartridge
-    from hfx.hub import write_text_atomic
     from hfx.models import load_causal_lm
 
     root = Path(study.study_dir)

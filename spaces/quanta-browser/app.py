@@ -65,13 +65,11 @@ def sizes_plot_path(view: ClusterView) -> str:
     """The artifact's ``sizes.png``, or the rank/frequency plot drawn now (log-log) when it has none."""
     if view.sizes_plot is not None:
         return str(view.sizes_plot)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     sizes = sorted((size for size in view.meta["sizes"] if size > 0), reverse=True)
-    figure, axes = plt.subplots(figsize=(5, 3.5), dpi=100)
+    figure = Figure(figsize=(5, 3.5), dpi=100)
+    axes = figure.subplots()
     axes.loglog(range(1, len(sizes) + 1), sizes, marker="o", markersize=3, linewidth=1)
     axes.set_xlabel("cluster rank")
     axes.set_ylabel("tokens in cluster")
@@ -84,7 +82,6 @@ def sizes_plot_path(view: ClusterView) -> str:
     figure.tight_layout()
     path = Path(tempfile.mkdtemp(prefix="quanta-browser-")) / "sizes.png"
     figure.savefig(path)
-    plt.close(figure)
     return str(path)
 
 

@@ -4,36 +4,25 @@ that makes a resumed job refuse an output directory written with other settings.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from hfx.hub import write_text_atomic
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+from hfx.atomic import atomic_file, write_text_atomic
 
 
 def write_parquet_atomic(rows: list[dict], features, path: str | Path) -> None:
     """Write rows as one Parquet file with explicit `datasets.Features`, through a temp name and a rename."""
     import datasets
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp))
 
 
 def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """`safetensors.torch.save_file` through a temp name and a rename."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def check_or_write_manifest(output_dir: str | Path, manifest: dict, filename: str, what: str) -> None:
@@ -54,18 +43,10 @@ def check_or_write_manifest(output_dir: str | Path, manifest: dict, filename: st
 
 
 def save_figure_atomic(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG through a temp name and a rename, then close it."""
-    import matplotlib.pyplot as plt
-
+    """Save a matplotlib figure as PNG through a temp name and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -79,20 +60,56 @@ def shard_rows(items: list[dict], index: int, per_shard: int) -> list[dict]:
     return [dict(item) for item in items[index * per_shard : (index + 1) * per_shard]]
 
 
-def load_parquet_shards(directory: str | Path, prefix: str, features, hint: str):
-    """All `<prefix>-*.parquet` shards of `directory/data` as one dataset; `hint` says how to make them."""
+def shard_files(directory: str | Path, prefix: str, hint: str, what: str | None = None) -> list[Path]:
+    """The `<prefix>-*.parquet` shards of `directory/data` in order; `FileNotFoundError` (saying how to make them,
+    `hint`) when there are none. `what` names them in the error (default: "<prefix> shards")."""
+    files = sorted((Path(directory) / "data").glob(f"{prefix}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"{directory}: no {what or prefix + ' shards'} (data/{prefix}-*.parquet); {hint}."
+        )
+    return files
+
+
+def check_parquet_columns(path: str | Path, features, what: str = "the dataset") -> list[str]:
+    """The Parquet file's column names; `ValueError` naming the file when it is not Parquet (truncated, foreign)
+    or lacks a column of `features`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        columns = pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as err:  # a truncated or foreign file
+        raise ValueError(f"{path}: cannot be read as Parquet ({type(err).__name__}: {err}).") from err
+    missing = [name for name in features if name not in columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(missing)}; {what} has the columns {', '.join(features)}."
+        )
+    return columns
+
+
+def load_parquet_shards(
+    directory: str | Path,
+    prefix: str,
+    features,
+    hint: str,
+    shards_what: str | None = None,
+    dataset_what: str | None = None,
+):
+    """All `<prefix>-*.parquet` shards of `directory/data` as one dataset, each checked to be Parquet with the
+    columns of `features`; `hint` says how to make them. Errors name the shards `shards_what` and the dataset
+    `dataset_what`."""
     import datasets
 
-    files = sorted(str(p) for p in (Path(directory) / "data").glob(f"{prefix}-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no {prefix} shards (data/{prefix}-*.parquet); {hint}.")
-    return datasets.Dataset.from_parquet(files, features=features)
+    files = shard_files(directory, prefix, hint, shards_what)
+    for path in files:
+        check_parquet_columns(path, features, dataset_what or f"a {prefix} dataset")
+    return datasets.Dataset.from_parquet([str(p) for p in files], features=features)
 
 
 def replace_pickled_training_args(output_dir: str | Path, args) -> None:
     """Trainer pickles its arguments next to the weights (`training_args.bin`); hfx artifacts carry them as JSON."""
-    from hfx.hub import write_text_atomic
-
     output_dir = Path(output_dir)
     (output_dir / "training_args.bin").unlink(missing_ok=True)
     write_text_atomic(output_dir / "training_args.json", args.to_json_string())

@@ -183,7 +183,7 @@ def _peer_mla_analyze(argv: list[str]) -> None:
     import json
     from pathlib import Path
 
-    from hfx.hub import write_text_atomic
+    from hfx.atomic import write_text_atomic
     from hfx.peer_mla.analysis import analyze_parameters, format_table, load_config, plot_parameters
 
     config = load_config(args.config)

@@ -46,14 +46,14 @@ def load_documents(spec: str, text_column: str = "text") -> list[tuple[str, str]
 
 def _from_path(path: Path, text_column: str) -> list[tuple[str, str]]:
     if path.is_dir() and not (path / "dataset_info.json").exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = text_files(path)
         if not files:
             raise ValueError(
                 f"{path}: directory has no {'/'.join(TEXT_SUFFIXES)} files and is not a saved dataset."
             )
-        return [(str(p.relative_to(path)), _read_text(p)) for p in files]
-    if path.is_file() and path.suffix in TEXT_SUFFIXES:
-        return [(path.name, _read_text(path))]
+        return [(str(p.relative_to(path)), read_text_file(p)) for p in files]
+    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+        return [(path.name, read_text_file(path))]
     import datasets
 
     if path.is_dir():
@@ -73,11 +73,17 @@ def _from_path(path: Path, text_column: str) -> list[tuple[str, str]]:
     return [(f"{path.name}[{i}]", text or "") for i, text in enumerate(dataset[text_column])]
 
 
-def _read_text(path: Path) -> str:
+def text_files(folder: Path) -> list[Path]:
+    """The text files of ``folder`` and its subfolders (by suffix, :data:`TEXT_SUFFIXES`), in path order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; ``ValueError`` naming the file when it is binary or another encoding."""
     data = path.read_bytes()
-    if b"\x00" in data[:4096]:
-        raise ValueError(f"{path}: looks like a binary file, not text.")
+    if b"\x00" in data[:8192]:
+        raise ValueError(f"{path}: looks like a binary file (NUL bytes), not UTF-8 text.")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not valid UTF-8 (byte {error.start}).") from None
+        raise ValueError(f"{path}: not valid UTF-8 text (byte {error.start}).") from None

@@ -7,17 +7,19 @@
   dependency. ``load_corpus("wine_data")`` is one description; ``load_corpus("sklearn_descr")`` is all of them.
 * Document collections (many documents, for corpus-level analyses): ``load_documents("sklearn_descr")`` (one per
   description), ``"pydoc_topics"`` (the Python reference topics in ``pydoc_data.topics``) and ``"python_stdlib"``
-  (the top-level modules of CPython's standard library source).
+  (the modules of CPython's standard library source, without its test suites).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from hfx.atomic import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,24 @@ def _gguf_path() -> Path:
 def embedded_model_path() -> Path:
     """Directory of the embedded model as a transformers checkpoint (safetensors), converting the GGUF once."""
     target = cache_dir() / "models" / EMBEDDED_MODEL_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may start at once (`accelerate launch`, parallel test workers): one converts, the others
+    # wait for it and then find the finished folder.
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not _converted(target):
+            _convert(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _convert(target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -75,17 +93,11 @@ def embedded_model_path() -> Path:
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.generation_config = quantized.generation_config
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    if target.exists():  # leftovers of an older conversion that was not renamed into place
+        shutil.rmtree(target)
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():  # an earlier, incomplete conversion
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def resolve_model_path(name_or_path: str | None) -> str:
@@ -132,6 +144,26 @@ def load_corpus(name: str) -> str:
 
 #: Collections of many documents, shipped with Python or a dependency.
 DOCUMENT_COLLECTIONS = ("sklearn_descr", "pydoc_topics", "python_stdlib")
+#: Folders of the standard library that are not its source: test suites and installed packages.
+STDLIB_SKIPPED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+)
+
+
+def _stdlib_dir() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_files() -> tuple[Path, ...]:
+    """The ``python_stdlib`` collection's files: the ``.py`` files of CPython's standard library, without its test
+    suites and installed packages; top-level modules first, then those of packages, each in path order. Scanned
+    once per process (the walk takes a second or two)."""
+    root = _stdlib_dir()
+    files = [p for p in root.rglob("*.py") if not STDLIB_SKIPPED_DIRS & set(p.relative_to(root).parts[:-1])]
+    return tuple(sorted(files, key=lambda p: (len(p.relative_to(root).parts), p)))
 
 
 def load_documents(name: str) -> list[tuple[str, str]]:
@@ -143,10 +175,9 @@ def load_documents(name: str) -> list[tuple[str, str]]:
 
         return [(key, topics[key].strip()) for key in sorted(topics)]
     if name == "python_stdlib":
-        import sysconfig
-
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        root = _stdlib_dir()
         return [
-            (p.name, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(stdlib.glob("*.py"))
+            (p.relative_to(root).as_posix(), p.read_text(encoding="utf-8", errors="replace"))
+            for p in stdlib_files()
         ]
     raise ValueError(f"Unknown document collection {name!r}; known: {', '.join(DOCUMENT_COLLECTIONS)}.")

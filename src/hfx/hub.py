@@ -8,11 +8,12 @@ never shared (:data:`UPLOAD_IGNORE_PATTERNS`).
 from __future__ import annotations
 
 import fnmatch
-import os
 from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+from hfx.atomic import write_text_atomic
 
 #: Never uploaded: Trainer checkpoints (resume state, optimizer moments), temp files of atomic writes, hidden
 #: files, and pickled objects (``training_args.bin``, ``optimizer.pt``, ``rng_state.pth``...): hfx artifacts are
@@ -35,14 +36,6 @@ UPLOAD_IGNORE_PATTERNS = [
 def is_ignored(path_in_repo: str) -> bool:
     """Whether ``path_in_repo`` (relative, ``/``-separated) matches :data:`UPLOAD_IGNORE_PATTERNS`."""
     return any(fnmatch.fnmatch(path_in_repo, pattern) for pattern in UPLOAD_IGNORE_PATTERNS)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp name and a rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def template_path(name: str) -> Path:

@@ -15,6 +15,8 @@ Every command's device and dtype options come from :class:`DeviceArguments`, and
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -213,6 +215,19 @@ def model_id(name_or_path: str | None) -> str:
     if str(name_or_path) == str(embedded.cache_dir() / "models" / embedded.EMBEDDED_MODEL_NAME):
         return embedded.EMBEDDED_MODEL_ID
     return str(name_or_path)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Inside, torch's global generators (the CPU's and ``device``'s) start from ``seed``; after, the caller's
+    state is back as it was. For library code whose draws come from the global generator (``generate``'s
+    sampling, PEFT's initializations): reproducible without seeding the caller's program."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    forked = [] if device.type == "cpu" else [device.index or 0]
+    device_type = "cuda" if device.type == "cpu" else device.type
+    with torch.random.fork_rng(devices=forked, device_type=device_type):
+        torch.manual_seed(seed)
+        yield
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,6 +1,12 @@
 import pytest
 
-from hfx.cartridges.corpus import document_prefix_ids, load_corpus, read_document, user_turn_ids
+from hfx.cartridges.corpus import (
+    document_prefix_ids,
+    document_prefix_ids_within,
+    load_corpus,
+    read_document,
+    user_turn_ids,
+)
 
 
 def test_named_corpus_and_files(tmp_path, tokenizer):
@@ -54,6 +60,25 @@ def test_prompt_pieces_concatenate_to_the_chat_template(tokenizer):
         add_generation_prompt=True,
     )
     pieces = document_prefix_ids(tokenizer, doc) + user_turn_ids(tokenizer, question, after_system=True)
-    assert tokenizer.decode(pieces) == full
-    alone = tokenizer.decode(user_turn_ids(tokenizer, question, after_system=False))
-    assert alone.startswith("<|im_start|>system") and alone.endswith("<|im_start|>assistant\n")
+    assert (
+        pieces == tokenizer(full, add_special_tokens=False)["input_ids"]
+    )  # the same ids, not just the same text
+    alone = user_turn_ids(tokenizer, question, after_system=False)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    assert alone == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(alone).startswith("<|im_start|>system")  # the template's default system turn
+
+
+def test_a_document_cut_to_a_token_limit_keeps_the_system_turn_whole(tokenizer):
+    _, text = read_document("sklearn_descr")
+    full = document_prefix_ids(tokenizer, text)
+    assert document_prefix_ids_within(tokenizer, text, len(full)) == (full, False)
+    closing = document_prefix_ids(tokenizer, "x")[-4:]  # "</document>" and the end of the turn
+    for limit in (64, 300, 1001, 7936):
+        ids, cut = document_prefix_ids_within(tokenizer, text, limit)
+        assert cut and limit - 8 <= len(ids) <= limit, (limit, len(ids))
+        assert ids[:10] == full[:10] and ids[-4:] == closing  # the template's head and tail, the document cut
+    with pytest.raises(ValueError, match="cannot hold the document's system turn"):
+        document_prefix_ids_within(tokenizer, text, 5)

@@ -59,11 +59,26 @@ def test_main_job_wiring_on_the_embedded_model(tmp_path):
     assert not list(
         result.cartridge_dir.glob("checkpoint-*")
     )  # resume state is dropped once the adapter is saved
-    # The artifact is a plain PEFT adapter.
-    from transformers import AutoModelForCausalLM
+    # The artifact is a plain PEFT adapter: loaded by PEFT alone, the model answers as hfx's own prefix path does.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfx.cartridges.composition import load_prefix
+    from hfx.cartridges.corpus import user_turn_ids
+    from hfx.cartridges.prefix import forward_with_prefix
 
     base = AutoModelForCausalLM.from_pretrained(embedded.embedded_model_path())
-    assert isinstance(PeftModel.from_pretrained(base, str(result.cartridge_dir)), PeftModel)
+    peft_model = PeftModel.from_pretrained(base, str(result.cartridge_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(embedded.embedded_model_path())
+    ids = torch.tensor([user_turn_ids(tokenizer, "How many categories does RCV1 have?", after_system=False)])
+    with torch.no_grad():
+        plain = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        with peft_model.disable_adapter():
+            prefix = load_prefix(result.cartridge_dir)
+            ours = forward_with_prefix(peft_model.get_base_model(), prefix, ids, torch.ones_like(ids)).logits
+            without = peft_model.get_base_model()(input_ids=ids).logits
+    torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, without, atol=1e-3)  # the cartridge is in effect
     # Started again, the run reuses its shards and its trained cartridge.
     mtime = os.path.getmtime(result.cartridge_dir / "adapter_model.safetensors")
     run_self_study(tmp_path / "run", "rcv1", None, synthesis, training)

@@ -102,11 +102,11 @@ def run(tmp_path_factory, tiny_model_dir):
     (cartridge / "checkpoint-1" / "optimizer.pt").write_bytes(b"pickle")
     (cartridge / "optimizer.pt").write_bytes(b"pickle")
     (cartridge / "training_args.bin").write_bytes(b"pickle")
-    (cartridge / ".adapter_model.safetensors.tmp-123").write_bytes(b"half")
+    (cartridge / ".adapter_model.safetensors.123-0a1b2c3d.tmp").write_bytes(b"half")
     (cartridge / "runs").mkdir()
     (cartridge / "runs" / "events.out").write_bytes(b"log")
     (cartridge / ".DS_Store").write_bytes(b"")
-    (synthesis / "data" / ".train-00002.parquet.tmp-99").write_bytes(b"half")
+    (synthesis / "data" / ".train-00002.parquet.99-0a1b2c3d.tmp").write_bytes(b"half")
     return {"root": root, "doc": doc, "synthesis": synthesis, "cartridge": cartridge, "report": report}
 
 
@@ -211,7 +211,11 @@ def test_bad_inputs_are_refused_by_name_and_leave_no_folder(run, tmp_path):
 
     truncated = _copy(run["cartridge"], tmp_path / "truncated")
     (truncated / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
-    refused(ValueError, r"truncated/adapter_model\.safetensors: cannot be read", cartridge=truncated)
+    refused(
+        ValueError,
+        r"truncated/adapter_model\.safetensors: the cartridge's weights cannot be read",
+        cartridge=truncated,
+    )
 
     no_meta = _copy(run["cartridge"], tmp_path / "no_meta")
     (no_meta / "hfx_cartridge.json").unlink()

@@ -73,7 +73,10 @@ def test_synthesis_through_transformers_serve_rescores_exactly_and_survives_the_
     ]
     assert sum(r < 8 for r in ranks) >= 0.8 * len(ranks)
 
-    # The server goes away: a clear error after the retries, finished shards stay, the run can go on later.
+    # The server goes away while the run asks for more: a clear error after the retries, and the shards it had
+    # finished stay as they were (a later run with a server continues from them: test_server's fake-server test).
+    shards = {p.name: p.read_bytes() for p in (tmp_path / "syn" / "data").glob("train-*.parquet")}
+    assert sorted(shards) == ["train-00000.parquet", "train-00001.parquet"]
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     more = SynthesisConfig(**{**config.__dict__, "num_conversations": 6})
@@ -82,15 +85,13 @@ def test_synthesis_through_transformers_serve_rescores_exactly_and_survives_the_
         server_model=str(embedded_dir),
         server_extra_body=SAMPLE,
         server_max_retries=1,
-        server_backoff=0.05,
     )
     with pytest.raises(
         ServerError,
         match=rf"127.0.0.1:{url.rsplit(':', 1)[1]}/v1/chat/completions: failed after 2 attempts.*ConnectError",
     ):
         synthesize(
-            embedded_model, tokenizer, corpus, tmp_path / "more", more, model_name="smollm2", server=dead
+            embedded_model, tokenizer, corpus, tmp_path / "syn", more, model_name="smollm2", server=dead
         )
-    assert not (tmp_path / "more" / "data").exists() or not any(
-        (tmp_path / "more" / "data").glob("train-*.parquet")
-    )
+    after = {p.name: p.read_bytes() for p in (tmp_path / "syn" / "data").glob("train-*.parquet")}
+    assert after == shards

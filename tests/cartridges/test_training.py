@@ -62,7 +62,8 @@ def test_first_tokens_initialization_is_the_truncated_icl_prefix(tiny_model, tok
     prefix = PrefixKV.from_peft_model(peft_model)
     with peft_model.disable_adapter():
         icl = PrefixKV.prefill(peft_model.get_base_model(), document_prefix_ids(tokenizer, corpus.text)[:10])
-    for got, want in zip(prefix.keys + prefix.values, icl.keys + icl.values, strict=False):
+    assert len(prefix.keys) == len(icl.keys) == tiny_model.config.num_hidden_layers
+    for got, want in zip(prefix.keys + prefix.values, icl.keys + icl.values, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -72,16 +73,28 @@ def test_cartridge_larger_than_the_corpus_is_refused(tiny_model, tokenizer):
         create_cartridge(tiny_model, tokenizer, corpus, num_virtual_tokens=64)
 
 
-@pytest.mark.parametrize("initialization", ["random_text", "random_vectors"])
-def test_other_initializations_differ_from_the_corpus(tiny_model, tokenizer, initialization):
+def test_random_text_initialization_is_the_kv_of_token_ids_and_random_vectors_are_peft_s(
+    tiny_model, tokenizer
+):
     corpus = _corpus(tokenizer)
-    first = PrefixKV.from_peft_model(create_cartridge(make_tiny_llama(tokenizer), tokenizer, corpus, 8)).keys[
-        0
-    ]
-    other = PrefixKV.from_peft_model(
-        create_cartridge(tiny_model, tokenizer, corpus, 8, initialization=initialization)
-    ).keys[0]
-    assert not torch.allclose(first, other)
+    first = PrefixKV.from_peft_model(create_cartridge(make_tiny_llama(tokenizer), tokenizer, corpus, 8))
+
+    text = PrefixKV.from_peft_model(
+        create_cartridge(tiny_model, tokenizer, corpus, 8, initialization="random_text", seed=3)
+    )
+    # The base model's own KV of 8 token ids (ids from 100 on, drawn with the seed): text, just not the document's.
+    ids = torch.randint(100, len(tokenizer), (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = PrefixKV.prefill(tiny_model, ids[0].tolist())
+    for got, want in zip(text.keys + text.values, expected.keys + expected.values, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(text.keys[0], first.keys[0])
+
+    vectors = create_cartridge(tiny_model, tokenizer, corpus, 8, initialization="random_vectors")
+    weights = vectors.prompt_encoder[vectors.active_adapter].embedding.weight.detach()
+    # PEFT's embedding initialization, N(0, 1): nothing like this tiny model's KV of any text (std well below 1).
+    assert abs(weights.mean()) < 0.05 and 0.9 < weights.std() < 1.1
+    assert first.keys[0].std() < 0.5 and text.keys[0].std() < 0.5
 
 
 def _distillation_rows(model, context_ids, n=8, k=8, seed=0):
@@ -172,7 +185,7 @@ def test_loading_errors_name_the_problem(tmp_path, tokenizer, tiny_model):
     weights = tmp_path / "cart" / "adapter_model.safetensors"
     load_file(weights)  # intact before we damage it
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ValueError, match="weights cannot be loaded"):
+    with pytest.raises(ValueError, match="adapter_model.safetensors: the cartridge's weights cannot be read"):
         load_cartridge(make_tiny_llama(tokenizer), tmp_path / "cart")
 
     (tmp_path / "cart" / "adapter_config.json").write_text("{ not json")

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
+from hfx.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from hfx.peer_mla.analysis import analyze_parameters
 from hfx.peer_mla.data import DataArguments
 from hfx.peer_mla.training import (
-    COMPLETE_MARKER,
     PEER_KERNEL_REPO_ENV,
     ModelArguments,
     PeerMlaTrainingArguments,
@@ -24,7 +24,6 @@ from hfx.peer_mla.training import (
     dense_baseline_config,
     expert_usage_metrics,
     fit_to_device,
-    last_complete_checkpoint,
     mixed_precision_flags,
     peer_kernel_repository,
     pretrain,

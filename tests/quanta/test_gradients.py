@@ -140,6 +140,10 @@ def test_gradient_shards_resume_and_similarity_blocks_equal_the_full_product(tmp
     assert shards[1].read_bytes() == first
     with pytest.raises(ValueError, match="different settings.*projection_dim"):
         compute_gradients(model, tokens, tmp_path, GradientConfig(8, 0, None, 3, 4), {"model": "tiny"})
+    # Re-filtered to as many tokens, but other ones: the shards of the first set are not theirs.
+    other = tokens.map(lambda row: {"token_index": row["token_index"] + 1000})
+    with pytest.raises(ValueError, match="different settings.*token_index_sha256"):
+        compute_gradients(model, other, tmp_path, config, {"model": "tiny"})
 
     from safetensors.torch import load_file
 

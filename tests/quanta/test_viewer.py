@@ -16,7 +16,6 @@ from hfx.quanta.viewer import (
     display_token,
     load_clusters,
     page_data,
-    script_json,
     write_html,
 )
 from tests.browser import chromium_page
@@ -199,12 +198,6 @@ def test_display_token_and_context_tail():
     assert context_tail("abcdef", 3) == "…def"
     assert context_tail("abc", 3) == "abc"
     assert context_tail("abc", 0) == "…" and context_tail("", 0) == ""
-
-
-def test_script_json_cannot_close_the_script():
-    text = script_json({"a": "</script><!-- & \u2028"})
-    assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
-    assert json.loads(text) == {"a": "</script><!-- & \u2028"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from hfx.cartridges import chat
 from hfx.cartridges.corpus import load_corpus, user_turn_ids
 from hfx.cartridges.training import create_cartridge, write_metadata
 from hfx.models import model_id
@@ -119,45 +120,45 @@ def test_uploads_unpack_safely_and_refuse_what_is_not_a_cartridge(app, tmp_path)
         archive.writestr("../../outside/adapter_config.json", "{}")
         archive.writestr("../../outside/adapter_model.safetensors", "x")
         archive.writestr("../../outside/run.py", "print('no')")
-    (unpacked,) = app.unpack_upload([str(evil)], tmp_path / "out")
+    (unpacked,) = chat.unpack_upload([str(evil)], tmp_path / "out")
     assert unpacked.resolve().is_relative_to((tmp_path / "out").resolve())
     assert sorted(p.name for p in unpacked.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not (tmp_path.parent / "outside").exists()
 
-    (loose,) = app.unpack_upload(files_of(folder)[:2], tmp_path / "loose")
+    (loose,) = chat.unpack_upload(files_of(folder)[:2], tmp_path / "loose")
     assert (loose / "adapter_model.safetensors").read_bytes() == b"x"
 
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
-    with pytest.raises(app.ChatError, match="notes.txt: not a cartridge file"):
-        app.unpack_upload([str(notes)], tmp_path / "x")
-    with pytest.raises(app.ChatError, match="no adapter_model.safetensors"):
-        app.unpack_upload([str(folder / "adapter_config.json")], tmp_path / "x")
+    with pytest.raises(chat.ChatError, match="notes.txt: not a cartridge file"):
+        chat.unpack_upload([str(notes)], tmp_path / "x")
+    with pytest.raises(chat.ChatError, match="no adapter_model.safetensors"):
+        chat.unpack_upload([str(folder / "adapter_config.json")], tmp_path / "x")
     pickled = tmp_path / "adapter_model.bin"
     pickled.write_bytes(b"x")
-    with pytest.raises(app.ChatError, match="pickled weights are not loaded"):
-        app.unpack_upload([str(pickled)], tmp_path / "x")
+    with pytest.raises(chat.ChatError, match="pickled weights are not loaded"):
+        chat.unpack_upload([str(pickled)], tmp_path / "x")
     empty_zip = tmp_path / "empty.zip"
     with zipfile.ZipFile(empty_zip, "w") as archive:
         archive.writestr("README.md", "nothing")
-    with pytest.raises(app.ChatError, match="empty.zip: no adapter_config.json inside"):
-        app.unpack_upload([str(empty_zip)], tmp_path / "x")
+    with pytest.raises(chat.ChatError, match="empty.zip: no adapter_config.json inside"):
+        chat.unpack_upload([str(empty_zip)], tmp_path / "x")
     half_zip = tmp_path / "half.zip"
     with zipfile.ZipFile(half_zip, "w") as archive:
         archive.writestr("cart/adapter_config.json", "{}")
-    with pytest.raises(app.ChatError, match="half.zip: cart has adapter_config.json but no adapter_model"):
-        app.unpack_upload([str(half_zip)], tmp_path / "x")
+    with pytest.raises(chat.ChatError, match="half.zip: cart has adapter_config.json but no adapter_model"):
+        chat.unpack_upload([str(half_zip)], tmp_path / "x")
     fake_zip = tmp_path / "fake.zip"
     fake_zip.write_bytes(b"PK not really")
-    with pytest.raises(app.ChatError, match="fake.zip: not a readable .zip"):
-        app.unpack_upload([str(fake_zip)], tmp_path / "x")
+    with pytest.raises(chat.ChatError, match="fake.zip: not a readable .zip"):
+        chat.unpack_upload([str(fake_zip)], tmp_path / "x")
 
     # Chatbot values as Gradio hands them over (content blocks) become plain turns.
     history = [
         {"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None},
         {"role": "assistant", "content": "hello"},
     ]
-    assert app.history_messages(history) == [
+    assert chat.history_messages(history) == [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
     ]
@@ -171,14 +172,14 @@ def test_base_models_are_picked_by_name_and_cartridges_checked_against_the_one_p
     cartridge_dir = save_cartridge(
         model, tokenizer, "linnerud", 4, tmp_path / "tiny-cart", model_id(tiny)
     )
-    engine = app.ChatEngine(["embedded", tiny], [cartridge_dir], max_new_tokens=4)
+    engine = chat.ChatEngine(["embedded", tiny], [cartridge_dir], max_new_tokens=4)
     ui = app.ChatUI(engine)
     keys = list(engine.cartridges)
-    memory, status = ui.refresh(tiny, keys, app.DOC_FROM_CARTRIDGES, app.new_session())
+    memory, status = ui.refresh(tiny, keys, chat.DOC_FROM_CARTRIDGES, chat.new_session())
     assert status == "" and f"on {tiny}" in memory and "cartridge: 1 part, 4 tokens" in memory
     assert "ICL (linnerud)" in memory
     assert set(engine._models) == {tiny}  # the embedded model is loaded only when someone picks it
-    with pytest.raises(app.ChatError, match="Unknown base model 'gpt-9'"):
+    with pytest.raises(chat.ChatError, match="Unknown base model 'gpt-9'"):
         engine.base("gpt-9")
     with pytest.raises(
         app.gr.Error, match=r"Unknown cartridges \['nope'\]; this server has 'linnerud \(p=4\)'"
@@ -188,7 +189,7 @@ def test_base_models_are_picked_by_name_and_cartridges_checked_against_the_one_p
 
 @pytest.fixture(scope="module")
 def engine(app, cartridges, embedded_model, tokenizer, embedded_dir):
-    return app.ChatEngine(
+    return chat.ChatEngine(
         ["embedded"],
         [cartridges["linnerud"], cartridges["covtype"]],
         document="linnerud",
@@ -215,23 +216,25 @@ def test_composition_memory_and_bad_cartridges(app, engine, cartridges):
     assert "cartridge: none" in engine.memory_summary(base, [], None)
 
     def bad(name: str):
-        return app.Cartridge(name, name, cartridges[name])
+        return chat.Cartridge(name, name, cartridges[name])
 
-    with pytest.raises(app.ChatError, match=r"trained on 'someone/Other-7B'.*SmolLM2-135M-Instruct"):
+    with pytest.raises(chat.ChatError, match=r"trained on 'someone/Other-7B'.*SmolLM2-135M-Instruct"):
         engine.compose(base, [good[0], bad("other_base")])
     with pytest.raises(
-        app.ChatError, match="other_shape: this cartridge was trained for a base model of another"
+        chat.ChatError, match="other_shape: this cartridge was trained for a base model of another"
     ):
         engine.compose(base, [bad("other_shape")])
-    with pytest.raises(app.ChatError, match="truncated: the cartridge's weights cannot be read"):
+    with pytest.raises(
+        chat.ChatError, match="truncated/adapter_model.safetensors: the cartridge's weights cannot be read"
+    ):
         engine.compose(base, [bad("truncated")])
     # The messages name the cartridge as the user knows it, never a server-side path.
-    with pytest.raises(app.ChatError) as caught:
+    with pytest.raises(chat.ChatError) as caught:
         engine.compose(base, [bad("truncated")])
     assert str(cartridges["truncated"]) not in str(caught.value)
 
     # The cartridges' own documents: both bundled corpora, in order.
-    name, text = engine.resolve_document(app.DOC_FROM_CARTRIDGES, good, None)
+    name, text = engine.resolve_document(chat.DOC_FROM_CARTRIDGES, good, None)
     assert name == "linnerud + covtype" and "Linnerud" in text
 
 
@@ -239,24 +242,24 @@ def test_composition_memory_and_bad_cartridges(app, engine, cartridges):
 def test_prompts_follow_the_evaluation_conditions(app, engine, tokenizer):
     base = engine.base()
     turn = [{"role": "user", "content": "What is measured?"}]
-    assert app.prompt_ids(base, turn, after_system=False) == user_turn_ids(
+    assert chat.prompt_ids(base, turn, after_system=False) == user_turn_ids(
         tokenizer, turn[0]["content"], False
     )
-    assert app.prompt_ids(base, turn, after_system=True) == user_turn_ids(tokenizer, turn[0]["content"], True)
+    assert chat.prompt_ids(base, turn, after_system=True) == user_turn_ids(tokenizer, turn[0]["content"], True)
 
     history = [
         {"role": "user", "content": "First question, quite a long one " * 20},
         {"role": "assistant", "content": "First answer."},
         {"role": "user", "content": "Second?"},
     ]
-    full = app.prompt_ids(base, history, after_system=True)
-    assert app.fit_conversation(base, history, True, room=len(full), what="x") == full
+    full = chat.prompt_ids(base, history, after_system=True)
+    assert chat.fit_conversation(base, history, True, room=len(full), what="x") == full
     # Too little room: the oldest exchange goes, the latest message stays.
-    assert app.fit_conversation(base, history, True, room=len(full) - 1, what="x") == app.prompt_ids(
+    assert chat.fit_conversation(base, history, True, room=len(full) - 1, what="x") == chat.prompt_ids(
         base, history[2:], after_system=True
     )
-    with pytest.raises(app.ChatError, match="Your message is .* tokens, but after the cartridge"):
-        app.fit_conversation(base, history[:1], False, room=5, what="the cartridge (20 tokens)")
+    with pytest.raises(chat.ChatError, match="Your message is .* tokens, but after the cartridge"):
+        chat.fit_conversation(base, history[:1], False, room=5, what="the cartridge (20 tokens)")
 
 
 @pytest.mark.integration
@@ -290,11 +293,11 @@ def test_answers_stream_word_by_word_for_the_cartridge_and_icl(engine):
 @pytest.mark.integration
 def test_ui_handlers_report_problems_and_keep_working(app, engine, cartridges):
     ui = app.ChatUI(engine)
-    session = app.new_session()
+    session = chat.new_session()
     keys = list(engine.cartridges)
 
     with pytest.warns(UserWarning, match="Type a message first"):
-        (only,) = list(ui.respond("  ", [], [], None, keys, app.DOC_FROM_ARGUMENT, True, 8, session))
+        (only,) = list(ui.respond("  ", [], [], None, keys, chat.DOC_FROM_ARGUMENT, True, 8, session))
     assert only[-1].startswith("⚠️ Type a message first")
 
     for upload, expected in (
@@ -308,12 +311,12 @@ def test_ui_handlers_report_problems_and_keep_working(app, engine, cartridges):
         assert group.value == keys and session["uploads"] == {}
 
     group, session, memory, status, _ = ui.add_cartridges(
-        [str(cartridges["good_zip"])], None, keys, app.DOC_FROM_ARGUMENT, session
+        [str(cartridges["good_zip"])], None, keys, chat.DOC_FROM_ARGUMENT, session
     )
     assert status == "Added covtype (p=12)."
     assert len(group.value) == 3 and "cartridge: 3 parts, 32 tokens" in memory
 
-    updates = list(ui.respond("Hello?", [], [], None, group.value, app.DOC_FROM_ARGUMENT, True, 6, session))
+    updates = list(ui.respond("Hello?", [], [], None, group.value, chat.DOC_FROM_ARGUMENT, True, 6, session))
     assert updates[0][2] == ""  # the message box is emptied as soon as the answer starts
     cartridge_chat, icl_chat, _, memory, status = updates[-1]
     assert status.startswith("Answered in")
@@ -321,8 +324,8 @@ def test_ui_handlers_report_problems_and_keep_working(app, engine, cartridges):
     assert icl_chat[-1]["content"].strip()
 
     # Someone else's upload key (or a made-up one) is not this session's cartridge.
-    assert ui.selected(["upload-not-mine", keys[0]], app.new_session()) == [engine.cartridges[keys[0]]]
-    app.delete_session(session)
+    assert engine.selected(["upload-not-mine", keys[0]], chat.new_session()) == [engine.cartridges[keys[0]]]
+    chat.delete_session(session)
     assert not Path(session["folder"]).exists()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hfx.hub import write_text_atomic
+from hfx.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

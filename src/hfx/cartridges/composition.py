@@ -9,16 +9,22 @@ cartridge is checked to fit the base model (shape) and to have been trained on t
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from peft import compose_cartridge_adapters
-from peft.utils import load_peft_weights
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
 
+from hfx.atomic import atomic_folder
 from hfx.cartridges.prefix import PrefixKV
-from hfx.cartridges.training import METADATA_FILE, check_cartridge_fits, read_metadata
+from hfx.cartridges.training import (
+    METADATA_FILE,
+    check_cartridge_fits,
+    check_cartridge_weights,
+    prompt_width,
+    read_metadata,
+)
 
 
 def check_same_base(
@@ -59,24 +65,10 @@ def load_prefix(
     from peft import PeftConfig
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
-    try:
-        weights = load_peft_weights(str(adapter_dir), device="cpu")
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file is a corrupt cartridge for the user
-        raise ValueError(
-            f"{adapter_dir}: the cartridge's weights cannot be read ({type(err).__name__}: {err})."
-        ) from None
-    if "prompt_embeddings" not in weights:
-        raise ValueError(f"{adapter_dir}: the weights have no 'prompt_embeddings' tensor; not a cartridge.")
-    embeddings = weights["prompt_embeddings"]  # [p, num_layers * 2 * token_dim]
-    p = embeddings.shape[0]
+    p, width = check_cartridge_weights(adapter_dir, config.num_virtual_tokens, prompt_width(config))
+    embeddings = load_file(Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME)["prompt_embeddings"]  # [p, width]
     heads = config.num_attention_heads
     head_dim = config.token_dim // heads
-    expected = config.num_layers * 2 * config.token_dim
-    if embeddings.ndim != 2 or embeddings.shape[1] != expected or p != config.num_virtual_tokens:
-        raise ValueError(
-            f"{adapter_dir}: prompt_embeddings has shape {tuple(embeddings.shape)}, expected "
-            f"({config.num_virtual_tokens}, {expected}) from adapter_config.json."
-        )
     # PEFT's layout (get_prompt): [p, layers, 2, heads, head_dim] -> per layer [1, heads, p, head_dim].
     kv = embeddings.view(p, config.num_layers * 2, heads, head_dim).permute(1, 2, 0, 3)
     kv = kv.to(device=device, dtype=dtype)
@@ -111,28 +103,24 @@ def compose_cartridges(
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} exists and is not empty; choose another output folder.")
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    compose_cartridge_adapters([str(d) for d in adapter_dirs], output_path=str(tmp))
-    parts = [read_metadata(d) for d in adapter_dirs]
-    metadata = {
-        "base_model": base,
-        "corpus": " + ".join(
-            str(m.get("corpus", Path(d).name)) for m, d in zip(parts, adapter_dirs, strict=True)
-        ),
-        "composed_from": [
-            {"path": str(d), "corpus": m.get("corpus"), "num_virtual_tokens": m.get("num_virtual_tokens")}
-            for m, d in zip(parts, adapter_dirs, strict=True)
-        ],
-        "num_virtual_tokens": sum(
-            int(json.loads((Path(d) / "adapter_config.json").read_text())["num_virtual_tokens"])
-            for d in adapter_dirs
-        ),
-    }
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    if output_dir.exists():
-        output_dir.rmdir()
-    os.replace(tmp, output_dir)
+    with atomic_folder(output_dir) as tmp:
+        compose_cartridge_adapters([str(d) for d in adapter_dirs], output_path=str(tmp))
+        parts = [read_metadata(d) for d in adapter_dirs]
+        metadata = {
+            "base_model": base,
+            "corpus": " + ".join(
+                str(m.get("corpus", Path(d).name)) for m, d in zip(parts, adapter_dirs, strict=True)
+            ),
+            "composed_from": [
+                {"path": str(d), "corpus": m.get("corpus"), "num_virtual_tokens": m.get("num_virtual_tokens")}
+                for m, d in zip(parts, adapter_dirs, strict=True)
+            ],
+            "num_virtual_tokens": sum(
+                int(json.loads((Path(d) / "adapter_config.json").read_text())["num_virtual_tokens"])
+                for d in adapter_dirs
+            ),
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     return output_dir
 
 

@@ -1,6 +1,7 @@
 """Stage 1: the document a cartridge is made from, as text and tokens.
 
-A corpus is a named bundled corpus (see :mod:`hfx.embedded`), a ``.txt``/``.md``/``.rst`` file, or a folder of them.
+A corpus is a named bundled corpus (see :mod:`hfx.embedded`), a text file (:data:`hfx.documents.TEXT_SUFFIXES`), or a
+folder of them.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfx import embedded
-
-TEXT_SUFFIXES = (".txt", ".md", ".rst")
+from hfx.documents import TEXT_SUFFIXES, read_text_file, text_files
 
 
 @dataclass
@@ -26,17 +26,6 @@ class Corpus:
         return len(self.token_ids)
 
 
-def _read_text_file(path: Path) -> str:
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise ValueError(f"{path}: looks like a binary file (NUL bytes); a corpus must be UTF-8 text.")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); a corpus must be UTF-8 text.") from None
-    return text.strip()
-
-
 def read_document(source: str | Path) -> tuple[str, str]:
     """Return ``(name, text)`` for a corpus name, a text file or a folder of text files.
 
@@ -50,13 +39,13 @@ def read_document(source: str | Path) -> tuple[str, str]:
             f"{source}: no such file or folder, and not a corpus name ({embedded.corpus_names()})."
         )
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        files = text_files(path)
         if not files:
             raise ValueError(f"{path}: folder has no {'/'.join(TEXT_SUFFIXES)} files to use as a corpus.")
-        parts = [_read_text_file(p) for p in files]
+        parts = [read_text_file(p).strip() for p in files]
         text = "\n\n".join(t for t in parts if t)
     else:
-        text = _read_text_file(path)
+        text = read_text_file(path).strip()
     if not text:
         raise ValueError(f"{path}: the document is empty; a cartridge needs text to study.")
     return path.stem if path.is_file() else path.name, text
@@ -87,6 +76,29 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
 def document_prefix_ids(tokenizer, text: str) -> list[int]:
     """Ids of the system turn holding ``text``: the part of an ICL prompt that is the same for every question."""
     return chat_ids(tokenizer, [{"role": "system", "content": document_system_prompt(text)}])
+
+
+def document_prefix_ids_within(tokenizer, text: str, max_tokens: int) -> tuple[list[int], bool]:
+    """Ids of the system turn holding ``text``, at most ``max_tokens`` of them; and whether ``text`` was cut.
+
+    The document is cut at its end, never the template, so the system turn stays well formed. A cut text can
+    tokenize differently where it was cut, so the cut is shortened until the turn fits.
+    """
+    ids = document_prefix_ids(tokenizer, text)
+    if len(ids) <= max_tokens:
+        return ids, False
+    doc_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max(0, max_tokens - (len(ids) - len(doc_ids)))
+    while True:
+        ids = document_prefix_ids(tokenizer, tokenizer.decode(doc_ids[:keep]))
+        if len(ids) <= max_tokens:
+            return ids, True
+        if keep == 0:
+            raise ValueError(
+                f"A limit of {max_tokens} tokens cannot hold the document's system turn, which takes {len(ids)} "
+                "tokens without any of the document."
+            )
+        keep = max(0, keep - (len(ids) - max_tokens))
 
 
 def user_turn_ids(tokenizer, content: str, after_system: bool) -> list[int]:

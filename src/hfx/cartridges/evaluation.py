@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hfx.cartridges.corpus import document_prefix_ids, user_turn_ids
+from hfx.batching import padded
+from hfx.cartridges.corpus import document_prefix_ids, document_prefix_ids_within, user_turn_ids
 from hfx.cartridges.prefix import PrefixKV, forward_with_prefix, generate_after_prefix
 from hfx.models import synchronize
 
@@ -106,16 +107,6 @@ class ConditionResult:
     extra: dict = field(default_factory=dict)
 
 
-def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def score_multiple_choice(
     model,
@@ -142,7 +133,7 @@ def score_multiple_choice(
         range(0, len(items), batch_size), desc=f"score [{condition.name}]", disable=not progress
     ):
         batch = items[start : start + batch_size]
-        ids, mask = _right_pad([it[3] for it in batch], pad_id)
+        ids, mask = padded([it[3] for it in batch], pad_id)
         logits = forward_with_prefix(
             model, condition.prefix, ids.to(model.device), mask.to(model.device)
         ).logits
@@ -189,15 +180,11 @@ def decode_throughput(
 
 def icl_condition(model, tokenizer, document: str, max_context_tokens: int | None = None) -> Condition:
     """The document in the system turn, prefilled once; truncated to ``max_context_tokens`` if given."""
-    prefix_ids = document_prefix_ids(tokenizer, document)
-    name = "ICL"
-    if max_context_tokens is not None and len(prefix_ids) > max_context_tokens:
-        # Truncate the document, not the template, so the system turn stays well formed.
-        doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-        overhead = len(prefix_ids) - len(doc_ids)
-        kept = tokenizer.decode(doc_ids[: max(0, max_context_tokens - overhead - 4)])
-        prefix_ids = document_prefix_ids(tokenizer, kept)
-        name = f"ICL (first {len(prefix_ids)} tokens)"
+    if max_context_tokens is None:
+        prefix_ids, cut = document_prefix_ids(tokenizer, document), False
+    else:
+        prefix_ids, cut = document_prefix_ids_within(tokenizer, document, max_context_tokens)
+    name = f"ICL (first {len(prefix_ids)} tokens)" if cut else "ICL"
     return Condition(name, PrefixKV.prefill(model, prefix_ids), prompt_after_system=True)
 
 

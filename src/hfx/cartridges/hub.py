@@ -21,14 +21,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfx.cartridges.synthesis import FEATURES, SEED_KINDS, check_shard_columns
-from hfx.cartridges.training import METADATA_FILE
-from hfx.hub import is_ignored, push_folder, render_card, write_text_atomic
+from hfx.artifacts import shard_files
+from hfx.atomic import atomic_folder, write_text_atomic
+from hfx.cartridges.synthesis import FEATURES, SHARDS_WHAT, shard_statistics
+from hfx.cartridges.training import METADATA_FILE, check_cartridge_weights
+from hfx.hub import is_ignored, push_folder, render_card
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +139,7 @@ def check_cartridge(cartridge_dir: str | Path) -> CartridgeFolder:
             f"{config_path}: adapter type is {adapter_config.get('peft_type')!r}, not 'CARTRIDGE'; only "
             "cartridges are pushed by this command."
         )
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{path}: no adapter_model.safetensors (the cartridge's weights); training has not finished, "
-            "run it again to resume."
-        )
-    _check_weights(weights, adapter_config)
+    check_cartridge_weights(path, adapter_config.get("num_virtual_tokens"))
     metadata_path = path / METADATA_FILE
     if not metadata_path.is_file():
         raise FileNotFoundError(
@@ -169,42 +163,17 @@ def check_cartridge(cartridge_dir: str | Path) -> CartridgeFolder:
     return CartridgeFolder(path, adapter_config, metadata, report)
 
 
-def _check_weights(weights: Path, adapter_config: dict) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="numpy") as handle:
-            shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
-    except Exception as err:  # noqa: BLE001 - any parse failure is a truncated or foreign file for the user
-        raise ValueError(f"{weights}: cannot be read as safetensors ({type(err).__name__}: {err}).") from None
-    if "prompt_embeddings" not in shapes:
-        raise ValueError(f"{weights}: no 'prompt_embeddings' tensor; not a cartridge's weights.")
-    expected = adapter_config.get("num_virtual_tokens")
-    if expected is not None and shapes["prompt_embeddings"][0] != expected:
-        raise ValueError(
-            f"{weights}: prompt_embeddings holds {shapes['prompt_embeddings'][0]} tokens but adapter_config.json "
-            f"says num_virtual_tokens={expected}; the folder mixes two cartridges."
-        )
-
-
 def check_synthesis(synthesis_dir: str | Path) -> SynthesisFolder:
     """Check that ``synthesis_dir`` holds a self-study dataset (shards with every column of ``FEATURES``).
 
     Only the columns the card counts are read (row count, answer tokens, seed-prompt kinds), shard by shard.
     """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     path = Path(synthesis_dir)
     if not path.is_dir():
         raise FileNotFoundError(
             f"{path}: no such folder; pass the synthesis_dir of `hfx cartridge synthesize`."
         )
-    shards = sorted((path / "data").glob("train-*.parquet"))
-    if not shards:
-        raise FileNotFoundError(
-            f"{path}: no synthesized shards (data/train-*.parquet); run `hfx cartridge synthesize` first."
-        )
+    shards = shard_files(path, "train", "run `hfx cartridge synthesize` first", SHARDS_WHAT)
     config_path = path / SYNTHESIS_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(
@@ -212,17 +181,7 @@ def check_synthesis(synthesis_dir: str | Path) -> SynthesisFolder:
             "`hfx cartridge synthesize`."
         )
     manifest = _read_json(config_path, "it is written by `hfx cartridge synthesize`")
-    num_rows, answer_tokens = 0, 0
-    seed_kind_counts = dict.fromkeys(SEED_KINDS, 0)
-    for shard in shards:
-        check_shard_columns(shard)
-        table = pq.read_table(shard, columns=["seed_kind", "input_ids", "answer_start"])
-        num_rows += table.num_rows
-        answer_tokens += (pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0) - (
-            pc.sum(table["answer_start"]).as_py() or 0
-        )
-        for entry in pc.value_counts(table["seed_kind"]).to_pylist():
-            seed_kind_counts[entry["values"]] = seed_kind_counts.get(entry["values"], 0) + entry["counts"]
+    seed_kind_counts, answer_tokens, num_rows = shard_statistics(path)
     if num_rows == 0:
         raise ValueError(f"{path}: the shards hold no conversations; synthesize again with other settings.")
     return SynthesisFolder(path, shards, manifest, num_rows, answer_tokens, seed_kind_counts)
@@ -424,25 +383,13 @@ def stage_synthesis(
     return _files_of(target)
 
 
-@contextmanager
-def _atomic_folder(folder: Path) -> Iterator[Path]:
-    """Yield a temp folder next to ``folder`` that is renamed to ``folder`` only if the block succeeds."""
+def _new_folder(folder: Path):
+    """:func:`hfx.atomic.atomic_folder` for a folder the user named, which must be new or empty."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(
             f"{folder} exists and is not empty; choose another --dry-run folder or delete it."
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_folder(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -519,7 +466,7 @@ def push_cartridge_to_hub(
 
     if dry_run_dir is not None:
         dry_run_dir = Path(dry_run_dir)
-        with _atomic_folder(dry_run_dir) as tmp:
+        with _new_folder(dry_run_dir) as tmp:
             staged = stage(tmp, link=False)
         for name, folder in (("model", MODEL_FOLDER), ("dataset", DATASET_FOLDER)):
             if name in staged:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfx import embedded
+from hfx.atomic import write_text_atomic
 from hfx.cartridges.corpus import Corpus, load_corpus
 from hfx.cartridges.evaluation import (
     Condition,
@@ -31,11 +31,12 @@ from hfx.cartridges.training import (
     CartridgeTrainer,
     CartridgeTrainingArguments,
     create_cartridge,
+    is_trained_cartridge,
     load_cartridge,
     read_metadata,
     write_metadata,
 )
-from hfx.hub import write_text_atomic
+from hfx.checkpoints import last_complete_checkpoint, remove_checkpoints
 from hfx.models import (
     DeviceArguments,
     dtype_name,
@@ -60,8 +61,6 @@ def train_cartridge(
     ``callbacks`` are ``transformers.TrainerCallback`` objects added to the Trainer (e.g. to keep a copy of each
     checkpoint's adapter: the checkpoints themselves are removed once the cartridge is saved).
     """
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-
     # The frozen base goes where Trainer trains (its device), in the training dtype; the cartridge stays float32.
     model, tokenizer = load_causal_lm(model_name_or_path, device=args.device, dtype=args.model_dtype)
     for param in model.parameters():
@@ -83,18 +82,17 @@ def train_cartridge(
         data_collator=CartridgeCollator(tokenizer.pad_token_id),
         callbacks=callbacks,
     )
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_complete_checkpoint(args.output_dir)
     if last:
         logger.info("Resuming training from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve (log_history), written by the main process
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return Path(args.output_dir)
-    # Checkpoints exist to resume a killed run; the finished artifact is the adapter alone.
-    for checkpoint in Path(args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        shutil.rmtree(checkpoint)
+    # The metadata is written last of the cartridge's files (atomically): it marks the cartridge finished
+    # (is_trained_cartridge). Only then do the checkpoints go; the finished artifact is the adapter alone.
     write_metadata(
         args.output_dir,
         {
@@ -115,6 +113,7 @@ def train_cartridge(
             "train_runtime_s": result.metrics.get("train_runtime"),
         },
     )
+    remove_checkpoints(args.output_dir)
     return Path(args.output_dir)
 
 
@@ -295,7 +294,9 @@ def run_self_study(
     del model
 
     cartridge_dir = output_dir / "cartridge"
-    if not (cartridge_dir / "adapter_model.safetensors").is_file():
+    if is_trained_cartridge(cartridge_dir):
+        remove_checkpoints(cartridge_dir)  # left by a run killed after it finished the cartridge
+    else:
         args = CartridgeTrainingArguments(
             output_dir=str(output_dir / "cartridge"),
             seed=synthesis.seed,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, StaticCache
 
+from hfx.batching import padded
+
 
 @dataclass
 class PrefixKV:
@@ -77,7 +79,7 @@ class PrefixKV:
             if max_cache_len
             else DynamicCache(config=config)
         )
-        for layer_idx, (k, v) in enumerate(zip(self.keys, self.values, strict=False)):
+        for layer_idx, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             cache.update(
                 k.expand(batch_size, -1, -1, -1).contiguous(),
                 v.expand(batch_size, -1, -1, -1).contiguous(),
@@ -115,13 +117,11 @@ def generate_after_prefix(
     where ``width`` is the returned second value.
     """
     prefix_len = prefix.num_tokens if prefix is not None else 0
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), prefix_len + width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    mask[:, :prefix_len] = 1  # the prefix's own ids are never read: its KV is already in the cache
-    for row, prompt in enumerate(prompts):
-        ids[row, prefix_len + width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, prefix_len + width - len(prompt) :] = 1
+    prompt_ids, prompt_mask = padded(prompts, pad_token_id, side="left")
+    width = prompt_ids.shape[1]
+    # The prefix's own ids are never read (its KV is already in the cache), but its columns are attended.
+    ids = torch.cat([prompt_ids.new_full((len(prompts), prefix_len), pad_token_id), prompt_ids], dim=1)
+    mask = torch.cat([prompt_mask.new_ones((len(prompts), prefix_len)), prompt_mask], dim=1)
     max_new_tokens = generate_kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens
     cache = None
     if prefix is not None:

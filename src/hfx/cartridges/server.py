@@ -1,11 +1,11 @@
 """A client for any OpenAI-compatible chat server (vLLM, SGLang, TGI, ``transformers serve``, hosted APIs).
 
-Synthesis sends its two agents' turns here instead of generating locally. The client bounds the requests in
-flight (``max_concurrency``), retries what can succeed on a second try (connection errors, timeouts, 408/409/429
-and 5xx, honouring ``Retry-After``) with exponential backoff, and fails with an error naming the server, the
-attempts and the last error otherwise. Top log-probabilities are requested and returned with token ids when the
-server gives ids (vLLM's ``token_id:N`` form, or a token string that is exactly one vocabulary entry); otherwise the
-caller re-scores the answer locally.
+Synthesis sends its two agents' turns here instead of generating locally. Requests go through the ``openai``
+client, which retries what can succeed on a second try (connection errors, timeouts, 408/409/429 and 5xx, honouring
+``Retry-After``) with exponential backoff; hfx bounds the requests in flight (``max_concurrency``) and turns a final
+failure into an error naming the server, the attempts and the last error. Top log-probabilities are requested and
+returned with token ids when the server gives ids (vLLM's ``token_id:N`` form, or a token string that is exactly one
+vocabulary entry); otherwise the caller re-scores the answer locally.
 """
 
 from __future__ import annotations
@@ -13,16 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
 
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 LOGPROBS_MODES = ("auto", "never")
 
 
@@ -58,9 +55,6 @@ class ServerArguments:
     server_timeout: float = field(
         default=120.0, metadata={"help": "Seconds per request before it counts as failed."}
     )
-    server_backoff: float = field(
-        default=1.0, metadata={"help": "First retry delay in seconds; doubles with each retry (plus jitter)."}
-    )
     server_logprobs: str = field(
         default="auto",
         metadata={
@@ -88,8 +82,8 @@ class ServerArguments:
         for name in ("server_max_concurrency", "rescore_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.server_max_retries < 0 or self.server_timeout <= 0 or self.server_backoff < 0:
-            raise ValueError("server_max_retries, server_timeout and server_backoff must be non-negative.")
+        if self.server_max_retries < 0 or self.server_timeout <= 0:
+            raise ValueError("server_max_retries must be >= 0 and server_timeout > 0.")
         if isinstance(self.server_extra_body, str):
             try:
                 parsed = json.loads(self.server_extra_body)
@@ -171,33 +165,25 @@ class ChatClient:
         max_concurrency: int = 8,
         max_retries: int = 4,
         timeout: float = 120.0,
-        backoff: float = 1.0,
         extra_body: dict | None = None,
         token_ids: TokenIds | None = None,
     ):
-        import httpx
+        import openai
 
         self.base_url = normalize_base_url(base_url)
         self.model = model
         self.max_retries = max_retries
-        self.backoff = backoff
         self.extra_body = dict(extra_body or {})
         self.token_ids = token_ids
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(timeout),
-            headers=headers,
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        # A server without authentication ignores the key; the openai client needs one to send.
+        self._openai = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or "EMPTY", max_retries=max_retries, timeout=timeout
         )
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="hfx-server")
         self._closed = threading.Event()
         self._lock = threading.Lock()
+        #: HTTP requests sent and retries among them, over the requests that succeeded.
         self.stats = {"requests": 0, "retries": 0}
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self.stats[key] += 1
 
     @classmethod
     def from_arguments(cls, args: ServerArguments, default_model: str, tokenizer=None) -> ChatClient:
@@ -208,7 +194,6 @@ class ChatClient:
             max_concurrency=args.server_max_concurrency,
             max_retries=args.server_max_retries,
             timeout=args.server_timeout,
-            backoff=args.server_backoff,
             extra_body=args.extra_body,
             token_ids=TokenIds(tokenizer)
             if tokenizer is not None and args.server_logprobs == "auto"
@@ -218,7 +203,7 @@ class ChatClient:
     def close(self) -> None:
         self._closed.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._http.close()
+        self._openai.close()
 
     def __enter__(self):
         return self
@@ -227,40 +212,37 @@ class ChatClient:
         self.close()
 
     def _post(self, body: dict) -> dict:
-        import httpx
+        """The server's JSON answer to one chat-completion request (retried by the openai client)."""
+        import openai
 
         url = f"{self.base_url}/chat/completions"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if self._closed.is_set():
-                raise ServerError(f"{url}: client closed.")
-            retry_after = None
-            try:
-                self._count("requests")
-                response = self._http.post("/chat/completions", json=body)
-            except httpx.TransportError as err:  # connection refused/reset, timeouts
-                last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        last = f"HTTP 200 with a body that is not JSON: {response.text[:200]!r}"
-                elif response.status_code in RETRY_STATUS:
-                    last = f"HTTP {response.status_code}: {response.text[:200]}"
-                    retry_after = _retry_after(response.headers.get("retry-after"))
-                else:
-                    raise ServerError(
-                        f"{url} refused the request (HTTP {response.status_code}): {response.text[:500]}"
-                    )
-            if attempt == self.max_retries:
-                break
-            self._count("retries")
-            delay = retry_after if retry_after is not None else self.backoff * 2**attempt
-            delay *= 1 + 0.25 * random.random()
-            logger.warning("%s: %s; retry %d/%d in %.1fs", url, last, attempt + 1, self.max_retries, delay)
-            time.sleep(delay)
-        raise ServerError(f"{url}: failed after {self.max_retries + 1} attempts; last error: {last}")
+        if self._closed.is_set():
+            raise ServerError(f"{url}: client closed.")
+        attempts = f"failed after {self.max_retries + 1} attempts"
+        known = ("model", "messages", "max_tokens", "temperature", "seed", "logprobs", "top_logprobs")
+        try:
+            response = self._openai.chat.completions.with_raw_response.create(
+                **{k: v for k, v in body.items() if k in known},
+                extra_body={k: v for k, v in body.items() if k not in known} or None,
+            )
+        except openai.APIStatusError as err:
+            text = err.response.text[:500]
+            if err.response.status_code in (408, 409, 429) or err.response.status_code >= 500:
+                raise ServerError(f"{url}: {attempts}; last error: HTTP {err.status_code}: {text}") from err
+            raise ServerError(f"{url} refused the request (HTTP {err.status_code}): {text}") from err
+        except openai.APIConnectionError as err:  # connection refused or reset, timeouts
+            cause = err.__cause__ or err
+            last = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+            raise ServerError(f"{url}: {attempts}; last error: {last}") from err
+        with self._lock:
+            self.stats["requests"] += response.retries_taken + 1
+            self.stats["retries"] += response.retries_taken
+        try:
+            return response.http_response.json()
+        except ValueError:
+            raise ServerError(
+                f"{url}: HTTP 200 with a body that is not JSON: {response.http_response.text[:200]!r}"
+            ) from None
 
     def complete(
         self,
@@ -316,12 +298,3 @@ class ChatClient:
             for f in futures:
                 f.cancel()
             raise
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return min(60.0, max(0.0, float(value)))
-    except ValueError:
-        return None

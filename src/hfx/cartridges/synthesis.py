@@ -28,10 +28,18 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from hfx.artifacts import check_or_write_manifest, write_parquet_atomic
+from hfx.artifacts import (
+    check_or_write_manifest,
+    check_parquet_columns,
+    load_parquet_shards,
+    shard_files,
+    shard_path,
+    write_parquet_atomic,
+)
+from hfx.batching import padded
 from hfx.cartridges.corpus import Corpus, document_prefix_ids, document_system_prompt, user_turn_ids
 from hfx.cartridges.prefix import PrefixKV, forward_with_prefix, generate_after_prefix
-from hfx.models import process_state
+from hfx.models import process_state, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +101,9 @@ FEATURES = datasets.Features(
         "topk_logprobs": datasets.List(datasets.List(datasets.Value("float32"))),
     }
 )
+#: How errors name a synthesis folder's shards, and the dataset they make up.
+SHARDS_WHAT = "synthesized shards"
+DATASET_WHAT = "a self-study dataset (hfx.cartridges.synthesis.FEATURES)"
 
 
 @dataclass
@@ -265,7 +276,6 @@ def _row(tokenizer, plan: BatchPlan, i: int, question: str, answer_ids, topk_ids
 def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> list[dict]:
     """One batch of conversations about one chunk, generated locally. Deterministic in (config.seed, batch_idx)."""
     plan = plan_batch(tokenizer, corpus, config, batch_idx)
-    torch.manual_seed(plan.torch_seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(tokenizer)
     chunk_kv = PrefixKV.prefill(model, document_prefix_ids(tokenizer, plan.chunk_text))
@@ -273,7 +283,8 @@ def synthesize_batch(model, tokenizer, corpus: Corpus, config: SynthesisConfig, 
     generated = [i for i, kind in enumerate(plan.kinds) if kind not in QUOTED_KINDS]
     rows = continuation_rows(model, tokenizer, corpus, config, plan, chunk_kv)
     if generated:
-        rows.extend(_generated_rows(model, tokenizer, config, plan, chunk_kv, generated, pad_id, eos_ids))
+        with seeded(plan.torch_seed, model.device):  # generate samples from torch's global generator
+            rows.extend(_generated_rows(model, tokenizer, config, plan, chunk_kv, generated, pad_id, eos_ids))
     return sorted(rows, key=lambda row: row["conversation_id"])
 
 
@@ -418,13 +429,8 @@ def rescore(
         batch = conversations[start : start + batch_size]
         prompts = [user_turn_ids(tokenizer, question, after_system=True) for question, _ in batch]
         sequences = [p + list(a) for p, (_, a) in zip(prompts, batch, strict=True)]
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        logits = forward_with_prefix(model, chunk_kv, ids.to(model.device), mask.to(model.device)).logits
+        ids, mask = padded(sequences, pad_id, device=model.device)
+        logits = forward_with_prefix(model, chunk_kv, ids, mask).logits
         for row, (prompt, (_, answer)) in enumerate(zip(prompts, batch, strict=True)):
             step_logits = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(answer)].float()
             values, top = torch.log_softmax(step_logits, dim=-1).topk(top_k, dim=-1)
@@ -522,10 +528,6 @@ class ServerBatches:
         return [rows[i] for i in sorted(rows)]
 
 
-def _shard_path(output_dir: Path, shard_idx: int) -> Path:
-    return output_dir / "data" / f"train-{shard_idx:05d}.parquet"
-
-
 @contextmanager
 def batch_generator(model, tokenizer, server=None, model_name: str = ""):
     """The callable ``(corpus, config, batch_idx) -> rows`` that makes one batch: local, or through a server.
@@ -618,7 +620,7 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
         for s in range(num_shards)
     ]
     mine = range(state.process_index, num_shards, state.num_processes)
-    done = {s for s in mine if _shard_path(output_dir, s).exists()}
+    done = {s for s in mine if shard_path(output_dir, "train", s).exists()}
     if done:
         logger.info(
             "Resuming synthesis in %s: %d of this process's %d shards already written",
@@ -641,7 +643,7 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
             made = ready.pop(batch_idx, None)
             rows.extend(made if made is not None else generator(corpus, config, batch_idx))
             bar.update(batch_sizes[batch_idx])
-        write_parquet_atomic(rows, FEATURES, _shard_path(output_dir, shard_idx))
+        write_parquet_atomic(rows, FEATURES, shard_path(output_dir, "train", shard_idx))
     bar.close()
     state.wait_for_everyone()
     dataset = load_synthesis(output_dir)
@@ -653,52 +655,38 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
 
 def load_synthesis(output_dir: str | Path) -> datasets.Dataset:
     """Load a synthesis directory's shards as one dataset."""
-    files = sorted(str(p) for p in (Path(output_dir) / "data").glob("train-*.parquet"))
-    if not files:
-        raise FileNotFoundError(
-            f"{output_dir}: no synthesized shards (data/train-*.parquet); run synthesis first."
-        )
-    for path in files:
-        check_shard_columns(path)
-    return datasets.Dataset.from_parquet(files, features=FEATURES)
+    return load_parquet_shards(
+        output_dir, "train", FEATURES, "run synthesis first", SHARDS_WHAT, DATASET_WHAT
+    )
 
 
 def check_shard_columns(path: str | Path) -> list[str]:
     """The shard's column names; a file that is not Parquet or lacks a column of ``FEATURES`` raises ``ValueError``."""
-    import pyarrow.parquet as pq
-
-    try:
-        columns = pq.read_schema(path).names
-    except Exception as err:  # noqa: BLE001 - any read failure is a corrupt shard for the user
-        raise ValueError(f"{path}: cannot be read as Parquet ({type(err).__name__}: {err}).") from None
-    missing = [name for name in FEATURES if name not in columns]
-    if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {', '.join(missing)}; a self-study dataset has the columns "
-            f"{', '.join(FEATURES)} (hfx.cartridges.synthesis.FEATURES)."
-        )
-    return columns
+    return check_parquet_columns(path, FEATURES, DATASET_WHAT)
 
 
-def shard_statistics(output_dir: str | Path) -> tuple[dict[str, int], int]:
-    """Conversations per seed kind and answer tokens, read shard by shard (memory does not grow with the rows)."""
+def shard_statistics(output_dir: str | Path) -> tuple[dict[str, int], int, int]:
+    """Conversations per seed kind, answer tokens and rows, read shard by shard (memory does not grow with the
+    rows); each shard is checked first."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    kinds = {kind: 0 for kind in SEED_KINDS}
-    answer_tokens = 0
-    for path in sorted((Path(output_dir) / "data").glob("train-*.parquet")):
+    kinds = dict.fromkeys(SEED_KINDS, 0)
+    answer_tokens = rows = 0
+    for path in shard_files(output_dir, "train", "run synthesis first", SHARDS_WHAT):
+        check_shard_columns(path)
         table = pq.read_table(path, columns=["seed_kind", "topk_token_ids"])
         for kind, count in zip(*table["seed_kind"].value_counts().flatten(), strict=True):
             kinds[kind.as_py()] = kinds.get(kind.as_py(), 0) + count.as_py()
         answer_tokens += pc.sum(pc.list_value_length(table["topk_token_ids"])).as_py() or 0
-    return kinds, answer_tokens
+        rows += table.num_rows
+    return kinds, answer_tokens, rows
 
 
 def write_dataset_card(output_dir: Path, manifest: dict, dataset: datasets.Dataset) -> None:
     from hfx.hub import render_card
 
-    kinds, answer_tokens = shard_statistics(output_dir)
+    kinds, answer_tokens, _ = shard_statistics(output_dir)
     render_card(
         "dataset_card.md",
         output_dir / "README.md",

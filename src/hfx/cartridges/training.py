@@ -22,12 +22,16 @@ from peft import (
     initialize_kv_prefix_from_past_key_values,
     initialize_kv_prefix_from_text,
 )
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers import Trainer, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
+from hfx.atomic import write_text_atomic
+from hfx.batching import padded
 from hfx.cartridges.corpus import Corpus, document_system_prompt
-from hfx.hub import write_text_atomic
+from hfx.checkpoints import MarkCompleteCheckpoints
 from hfx.losses import topk_distillation_loss
+from hfx.models import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +97,7 @@ class CartridgeCollator:
         width = max(len(r["input_ids"]) for r in rows)
         k = len(rows[0]["topk_token_ids"][0])
         batch = len(rows)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        input_ids, attention_mask = padded([r["input_ids"] for r in rows], self.pad_token_id)
         loss_mask = torch.zeros((batch, width), dtype=torch.bool)
         topk_ids = torch.zeros((batch, width, k), dtype=torch.long)
         topk_logprobs = torch.zeros((batch, width, k), dtype=torch.float32)
@@ -107,8 +110,6 @@ class CartridgeCollator:
                     f"Row {row.get('conversation_id')}: {n_answer} answer tokens but "
                     f"{len(row['topk_token_ids'])} teacher distributions (answer_start={start})."
                 )
-            input_ids[i, : len(ids)] = torch.as_tensor(ids)
-            attention_mask[i, : len(ids)] = 1
             loss_mask[i, start - 1 : len(ids) - 1] = True
             topk_ids[i, start - 1 : len(ids) - 1] = torch.as_tensor(row["topk_token_ids"])
             topk_logprobs[i, start - 1 : len(ids) - 1] = torch.as_tensor(row["topk_logprobs"])
@@ -131,14 +132,17 @@ class CartridgeTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count itself
+        self.add_callback(MarkCompleteCheckpoints())  # after the callbacks passed in
 
-    def _get_num_items_in_batch(self, batch_samples, device):
-        if not batch_samples or "loss_mask" not in batch_samples[0]:
-            return super()._get_num_items_in_batch(batch_samples, device)
-        count = sum(batch["loss_mask"].sum() for batch in batch_samples).to(device)
-        if self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
-        return count
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The optimizer step's micro-batches, and its number of answer tokens (the loss's normalizer): across
+        processes when ``average_tokens_across_devices`` (the default), else this process's."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and "loss_mask" in batch_samples[0]:
+            num_items = sum(batch["loss_mask"].sum() for batch in batch_samples).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items = self.accelerator.gather(num_items).sum()
+        return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(
@@ -160,13 +164,16 @@ class CartridgeTrainer(Trainer):
             accumulation = getattr(self, "current_gradient_accumulation_steps", 1)
             loss = loss / inputs["loss_mask"].sum().clamp(min=1) / accumulation
         else:
-            # DDP averages gradients over processes: scale back up so the step is sum / (all tokens).
-            loss = loss / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
+            loss = loss / num_items_in_batch.clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                # DDP averages gradients over processes: scale back up so the step is sum / (all tokens).
+                loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
-        replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
 
 
 def create_cartridge(
@@ -189,8 +196,8 @@ def create_cartridge(
     config = CartridgeConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, num_frozen_tokens=num_frozen_tokens
     )
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
+    with seeded(seed, model.device):  # PEFT draws "random_vectors" from the global generator
+        peft_model = get_peft_model(model, config)
     if initialization == "first_tokens":
         # The cartridge starts as the ICL prompt truncated to p tokens: the same system turn, cut short.
         initialize_kv_prefix_from_text(peft_model, tokenizer, text=document_system_prompt(corpus.text))
@@ -215,10 +222,10 @@ def check_cartridge_fits(adapter_dir: str | Path, base_config) -> PeftConfig:
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; not a saved cartridge.")
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
-    except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file for the user
+    except (OSError, ValueError, TypeError, KeyError) as err:  # bad JSON, or a foreign config's fields
         raise ValueError(
             f"{adapter_dir / 'adapter_config.json'}: cannot be read as a PEFT config ({err})."
-        ) from None
+        ) from err
     if str(config.peft_type) not in ("CARTRIDGE", "PeftType.CARTRIDGE"):
         raise ValueError(f"{adapter_dir}: adapter type is {config.peft_type}, not CARTRIDGE.")
     text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
@@ -243,17 +250,62 @@ def check_cartridge_fits(adapter_dir: str | Path, base_config) -> PeftConfig:
 
 def load_cartridge(model, adapter_dir: str | Path) -> PeftModel:
     """Attach a saved cartridge to ``model`` after checking that it fits and that its weights are readable."""
-    check_cartridge_fits(adapter_dir, model.config)
+    config = check_cartridge_fits(adapter_dir, model.config)
+    check_cartridge_weights(adapter_dir, config.num_virtual_tokens, prompt_width(config))
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+def prompt_width(config) -> int:
+    """Width of a cartridge's ``prompt_embeddings`` rows: keys and values of every layer (PEFT's layout)."""
+    return config.num_layers * 2 * config.token_dim
+
+
+def check_cartridge_weights(
+    adapter_dir: str | Path, num_virtual_tokens: int | None = None, width: int | None = None
+) -> tuple[int, ...]:
+    """The shape of a saved cartridge's ``prompt_embeddings``, read from the safetensors header without loading.
+
+    Raises ``FileNotFoundError`` when the weights are missing and ``ValueError`` naming the file when they are
+    truncated or foreign, or when their shape is not ``(num_virtual_tokens, width)`` (each checked when given).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    weights = Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{adapter_dir}: no {SAFETENSORS_WEIGHTS_NAME} (the cartridge's weights); training has not finished, "
+            "run it again to resume."
+        )
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
-    except Exception as err:  # noqa: BLE001
+        with safe_open(str(weights), framework="numpy") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as err:  # a truncated or foreign file
         raise ValueError(
-            f"{adapter_dir}: the cartridge's weights cannot be loaded ({type(err).__name__}: {err})."
-        ) from None
+            f"{weights}: the cartridge's weights cannot be read ({type(err).__name__}: {err})."
+        ) from err
+    shape = shapes.get("prompt_embeddings")
+    if shape is None:
+        raise ValueError(f"{weights}: no 'prompt_embeddings' tensor; not a cartridge's weights.")
+    if len(shape) != 2 or (width is not None and shape[1] != width):
+        raise ValueError(
+            f"{weights}: prompt_embeddings has shape {shape}, expected (p, {width}) from adapter_config.json; "
+            "the folder mixes two cartridges."
+        )
+    if num_virtual_tokens is not None and shape[0] != num_virtual_tokens:
+        raise ValueError(
+            f"{weights}: prompt_embeddings holds {shape[0]} tokens but adapter_config.json says "
+            f"num_virtual_tokens={num_virtual_tokens}; the folder mixes two cartridges."
+        )
+    return shape
 
 
 def write_metadata(output_dir: str | Path, metadata: dict) -> None:
     write_text_atomic(Path(output_dir) / METADATA_FILE, json.dumps(metadata, indent=2))
+
+
+def is_trained_cartridge(output_dir: str | Path) -> bool:
+    """Whether training finished in ``output_dir``: its metadata, the last file training writes, is there."""
+    return (Path(output_dir) / METADATA_FILE).is_file()
 
 
 def read_metadata(output_dir: str | Path) -> dict:

@@ -117,7 +117,7 @@ def _split(dataset, eval_examples: int):
 
 def run_train(args: LensArguments, training_args) -> Path:
     """Train (resuming from the last checkpoint in output_dir if any) and save the lens with a card."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from hfx.checkpoints import last_complete_checkpoint
 
     from .modeling_lens import ConsistencyLens
     from .training import LensTrainer
@@ -158,11 +158,13 @@ def run_train(args: LensArguments, training_args) -> Path:
         processing_class=tokenizer,
         topk=topk,
     )
-    last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
-    trainer.train(resume_from_checkpoint=last)
+    last = last_complete_checkpoint(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve beside the lens
-    if trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the folder's other files
+    if (
+        trainer.is_world_process_zero()
+    ):  # under `accelerate launch`, one process writes the folder's other files
         tokenizer.save_pretrained(training_args.output_dir)
         write_lens_card(training_args.output_dir, lens.config)
     trainer.accelerator.wait_for_everyone()
@@ -189,7 +191,7 @@ def run_eval(args: LensArguments, lens_dir: str, output: str | None = None, batc
     """Evaluate a trained lens on the held-out split of its activation dataset; write the results as JSON."""
     import json
 
-    from hfx.hub import write_text_atomic
+    from hfx.atomic import write_text_atomic
 
     from .evaluation import evaluate_lens
     from .modeling_lens import ConsistencyLens

@@ -28,6 +28,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
+from hfx.checkpoints import MarkCompleteCheckpoints
 from hfx.losses import entropy, topk_kl_divergence
 
 from .activations import patched_next_token_logits
@@ -167,6 +168,8 @@ class LensTrainer(Trainer):
         # frozen model must sit there too, or every patched pass would mix devices.
         self.base_model = base_model.eval().requires_grad_(False).to(self.args.device)
         self.topk = topk
+        self.add_callback(MarkCompleteCheckpoints())  # after the callbacks passed in
+        self._exponential = None  # the exponential-decay scheduler this trainer made, if any
         self._metrics: dict[str, tuple[float, int]] = {}
         self._samples: list[dict] = []
 
@@ -209,14 +212,16 @@ class LensTrainer(Trainer):
         return max(0, self.state.global_step - self.args.context_warmup_steps)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.args.exponential_lr and self.lr_scheduler is None:
+        # A scheduler passed in `optimizers=` is kept; the exponential one is made anew for every `train()` call,
+        # since the number of steps may differ.
+        if self.args.exponential_lr and (self.lr_scheduler is None or self.lr_scheduler is self._exponential):
             factor = exponential_lr_lambda(
                 self.args.get_warmup_steps(num_training_steps),
                 num_training_steps,
                 self.args.lr_scheduler_kwargs.get("final_lr_ratio", 0.1),
             )
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
-            self._created_lr_scheduler = True
+            self._exponential = self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
 
     def with_activations(self, lens, inputs: dict) -> dict:
@@ -264,9 +269,10 @@ class LensTrainer(Trainer):
             total, count = self._metrics.get(key, (0.0, 0))
             self._metrics[key] = (total + float(value.detach()), count + 1)
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
-        replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
 
     def floating_point_ops(self, inputs: dict) -> int:
         # input_ids stay token lists here; count the frozen model's forward over them and the lens's own work.
@@ -325,8 +331,11 @@ class LensTrainer(Trainer):
                 header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
                 body = "".join("| " + " | ".join(row) + " |\n" for row in rows)
                 callback.tb_writer.add_text("lens/samples", header + body, self.state.global_step)
-            elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
-                callback._wandb.log({"lens/samples": callback._wandb.Table(columns=columns, data=rows)})
+            elif isinstance(callback, WandbCallback):
+                import wandb
+
+                if wandb.run is not None:  # the run the callback started
+                    wandb.log({"lens/samples": wandb.Table(columns=columns, data=rows)})
 
 
 def _cell(value) -> str:

@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfx.hub import write_text_atomic
+from hfx.atomic import write_text_atomic
 
 from .training import _config_fields, format_value, read_results
 
@@ -354,16 +354,14 @@ def _short_label(row: dict, axes: list[str]) -> str:
 def plot_results(rows: list[dict], output_dir: Path, axes: list[str] | None = None) -> Path:
     """Held-out perplexity against training tokens (one line per run) and at the end (bars), runs labelled by
     their axis values in the order named in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from hfx.artifacts import save_figure_atomic
 
     axes = list(axes or [])
     height = 3.2 + 0.22 * len(rows)
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [1.1, 1]})
+    fig = Figure(figsize=(13, height))
+    curves, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
     labels = [_short_label(row, axes) for row in rows]
     for row, label in zip(rows, labels, strict=True):
         curve = _eval_curve(output_dir / "runs" / row["run"])
@@ -388,7 +386,6 @@ def plot_results(rows: list[dict], output_dir: Path, axes: list[str] | None = No
             bars.text(value, i, f" {value:.1f}", va="center", fontsize=7)
     fig.tight_layout()
     saved = save_figure_atomic(fig, output_dir / "results.png")
-    plt.close(fig)
     return saved
 
 

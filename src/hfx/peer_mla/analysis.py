@@ -8,18 +8,18 @@ upper bound: heads may retrieve the same expert); the whole output head.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from hfx.artifacts import save_figure_atomic
+from hfx.atomic import atomic_folder
 
 from .configuration_peer_mla import PeerMlaConfig
 
@@ -165,10 +165,7 @@ def format_table(report: ParameterReport) -> str:
 
 def plot_parameters(report: ParameterReport, output: str | os.PathLike, title: str | None = None) -> Path:
     """A bar chart (log scale) of total vs active parameters per component, written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +173,8 @@ def plot_parameters(report: ParameterReport, output: str | os.PathLike, title: s
     totals = [row.total for row in report.rows] + [report.total]
     actives = [row.active for row in report.rows] + [report.active]
     positions = range(len(names))
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.6))
+    fig = Figure(figsize=(8, 0.55 * len(names) + 1.6))
+    ax = fig.subplots()
     ax.barh([p + 0.2 for p in positions], totals, height=0.4, label="total", color="#4c72b0")
     ax.barh([p - 0.2 for p in positions], actives, height=0.4, label="active per token", color="#dd8452")
     for p, (t, a) in enumerate(zip(totals, actives, strict=True)):
@@ -204,9 +202,10 @@ def init_model(
 ) -> Path:
     """Write a randomly initialised PeerMlaForCausalLM as a self-contained Hub folder (code, config, safetensors,
     tokenizer, card). The folder appears only when complete."""
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoTokenizer
 
     from hfx import embedded
+    from hfx.models import seeded
 
     from .modeling_peer_mla import PeerMlaForCausalLM
 
@@ -222,26 +221,19 @@ def init_model(
                 f"tokenizer {tokenizer!r} has {len(tok)} tokens but vocab_size is {config.vocab_size}; "
                 f"set vocab_size >= {len(tok)}."
             )
+        config = copy.deepcopy(config)  # the tokenizer's special ids go into the saved copy, not the caller's
         config.bos_token_id, config.eos_token_id = tok.bos_token_id, tok.eos_token_id
         config.pad_token_id = tok.pad_token_id
-    set_seed(seed)
-    model = PeerMlaForCausalLM(config).to(getattr(torch, dtype))
+    with seeded(seed):  # the initial weights, drawn without touching the caller's generators
+        model = PeerMlaForCausalLM(config).to(getattr(torch, dtype))
     report = analyze_parameters(config)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         model.save_pretrained(staging)
         if tok is not None:
             tok.save_pretrained(staging)
         write_model_card(
             staging, config, report, training=f"Randomly initialised (seed {seed}); not trained."
         )
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("wrote %s (%s parameters)", output_dir, _human(report.total))
     return output_dir
 

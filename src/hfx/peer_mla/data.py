@@ -40,20 +40,18 @@ source, or a JSON object with the fields of :class:`MixtureSource`, e.g.
 
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
-import sysconfig
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from hfx.atomic import atomic_file, atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +61,6 @@ STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_withou
 BUILTIN_SOURCES = ("python_stdlib", "pydoc_topics", "sklearn_descr")
 DEFAULT_MIXTURE = ("python_stdlib:0.6", "pydoc_topics:0.2", "sklearn_descr:0.2")
 PROBABILITY_TOLERANCE = 1e-6
-_STDLIB_SKIPPED_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-)
 
 
 @dataclass
@@ -259,17 +254,6 @@ def check_probabilities(probabilities: Sequence[float], num_datasets: int, names
 # Built-in offline sources
 
 
-@functools.lru_cache(maxsize=1)
-def _stdlib_files() -> tuple[str, ...]:
-    """The standard library's source files (scanned once per process: the walk takes a second or two)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return tuple(
-        str(path)
-        for path in sorted(stdlib.rglob("*.py"))
-        if not _STDLIB_SKIPPED_DIRS & set(path.relative_to(stdlib).parts[:-1])
-    )
-
-
 def _sklearn_descr_files() -> list[str]:
     from hfx.embedded import ALL_DESCRIPTIONS, corpus_files
 
@@ -287,23 +271,18 @@ def _pydoc_topics_file() -> str:
     )
     if target.is_file():
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for topic, text in load_documents("pydoc_topics"):
-                out.write(json.dumps({"topic": topic, "text": text}) + "\n")
-        os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    with atomic_file(target) as staging, staging.open("w", encoding="utf-8") as out:
+        for topic, text in load_documents("pydoc_topics"):
+            out.write(json.dumps({"topic": topic, "text": text}) + "\n")
     return str(target)
 
 
 def builtin_source(name: str, probability: float = 1.0) -> MixtureSource:
     """One of :data:`BUILTIN_SOURCES` as a :class:`MixtureSource` (files resolved now, read later)."""
     if name == "python_stdlib":
-        return MixtureSource(name, list(_stdlib_files()), "text", probability=probability)
+        from hfx.embedded import stdlib_files
+
+        return MixtureSource(name, [str(p) for p in stdlib_files()], "text", probability=probability)
     if name == "sklearn_descr":
         return MixtureSource(name, _sklearn_descr_files(), "text", probability=probability)
     if name == "pydoc_topics":
@@ -524,18 +503,12 @@ def train_tokenizer(args: DataArguments, output_dir: str | os.PathLike | None = 
         bos_token=TRAINED_TOKENIZER_EOS,
         pad_token=TRAINED_TOKENIZER_EOS,
     )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
-        tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, output_dir)
-        except OSError:  # another process finished the same tokenizer first
-            if not (output_dir / "tokenizer.json").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_folder(output_dir) as staging:
+            tokenizer.save_pretrained(staging)
+    except FileExistsError:  # another process finished the same tokenizer first
+        if not (output_dir / "tokenizer.json").is_file():
+            raise
     return AutoTokenizer.from_pretrained(output_dir)
 
 

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
-from hfx.hub import write_text_atomic
+from hfx.atomic import write_text_atomic
+from hfx.checkpoints import MarkCompleteCheckpoints, last_complete_checkpoint, remove_checkpoints
 from hfx.models import DeviceArguments
 
 from .analysis import _GENERIC_CONFIG_KEYS, analyze_parameters, load_config, write_model_card
@@ -55,7 +55,6 @@ RUN_CONFIG_NAME = "hfx_pretrain.json"
 RESULTS_NAME = "results.json"
 EXPERT_USAGE_DIR = "expert_usage"
 EXPERT_STATE_NAME = "expert_usage.safetensors"
-COMPLETE_MARKER = "hfx_checkpoint_complete"
 # Config fields that do not change what is trained (bookkeeping, or filled in from the tokenizer identically).
 _IGNORED_CONFIG_KEYS = _GENERIC_CONFIG_KEYS | {"_name_or_path", "use_cache", "attention_kernel", "mla_absorb"}
 
@@ -453,33 +452,6 @@ def check_resume_compatible(checkpoint: str | os.PathLike, expected: dict) -> No
         )
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint folder that a kill did not cut short: :class:`PeerMlaTrainer` marks a checkpoint complete
-    once every process has written its part; a plain Trainer checkpoint counts once trainer_state.json is there."""
-    if (path / COMPLETE_MARKER).is_file():
-        return True
-    return not (path / RUN_CONFIG_NAME).is_file() and (path / "trainer_state.json").is_file()
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The highest-step complete ``checkpoint-N`` folder of ``output_dir`` (incomplete ones are skipped)."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    found = []
-    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = path.name.rsplit("-", 1)[-1]
-        if path.is_dir() and step.isdigit():
-            found.append((int(step), path))
-    for _, path in sorted(found, reverse=True):
-        if is_complete_checkpoint(path):
-            return path
-        logger.warning("Skipping %s: incomplete (the run was stopped while saving it).", path)
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Expert monitoring
 
@@ -517,15 +489,13 @@ def plot_expert_usage(
     counts: dict[int, torch.Tensor], hot_factor: float, step: int, path: Path, window: int | None = None
 ) -> Path:
     """One histogram per PEER layer: how many experts were retrieved how often, hot threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from hfx.artifacts import save_figure_atomic
 
     layers = sorted(counts)
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.2), squeeze=False)
+    fig = Figure(figsize=(4 * len(layers), 3.2))
+    axes = fig.subplots(1, len(layers), squeeze=False)
     for ax, layer in zip(axes[0], layers, strict=True):
         count = counts[layer].double()
         mean = float(count.mean())
@@ -540,7 +510,6 @@ def plot_expert_usage(
     fig.suptitle(f"expert usage over {span}")
     fig.tight_layout()
     saved = save_figure_atomic(fig, path)
-    plt.close(fig)
     return saved
 
 
@@ -640,13 +609,16 @@ class ExpertUsageCallback(TrainerCallback):
                     pixels = np.asarray(Image.open(image).convert("RGB"))
                     callback.tb_writer.add_image("experts/usage_histogram", pixels, step, dataformats="HWC")
                     callback.tb_writer.flush()
-                elif isinstance(callback, WandbCallback) and getattr(callback, "_wandb", None) is not None:
-                    wandb = callback._wandb
-                    wandb.log({"experts/usage_histogram": wandb.Image(str(image)), "train/global_step": step})
-                elif (
-                    isinstance(callback, TrackioCallback) and getattr(callback, "_trackio", None) is not None
-                ):
-                    trackio = callback._trackio
+                elif isinstance(callback, WandbCallback):
+                    import wandb
+
+                    if wandb.run is not None:  # the run the callback started
+                        wandb.log(
+                            {"experts/usage_histogram": wandb.Image(str(image)), "train/global_step": step}
+                        )
+                elif isinstance(callback, TrackioCallback):
+                    import trackio  # logs to the run the callback started
+
                     trackio.log(
                         {"experts/usage_histogram": trackio.Image(str(image)), "train/global_step": step}
                     )
@@ -667,6 +639,7 @@ class PeerMlaTrainer(Trainer):
     def __init__(self, *args, run_config: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_config = run_config
+        self.add_callback(MarkCompleteCheckpoints())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key in ("loss", "eval_loss"):
@@ -686,27 +659,15 @@ class PeerMlaTrainer(Trainer):
             for layer, counts in zip(layers, saved, strict=True):
                 layer.expert_counts = counts
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             replace_pickled_training_args(output_dir, self.args)
-        if self.run_config is not None:
-            write_text_atomic(
-                Path(output_dir) / RUN_CONFIG_NAME, json.dumps(self.run_config, indent=2) + "\n"
-            )
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # Every process has written its RNG state and the main one trainer_state.json: mark it resumable.
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = (
-                Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            write_text_atomic(folder / COMPLETE_MARKER, "")
+            if self.run_config is not None:
+                write_text_atomic(
+                    Path(output_dir) / RUN_CONFIG_NAME, json.dumps(self.run_config, indent=2) + "\n"
+                )
 
 
 def convert_to_fp8(model: torch.nn.Module) -> int:
@@ -822,9 +783,12 @@ def pretrain(
         run_config=expected,
     )
     if training_args.expert_log_freq and config.num_experts:
+        # The expert state goes into each checkpoint before the checkpoint is marked complete.
+        marker = trainer.pop_callback(MarkCompleteCheckpoints)
         trainer.add_callback(
             ExpertUsageCallback(trainer, training_args.expert_log_freq, training_args.hot_expert_factor)
         )
+        trainer.add_callback(marker)
 
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     eval_metrics = {}
@@ -879,10 +843,10 @@ def pretrain(
             training=training,
             results={k: format_value(v) for k, v in results.items() if v is not None},
         )
-        if not training_args.keep_checkpoints:
-            for path in output_dir.glob("checkpoint-*"):
-                shutil.rmtree(path, ignore_errors=True)
+        # The results first: a kill while the checkpoints go leaves a finished run, never one without results.
         write_text_atomic(output_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+        if not training_args.keep_checkpoints:
+            remove_checkpoints(output_dir)
     trainer.accelerator.wait_for_everyone()
     return results
 

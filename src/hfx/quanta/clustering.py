@@ -17,7 +17,8 @@ import datasets
 import numpy as np
 
 from hfx.artifacts import save_figure_atomic, write_parquet_atomic
-from hfx.hub import render_card, write_text_atomic
+from hfx.atomic import write_text_atomic
+from hfx.hub import render_card
 
 from .similarity import angular_affinity, load_similarity
 
@@ -92,14 +93,12 @@ def power_law_fit(sizes) -> dict:
 
 
 def plot_sizes(sizes, fit: dict, output: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     ranked = np.sort(np.asarray(sizes))[::-1]
     ranks = np.arange(1, len(ranked) + 1)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     ax.loglog(ranks[ranked > 0], ranked[ranked > 0], "o", ms=4, label="clusters")
     if np.isfinite(fit["exponent"]):
         ax.loglog(

@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 
 from hfx.artifacts import write_parquet_atomic
-from hfx.hub import write_text_atomic
+from hfx.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -129,8 +129,6 @@ class PerTokenGradients:
             else:
                 dims.append(fan_out * fan_in + (fan_out if has_bias else 0))
         self.spec = GradientSpec(list(self.layers), projection_dim, seed, dims)
-        for module in self.layers.values():
-            module.weight.requires_grad_(True)
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
 
@@ -161,6 +159,10 @@ class PerTokenGradients:
         handles = self._hooks()
         was_training = self.model.training
         self.model.eval()
+        # The layers' outputs need a graph for their gradients: frozen weights take part for this call only.
+        frozen = [m.weight for m in self.layers.values() if not m.weight.requires_grad]
+        for weight in frozen:
+            weight.requires_grad_(True)
         try:
             with torch.enable_grad():
                 logits = self._last_logits(input_ids, mask, position_ids)
@@ -175,6 +177,8 @@ class PerTokenGradients:
             self._inputs.clear()
             self._outputs.clear()
             self.model.train(was_training)
+            for weight in frozen:
+                weight.requires_grad_(False)
 
     def _last_logits(self, input_ids, mask, position_ids) -> torch.Tensor:
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)

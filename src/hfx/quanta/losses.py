@@ -24,6 +24,7 @@ from hfx.artifacts import (
     shard_rows,
     write_parquet_atomic,
 )
+from hfx.batching import padded
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +87,7 @@ def make_windows(tokenizer, documents: list[tuple[str, str]], config: LossesConf
 def window_losses(model, windows: list[list[int]]) -> list[list[float]]:
     """Per-position losses (nats) of right-padded windows in one forward; position 0 is NaN."""
     device = next(model.parameters()).device
-    length = max(len(w) for w in windows)
-    input_ids = torch.zeros(len(windows), length, dtype=torch.long)
-    mask = torch.zeros(len(windows), length, dtype=torch.long)
-    for row, window in enumerate(windows):
-        input_ids[row, : len(window)] = torch.tensor(window)
-        mask[row, : len(window)] = 1
+    input_ids, mask = padded(windows)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     losses = -logprobs.gather(-1, input_ids[:, 1:, None].to(device))[..., 0]

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from hfx import embedded, models
+from hfx.atomic import write_text_atomic
 from hfx.documents import DEFAULT_DATASET, load_documents
-from hfx.hub import write_text_atomic
 
 from .clustering import ClusterConfig, cluster_tokens
 from .filters import FilterConfig, load_tokens, select_tokens, write_tokens

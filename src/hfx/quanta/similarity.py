@@ -9,6 +9,7 @@ the angular one, 1 - arccos(C) / pi (in [0, 1], 1 for identical directions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -65,6 +66,8 @@ def compute_gradients(
             "layers": gradients.spec.layers,
             "width": gradients.spec.width,
             "tokens": len(tokens),
+            # Which tokens: a re-filtered set of the same size is other work, not a run to resume.
+            "token_index_sha256": token_index_digest(tokens["token_index"]),
         },
         "gradients_config.json",
         "per-token gradients",
@@ -104,6 +107,11 @@ def compute_gradients(
                 {"token_index": torch.tensor(rows["token_index"]), "gradients": result}, _shard(out, shard)
             )
     return out
+
+
+def token_index_digest(token_index) -> str:
+    """SHA-256 of the kept tokens' corpus indices, in order."""
+    return hashlib.sha256(torch.tensor(list(token_index), dtype=torch.int64).numpy().tobytes()).hexdigest()
 
 
 def _shard(out: Path, index: int) -> Path:

@@ -9,18 +9,17 @@ network. The helpers that turn a token and its context into HTML are shared with
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import json
 import logging
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hfx.hub import write_text_atomic
+from hfx.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +33,21 @@ META_KEYS = ("n_clusters", "n_tokens", "sizes", "power_law")
 # Whitespace would be invisible inside the highlight: show it as visible marks.
 _VISIBLE = {"\n": "⏎", "\r": "␍", "\t": "⇥", " ": "·"}
 
-EXAMPLES_CSS = """
-.quanta-examples { list-style: none; margin: 0; padding: 0; font-family: ui-monospace, SFMono-Regular, Menlo,
-  Consolas, monospace; font-size: 13px; }
-.quanta-examples li { padding: 6px 8px; border-bottom: 1px solid #e5e7eb; white-space: pre-wrap;
-  overflow-wrap: anywhere; color: #111827; }
-.quanta-examples .context { color: #4b5563; }
-.quanta-examples mark.token { background: #fde68a; color: #111827; font-weight: 600; border-radius: 3px;
-  padding: 0 2px; }
-.quanta-examples .loss { color: #9ca3af; font-size: 11px; margin-left: 8px; white-space: nowrap; }
-"""
+TEMPLATES = Path(__file__).parent / "templates"
+#: The examples' style, shared by the static page and the quanta-browser Space.
+EXAMPLES_CSS = (TEMPLATES / "examples.css").read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=1)
+def _templates():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(["html", "html.j2"]),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -251,33 +255,33 @@ def meta_summary(meta: dict) -> list[tuple[str, str]]:
 
 def meta_html(meta: dict) -> str:
     """The header fields as one line of HTML (escaped)."""
-    return " · ".join(
-        f'<span class="field">{html.escape(label)}: <b>{html.escape(text)}</b></span>'
-        for label, text in meta_summary(meta)
-    )
+    return _templates().get_template("meta.html.j2").render(fields=meta_summary(meta))
 
 
-def example_html(example: TokenExample, context_chars: int = 300) -> str:
-    """One ``<li>``: the context tail, then the token highlighted in a ``<mark>``, then its loss."""
-    return (
-        f'<li><span class="context">{html.escape(context_tail(example.context, context_chars))}</span>'
-        f'<mark class="token" title="token id {example.token_id}">{html.escape(display_token(example.token))}'
-        f'</mark><span class="loss">{example.loss_bits:.3f} bits · doc {example.doc_id} · pos {example.position}'
-        "</span></li>"
-    )
+def _example_fields(example: TokenExample, context_chars: int) -> dict:
+    return {
+        "token": example.token,
+        "shown": display_token(example.token),
+        "context": context_tail(example.context, context_chars),
+        "loss_bits": None if math.isnan(example.loss_bits) else round(example.loss_bits, 4),
+        "loss": f"{example.loss_bits:.3f}",
+        "token_index": example.token_index,
+        "doc_id": example.doc_id,
+        "position": example.position,
+        "token_id": example.token_id,
+    }
 
 
 def cluster_html(cluster: Cluster, max_examples: int = 200, context_chars: int = 300) -> str:
     """A cluster as HTML: its label, a summary line and its first ``max_examples`` examples (lowest loss first)."""
-    shown = cluster.examples[:max_examples]
-    more = (
-        f" (showing {len(shown)} of {cluster.size}, lowest loss first)" if len(shown) < cluster.size else ""
-    )
-    items = "".join(example_html(example, context_chars) for example in shown)
     return (
-        f'<h3 class="quanta-title" data-cluster="{cluster.cluster_id}">{html.escape(cluster.label)}</h3>'
-        f'<p class="quanta-summary">{html.escape(top_tokens_summary(cluster))}{html.escape(more)}</p>'
-        f'<ol class="quanta-examples">{items}</ol>'
+        _templates()
+        .get_template("cluster.html.j2")
+        .render(
+            cluster=cluster,
+            summary=top_tokens_summary(cluster),
+            shown=[_example_fields(example, context_chars) for example in cluster.examples[:max_examples]],
+        )
     )
 
 
@@ -296,36 +300,13 @@ def page_data(view: ClusterView, max_examples_per_cluster: int = 200, context_ch
                 "label": cluster.label,
                 "summary": top_tokens_summary(cluster),
                 "examples": [
-                    {
-                        "token": example.token,
-                        "shown": display_token(example.token),
-                        "context": context_tail(example.context, context_chars),
-                        "loss_bits": None if math.isnan(example.loss_bits) else round(example.loss_bits, 4),
-                        "token_index": example.token_index,
-                        "doc_id": example.doc_id,
-                        "position": example.position,
-                        "token_id": example.token_id,
-                    }
+                    {k: v for k, v in _example_fields(example, context_chars).items() if k != "loss"}
                     for example in cluster.examples[:max_examples_per_cluster]
                 ],
             }
             for cluster in view.clusters
         ],
     }
-
-
-def script_json(data: object) -> str:
-    """JSON safe inside ``<script type="application/json">``: no ``<``, ``>`` or ``&`` can end or open a tag."""
-    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
-    for char, escape in (
-        ("<", "\\u003c"),
-        (">", "\\u003e"),
-        ("&", "\\u0026"),
-        ("\u2028", "\\u2028"),
-        ("\u2029", "\\u2029"),
-    ):
-        text = text.replace(char, escape)
-    return text
 
 
 def write_html(
@@ -343,136 +324,20 @@ def write_html(
     output_path = Path(output_path)
     data = page_data(view, max_examples_per_cluster, context_chars)
 
-    options = "".join(
-        f'<option value="{cluster.cluster_id}">{html.escape(cluster.label)}</option>'
-        for cluster in view.clusters
-    )
-    plot = ""
+    sizes_png = None
     if view.sizes_plot is not None:
-        encoded = base64.b64encode(view.sizes_plot.read_bytes()).decode("ascii")
-        plot = (
-            '<details id="sizes"><summary>cluster sizes (rank / frequency)</summary>'
-            f'<img id="sizes-plot" alt="cluster sizes by rank" src="data:image/png;base64,{encoded}"></details>'
+        sizes_png = base64.b64encode(view.sizes_plot.read_bytes()).decode("ascii")
+    page = (
+        _templates()
+        .get_template("page.html.j2")
+        .render(
+            model=view.meta.get("model", ""),
+            fields=meta_summary(view.meta),
+            sizes_png=sizes_png,
+            clusters=view.clusters,
+            data=data,
         )
-    fields = {
-        "CSS": EXAMPLES_CSS + _PAGE_CSS,
-        "TITLE": html.escape(f"Quanta clusters — {view.meta.get('model', '')}"),
-        "HEADER": meta_html(view.meta),
-        "OPTIONS": options,
-        "PLOT": plot,
-        "JS": _PAGE_JS,
-        "DATA": script_json(data),
-    }
-    # One pass, so that text from the artifact can never be taken for a later placeholder.
-    page = re.sub(r"%%([A-Z]+)%%", lambda match: fields[match.group(1)], _PAGE)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    )
     write_text_atomic(output_path, page)
     logger.info("Wrote %s (%d clusters).", output_path, len(view.clusters))
     return output_path
-
-
-_PAGE_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1100px;
-  padding: 16px 24px; color: #111827; }
-h1 { font-size: 20px; margin: 0 0 4px; }
-#meta { color: #374151; font-size: 14px; margin: 0 0 12px; }
-#nav { display: flex; gap: 8px; align-items: center; margin: 12px 0; flex-wrap: wrap; }
-#nav select { font-size: 14px; padding: 4px; min-width: 260px; }
-#nav button { font-size: 14px; padding: 4px 12px; cursor: pointer; }
-#nav .hint { color: #6b7280; font-size: 12px; }
-#cluster-title { font-size: 17px; margin: 12px 0 2px; }
-#summary { color: #374151; font-size: 13px; margin: 0 0 8px; overflow-wrap: anywhere; }
-#sizes img { max-width: 560px; width: 100%; }
-"""
-
-_PAGE_JS = """
-(function () {
-  "use strict";
-  const data = JSON.parse(document.getElementById("cluster-data").textContent);
-  const select = document.getElementById("cluster-select");
-  const title = document.getElementById("cluster-title");
-  const summary = document.getElementById("summary");
-  const list = document.getElementById("examples");
-  const clusters = data.clusters;
-  let current = 0;
-
-  function span(className, text) {
-    const element = document.createElement("span");
-    element.className = className;
-    element.textContent = text;
-    return element;
-  }
-
-  function render(example) {
-    const item = document.createElement("li");
-    item.appendChild(span("context", example.context));
-    const mark = document.createElement("mark");
-    mark.className = "token";
-    mark.title = "token id " + example.token_id;
-    mark.textContent = example.shown;
-    item.appendChild(mark);
-    const loss = example.loss_bits === null ? "nan" : example.loss_bits.toFixed(3);
-    item.appendChild(span("loss", loss + " bits · doc " + example.doc_id + " · pos " + example.position));
-    return item;
-  }
-
-  function show(index) {
-    if (!clusters.length) return;
-    current = ((index % clusters.length) + clusters.length) % clusters.length;
-    const cluster = clusters[current];
-    select.value = String(cluster.id);
-    title.textContent = cluster.label;
-    title.dataset.cluster = String(cluster.id);
-    const shown = cluster.examples.length;
-    summary.textContent = cluster.summary +
-      (shown < cluster.size ? " (showing " + shown + " of " + cluster.size + ", lowest loss first)" : "");
-    list.replaceChildren.apply(list, cluster.examples.map(render));
-    try { history.replaceState(null, "", "#cluster-" + cluster.id); } catch (error) { /* file: URLs */ }
-  }
-
-  function indexOf(id) {
-    return clusters.findIndex(function (cluster) { return String(cluster.id) === String(id); });
-  }
-
-  select.addEventListener("change", function () { show(indexOf(select.value)); });
-  document.getElementById("prev").addEventListener("click", function () { show(current - 1); });
-  document.getElementById("next").addEventListener("click", function () { show(current + 1); });
-  window.addEventListener("keydown", function (event) {
-    if (event.altKey || event.ctrlKey || event.metaKey) return;
-    const tag = event.target && event.target.tagName;
-    if (tag === "INPUT" || tag === "TEXTAREA") return;
-    if (event.key === "ArrowRight") { event.preventDefault(); show(current + 1); }
-    else if (event.key === "ArrowLeft") { event.preventDefault(); show(current - 1); }
-  }, true);
-
-  const fromHash = indexOf(location.hash.replace(/^#cluster-/, ""));
-  show(fromHash >= 0 ? fromHash : 0);
-})();
-"""
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>%%TITLE%%</title>
-<style>%%CSS%%</style>
-</head>
-<body>
-<h1>Quanta clusters</h1>
-<p id="meta">%%HEADER%%</p>
-%%PLOT%%
-<div id="nav">
-  <button id="prev" type="button" title="previous cluster (←)">◀ prev</button>
-  <select id="cluster-select" aria-label="cluster">%%OPTIONS%%</select>
-  <button id="next" type="button" title="next cluster (→)">next ▶</button>
-  <span class="hint">← / → step through clusters, largest first</span>
-</div>
-<h2 id="cluster-title"></h2>
-<p id="summary"></p>
-<ol id="examples" class="quanta-examples"></ol>
-<script type="application/json" id="cluster-data">%%DATA%%</script>
-<script>%%JS%%</script>
-</body>
-</html>
-"""

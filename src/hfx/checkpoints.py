@@ -1,0 +1,81 @@
+"""One resume protocol for every hfx trainer (cartridge, lens, PEER-MLA): a kill at any moment loses at most the work
+since the last complete checkpoint, and never makes a later run skip work.
+
+* A ``checkpoint-N`` folder counts only once it carries :data:`COMPLETE_MARKER`, written by
+  :class:`MarkCompleteCheckpoints` after every process has written its part of it (Trainer writes checkpoints in
+  place, so a kill while saving leaves a folder that looks like a checkpoint but is not one).
+* :func:`last_complete_checkpoint` is what a run resumes from; incomplete folders are skipped with a warning.
+* At the end of a run, results and metadata are written (atomically) first, then :func:`remove_checkpoints` takes
+  each marker away before its folder is deleted; a run is marked done (its last file written) only when
+  everything else is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from hfx.atomic import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "hfx_checkpoint_complete"
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The folder Trainer saves the checkpoint of ``step`` into."""
+    return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+class MarkCompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once every process has written its part.
+
+    Add it after any callback that writes into checkpoints in ``on_save``: callbacks run in the order they were
+    added, and ``on_save`` runs once Trainer has written the checkpoint.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # every process has written its RNG state, the main one the rest
+        folder = checkpoint_dir(args.output_dir, state.global_step)
+        if state.is_world_process_zero and folder.is_dir():
+            write_text_atomic(folder / COMPLETE_MARKER, "")
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoint-N`` folder in ``output_dir``, by step."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.rsplit("-", 1)[-1]
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest-step complete checkpoint of ``output_dir``, or ``None``; incomplete ones are skipped."""
+    for _, path in reversed(checkpoints(output_dir)):
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("Skipping %s: incomplete (the run was stopped while saving it).", path)
+    return None
+
+
+def remove_checkpoints(output_dir: str | Path) -> None:
+    """Delete the checkpoints of a finished run, each one's marker first: a kill half way through a deletion leaves
+    a folder no later run will resume from."""
+    for _, path in checkpoints(output_dir):
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path)
