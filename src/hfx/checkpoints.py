@@ -24,6 +24,8 @@ from hfx.atomic import write_text_atomic
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "hfx_checkpoint_complete"
+#: Trainer's state file in a checkpoint (global step, max steps, the log history).
+TRAINER_STATE = "trainer_state.json"
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -71,6 +73,21 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
             return path
         logger.warning("Skipping %s: incomplete (the run was stopped while saving it).", path)
     return None
+
+
+def finished_state(checkpoint: str | Path | None):
+    """The checkpoint's ``TrainerState`` when its run had already reached ``max_steps`` (nothing is left to
+    train), else ``None``.
+
+    A run killed after its last checkpoint is finished training. Trainer resumed from such a checkpoint takes one
+    step more than ``max_steps`` (it steps before it checks), so the pipelines restore the checkpoint instead.
+    """
+    from transformers import TrainerState
+
+    if checkpoint is None or not (Path(checkpoint) / TRAINER_STATE).is_file():
+        return None
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
 
 
 def remove_checkpoints(output_dir: str | Path) -> None:

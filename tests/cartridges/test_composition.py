@@ -19,7 +19,7 @@ TEXTS = (
 
 def _save_cartridges(tmp_path, tokenizer, model, sizes=(4, 6, 5), base="tiny-base"):
     dirs = []
-    for i, (text, p) in enumerate(zip(TEXTS, sizes, strict=True)):
+    for i, (text, p) in enumerate(zip(TEXTS[: len(sizes)], sizes, strict=True)):
         corpus = Corpus(f"doc{i}", text * 10, tokenizer(text * 10, add_special_tokens=False)["input_ids"])
         peft_model = create_cartridge(
             model, tokenizer, corpus, num_virtual_tokens=p, initialization="random_text", seed=i

@@ -28,7 +28,7 @@ def test_named_corpus_and_files(tmp_path, tokenizer):
         (b"", "empty"),
         (b"  \n\n ", "empty"),
         (b"\x7fELF\x00\x00binary", "binary"),
-        (b"caf\xe9 latin-1", "not UTF-8"),
+        (b"caf\xe9 latin-1", "not valid UTF-8"),
     ],
 )
 def test_bad_documents_are_named_in_the_error(tmp_path, content, message):
@@ -42,7 +42,7 @@ def test_bad_documents_are_named_in_the_error(tmp_path, content, message):
 def test_missing_path_and_folder_without_text(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_document(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="no .txt/.md/.rst files"):
+    with pytest.raises(ValueError, match="no .txt/.md/.rst/.py files"):
         read_document(tmp_path)
 
 

@@ -36,7 +36,7 @@ from hfx.cartridges.training import (
     read_metadata,
     write_metadata,
 )
-from hfx.checkpoints import last_complete_checkpoint, remove_checkpoints
+from hfx.checkpoints import finished_state, last_complete_checkpoint, remove_checkpoints
 from hfx.models import (
     DeviceArguments,
     dtype_name,
@@ -61,6 +61,10 @@ def train_cartridge(
     ``callbacks`` are ``transformers.TrainerCallback`` objects added to the Trainer (e.g. to keep a copy of each
     checkpoint's adapter: the checkpoints themselves are removed once the cartridge is saved).
     """
+    from peft import set_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
     # The frozen base goes where Trainer trains (its device), in the training dtype; the cartridge stays float32.
     model, tokenizer = load_causal_lm(model_name_or_path, device=args.device, dtype=args.model_dtype)
     for param in model.parameters():
@@ -83,9 +87,17 @@ def train_cartridge(
         callbacks=callbacks,
     )
     last = last_complete_checkpoint(args.output_dir)
-    if last:
-        logger.info("Resuming training from %s", last)
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    done = finished_state(last)
+    if done is not None:  # killed after its last step: the cartridge is that checkpoint's
+        logger.info("Training had finished in %s; restoring it", last)
+        set_peft_model_state_dict(peft_model, load_file(last / SAFETENSORS_WEIGHTS_NAME))
+        trainer.state = done
+        train_loss, train_runtime = None, None
+    else:
+        if last:
+            logger.info("Resuming training from %s", last)
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        train_loss, train_runtime = result.training_loss, result.metrics.get("train_runtime")
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve (log_history), written by the main process
     trainer.accelerator.wait_for_everyone()
@@ -109,8 +121,8 @@ def train_cartridge(
             * args.gradient_accumulation_steps
             * trainer.accelerator.num_processes,
             "train_conversations": len(dataset),
-            "train_loss": result.training_loss,
-            "train_runtime_s": result.metrics.get("train_runtime"),
+            "train_loss": train_loss,
+            "train_runtime_s": train_runtime,
         },
     )
     remove_checkpoints(args.output_dir)

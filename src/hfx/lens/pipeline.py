@@ -8,6 +8,7 @@ Manifests and cards record the resolved dtype ("float32", "bfloat16"), never "au
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from hfx import models
 from hfx.documents import DEFAULT_DATASET, load_documents
 
 from .data import DumpConfig, dump_activations, load_activations
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,7 +120,7 @@ def _split(dataset, eval_examples: int):
 
 def run_train(args: LensArguments, training_args) -> Path:
     """Train (resuming from the last checkpoint in output_dir if any) and save the lens with a card."""
-    from hfx.checkpoints import last_complete_checkpoint
+    from hfx.checkpoints import finished_state, last_complete_checkpoint
 
     from .modeling_lens import ConsistencyLens
     from .training import LensTrainer
@@ -127,7 +130,11 @@ def run_train(args: LensArguments, training_args) -> Path:
     data = load_activations(args.activations_dir)
     layer = data[0]["layer"]
     train, _ = _split(data, args.eval_examples)
-    if args.lens_name_or_path:
+    last = last_complete_checkpoint(training_args.output_dir)
+    done = finished_state(last)  # killed after its last step: the lens is that checkpoint's
+    if done is not None:
+        lens = ConsistencyLens.from_pretrained(last, dtype=base.dtype)
+    elif args.lens_name_or_path:
         lens = ConsistencyLens.from_pretrained(args.lens_name_or_path, dtype=base.dtype)
     else:
         if args.output_init not in ("identity", "mean"):
@@ -158,8 +165,11 @@ def run_train(args: LensArguments, training_args) -> Path:
         processing_class=tokenizer,
         topk=topk,
     )
-    last = last_complete_checkpoint(training_args.output_dir)
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if done is not None:
+        logger.info("Training had finished in %s; restoring it", last)
+        trainer.state = done
+    else:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve beside the lens
     if (

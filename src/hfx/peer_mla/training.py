@@ -38,7 +38,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
 from hfx.atomic import write_text_atomic
-from hfx.checkpoints import MarkCompleteCheckpoints, last_complete_checkpoint, remove_checkpoints
+from hfx.checkpoints import (
+    MarkCompleteCheckpoints,
+    finished_state,
+    last_complete_checkpoint,
+    remove_checkpoints,
+)
 from hfx.models import DeviceArguments
 
 from .analysis import _GENERIC_CONFIG_KEYS, analyze_parameters, load_config, write_model_card
@@ -747,7 +752,10 @@ def pretrain(
         step_tokens,
     )
     set_seed(training_args.seed)
-    model = PeerMlaForCausalLM(config)
+    done = finished_state(checkpoint)  # killed after its last step: the model is that checkpoint's
+    model = (
+        PeerMlaForCausalLM.from_pretrained(checkpoint, config=config) if done else PeerMlaForCausalLM(config)
+    )
     if training_args.fp8:
         converted = convert_to_fp8(model)
         logger.info("fp8: %d Linear layers train in float8", converted)
@@ -790,7 +798,13 @@ def pretrain(
         )
         trainer.add_callback(marker)
 
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if done is not None:
+        logger.info("Training had finished in %s; restoring it", checkpoint)
+        trainer.state = done
+        train_loss, train_metrics = None, {}
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_loss, train_metrics = result.training_loss, result.metrics
     eval_metrics = {}
     if eval_dataset is not None:  # the last step's evaluation when there was one, else a final evaluation
         final = [
@@ -816,15 +830,15 @@ def pretrain(
         "device": device.type,
         "precision": precision,
         "peer_kernel": peer_kernel,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
         "eval_perplexity": eval_metrics.get("eval_perplexity"),
         "eval_tokens": len(eval_rows) * data_args.block_size,
-        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_runtime_s": train_metrics.get("train_runtime"),
         "train_tokens_per_second": (
             (tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0))
-            / result.metrics["train_runtime"]
-            if result.metrics.get("train_runtime")
+            / train_metrics["train_runtime"]
+            if train_metrics.get("train_runtime")
             else None
         ),
     }
