@@ -130,6 +130,17 @@ LENS_RUN = KILL_POINTS + textwrap.dedent(
     """
     import sys
     from hfx.cli import main
+    from hfx.lens.training import LensTrainer
+
+    if point == "final":  # the last checkpoint is complete; the lens itself not yet saved
+        save_model = LensTrainer.save_model
+
+        def killed_save_model(self, output_dir=None, _internal_call=False):
+            if not _internal_call:
+                die()
+            return save_model(self, output_dir, _internal_call)
+
+        LensTrainer.save_model = killed_save_model
 
     main(sys.argv[1:])
     print("finished")
@@ -137,7 +148,8 @@ LENS_RUN = KILL_POINTS + textwrap.dedent(
 )
 
 
-def test_a_lens_run_killed_while_saving_a_checkpoint_resumes_from_the_one_before(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("kill_at", ["checkpoint-4", "final"])
+def test_a_lens_run_killed_at_its_end_finishes_when_run_again(tmp_path, tiny_model_dir, kill_at):
     activations = tmp_path / "acts"
     dump = [
         "lens", "dump", "--model_name_or_path", tiny_model_dir, "--dataset", "sklearn_descr", "--layer", "1",
@@ -151,10 +163,13 @@ def test_a_lens_run_killed_while_saving_a_checkpoint_resumes_from_the_one_before
         "--save_steps", "2", "--per_device_train_batch_size", "4", "--eval_examples", "4", "--device", "cpu",
         "--verbose_samples", "0", "--disable_tqdm", "true",
     ]  # fmt: skip
-    killed(run(LENS_RUN, train, "checkpoint-4"))
+    killed(run(LENS_RUN, train, kill_at))
     assert (lens / "checkpoint-4").is_dir() and not (lens / "config.json").exists()
     log = finished(run(LENS_RUN, train))
-    assert "checkpoint-4: incomplete" in log
+    if kill_at == "checkpoint-4":
+        assert "checkpoint-4: incomplete" in log
+    else:  # restored from its last checkpoint, not trained a step further
+        assert "Training had finished" in log
     state = json.loads((lens / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and (lens / "model.safetensors").is_file()
 
