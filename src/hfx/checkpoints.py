@@ -13,6 +13,7 @@ since the last complete checkpoint, and never makes a later run skip work.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -75,11 +76,21 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
-def finished_state(checkpoint: str | Path | None):
-    """The checkpoint's ``TrainerState`` when its run had already reached ``max_steps`` (nothing is left to
-    train), else ``None``.
+def planned_steps(trainer) -> int:
+    """The optimizer steps ``trainer.train()`` takes in all, by Trainer's rule: ``max_steps`` when set, else the
+    epochs times the steps of one epoch (this process's batches over the accumulation steps)."""
+    if trainer.args.max_steps > 0:
+        return trainer.args.max_steps
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(math.ceil(batches / trainer.args.gradient_accumulation_steps), 1)
+    return math.ceil(trainer.args.num_train_epochs * per_epoch)
 
-    A run killed after its last checkpoint is finished training. Trainer resumed from such a checkpoint takes one
+
+def finished_state(checkpoint: str | Path | None, max_steps: int):
+    """The checkpoint's ``TrainerState`` when it is already at the run's last step (``max_steps``): nothing is
+    left to train. Else ``None``.
+
+    A run killed after its last checkpoint has finished training. Trainer resumed from such a checkpoint takes one
     step more than ``max_steps`` (it steps before it checks), so the pipelines restore the checkpoint instead.
     """
     from transformers import TrainerState
@@ -87,7 +98,7 @@ def finished_state(checkpoint: str | Path | None):
     if checkpoint is None or not (Path(checkpoint) / TRAINER_STATE).is_file():
         return None
     state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
-    return state if state.max_steps and state.global_step >= state.max_steps else None
+    return state if state.global_step >= max_steps > 0 else None
 
 
 def remove_checkpoints(output_dir: str | Path) -> None:

@@ -75,11 +75,15 @@ def test_synthesis_through_transformers_serve_rescores_exactly_and_survives_the_
 
     # The server goes away while the run asks for more: a clear error after the retries, and the shards it had
     # finished stay as they were (a later run with a server continues from them: test_server's fake-server test).
-    shards = {p.name: p.read_bytes() for p in (tmp_path / "syn" / "data").glob("train-*.parquet")}
-    assert sorted(shards) == ["train-00000.parquet", "train-00001.parquet"]
+    data = tmp_path / "syn" / "data"
+    assert sorted(p.name for p in data.glob("train-*.parquet")) == [
+        "train-00000.parquet",
+        "train-00001.parquet",
+    ]
+    (data / "train-00001.parquet").unlink()  # as if the run had been stopped before its second shard
+    first = (data / "train-00000.parquet").read_bytes()
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-    more = SynthesisConfig(**{**config.__dict__, "num_conversations": 6})
     dead = ServerArguments(
         server_url=url,
         server_model=str(embedded_dir),
@@ -91,7 +95,7 @@ def test_synthesis_through_transformers_serve_rescores_exactly_and_survives_the_
         match=rf"127.0.0.1:{url.rsplit(':', 1)[1]}/v1/chat/completions: failed after 2 attempts.*ConnectError",
     ):
         synthesize(
-            embedded_model, tokenizer, corpus, tmp_path / "syn", more, model_name="smollm2", server=dead
+            embedded_model, tokenizer, corpus, tmp_path / "syn", config, model_name="smollm2", server=dead
         )
-    after = {p.name: p.read_bytes() for p in (tmp_path / "syn" / "data").glob("train-*.parquet")}
-    assert after == shards
+    assert [p.name for p in data.glob("train-*.parquet")] == ["train-00000.parquet"]
+    assert (data / "train-00000.parquet").read_bytes() == first

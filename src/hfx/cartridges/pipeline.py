@@ -36,7 +36,7 @@ from hfx.cartridges.training import (
     read_metadata,
     write_metadata,
 )
-from hfx.checkpoints import finished_state, last_complete_checkpoint, remove_checkpoints
+from hfx.checkpoints import finished_state, last_complete_checkpoint, planned_steps, remove_checkpoints
 from hfx.models import (
     DeviceArguments,
     dtype_name,
@@ -87,7 +87,7 @@ def train_cartridge(
         callbacks=callbacks,
     )
     last = last_complete_checkpoint(args.output_dir)
-    done = finished_state(last)
+    done = finished_state(last, planned_steps(trainer))
     if done is not None:  # killed after its last step: the cartridge is that checkpoint's
         logger.info("Training had finished in %s; restoring it", last)
         set_peft_model_state_dict(peft_model, load_file(last / SAFETENSORS_WEIGHTS_NAME))

@@ -120,7 +120,7 @@ def _split(dataset, eval_examples: int):
 
 def run_train(args: LensArguments, training_args) -> Path:
     """Train (resuming from the last checkpoint in output_dir if any) and save the lens with a card."""
-    from hfx.checkpoints import finished_state, last_complete_checkpoint
+    from hfx.checkpoints import finished_state, last_complete_checkpoint, planned_steps
 
     from .modeling_lens import ConsistencyLens
     from .training import LensTrainer
@@ -130,11 +130,7 @@ def run_train(args: LensArguments, training_args) -> Path:
     data = load_activations(args.activations_dir)
     layer = data[0]["layer"]
     train, _ = _split(data, args.eval_examples)
-    last = last_complete_checkpoint(training_args.output_dir)
-    done = finished_state(last)  # killed after its last step: the lens is that checkpoint's
-    if done is not None:
-        lens = ConsistencyLens.from_pretrained(last, dtype=base.dtype)
-    elif args.lens_name_or_path:
+    if args.lens_name_or_path:
         lens = ConsistencyLens.from_pretrained(args.lens_name_or_path, dtype=base.dtype)
     else:
         if args.output_init not in ("identity", "mean"):
@@ -165,16 +161,18 @@ def run_train(args: LensArguments, training_args) -> Path:
         processing_class=tokenizer,
         topk=topk,
     )
-    if done is not None:
+    last = last_complete_checkpoint(training_args.output_dir)
+    done = finished_state(last, planned_steps(trainer))
+    if done is not None:  # killed after its last step: the lens is that checkpoint's
         logger.info("Training had finished in %s; restoring it", last)
+        lens.load_state_dict(ConsistencyLens.from_pretrained(last, dtype=lens.dtype).state_dict())
         trainer.state = done
     else:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve beside the lens
-    if (
-        trainer.is_world_process_zero()
-    ):  # under `accelerate launch`, one process writes the folder's other files
+    # Under `accelerate launch`, one process writes the rest of the folder.
+    if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
         write_lens_card(training_args.output_dir, lens.config)
     trainer.accelerator.wait_for_everyone()

@@ -752,7 +752,8 @@ def pretrain(
         step_tokens,
     )
     set_seed(training_args.seed)
-    done = finished_state(checkpoint)  # killed after its last step: the model is that checkpoint's
+    # Killed after its last step: the model is that checkpoint's.
+    done = finished_state(checkpoint, training_args.max_steps)
     model = (
         PeerMlaForCausalLM.from_pretrained(checkpoint, config=config) if done else PeerMlaForCausalLM(config)
     )
