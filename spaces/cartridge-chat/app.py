@@ -26,7 +26,9 @@ from hfx.cartridges.chat import (  # noqa: E402
     DOC_UPLOADED,
     ChatEngine,
     ChatError,
+    add_engine_arguments,
     delete_session,
+    engine_from_arguments,
     history_messages,
     new_session,
 )
@@ -131,13 +133,8 @@ class ChatUI:
             gr.Warning(str(err))
             yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), f"⚠️ {err}"
             return
-        yield (
-            cartridge_chat,
-            icl_chat,
-            gr.skip(),
-            gr.skip(),
-            f"Answered in {time.perf_counter() - start:.1f} s.",
-        )
+        elapsed = f"Answered in {time.perf_counter() - start:.1f} s."
+        yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), elapsed
 
     def ask(
         self,
@@ -280,47 +277,12 @@ def build_app(engine: ChatEngine) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--base-model",
-        action="append",
-        default=None,
-        help="base model: 'embedded' (SmolLM2-135M-Instruct, the default), a local checkpoint or a Hub id; "
-        "repeat to offer several (the first is the default). $CARTRIDGE_CHAT_BASE_MODEL, comma-separated.",
-    )
-    parser.add_argument(
-        "--cartridge",
-        action="append",
-        default=None,
-        metavar="DIR",
-        help="a saved cartridge folder or a Hub model repo id; repeat to offer several (all composed by "
-        "default). $CARTRIDGE_CHAT_CARTRIDGES, comma-separated.",
-    )
-    parser.add_argument(
-        "--document",
-        default=os.environ.get("CARTRIDGE_CHAT_DOCUMENT"),
-        metavar="FILE",
-        help="the document for ICL: a text file, a folder of them or a bundled corpus name "
-        "(default: the cartridges' own corpora; $CARTRIDGE_CHAT_DOCUMENT)",
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=256, help="the most tokens one answer may have (default: 256)"
-    )
+    add_engine_arguments(parser)
     parser.add_argument(
         "--concurrency",
         type=int,
         default=int(os.environ.get("CARTRIDGE_CHAT_CONCURRENCY", "8")),
         help="answers generated at once (the page and the API together); more wait in the queue (default: 8)",
-    )
-    parser.add_argument(
-        "--device",
-        default=os.environ.get("CARTRIDGE_CHAT_DEVICE"),
-        help="cuda, cuda:N, xpu, mps or cpu (default: the accelerator accelerate finds, else the CPU)",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=os.environ.get("CARTRIDGE_CHAT_DTYPE", "auto"),
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto = bfloat16 on a GPU that supports it, else float32",
     )
     parser.add_argument(
         "--port",
@@ -330,21 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    def from_env(name: str) -> list[str]:
-        return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
-
-    base_models = args.base_model or from_env("CARTRIDGE_CHAT_BASE_MODEL") or ["embedded"]
-    cartridges = args.cartridge or from_env("CARTRIDGE_CHAT_CARTRIDGES")
-    if args.max_new_tokens < 1 or args.concurrency < 1:
-        parser.error("--max-new-tokens and --concurrency must be at least 1")
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
     try:
-        engine = ChatEngine(
-            base_models, cartridges, args.document, args.max_new_tokens, dtype=args.dtype, device=args.device
-        )
-        engine.check_cartridges()
-        demo = build_app(engine)
-    except (ChatError, FileNotFoundError, ValueError) as err:
+        demo = build_app(engine_from_arguments(args))
+    except (FileNotFoundError, ValueError) as err:  # ChatError is a ValueError
         parser.exit(2, f"error: {err}\n")
     demo.queue(default_concurrency_limit=args.concurrency)
     demo.launch(

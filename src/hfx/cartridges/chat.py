@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -830,3 +831,68 @@ def new_session() -> dict:
 def delete_session(session: dict) -> None:
     if session and session.get("folder"):
         shutil.rmtree(session["folder"], ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_engine_arguments(parser) -> None:
+    """The engine's options on an ``argparse`` parser; each falls back to a ``CARTRIDGE_CHAT_*`` variable."""
+    parser.add_argument(
+        "--base-model",
+        action="append",
+        default=None,
+        help="base model: 'embedded' (SmolLM2-135M-Instruct, the default), a local checkpoint or a Hub id; "
+        "repeat to offer several (the first is the default). $CARTRIDGE_CHAT_BASE_MODEL, comma-separated.",
+    )
+    parser.add_argument(
+        "--cartridge",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a saved cartridge folder or a Hub model repo id; repeat to offer several (all composed by "
+        "default). $CARTRIDGE_CHAT_CARTRIDGES, comma-separated.",
+    )
+    parser.add_argument(
+        "--document",
+        default=os.environ.get("CARTRIDGE_CHAT_DOCUMENT"),
+        metavar="FILE",
+        help="the document for ICL: a text file, a folder of them or a bundled corpus name "
+        "(default: the cartridges' own corpora; $CARTRIDGE_CHAT_DOCUMENT)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="the most tokens one answer may have (default: 256)"
+    )
+    parser.add_argument(
+        "--device",
+        default=os.environ.get("CARTRIDGE_CHAT_DEVICE"),
+        help="cuda, cuda:N, xpu, mps or cpu (default: the accelerator accelerate finds, else the CPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=os.environ.get("CARTRIDGE_CHAT_DTYPE", "auto"),
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto = bfloat16 on a GPU that supports it, else float32",
+    )
+
+
+def engine_from_arguments(args) -> ChatEngine:
+    """A :class:`ChatEngine` from :func:`add_engine_arguments`'s options, its cartridges checked against its
+    base models. Raises ``ValueError`` (a :class:`ChatError` for a cartridge) or ``FileNotFoundError``."""
+
+    def from_env(name: str) -> list[str]:
+        return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    engine = ChatEngine(
+        args.base_model or from_env("CARTRIDGE_CHAT_BASE_MODEL") or ["embedded"],
+        args.cartridge or from_env("CARTRIDGE_CHAT_CARTRIDGES"),
+        args.document,
+        args.max_new_tokens,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    engine.check_cartridges()
+    return engine
