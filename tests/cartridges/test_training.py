@@ -11,6 +11,7 @@ from hfx.cartridges.training import (
     CartridgeCollator,
     CartridgeTrainer,
     CartridgeTrainingArguments,
+    attended_tokens_prefix,
     check_cartridge_fits,
     create_cartridge,
     load_cartridge,
@@ -65,6 +66,52 @@ def test_first_tokens_initialization_is_the_truncated_icl_prefix(tiny_model, tok
     assert len(prefix.keys) == len(icl.keys) == tiny_model.config.num_hidden_layers
     for got, want in zip(prefix.keys + prefix.values, icl.keys + icl.values, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attended_tokens_initialization_keeps_the_most_attended_kv_moved_to_the_cartridge_positions(
+    tiny_model, tokenizer
+):
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    corpus = _corpus(
+        tokenizer, text=" ".join(f"Fact {i}: the value of item {i} is {i * 7}." for i in range(20))
+    )
+    ids = document_prefix_ids(tokenizer, corpus.text)
+    implementation = tiny_model.config._attn_implementation
+    full = PrefixKV.prefill(tiny_model, ids)
+    # Every token kept: the prefill itself, each key rotated by 0.
+    whole = attended_tokens_prefix(tiny_model, tokenizer, corpus.text, len(ids))
+    for got, want in zip(whole.keys + whole.values, full.keys + full.values, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    p = 12
+    peft_model = create_cartridge(tiny_model, tokenizer, corpus, p, initialization="attended_tokens")
+    assert tiny_model.config._attn_implementation == implementation  # the caller's model is left as it was
+    prefix = PrefixKV.from_peft_model(peft_model)
+    eager = make_tiny_llama(tokenizer)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    rotary = tiny_model.model.rotary_emb
+    groups = tiny_model.config.num_attention_heads // tiny_model.config.num_key_value_heads
+    for layer, weights in enumerate(attentions):
+        received = weights[0].view(-1, groups, len(ids), len(ids)).sum(dim=(1, 2))  # kv heads, keys
+        for head in range(received.shape[0]):
+            values = prefix.values[layer][0, head]
+            original = full.values[layer][0, head]
+            # Each kept value is one of the document's, in document order, starting with the first token.
+            kept = [int((original - v).abs().sum(-1).argmin()) for v in values]
+            torch.testing.assert_close(values, original[kept])
+            assert kept[0] == 0 and kept == sorted(set(kept))
+            # ... the first token and the p - 1 others that later tokens attend to most.
+            others = received[head, 1:].topk(p - 1).indices + 1
+            assert set(kept[1:]) == set(others.tolist())
+            # Rotating a kept key back from slot i to its position in the document gives the document's key.
+            keys = prefix.keys[layer][0, head][None]
+            cos, sin = rotary(keys, position_ids=torch.tensor([kept]) - torch.arange(p)[None])
+            torch.testing.assert_close(
+                keys * cos + rotate_half(keys) * sin, full.keys[layer][0, head][kept][None]
+            )
 
 
 def test_cartridge_larger_than_the_corpus_is_refused(tiny_model, tokenizer):

@@ -24,18 +24,20 @@ from peft import (
 )
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers import Trainer, TrainingArguments
+from transformers.models.llama.modeling_llama import rotate_half
 
 from hfx.artifacts import replace_pickled_training_args
 from hfx.atomic import write_text_atomic
 from hfx.batching import padded
-from hfx.cartridges.corpus import Corpus, document_system_prompt
+from hfx.cartridges.corpus import Corpus, document_prefix_ids_within, document_system_prompt
+from hfx.cartridges.prefix import PrefixKV
 from hfx.checkpoints import MarkCompleteCheckpoints
 from hfx.losses import topk_distillation_loss
 from hfx.models import seeded
 
 logger = logging.getLogger(__name__)
 
-INITIALIZATIONS = ("first_tokens", "random_text", "random_vectors")
+INITIALIZATIONS = ("attended_tokens", "first_tokens", "random_text", "random_vectors")
 METADATA_FILE = "hfx_cartridge.json"
 
 
@@ -198,7 +200,12 @@ def create_cartridge(
     )
     with seeded(seed, model.device):  # PEFT draws "random_vectors" from the global generator
         peft_model = get_peft_model(model, config)
-    if initialization == "first_tokens":
+    if initialization == "attended_tokens":
+        prefix = attended_tokens_prefix(model, tokenizer, corpus.text, num_virtual_tokens)
+        initialize_kv_prefix_from_past_key_values(
+            peft_model, past_key_values=list(zip(prefix.keys, prefix.values, strict=True))
+        )
+    elif initialization == "first_tokens":
         # The cartridge starts as the ICL prompt truncated to p tokens: the same system turn, cut short.
         initialize_kv_prefix_from_text(peft_model, tokenizer, text=document_system_prompt(corpus.text))
     elif initialization == "random_text":
@@ -213,6 +220,72 @@ def create_cartridge(
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     encoder.float()  # trainable state in float32 even when the frozen base runs in bfloat16
     return peft_model
+
+
+def _rotary_embedding(model):
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+            return module
+    raise ValueError(
+        f"initialization='attended_tokens' moves keys to new positions and needs a model with rotary position "
+        f"embeddings; {type(model).__name__} has none. Use initialization='first_tokens'."
+    )
+
+
+@torch.no_grad()
+def attended_tokens_prefix(model, tokenizer, text: str, num_tokens: int) -> PrefixKV:
+    """The KV of the ``num_tokens`` positions of the document's system turn that its own tokens attend to most.
+
+    The turn (cut to the model's window) is prefilled once with eager attention; each layer and KV head keeps its
+    own top positions by the attention they receive (summed over the heads of the group and over every later
+    token), always including the first token (the attention sink). The kept keys are rotated from their positions
+    in the document to positions ``0 .. num_tokens - 1`` in document order, where a cartridge's keys sit. Unlike the
+    first tokens, the start covers the whole document: each kept value already mixes what came before it.
+    """
+    window = getattr(model.config, "max_position_embeddings", None) or 4096
+    ids, _ = document_prefix_ids_within(tokenizer, text, window)
+    if len(ids) < num_tokens:
+        raise ValueError(f"The document's system turn has {len(ids)} tokens, fewer than p={num_tokens}.")
+    rotary = _rotary_embedding(model)
+    layers = model.get_decoder().layers
+    received: dict[int, torch.Tensor] = {}
+
+    def keep_received(layer_idx):
+        def hook(module, args, output):
+            weights = output[1][0].float()  # heads, queries, keys
+            heads, queries, keys = weights.shape
+            groups = heads // module.config.num_key_value_heads
+            received[layer_idx] = weights.view(heads // groups, groups, queries, keys).sum(dim=(1, 2))
+
+        return hook
+
+    implementation = model.config._attn_implementation
+    handles = [layer.self_attn.register_forward_hook(keep_received(i)) for i, layer in enumerate(layers)]
+    try:
+        model.set_attn_implementation("eager")  # the only implementation that returns attention weights
+        out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.set_attn_implementation(implementation)
+    if len(received) != len(layers):
+        raise ValueError(f"{type(model).__name__}'s attention layers did not return attention weights.")
+    full = PrefixKV.from_cache(out.past_key_values)
+    target = torch.arange(num_tokens, device=model.device)
+    keys, values = [], []
+    for layer_idx, (k, v) in enumerate(zip(full.keys, full.values, strict=True)):
+        score = received[layer_idx]
+        score[:, 0] = float("inf")
+        kept = score.topk(num_tokens, dim=1).indices.sort(dim=1).values  # kv_heads, p, in document order
+        index = kept[..., None].expand(-1, -1, k.shape[-1])
+        kept_keys = torch.gather(k[0], 1, index)
+        # RoPE rotates by position, so rotating by (new - old) moves a key: R(new) = R(new - old) R(old).
+        cos, sin = rotary(kept_keys, position_ids=target[None, :] - kept)
+        scale = getattr(rotary, "attention_scaling", 1.0)
+        cos, sin = cos / scale, sin / scale
+        keys.append((kept_keys * cos + rotate_half(kept_keys) * sin)[None])
+        values.append(torch.gather(v[0], 1, index)[None])
+    return PrefixKV(keys, values)
 
 
 def check_cartridge_fits(adapter_dir: str | Path, base_config) -> PeftConfig:
