@@ -426,7 +426,8 @@ class RunArguments(CorpusArguments):
     )
     per_device_train_batch_size: int = field(default=8)
     initialization: str = field(
-        default="first_tokens", metadata={"help": "first_tokens, random_text or random_vectors."}
+        default="first_tokens",
+        metadata={"help": "first_tokens, attended_tokens, random_text or random_vectors."},
     )
 
 
