@@ -779,11 +779,6 @@ class PeerMlaAttention(nn.Module):
         key_rope = apply_rotary(key_rope[:, None], cos, sin)
         return latent, key_rope
 
-    def use_absorption(self, query_len: int, kv_len: int) -> bool:
-        """Whether this call attends in latent space (hfx's absorbed path) instead of through transformers'
-        attention functions (naive path); see `attention_path`."""
-        return attention_path(self.config, query_len, kv_len, self.training) == "absorbed"
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -801,12 +796,15 @@ class PeerMlaAttention(nn.Module):
         if past_key_values is not None:
             latent, key_rope = past_key_values.update(latent, key_rope, self.layer_idx)
         path = attention_path(self.config, seq, latent.shape[2], self.training)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():  # once per process and path
             _log_fallback_once(
                 logging.DEBUG,
-                f"PEER-MLA attention ({self.config._attn_implementation}): {path} path for {seq} queries against "
-                f"{latent.shape[2]} cached tokens"
-                + (" (latent decode, hfx's own)" if path == "absorbed" else ""),
+                f"PEER-MLA attention ({self.config._attn_implementation}): "
+                + (
+                    "absorbed (hfx's latent decode)"
+                    if path == "absorbed"
+                    else "naive (transformers' registry)"
+                ),
             )
         if path == "absorbed":
             out, weights = self.absorbed_attention(query_nope, query_rope, latent, key_rope, attention_mask)
