@@ -338,3 +338,57 @@ def test_saved_lens_loads_with_trust_remote_code_without_hfx(tmp_path):
     )
     assert report["model_class"].startswith("transformers_modules.") and not report["hfx_loaded"]
     assert report["max_abs_diff"] < 1e-5 and report["same_explanations"]
+
+
+def test_weights_missing_from_a_checkpoint_are_initialized_and_the_loaded_ones_kept(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lens = ConsistencyLens.from_base(
+        tiny_base(),
+        layer=1,
+        explanation_length=3,
+        decoder_num_layers=1,
+        encoder_num_layers=1,
+        read_token=True,
+    )
+    with torch.no_grad():
+        lens.read_embedding.fill_(0.5)
+    lens.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = {"activation_out.weight", "activation_out.bias"}
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped},
+        tmp_path / "model.safetensors",
+        {"format": "pt"},
+    )
+    loaded = ConsistencyLens.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.read_embedding, torch.full_like(loaded.read_embedding, 0.5))
+    torch.testing.assert_close(loaded.activation_in.weight, lens.activation_in.weight)
+    std = loaded.activation_out.weight.std().item()
+    assert 0.3 * loaded.config.initializer_range < std < 3 * loaded.config.initializer_range
+    assert torch.all(loaded.activation_out.bias == 0)
+
+
+@pytest.mark.parametrize("read_token", [False, True])
+def test_a_greedy_explanation_is_what_the_decoder_generates_from_the_activation(read_token):
+    lens = ConsistencyLens.from_base(
+        tiny_base(),
+        layer=1,
+        explanation_length=5,
+        decoder_num_layers=2,
+        encoder_num_layers=1,
+        read_token=read_token,
+    ).eval()
+    activations = torch.randn(3, 24) * 3
+    with torch.no_grad():
+        ids = lens.explain(activations, sample=False).explanation_ids
+        first = lens.activation_in(activations)[:, None]
+        generated = lens.decoder.generate(
+            inputs_embeds=first,
+            attention_mask=torch.ones(3, 1, dtype=torch.long),
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=None,  # a lens writes all its tokens; explain has no end-of-sequence
+            pad_token_id=0,
+        )
+    assert torch.equal(ids, generated[:, -5:])

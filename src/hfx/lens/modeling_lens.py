@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.utils import ModelOutput
 
@@ -69,7 +70,8 @@ class ConsistencyLens(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if module is self and self.read_embedding is not None:
-            nn.init.normal_(self.read_embedding, std=self.config.initializer_range)
+            # transformers' init functions skip a tensor that was loaded from a checkpoint.
+            init.normal_(self.read_embedding, std=self.config.initializer_range)
 
     @classmethod
     def from_base(

@@ -28,6 +28,9 @@ class PeerMlaConfig(PretrainedConfig):
         attention_kernel (`str`): "auto" picks FlashMLA (decode) / flash-attn (prefill) through the `kernels`
             library on a CUDA device in bf16/fp16, SDPA otherwise; "sdpa", "flash_mla", "flash_attn" force one.
 
+        rope_parameters (`dict`, *optional*): transformers' RoPE parameters, e.g. `{"rope_type": "yarn",
+            "factor": 4.0}` for scaling; `rope_theta` is their default base.
+
     PEER (Parameter Efficient Expert Retrieval, arXiv 2407.04153):
         product_key_dim (`list[int]`): sub-key set sizes; their product is the number of experts
             (`[1024, 1024]` = 1M experts, `[128, 128, 64]`, ...).
@@ -74,6 +77,7 @@ class PeerMlaConfig(PretrainedConfig):
         peer_activation: str = "gelu",
         max_position_embeddings: int = 2048,
         rope_theta: float = 10000.0,
+        rope_parameters: dict | None = None,
         rms_norm_eps: float = 1e-6,
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
@@ -107,7 +111,11 @@ class PeerMlaConfig(PretrainedConfig):
         self.peer_batch_norm = peer_batch_norm
         self.peer_activation = peer_activation
         self.max_position_embeddings = max_position_embeddings
+        # transformers' RoPE parameters ({"rope_type": "default" | "linear" | "dynamic" | "yarn" | ..., "rope_theta":
+        # ...}); `rope_theta` fills them in when not given, and `head_dim` is the rotated size they are computed for.
         self.rope_theta = rope_theta
+        self.rope_parameters = dict(rope_parameters) if rope_parameters is not None else None
+        self.head_dim = qk_rope_head_dim
         self.rms_norm_eps = rms_norm_eps
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range

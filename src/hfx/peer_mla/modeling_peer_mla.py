@@ -6,11 +6,14 @@ This file and `configuration_peer_mla.py` are exported next to the weights by `s
 `trust_remote_code=True`; they import only torch, transformers and each other.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers reads the forward's `**kwargs: Unpack[TransformersKwargs]`
+# annotation at run time to learn which outputs (attentions, hidden states) the model can return.
+import contextlib
 import logging
 import math
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +24,15 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations import use_kernel_forward_from_hub
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, eager_mask, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_peer_mla import PeerMlaConfig
 
@@ -47,24 +57,46 @@ class PeerMlaRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-def rope_inverse_frequencies(config: PeerMlaConfig) -> torch.Tensor:
+def rope_inverse_frequencies(config: PeerMlaConfig, device=None, seq_len=None) -> tuple[torch.Tensor, float]:
+    """Plain RoPE over the decoupled key/query part (`qk_rope_head_dim`); (inverse frequencies, scaling 1.0)."""
     dim = config.qk_rope_head_dim
-    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    base = config.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    return inv_freq, 1.0
 
 
-class PeerMlaRotary(nn.Module):
-    """RoPE for the decoupled (position-carrying) part of queries and keys."""
+class PeerMlaRotaryEmbedding(nn.Module):
+    """RoPE for the decoupled (position-carrying) part of queries and keys, from transformers' RoPE utilities:
+    `config.rope_parameters["rope_type"]` selects the scaling ("default", "linear", "dynamic", "yarn", "llama3"...)
+    over `qk_rope_head_dim` (the config's `head_dim`)."""
 
-    def __init__(self, config: PeerMlaConfig):
+    def __init__(self, config: PeerMlaConfig, device=None):
         super().__init__()
         self.config = config
-        self.inv_freq = nn.Buffer(rope_inverse_frequencies(config), persistent=False)
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        init_fn: Callable = (
+            self.compute_default_rope_parameters
+            if self.rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = init_fn(config, device)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: PeerMlaConfig, device=None, seq_len=None, **kwargs):
+        return rope_inverse_frequencies(config, device=device)
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(
+            x.dtype
+        )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -265,10 +297,74 @@ class PeerExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
-        """hidden_states (N, D), expert_indices (N, K) int64, expert_weights (N, K) -> (N, D)."""
+        """hidden_states (N, D), expert_indices (N, K) int64, expert_weights (N, K) -> (N, D).
+
+        Eager: the memory-light sparse form (`_PeerExpertsFunction`), the faster one for CPU training. Under
+        `torch.compile` and `torch.export`: the gather form (`peer_experts_reference`), plain tensor ops without
+        branches or sparse layouts, which both can trace."""
+        if torch.compiler.is_compiling():
+            return peer_experts_reference(
+                hidden_states, expert_indices, expert_weights, self.down_proj, self.up_proj, self.activation
+            )
         return _PeerExpertsFunction.apply(
             hidden_states, expert_indices, expert_weights, self.down_proj, self.up_proj, self.activation
         )
+
+
+_RECOMPUTING = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing_for_backward():
+    """Marks a gradient-checkpointing recomputation: the forward runs again for its activations only, so
+    statistics that a forward updates (the query BatchNorm's running mean and variance) are left alone."""
+    previous = getattr(_RECOMPUTING, "active", False)
+    _RECOMPUTING.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTING.active = previous
+
+
+def checkpoint_contexts():
+    """`context_fn` for non-reentrant `torch.utils.checkpoint`: nothing around the forward, the mark around the
+    recomputation."""
+    return contextlib.nullcontext(), recomputing_for_backward()
+
+
+class PeerQueryBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the router's queries, one row per token, for any batch shape.
+
+    In training the statistics are those of the real tokens: `token_mask` (False at padding) keeps padding out of
+    them. With fewer than two real tokens (one-token batches) there are no batch statistics, so the running ones
+    normalise and nothing is updated. The running statistics are updated by the training forward, not by the
+    recomputation of gradient checkpointing (`recomputing_for_backward`), so once per forward as without it.
+    Branch-free, so it compiles. Same parameters and buffers as `nn.BatchNorm1d`: checkpoints load unchanged."""
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or not self.track_running_stats:
+            return super().forward(x)
+        weights = x.new_ones(x.shape[0], 1) if token_mask is None else token_mask.reshape(-1, 1).to(x.dtype)
+        count = weights.sum()
+        enough = count >= 2
+        mean = (x * weights).sum(0) / count.clamp(min=1)
+        var = ((x - mean).pow(2) * weights).sum(0) / count.clamp(min=1)
+        running_mean = self.running_mean.to(x.dtype)
+        running_var = self.running_var.to(x.dtype)
+        use_mean = torch.where(enough, mean, running_mean)
+        use_var = torch.where(enough, var, running_var)
+        if not getattr(_RECOMPUTING, "active", False):
+            with torch.no_grad():
+                momentum = self.momentum if self.momentum is not None else 0.1
+                unbiased = var * count / (count - 1).clamp(min=1)
+                step = momentum * enough.to(self.running_mean.dtype)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), step)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), step)
+                self.num_batches_tracked.add_(enough.to(self.num_batches_tracked.dtype))
+        out = (x - use_mean) * torch.rsqrt(use_var + self.eps)
+        if self.affine:
+            out = out * self.weight.to(x.dtype) + self.bias.to(x.dtype)
+        return out
 
 
 class PeerProductKeyRouter(nn.Module):
@@ -291,19 +387,23 @@ class PeerProductKeyRouter(nn.Module):
         self.part_topk = config.product_key_topk
         self.query_proj = nn.Linear(config.hidden_size, self.num_heads * self.query_dim, bias=False)
         self.query_norm = (
-            nn.BatchNorm1d(self.num_heads * self.query_dim) if config.peer_batch_norm else nn.Identity()
+            PeerQueryBatchNorm(self.num_heads * self.query_dim) if config.peer_batch_norm else None
         )
         # All sub-key sets in one tensor, (heads, sum(product_key_dim), part_dim); part i is the i-th split.
         self.sub_keys = nn.Parameter(torch.empty(self.num_heads, sum(self.product_key_dim), self.part_dim))
 
-    def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, heads, parts, part_dim)."""
-        queries = self.query_norm(self.query_proj(hidden_states))
+    def queries(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) -> (N, heads, parts, part_dim); `token_mask` (N,) is False at padding (kept out of BatchNorm)."""
+        queries = self.query_proj(hidden_states)
+        if self.query_norm is not None:
+            queries = self.query_norm(queries, token_mask)
         return queries.view(-1, self.num_heads, len(self.product_key_dim), self.part_dim)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D) -> expert_indices (N, heads, k) int64, expert_weights (N, heads, k) softmax over k."""
-        queries = self.queries(hidden_states)
+        queries = self.queries(hidden_states, token_mask)
         beam_scores = beam_indices = None
         sub_keys = self.sub_keys.to(queries.dtype).split(self.product_key_dim, dim=1)
         for part, (size, keys) in enumerate(zip(self.product_key_dim, sub_keys, strict=True)):
@@ -345,10 +445,12 @@ class PeerLayer(nn.Module):
         # Per-expert retrieval counts; None (the default) keeps the forward free of bookkeeping.
         self.expert_counts: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_mask` (batch, seq), False at padding: those tokens stay out of the query statistics."""
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        expert_indices, expert_weights = self.router(flat)
+        mask = token_mask.reshape(-1) if token_mask is not None else None
+        expert_indices, expert_weights = self.router(flat, mask)
         if self.expert_counts is not None:
             self.expert_counts += torch.bincount(
                 expert_indices.flatten().detach(), minlength=self.experts.num_experts
@@ -367,7 +469,7 @@ class PeerMlaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -382,49 +484,45 @@ def latent_cache_bytes_per_token(config: PeerMlaConfig, dtype: torch.dtype = tor
     return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * itemsize
 
 
-def _sdpa(query, key, value, attention_mask, scale, dropout_p=0.0):
-    """SDPA with bottom-right-aligned causal masking when no explicit mask is given (queries are the last
-    `q_len` positions of the `kv_len` keys); key/value may have one head for all query heads (MQA)."""
-    q_len, kv_len = query.shape[-2], key.shape[-2]
-    is_causal = False
-    if attention_mask is None and q_len > 1:
-        if q_len == kv_len:
-            is_causal = True
-        else:
-            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(
-                kv_len - q_len
-            )
-    return F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=key.shape[1] != query.shape[1],
-    )
-
-
 def _latent_attention(query, key, value, attention_mask, scale):
     """Multi-query attention over the latent cache with the heads folded into the query length.
 
     query (b, h, s, d), key (b, 1, t, d), value (b, 1, t, r) -> (b, h, s, r). All heads share one key/value
     "head", so (b, 1, h*s, d) against (b, 1, t, d) is a single-head attention: no per-head copies of the cache
-    (SDPA's enable_gqa path on CPU materialises them), the layout FlashMLA also uses."""
+    (SDPA's enable_gqa path on CPU materialises them), the layout FlashMLA also uses. `attention_mask`: None
+    (causal, queries at the end of the keys), boolean (True = attend) or additive, broadcastable to (b, 1, s, t)."""
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[-2]
     if attention_mask is None and q_len > 1:
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
     if attention_mask is not None:
-        attention_mask = attention_mask.expand(batch, 1, q_len, kv_len)[:, :, None].expand(
-            batch, 1, heads, q_len, kv_len
+        attention_mask = (
+            attention_mask[..., -q_len:, :]
+            .expand(batch, 1, q_len, kv_len)[:, :, None]
+            .expand(batch, 1, heads, q_len, kv_len)
         )
         attention_mask = attention_mask.reshape(batch, 1, heads * q_len, kv_len)
     out = F.scaled_dot_product_attention(
         query.reshape(batch, 1, heads * q_len, dim), key, value, attn_mask=attention_mask, scale=scale
     )
     return out.view(batch, heads, q_len, value.shape[-1])
+
+
+def _latent_attention_weights(query, key, value, attention_mask, scale):
+    """`_latent_attention` written out, for eager attention: also returns the weights (b, h, s, t), which are the
+    same probabilities the per-head (naive) path computes."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # key's single head broadcasts over h
+    if attention_mask is None and q_len > 1:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., -q_len:, :]
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = scores.float().softmax(dim=-1).to(query.dtype)
+    return torch.matmul(weights, value), weights
 
 
 # GPU attention kernels from the Hub, through the `kernels` library: FlashMLA for absorbed decode, flash-attn 3 for
@@ -644,6 +742,9 @@ class PeerMlaAttention(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.scaling = self.qk_head_dim**-0.5
+        # Read by transformers' attention functions: the naive path's keys and values have one head per query head.
+        self.is_causal = True
+        self.num_key_value_groups = 1
         # Names of the GPU attention kernels loaded for this model (set by load_attention_kernels); SDPA otherwise.
         self.attention_kernels: tuple[str, ...] = ()
 
@@ -678,22 +779,14 @@ class PeerMlaAttention(nn.Module):
         key_rope = apply_rotary(key_rope[:, None], cos, sin)
         return latent, key_rope
 
-    def use_absorption(self, query_len: int, kv_len: int) -> bool:
-        mode = self.config.mla_absorb
-        if mode == "always":
-            return True
-        if mode == "never":
-            return False
-        return query_len < kv_len and not self.training
-
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq = hidden_states.shape[:2]
         cos, sin = position_embeddings
         query = self.project_queries(hidden_states)
@@ -702,12 +795,25 @@ class PeerMlaAttention(nn.Module):
         latent, key_rope = self.project_latent(hidden_states, cos, sin)
         if past_key_values is not None:
             latent, key_rope = past_key_values.update(latent, key_rope, self.layer_idx)
-        if self.use_absorption(seq, latent.shape[2]):
-            out = self.absorbed_attention(query_nope, query_rope, latent, key_rope, attention_mask)
+        path = attention_path(self.config, seq, latent.shape[2], self.training)
+        if not torch.compiler.is_compiling():  # once per process and path
+            _log_fallback_once(
+                logging.DEBUG,
+                f"PEER-MLA attention ({self.config._attn_implementation}): "
+                + (
+                    "absorbed (hfx's latent decode)"
+                    if path == "absorbed"
+                    else "naive (transformers' registry)"
+                ),
+            )
+        if path == "absorbed":
+            out, weights = self.absorbed_attention(query_nope, query_rope, latent, key_rope, attention_mask)
         else:
-            out = self.naive_attention(query_nope, query_rope, latent, key_rope, attention_mask)
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim)
-        return self.o_proj(out)
+            out, weights = self.naive_attention(
+                query_nope, query_rope, latent, key_rope, attention_mask, **kwargs
+            )
+        out = out.reshape(batch, seq, self.num_heads * self.v_head_dim)
+        return self.o_proj(out), weights
 
     def _kv_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.kv_b_proj.weight.view(
@@ -715,45 +821,96 @@ class PeerMlaAttention(nn.Module):
         )
         return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
 
-    def naive_attention(self, query_nope, query_rope, latent, key_rope, attention_mask):
-        """Up-project the latent to per-head keys/values, then standard attention."""
+    def naive_attention(self, query_nope, query_rope, latent, key_rope, attention_mask, **kwargs):
+        """Up-project the latent to per-head keys/values, then the attention function of
+        `config._attn_implementation` from transformers' registry (eager, sdpa, flex_attention, flash...).
+        Returns (output (b, s, h, v), weights or None)."""
         batch, _, kv_len, _ = latent.shape
         key_value = self.kv_b_proj(latent[:, 0]).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
         key_nope, value = key_value.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat([key_nope, key_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([query_nope, query_rope], dim=-1)
-        kernel = select_attention_kernel(
-            self.config.attention_kernel,
-            query,
-            value,
-            absorbed=False,
-            masked=attention_mask is not None,
-            loaded=self.attention_kernels,
-        )
-        if kernel is not None and not (self.training and self.config.attention_dropout):
-            return kernel(query, key, value, self.scaling)
+        implementation = self.config._attn_implementation or "sdpa"
         dropout = self.config.attention_dropout if self.training else 0.0
-        return _sdpa(query, key, value, attention_mask, self.scaling, dropout)
+        if implementation != "eager" and reads_tensor_masks(implementation) and not dropout:
+            kernel = select_attention_kernel(
+                self.config.attention_kernel,
+                query,
+                value,
+                absorbed=False,
+                masked=attention_mask is not None,
+                loaded=self.attention_kernels,
+            )
+            if kernel is not None:
+                return kernel(query, key, value, self.scaling).transpose(1, 2), None
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        return interface(
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+        )
 
     def absorbed_attention(self, query_nope, query_rope, latent, key_rope, attention_mask):
-        """Attend in latent space: q_latent = q_nope W_UK, out = softmax(...) c_kv W_UV^T."""
+        """Attend in latent space: q_latent = q_nope W_UK, out = softmax(...) c_kv W_UV^T. hfx's own decode path
+        (FlashMLA on Hopper, folded multi-query SDPA elsewhere; written out with weights under eager attention).
+        Returns (output (b, s, h, v), weights or None)."""
         key_up, value_up = self._kv_up_weights()
         query_latent = torch.einsum("bhsn,hnr->bhsr", query_nope, key_up)
         query = torch.cat([query_latent, query_rope], dim=-1)
         key = torch.cat([latent, key_rope], dim=-1)
-        kernel = select_attention_kernel(
-            self.config.attention_kernel,
-            query,
-            latent,
-            absorbed=True,
-            masked=attention_mask is not None,
-            loaded=self.attention_kernels,
-        )
-        if kernel is not None:
-            out_latent = kernel(query, key, latent, self.scaling)
+        weights = None
+        if self.config._attn_implementation == "eager":
+            out_latent, weights = _latent_attention_weights(query, key, latent, attention_mask, self.scaling)
         else:
-            out_latent = _latent_attention(query, key, latent, attention_mask, self.scaling)
-        return torch.einsum("bhsr,hvr->bhsv", out_latent, value_up)
+            kernel = select_attention_kernel(
+                self.config.attention_kernel,
+                query,
+                latent,
+                absorbed=True,
+                masked=attention_mask is not None,
+                loaded=self.attention_kernels,
+            )
+            if kernel is not None:
+                out_latent = kernel(query, key, latent, self.scaling)
+            else:
+                out_latent = _latent_attention(query, key, latent, attention_mask, self.scaling)
+        return torch.einsum("bhsr,hvr->bshv", out_latent, value_up), weights
+
+
+def reads_tensor_masks(implementation: str | None) -> bool:
+    """Whether an attention implementation's masks are what the absorbed path reads: None, or a boolean or
+    additive tensor (transformers' `sdpa_mask` / `eager_mask`, also for implementations registered with them)."""
+    mask_function = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation or "sdpa")
+    return mask_function in (sdpa_mask, eager_mask)
+
+
+def attention_path(config: PeerMlaConfig, query_len: int, kv_len: int, training: bool) -> str:
+    """Which path one attention call takes: "absorbed" (attend in latent space, hfx's own: fewer queries than
+    cached tokens at inference, the decode steps) or "naive" (per-head keys and values through transformers'
+    attention registry: prefill and training). `config.mla_absorb` forces one ("always" needs sdpa or eager
+    attention, whose masks the latent path reads; flex and flash attention always take the naive path)."""
+    mode = config.mla_absorb
+    implementation = config._attn_implementation or "sdpa"
+    if not reads_tensor_masks(implementation):
+        if mode == "always":
+            raise ValueError(
+                f"mla_absorb='always' needs attn_implementation 'sdpa' or 'eager'; this model uses "
+                f"{implementation!r}, which attends through the naive path. Use mla_absorb='auto'."
+            )
+        return "naive"
+    if mode == "always":
+        return "absorbed"
+    if mode == "never":
+        return "naive"
+    return "absorbed" if query_len < kv_len and not training else "naive"
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out (transformers' "eager"): softmax(q k^T * scaling + mask) v, and the weights."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = scores.float().softmax(dim=-1).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -772,21 +929,25 @@ class PeerMlaDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(
+        hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
+            **kwargs,
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + self.mlp(self.post_attention_layernorm(hidden_states), token_mask=token_mask)
 
 
 class PeerMlaPreTrainedModel(PreTrainedModel):
@@ -797,6 +958,11 @@ class PeerMlaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PeerMlaDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": PeerMlaDecoderLayer, "attentions": PeerMlaAttention}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -807,8 +973,24 @@ class PeerMlaPreTrainedModel(PreTrainedModel):
             init.normal_(module.up_proj, mean=0.0, std=std)
         elif isinstance(module, PeerProductKeyRouter):
             init.normal_(module.sub_keys, mean=0.0, std=std)
-        elif isinstance(module, PeerMlaRotary):
-            init.copy_(module.inv_freq, rope_inverse_frequencies(module.config))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' gradient checkpointing, with the recomputation marked (`checkpoint_contexts`) so that the
+        query BatchNorm updates its running statistics once per training forward, not again in the backward.
+        With `use_reentrant=True` (no `context_fn` there) they are updated twice, and a warning says so."""
+        kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        if kwargs.get("use_reentrant", False):
+            if self.config.peer_batch_norm and any(
+                self.config.is_peer_layer(i) for i in range(self.config.num_hidden_layers)
+            ):
+                logger.warning(
+                    "Reentrant gradient checkpointing recomputes each layer's forward without a way to tell it "
+                    "apart: the PEER query BatchNorm's running statistics are updated twice per forward. "
+                    "Use use_reentrant=False (the default) to update them once."
+                )
+        else:
+            kwargs.setdefault("context_fn", checkpoint_contexts)
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def load_attention_kernels(self) -> tuple[str, ...]:
         """Load the GPU attention kernels `config.attention_kernel` asks for (see `resolve_attention_kernels`) and
@@ -821,29 +1003,6 @@ class PeerMlaPreTrainedModel(PreTrainedModel):
         return loaded
 
 
-def _attention_mask(
-    attention_mask: torch.Tensor | None, positions: torch.Tensor, kv_len: int, batch: int
-) -> torch.Tensor | None:
-    """Boolean (batch, 1, q_len, kv_len) mask from a 2-D padding mask, causal by cache position.
-
-    Returns None when there is no padding: attention is then plain causal with the queries at the end of the keys
-    (what SDPA, FlashMLA and flash-attn do without a mask, and the fast path for all three)."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
-        raise ValueError(
-            f"PeerMla expects a 2-D (batch, kv_len) attention_mask, got shape {tuple(attention_mask.shape)}."
-        )
-    padding = attention_mask[:, -kv_len:].bool()
-    if bool(padding.all()):
-        return None
-    kv_positions = torch.arange(kv_len, device=positions.device)
-    mask = kv_positions[None, None, None, :] <= positions[:, None, :, None]
-    mask = (mask & padding[:, None, None, :]).expand(batch, 1, positions.shape[-1], kv_len)
-    # Rows with nothing visible (queries at left-padding positions) would give NaN; let them see everything.
-    return mask | ~mask.any(dim=-1, keepdim=True)
-
-
 class PeerMlaModel(PeerMlaPreTrainedModel):
     def __init__(self, config: PeerMlaConfig):
         super().__init__(config)
@@ -853,7 +1012,7 @@ class PeerMlaModel(PeerMlaPreTrainedModel):
             [PeerMlaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = PeerMlaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary = PeerMlaRotary(config)
+        self.rotary_emb = PeerMlaRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.load_attention_kernels()
         self.post_init()
@@ -861,6 +1020,8 @@ class PeerMlaModel(PeerMlaPreTrainedModel):
     def peer_layers(self) -> dict[int, PeerLayer]:
         return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, PeerLayer)}
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -869,47 +1030,52 @@ class PeerMlaModel(PeerMlaPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if not use_cache:
             past_key_values = None
-        batch, seq = inputs_embeds.shape[:2]
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        cache_positions = torch.arange(past_len, past_len + seq, device=inputs_embeds.device)[None].expand(
-            batch, -1
-        )
+        seq = inputs_embeds.shape[1]
         if position_ids is None:
-            position_ids = cache_positions
-        mask = _attention_mask(attention_mask, cache_positions, past_len + seq, batch)
-        position_embeddings = self.rotary(inputs_embeds, position_ids)
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        # 2-D padding, 4-D custom masks, packed sequences (position_ids restarting inside a row), static caches:
+        # transformers' mask utilities, in the form `config._attn_implementation` takes.
+        # An empty dynamic cache gives the same mask as none; passed as none, the mask utilities also recognise
+        # packed sequences (position_ids restarting inside a row, as TRL's padding-free batches have), which they
+        # look for only without a cache.
+        empty = isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=None if empty else past_key_values,
+            position_ids=position_ids,
+        )
+        # The PEER query BatchNorm leaves padding out of its statistics.
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and self.training:
+            token_mask = attention_mask[:, -seq:].bool()
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         hidden_states = inputs_embeds
-        all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
             hidden_states = layer(
                 hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=mask,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
                 past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                token_mask=token_mask,
+                **kwargs,
             )
-        hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values
         )
 
 
@@ -933,6 +1099,7 @@ class PeerMlaForCausalLM(PeerMlaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -942,22 +1109,19 @@ class PeerMlaForCausalLM(PeerMlaPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
-        outputs = self.model(
+        outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(
@@ -968,6 +1132,7 @@ class PeerMlaForCausalLM(PeerMlaPreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     # Expert-usage statistics: off by default, so the forward pays nothing for them.
@@ -1009,6 +1174,8 @@ __all__ = [
     "PeerLayer",
     "PeerProductKeyRouter",
     "PeerMlaAttention",
+    "PeerQueryBatchNorm",
+    "attention_path",
     "peer_experts_reference",
     "latent_cache_bytes_per_token",
     "resolve_attention_kernels",
