@@ -4,14 +4,65 @@ import sys
 
 import pytest
 
-from hfx.cli import main
+from hfx import __version__
+from hfx.cli import COMMANDS, GROUPS, main
 
 
-def test_console_script_help_lists_the_commands():
+def test_console_script_help_lists_the_groups_and_version():
     out = subprocess.run(
         [sys.executable, "-m", "hfx.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "hfx cartridge run" in out and "hfx cartridge eval" in out
+    assert "usage: hfx" in out and all(group in out for group in GROUPS)
+    assert "Thin" not in out  # written for users, not a note to developers
+    version = subprocess.run(
+        [sys.executable, "-m", "hfx.cli", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert version.strip() == f"hfx {__version__}"
+
+
+@pytest.mark.parametrize("key", [(group,) for group in GROUPS] + list(COMMANDS), ids=" ".join)
+def test_every_group_and_command_answers_help(key, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*key, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: hfx {' '.join(key)}" in out
+    if key in COMMANDS:
+        command = COMMANDS[key]
+        assert command.example in out
+        assert "example:" in out
+    else:
+        assert all(name in out for group, name in (k for k in COMMANDS if len(k) == 2) if group == key[0])
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("key", list(COMMANDS), ids=" ".join)
+def test_every_example_in_the_help_parses(key, monkeypatch):
+    """The example each --help shows uses real options (parsed, not run)."""
+    import argparse
+    import shlex
+
+    from trl import TrlParser
+
+    parse_config = TrlParser.parse_args_and_config
+    parse_plain = argparse.ArgumentParser.parse_args
+
+    def stop_after(parse):
+        def parsed(self, *args, **kwargs):
+            parse(self, *args, **kwargs)
+            raise _Parsed
+
+        return parsed
+
+    monkeypatch.setattr(TrlParser, "parse_args_and_config", stop_after(parse_config))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop_after(parse_plain))
+    words = shlex.split(COMMANDS[key].example)
+    assert tuple(words[1 : 1 + len(key)]) == key
+    with pytest.raises(_Parsed):
+        main(words[1:])
 
 
 def test_subcommand_help_comes_from_the_dataclasses(capsys):
@@ -24,9 +75,23 @@ def test_subcommand_help_comes_from_the_dataclasses(capsys):
     )
 
 
-def test_unknown_command_and_bad_input_exit_with_a_message(tmp_path, tiny_model_dir):
-    with pytest.raises(SystemExit, match="unknown command"):
+def test_unknown_commands_and_options_name_the_nearest_valid_ones(capsys):
+    for argv, expected in (
+        (["cartrige", "run"], "Did you mean 'cartridge'?"),
+        (["cartridge", "trian"], "Did you mean 'train'?"),
+        (["cartridge", "eval", "--questoins", "q.jsonl"], "Did you mean '--questions'?"),
+        (["peer-mla", "analyze", "--confg", "x.yaml"], "Did you mean '--config'?"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err
+
+
+def test_unknown_command_and_bad_input_exit_with_a_message(tmp_path, tiny_model_dir, capsys):
+    with pytest.raises(SystemExit):
         main(["cartridge", "frobnicate"])
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
     empty = tmp_path / "empty.md"
     empty.write_text("")
     with pytest.raises(SystemExit, match=r"error: .*empty\.md: the document is empty"):

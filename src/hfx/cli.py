@@ -1,44 +1,71 @@
-"""`hfx` console script: one subcommand group per system. Thin: parse, call, print.
+"""The ``hfx`` command: one group of commands per system (cartridge, peer-mla, quanta, lens), built on argparse.
 
-    hfx cartridge run         synthesize + train + evaluate on a corpus (the main job)
-    hfx cartridge synthesize  self-study conversations -> a Parquet dataset with a card
-    hfx cartridge train       a dataset -> a PEFT CARTRIDGE adapter with a card
-    hfx cartridge eval        no context vs ICL vs cartridge, one table
-    hfx cartridge compose     k >= 2 cartridges -> one adapter; composed vs single vs ICL on multi-document questions
-    hfx cartridge push        a cartridge (+ its dataset) to the Hub with linked cards; --dry-run DIR to inspect
-    hfx peer-mla analyze      total vs active parameters per token, by component, with a PNG plot
-    hfx peer-mla init         a randomly initialised PEER-MLA model folder (code, config, safetensors, card)
-    hfx peer-mla pretrain     pretrain a PEER-MLA LM (or its dense baseline) on a streamed data mixture (Trainer)
-    hfx quanta run            quanta discovery: losses -> filter -> gradients -> similarity -> cluster -> view
-    hfx quanta losses         per-token losses of a causal LM over a corpus (resumable Parquet shards)
-    hfx quanta filter         keep low-loss tokens that induction does not explain
-    hfx quanta gradients      per-token loss gradients, batched, optionally randomly projected (resumable)
-    hfx quanta similarity     cosine similarity of the gradients, in blocks
-    hfx quanta cluster        spectral clustering + cluster-size power law + dataset card
-    hfx quanta view           a static HTML page to browse the clusters
-    hfx lens dump             activations of a frozen model at one layer -> a Parquet dataset with a card
-    hfx lens train            train a Consistency Lens on them (LensTrainer)
-    hfx lens eval             KL of the lens vs mean/zero ablation, FVE, samples -> JSON
-    hfx corpora               the bundled corpora and their sizes
-
-Each cartridge, quanta, lens and peer-mla pretrain subcommand takes `--config file.yaml` plus command-line overrides (TRL's parser); `--help` lists
-every option.
+Each command's options come from its dataclasses through TRL's ``TrlParser`` (``--config file.yaml`` plus
+command-line overrides); its ``--help`` adds what it does and an example (:data:`COMMANDS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hfx import __version__
+
+
+def nearest(word: str, choices) -> str:
+    """ " Did you mean ...?" naming the valid choices closest to ``word``, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+class _SuggestingParser(argparse.ArgumentParser):
+    """argparse, whose "unrecognized arguments" and "invalid choice" errors name the nearest valid ones."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            options = [o for action in self._actions for o in action.option_strings]
+            unknown = [w for w in message.split(": ", 1)[1].split() if w.startswith("-")]
+            message += "".join(nearest(word.split("=", 1)[0], options) for word in unknown)
+        elif "invalid choice: " in message:
+            word = message.split("invalid choice: ", 1)[1].split("'")[1]
+            choices = [c for action in self._actions if action.choices for c in action.choices]
+            message += nearest(word, choices)
+        super().error(message)
+
+
+def _argparser(prog: str) -> argparse.ArgumentParser:
+    """A plain argparse parser for ``prog`` with its help text and suggestions (commands without dataclasses)."""
+    command = COMMANDS[tuple(prog.split()[1:])]
+    return _SuggestingParser(
+        prog=prog,
+        description=command.description,
+        epilog=command.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
 
 def _parser(prog: str, *dataclass_types):
+    """A ``TrlParser`` for ``prog`` with its help text (description, example, what to run next) and suggestions."""
     from trl import TrlParser
 
-    return TrlParser(dataclass_types, prog=prog)
+    class Parser(TrlParser):
+        error = _SuggestingParser.error
+
+    command = COMMANDS[tuple(prog.split()[1:])]
+    return Parser(
+        dataclass_types,
+        prog=prog,
+        description=command.description,
+        epilog=command.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _cartridge_synthesize(argv: list[str]) -> None:
@@ -160,7 +187,7 @@ def _corpora(argv: list[str]) -> None:
 
     from hfx import embedded
 
-    argparse.ArgumentParser(prog="hfx corpora", description="List the bundled corpora.").parse_args(argv)
+    _argparser("hfx corpora").parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(embedded.embedded_model_path())
     for name in embedded.corpus_names():
         tokens = len(tokenizer(embedded.load_corpus(name), add_special_tokens=False)["input_ids"])
@@ -169,10 +196,7 @@ def _corpora(argv: list[str]) -> None:
 
 
 def _peer_mla_analyze(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="hfx peer-mla analyze",
-        description="Total vs per-token active parameters of a PEER-MLA configuration, by component.",
-    )
+    parser = _argparser("hfx peer-mla analyze")
     parser.add_argument(
         "--config", required=True, help="YAML/JSON of PeerMlaConfig fields, or a model directory"
     )
@@ -197,10 +221,7 @@ def _peer_mla_analyze(argv: list[str]) -> None:
 
 
 def _peer_mla_init(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="hfx peer-mla init",
-        description="Write a randomly initialised PEER-MLA model that loads with trust_remote_code=True.",
-    )
+    parser = _argparser("hfx peer-mla init")
     parser.add_argument(
         "--config", required=True, help="YAML/JSON of PeerMlaConfig fields, or a model directory"
     )
@@ -342,40 +363,255 @@ def _quanta_summary(clusters: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {
-    ("cartridge", "run"): _cartridge_run,
-    ("cartridge", "synthesize"): _cartridge_synthesize,
-    ("cartridge", "train"): _cartridge_train,
-    ("cartridge", "eval"): _cartridge_eval,
-    ("cartridge", "compose"): _cartridge_compose,
-    ("cartridge", "push"): _cartridge_push,
-    ("peer-mla", "analyze"): _peer_mla_analyze,
-    ("peer-mla", "init"): _peer_mla_init,
-    ("peer-mla", "pretrain"): _peer_mla_pretrain,
-    **{
-        ("quanta", stage): _quanta(stage)
-        for stage in ("run", "losses", "filter", "gradients", "similarity", "cluster", "view")
-    },
-    ("lens", "dump"): _lens_dump,
-    ("lens", "train"): _lens_train,
-    ("lens", "eval"): _lens_eval,
-    ("corpora",): _corpora,
+@dataclass(frozen=True)
+class Command:
+    """One ``hfx`` command: its function, one-line summary, what it does, an example and what to run next."""
+
+    run: Callable[[list[str]], None]
+    summary: str
+    description: str
+    example: str
+    next: str = ""
+
+    def epilog(self) -> str:
+        text = f"example:\n  {self.example}"
+        return text + (f"\n\nnext:\n  {self.next}" if self.next else "")
+
+
+GROUPS = {
+    "cartridge": "Cartridges: a document becomes a small trained KV-cache prefix (a PEFT CARTRIDGE adapter) that "
+    "answers like the document in context, at a fraction of the memory.",
+    "peer-mla": "PEER-MLA: a causal LM with product-key retrieval over up to millions of tiny experts and "
+    "DeepSeek-style multi-head latent attention.",
+    "quanta": "Quanta discovery: per-token losses and gradients of a causal LM, clustered into the skills "
+    "(quanta) it uses, browsable as a page.",
+    "lens": "Consistency Lens: a decoder writes a model's activation as a few tokens, an encoder reads them back, "
+    "trained so the model's behaviour is kept.",
 }
+
+COMMANDS: dict[tuple[str, ...], Command] = {
+    ("cartridge", "run"): Command(
+        _cartridge_run,
+        "synthesize + train + evaluate a cartridge of a document (the main job)",
+        "Make a cartridge of a document in one output directory: synthesize conversations about it, distil the "
+        "model-with-document into the model-with-cartridge, and score no context, ICL and the cartridge. "
+        "Resumable. Main options: --corpus (a bundled corpus, a text file or folder), --questions (a JSONL of "
+        "multiple-choice questions for the final table), --budget_minutes (plan the run to fit), --output_dir.",
+        "hfx cartridge run --corpus rcv1 --questions tests/data/questions/rcv1.jsonl --budget_minutes 18",
+        "hfx cartridge push --cartridge OUTPUT_DIR/cartridge --repo_id you/my-cartridge   (share it)",
+    ),
+    ("cartridge", "synthesize"): Command(
+        _cartridge_synthesize,
+        "self-study conversations about a document -> a Parquet dataset with a card",
+        "Synthesize the training data of a cartridge: conversations about chunks of the document, with the "
+        "teacher's (the model with the chunk in context) top-k distribution at every answer token. Resumable shard "
+        "by shard; locally or through an OpenAI-compatible server (--server_url). Main options: --corpus, "
+        "--synthesis_dir, --num_conversations.",
+        "hfx cartridge synthesize --corpus rcv1 --synthesis_dir outputs/synthesis --num_conversations 256",
+        "hfx cartridge train --synthesis_dir SYNTHESIS_DIR --corpus CORPUS --output_dir outputs/cartridge",
+    ),
+    ("cartridge", "train"): Command(
+        _cartridge_train,
+        "a synthesized dataset -> a PEFT CARTRIDGE adapter with a card",
+        "Train a cartridge (CartridgeTrainer, a transformers Trainer) by top-k distillation on a synthesized "
+        "dataset; every TrainingArguments option applies. Main options: --synthesis_dir, --corpus, --output_dir, "
+        "--num_virtual_tokens, --learning_rate, --questions (score it at the end).",
+        "hfx cartridge train --synthesis_dir outputs/synthesis --corpus rcv1 --output_dir outputs/cartridge",
+        "hfx cartridge eval --cartridge OUTPUT_DIR --corpus CORPUS --questions QUESTIONS.jsonl",
+    ),
+    ("cartridge", "eval"): Command(
+        _cartridge_eval,
+        "no context vs ICL vs cartridge on multiple-choice questions, one table",
+        "Score a trained cartridge against the same base model without context and with the whole document in "
+        "context (ICL): accuracy, answer log-perplexity, KV-cache bytes, decode throughput. The table also goes "
+        "into the cartridge's card. Main options: --cartridge, --corpus, --questions.",
+        "hfx cartridge eval --cartridge outputs/self-study/cartridge --corpus rcv1 "
+        "--questions tests/data/questions/rcv1.jsonl",
+        "hfx cartridge push --cartridge CARTRIDGE --repo_id you/my-cartridge",
+    ),
+    ("cartridge", "compose"): Command(
+        _cartridge_compose,
+        "two or more cartridges -> one adapter; composed vs single vs ICL on multi-document questions",
+        "Concatenate cartridges of different documents into one adapter (PEFT's compose_cartridge_adapters) and "
+        "score it against each cartridge alone and against ICL of all the documents. Main options: --cartridges, "
+        "--corpora, --questions, --output_dir.",
+        "hfx cartridge compose --cartridges outputs/rcv1/cartridge outputs/iris/cartridge --corpora rcv1 iris "
+        "--questions tests/data/questions/two_documents.jsonl --output_dir outputs/composed",
+        "hfx cartridge eval --cartridge OUTPUT_DIR --corpus CORPUS --questions QUESTIONS.jsonl",
+    ),
+    ("cartridge", "push"): Command(
+        _cartridge_push,
+        "a cartridge (and its dataset) to the Hub with linked cards",
+        "Upload a cartridge folder as a model repository and, with --synthesis_dir, its training data as a dataset "
+        "repository, with cards that link to each other and to the base model. --dry_run DIR writes the folders "
+        "that would be uploaded instead.",
+        "hfx cartridge push --cartridge outputs/self-study/cartridge --repo_id you/rcv1-cartridge --dry_run outputs/push",
+    ),
+    ("peer-mla", "analyze"): Command(
+        _peer_mla_analyze,
+        "total vs per-token active parameters by component, with a PNG plot",
+        "Build a PEER-MLA configuration on the meta device (no memory) and count its parameters: in total and "
+        "active per token, by component (embeddings, attention, PEER experts, router, dense MLPs).",
+        "hfx peer-mla analyze --config examples/peer_mla/configs/model_1m_experts.yaml --output params.png",
+        "hfx peer-mla init --config CONFIG --output_dir outputs/peer-mla   (a model folder of it)",
+    ),
+    ("peer-mla", "init"): Command(
+        _peer_mla_init,
+        "a randomly initialised PEER-MLA model folder (code, config, safetensors, card)",
+        "Write a randomly initialised PEER-MLA model that loads with AutoModelForCausalLM.from_pretrained(path, "
+        "trust_remote_code=True) where hfx is not installed, with a tokenizer and a model card.",
+        "hfx peer-mla init --config examples/peer_mla/configs/model_small.yaml --output_dir outputs/peer-mla-small",
+        "hfx peer-mla pretrain --model_config OUTPUT_DIR --output_dir outputs/pretrain",
+    ),
+    ("peer-mla", "pretrain"): Command(
+        _peer_mla_pretrain,
+        "pretrain a PEER-MLA LM (or its dense baseline) on a streamed data mixture",
+        "Pretrain with a transformers Trainer on a mixture of streamed text datasets, resumable from its last "
+        "complete checkpoint; --mlp dense trains the baseline with the same active parameters per token. Runs "
+        "under accelerate launch on several processes or GPUs.",
+        "hfx peer-mla pretrain --config examples/peer_mla/configs/pretrain_cpu.yaml --output_dir outputs/pretrain",
+    ),
+    ("quanta", "run"): Command(
+        _quanta("run"),
+        "quanta discovery end to end: losses -> filter -> gradients -> similarity -> cluster -> page",
+        "Run every stage of quanta discovery in one output directory (each resumable): per-token losses of a "
+        "causal LM over a corpus, the low-loss tokens induction does not explain, their loss gradients, the cosine "
+        "similarity of the gradients, spectral clustering, and a static page to browse the clusters.",
+        "hfx quanta run --dataset python_stdlib --max_tokens 20000 --output_dir outputs/quanta",
+        "open OUTPUT_DIR/viewer/index.html in a browser",
+    ),
+    ("quanta", "losses"): Command(
+        _quanta("losses"),
+        "per-token losses of a causal LM over a corpus (resumable Parquet shards)",
+        "Score every token of a corpus with a causal LM; the losses are written as Parquet shards with a card.",
+        "hfx quanta losses --dataset python_stdlib --max_tokens 20000 --output_dir outputs/quanta",
+        "hfx quanta filter --output_dir OUTPUT_DIR",
+    ),
+    ("quanta", "filter"): Command(
+        _quanta("filter"),
+        "keep the low-loss tokens that induction does not explain",
+        "Keep the tokens the model predicts well (loss below a threshold) whose next token is not a copy of an "
+        "earlier continuation of the same context (induction).",
+        "hfx quanta filter --output_dir outputs/quanta",
+        "hfx quanta gradients --output_dir OUTPUT_DIR",
+    ),
+    ("quanta", "gradients"): Command(
+        _quanta("gradients"),
+        "per-token loss gradients, batched, optionally randomly projected (resumable)",
+        "Compute the gradient of each kept token's loss with respect to the model's parameters, batched with "
+        "torch.func, optionally randomly projected to a smaller size.",
+        "hfx quanta gradients --output_dir outputs/quanta",
+        "hfx quanta similarity --output_dir OUTPUT_DIR",
+    ),
+    ("quanta", "similarity"): Command(
+        _quanta("similarity"),
+        "cosine similarity of the gradients, in blocks",
+        "The cosine similarity between every pair of per-token gradients, computed in blocks.",
+        "hfx quanta similarity --output_dir outputs/quanta",
+        "hfx quanta cluster --output_dir OUTPUT_DIR",
+    ),
+    ("quanta", "cluster"): Command(
+        _quanta("cluster"),
+        "spectral clustering + cluster-size power law + dataset card",
+        "Cluster the tokens by gradient similarity (scikit-learn's SpectralClustering) and fit a power law to the "
+        "cluster sizes.",
+        "hfx quanta cluster --output_dir outputs/quanta --n_clusters 40",
+        "hfx quanta view --output_dir OUTPUT_DIR",
+    ),
+    ("quanta", "view"): Command(
+        _quanta("view"),
+        "a static HTML page to browse the clusters",
+        "Write a self-contained page (viewer/index.html) to browse each cluster's tokens in their context.",
+        "hfx quanta view --output_dir outputs/quanta",
+        "open OUTPUT_DIR/viewer/index.html in a browser",
+    ),
+    ("lens", "dump"): Command(
+        _lens_dump,
+        "activations of a frozen model at one layer -> a Parquet dataset with a card",
+        "Run a frozen model over a corpus and store the residual-stream activations of one layer with their "
+        "contexts, as the training data of a lens.",
+        "hfx lens dump --layer 15 --max_examples 4096 --output_dir outputs/lens-activations",
+        "hfx lens train --activations_dir OUTPUT_DIR --output_dir outputs/lens",
+    ),
+    ("lens", "train"): Command(
+        _lens_train,
+        "train a Consistency Lens on dumped activations (LensTrainer)",
+        "Train a lens (LensTrainer, a transformers Trainer): the decoder writes each activation as a few tokens, the "
+        "encoder reads them back, and the loss is the KL between the model's next-token distributions with the "
+        "original and the reconstructed activation.",
+        "hfx lens train --activations_dir outputs/lens-activations --output_dir outputs/lens",
+        "hfx lens eval --lens OUTPUT_DIR",
+    ),
+    ("lens", "eval"): Command(
+        _lens_eval,
+        "KL of the lens vs mean/zero ablation, FVE and samples -> JSON",
+        "Score a trained lens on held-out activations: KL against mean and zero ablation, fraction of variance "
+        "explained, and sample explanations.",
+        "hfx lens eval --lens outputs/lens",
+    ),
+    ("corpora",): Command(
+        _corpora,
+        "the bundled corpora and their sizes in tokens",
+        "List the corpora that ship with hfx's dependencies (scikit-learn's dataset descriptions, Python's "
+        "standard library) and their sizes in the embedded model's tokens.",
+        "hfx corpora",
+        "hfx cartridge run --corpus NAME --output_dir outputs/NAME",
+    ),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    """``hfx`` and ``hfx GROUP``: argparse sub-parsers that list the groups and commands (the commands themselves
+    parse their own options)."""
+    parser = _SuggestingParser(
+        prog="hfx",
+        description="Hugging Face-ecosystem extensions: cartridges, PEER-MLA, quanta discovery and the "
+        "consistency lens, as commands. `hfx GROUP --help` lists a group's commands, `hfx GROUP COMMAND --help` "
+        "a command's options.",
+        epilog="example:\n  hfx cartridge run --corpus rcv1 --questions tests/data/questions/rcv1.jsonl "
+        "--budget_minutes 18",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hfx {__version__}")
+    groups = parser.add_subparsers(
+        dest="group", title="command groups", metavar="GROUP", parser_class=_SuggestingParser
+    )
+    for group, description in GROUPS.items():
+        commands = {key[1]: command for key, command in COMMANDS.items() if key[0] == group}
+        group_parser = groups.add_parser(
+            group,
+            help=description.split(":")[1].strip().split(",")[0],
+            description=description,
+            epilog=f"example:\n  {next(iter(commands.values())).example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub = group_parser.add_subparsers(
+            dest="command", title="commands", metavar="COMMAND", parser_class=_SuggestingParser
+        )
+        for name, command in commands.items():
+            sub.add_parser(name, help=command.summary, add_help=False)
+    groups.add_parser("corpora", help=COMMANDS[("corpora",)].summary, add_help=False)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for key, command in COMMANDS.items():
         if tuple(argv[: len(key)]) == key:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
             try:
-                command(argv[len(key) :])
+                command.run(argv[len(key) :])
             except (ValueError, FileNotFoundError, FileExistsError) as err:
                 raise SystemExit(f"hfx {' '.join(key)}: error: {err}") from None
+            if command.next and os.environ.get("RANK", "0") == "0":  # one process of a launch says it
+                print(f"next: {command.next}")
             return
-    print(__doc__.strip())
-    if argv and argv[0] not in ("-h", "--help", "help"):
-        raise SystemExit(f"\nhfx: unknown command {' '.join(argv)!r}")
+    parser = _top_parser()
+    args = parser.parse_args(argv)  # --help, --version and unknown groups or commands end here
+    if args.group is None:
+        parser.print_help()
+    else:  # a group without a command
+        parser.parse_args([args.group, "--help"])
 
 
 if __name__ == "__main__":

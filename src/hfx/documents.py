@@ -4,7 +4,8 @@ text dataset.
 `load_documents(spec)` accepts
   * bundled collection names, comma-separated: `pydoc_topics`, `python_stdlib`, `sklearn_descr` (interleaved
     document by document, so a token budget samples all of them);
-  * a text file (.txt, .md, .rst, .py: one document), or a directory of such files (one document each);
+  * a document file (.txt, .md, .rst, .py text; .pdf, whose text is extracted; .html/.htm, whose text without the
+    markup is kept: one document), or a directory of such files (one document each);
   * a `datasets` dataset: a .parquet / .jsonl / .json / .csv file, or a directory written by `save_to_disk`,
     with a text column (`--text_column`, default "text").
 """
@@ -12,9 +13,11 @@ text dataset.
 from __future__ import annotations
 
 import itertools
+from html.parser import HTMLParser
 from pathlib import Path
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+#: Files read as documents: plain text, PDF (its extracted text) and HTML (its text without the markup).
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pdf", ".html", ".htm")
 DATASET_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 DEFAULT_DATASET = "pydoc_topics,python_stdlib"
 
@@ -79,11 +82,133 @@ def text_files(folder: Path) -> list[Path]:
 
 
 def read_text_file(path: Path) -> str:
-    """The UTF-8 text of ``path``; ``ValueError`` naming the file when it is binary or another encoding."""
+    """The text of the document file ``path``: UTF-8 text, the extracted text of a PDF, or the text of an HTML page
+    without its markup. ``ValueError`` naming the file when it is binary, another encoding, an encrypted PDF or a PDF
+    without text (scanned pages)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".pdf":
+        return pdf_text(path.read_bytes(), str(path))
     data = path.read_bytes()
     if b"\x00" in data[:8192]:
         raise ValueError(f"{path}: looks like a binary file (NUL bytes), not UTF-8 text.")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not valid UTF-8 text (byte {error.start}).") from None
+    return html_text(text, str(path)) if suffix in (".html", ".htm") else text
+
+
+def pdf_text(data: bytes, name: str) -> str:
+    """The text of a PDF (pypdf), page after page; ``ValueError`` naming ``name`` when it cannot be read, is
+    encrypted, or has no text (scanned pages are images: run OCR on them first)."""
+    import io
+
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):  # an empty user password still opens some
+            raise ValueError(f"{name}: the PDF is encrypted; decrypt it first (e.g. qpdf --decrypt).")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except (PdfReadError, ValueError, KeyError, TypeError) as error:
+        if isinstance(error, ValueError) and str(error).startswith(name):
+            raise
+        raise ValueError(f"{name}: cannot be read as a PDF ({type(error).__name__}: {error}).") from error
+    text = "\n\n".join(page.strip() for page in pages if page.strip())
+    if not text:
+        raise ValueError(
+            f"{name}: the PDF has no text to extract ({len(pages)} page(s)); scanned pages are images, run OCR "
+            "on them first."
+        )
+    return text
+
+
+class _TextOfHtml(HTMLParser):
+    SKIPPED = {"script", "style", "head", "noscript", "template", "svg"}
+    BLOCKS = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "tr",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "section",
+        "article",
+        "blockquote",
+        "dt",
+        "dd",
+        "table",
+        "ul",
+        "ol",
+        "hr",
+        "title",
+    }
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIPPED:
+            self.skipping += 1
+        elif tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIPPED:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def html_text(markup: str, name: str) -> str:
+    """The text of an HTML page: scripts, styles and the head dropped, one line per block, blank runs collapsed.
+    ``ValueError`` naming ``name`` when the page has no text."""
+    parser = _TextOfHtml()
+    parser.feed(markup)
+    parser.close()
+    lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
+    text = "\n".join(itertools.chain.from_iterable([line] if line else [] for line in lines))
+    if not text:
+        raise ValueError(f"{name}: the page has no text (only markup, scripts or images).")
+    return text
+
+
+def fetch_document(url: str, timeout: float = 30.0) -> tuple[str, str]:
+    """``(name, text)`` of a document at an http(s) URL: an HTML page's text, a PDF's text or plain text, by the
+    response's content type. ``ValueError`` naming the URL when it cannot be fetched (offline, HTTP error) or has no
+    text."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "hfx"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read()
+            kind = response.headers.get_content_type()
+            charset = response.headers.get_content_charset() or "utf-8"
+    except (urllib.error.URLError, OSError) as error:
+        raise ValueError(f"{url}: cannot be fetched ({type(error).__name__}: {error}).") from error
+    path = url.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    name = path.rsplit("/", 1)[-1].rsplit(".", 1)[0] or "document"
+    if kind == "application/pdf" or path.lower().endswith(".pdf"):
+        return name, pdf_text(data, url)
+    text = data.decode(charset, errors="replace")
+    if kind in ("text/html", "application/xhtml+xml") or path.lower().endswith((".html", ".htm")):
+        return name, html_text(text, url)
+    if kind.startswith("text/"):
+        return name, text
+    raise ValueError(f"{url}: content type {kind!r} is not a document (text, HTML or PDF).")

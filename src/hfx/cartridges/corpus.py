@@ -1,7 +1,7 @@
 """Stage 1: the document a cartridge is made from, as text and tokens.
 
-A corpus is a named bundled corpus (see :mod:`hfx.embedded`), a text file (:data:`hfx.documents.TEXT_SUFFIXES`), or a
-folder of them.
+A corpus is a named bundled corpus (see :mod:`hfx.embedded`), a document file (:data:`hfx.documents.TEXT_SUFFIXES`:
+text, PDF, HTML), a folder of them, or an http(s) URL of one.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfx import embedded
-from hfx.documents import TEXT_SUFFIXES, read_text_file, text_files
+from hfx.documents import TEXT_SUFFIXES, fetch_document, read_text_file, text_files
 
 
 @dataclass
@@ -27,10 +27,15 @@ class Corpus:
 
 
 def read_document(source: str | Path) -> tuple[str, str]:
-    """Return ``(name, text)`` for a corpus name, a text file or a folder of text files.
+    """Return ``(name, text)`` for a corpus name, a document file (text, PDF, HTML), a folder of them or a URL.
 
     Raises ``ValueError`` naming the file for empty or binary input and ``FileNotFoundError`` for missing paths.
     """
+    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):
+        name, text = fetch_document(source)
+        if not text.strip():
+            raise ValueError(f"{source}: the document is empty; a cartridge needs text to study.")
+        return name, text.strip()
     path = Path(source)
     if not path.exists():
         if isinstance(source, str) and "/" not in source and not path.suffix:

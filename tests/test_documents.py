@@ -1,0 +1,128 @@
+"""Your own documents: PDF (text extracted), HTML (text without markup), a URL; clear errors naming the file."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pytest
+
+from hfx.cartridges.corpus import read_document
+from hfx.documents import load_documents, read_text_file
+from tests.documents import encrypted_pdf, image_only_pdf, text_pdf
+
+LINES = [
+    "The Zorblat protocol was designed in 1987 by Mara Quell.",
+    "It runs over the Ostrava ring (a token ring) at 4 Mbit/s.",
+    "Version 2 added checksums in 1991.",
+]
+
+
+def test_a_pdf_reads_as_its_text(tmp_path):
+    path = tmp_path / "zorblat.pdf"
+    path.write_bytes(text_pdf(LINES))
+    text = read_text_file(path)
+    for line in LINES:
+        assert " ".join(line.split()) in " ".join(text.split())
+    assert read_document(path) == ("zorblat", text.strip())
+    assert load_documents(str(tmp_path)) == [("zorblat.pdf", text)]
+
+
+def test_an_html_page_reads_as_its_text_without_markup(tmp_path):
+    path = tmp_path / "page.html"
+    path.write_text(
+        "<!doctype html><html><head><title>T</title><style>p {color: red}</style>"
+        "<script>var secret = 'no';</script></head><body><h1>Zorblat</h1>"
+        "<p>Designed in 1987 by <b>Mara&nbsp;Quell</b> &amp; friends.</p><ul><li>ring</li><li>4 Mbit/s</li></ul>"
+        "</body></html>"
+    )
+    text = read_text_file(path)
+    assert text.splitlines() == [
+        "Zorblat",
+        "Designed in 1987 by Mara\xa0Quell & friends.",
+        "ring",
+        "4 Mbit/s",
+    ]
+    assert "secret" not in text and "color" not in text and "<" not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("scan.pdf", image_only_pdf(), r"scan\.pdf: the PDF has no text to extract \(1 page\(s\)\).*OCR"),
+        ("locked.pdf", encrypted_pdf(text_pdf(LINES)), r"locked\.pdf: the PDF is encrypted"),
+        ("broken.pdf", b"%PDF-1.4\nnot really a pdf", r"broken\.pdf: cannot be read as a PDF"),
+        (
+            "empty.html",
+            b"<html><script>x()</script><img src=a.png></html>",
+            r"empty\.html: the page has no text",
+        ),
+    ],
+)
+def test_documents_without_text_are_clear_errors_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_document(path)
+
+
+@pytest.fixture
+def web_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving a folder."""
+    (tmp_path / "doc.pdf").write_bytes(text_pdf(LINES))
+    (tmp_path / "page.html").write_text("<html><body><p>Hello from the page.</p></body></html>")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_url_reads_as_the_document_it_serves(web_server):
+    name, text = read_document(f"{web_server}/doc.pdf")
+    assert name == "doc" and "Mara Quell" in text
+    assert read_document(f"{web_server}/page.html") == ("page", "Hello from the page.")
+    with pytest.raises(ValueError, match=r"/missing\.pdf: cannot be fetched \(HTTPError: HTTP Error 404"):
+        read_document(f"{web_server}/missing.pdf")
+
+
+def test_a_cartridge_from_a_pdf(tmp_path, tiny_model_dir, capsys):
+    from hfx.cli import main
+
+    pdf = tmp_path / "zorblat.pdf"
+    pdf.write_bytes(text_pdf(LINES * 4))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        json.dumps(
+            {
+                "question": "Who designed the Zorblat protocol?",
+                "choices": ["Mara Quell", "Ivo Brand"],
+                "answer": 0,
+            }
+        )
+        + "\n"
+    )
+    main(
+        [
+            "cartridge", "run", "--corpus", str(pdf), "--model_name_or_path", str(tiny_model_dir),
+            "--output_dir", str(tmp_path / "run"), "--questions", str(questions), "--num_conversations", "4",
+            "--conversations_per_chunk", "2", "--chunk_min_tokens", "20", "--chunk_max_tokens", "40",
+            "--max_question_tokens", "4", "--max_answer_tokens", "4", "--num_virtual_tokens", "8",
+            "--num_train_epochs", "1", "--per_device_train_batch_size", "2",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| cartridge (p=8) |" in out
+    metadata = json.loads((tmp_path / "run" / "cartridge" / "hfx_cartridge.json").read_text())
+    assert metadata["corpus"] == "zorblat"
+    assert "next: hfx cartridge push" in out
