@@ -77,10 +77,10 @@ def test_subcommand_help_comes_from_the_dataclasses(capsys):
 
 def test_unknown_commands_and_options_name_the_nearest_valid_ones(capsys):
     for argv, expected in (
-        (["cartrige", "run"], "Did you mean 'cartridge'?"),
-        (["cartridge", "trian"], "Did you mean 'train'?"),
-        (["cartridge", "eval", "--questoins", "q.jsonl"], "Did you mean '--questions'?"),
-        (["peer-mla", "analyze", "--confg", "x.yaml"], "Did you mean '--config'?"),
+        (["cartrige", "run"], "Did you mean 'cartridge'"),
+        (["cartridge", "trian"], "Did you mean 'train'"),
+        (["cartridge", "eval", "--questoins", "q.jsonl"], "Did you mean '--questions'"),
+        (["peer-mla", "analyze", "--config", "x.yaml", "--ouput", "p.png"], "Did you mean '--output'"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

