@@ -366,6 +366,7 @@ def _lens_eval(argv: list[str]) -> None:
     )
     for sample in results["samples"]:
         print(f"  ...{sample['context']!r} -> {sample['explanation']!r}")
+    print(f"results saved in {extra.output or Path(extra.lens) / 'eval_results.json'} (and the lens's card)")
 
 
 def _quanta_summary(clusters: dict) -> str:
