@@ -3,17 +3,16 @@ and the built site works in headless Chromium (it loads, navigation and search w
 
 from __future__ import annotations
 
-import http.server
 import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.browser import chromium_page
+from tests.servers import static_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -75,18 +74,8 @@ def test_the_docs_have_snippets_on_every_system_page():
 
 @pytest.fixture
 def served(site):
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(site), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with static_files(site) as url:
+        yield url
 
 
 def test_the_built_site_loads_navigates_and_searches_in_chromium(served):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 
 import pytest
 
 from hfx.cartridges.corpus import read_document
 from hfx.documents import load_documents, read_text_file
 from tests.documents import encrypted_pdf, image_only_pdf, text_pdf
+from tests.servers import static_files
 
 LINES = [
     "The Zorblat protocol was designed in 1987 by Mara Quell.",
@@ -69,23 +68,10 @@ def test_documents_without_text_are_clear_errors_naming_the_file(tmp_path, name,
 
 @pytest.fixture
 def web_server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving a folder."""
     (tmp_path / "doc.pdf").write_bytes(text_pdf(LINES))
     (tmp_path / "page.html").write_text("<html><body><p>Hello from the page.</p></body></html>")
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with static_files(tmp_path) as url:
+        yield url.rstrip("/")
 
 
 def test_a_url_reads_as_the_document_it_serves(web_server):

@@ -815,6 +815,17 @@ class PeerMlaAttention(nn.Module):
         out = out.reshape(batch, seq, self.num_heads * self.v_head_dim)
         return self.o_proj(out), weights
 
+    def _hub_kernel(self, query, value, absorbed: bool, attention_mask):
+        """The loaded GPU kernel for this call (`select_attention_kernel`), or None for the SDPA path."""
+        return select_attention_kernel(
+            self.config.attention_kernel,
+            query,
+            value,
+            absorbed=absorbed,
+            masked=attention_mask is not None,
+            loaded=self.attention_kernels,
+        )
+
     def _kv_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.kv_b_proj.weight.view(
             self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
@@ -833,14 +844,7 @@ class PeerMlaAttention(nn.Module):
         implementation = self.config._attn_implementation or "sdpa"
         dropout = self.config.attention_dropout if self.training else 0.0
         if implementation != "eager" and reads_tensor_masks(implementation) and not dropout:
-            kernel = select_attention_kernel(
-                self.config.attention_kernel,
-                query,
-                value,
-                absorbed=False,
-                masked=attention_mask is not None,
-                loaded=self.attention_kernels,
-            )
+            kernel = self._hub_kernel(query, value, absorbed=False, attention_mask=attention_mask)
             if kernel is not None:
                 return kernel(query, key, value, self.scaling).transpose(1, 2), None
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -860,14 +864,7 @@ class PeerMlaAttention(nn.Module):
         if self.config._attn_implementation == "eager":
             out_latent, weights = _latent_attention_weights(query, key, latent, attention_mask, self.scaling)
         else:
-            kernel = select_attention_kernel(
-                self.config.attention_kernel,
-                query,
-                latent,
-                absorbed=True,
-                masked=attention_mask is not None,
-                loaded=self.attention_kernels,
-            )
+            kernel = self._hub_kernel(query, latent, absorbed=True, attention_mask=attention_mask)
             if kernel is not None:
                 out_latent = kernel(query, key, latent, self.scaling)
             else:
