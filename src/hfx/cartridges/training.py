@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 INITIALIZATIONS = ("attended_tokens", "first_tokens", "random_text", "random_vectors")
 METADATA_FILE = "hfx_cartridge.json"
+#: The most tokens `attended_tokens_prefix` scores: its eager attention weights grow with the square of the length
+#: (one layer at a time: heads x 8192^2 floats).
+ATTENDED_TOKENS_WINDOW = 8192
 
 
 @dataclass
@@ -236,14 +239,20 @@ def _rotary_embedding(model):
 def attended_tokens_prefix(model, tokenizer, text: str, num_tokens: int) -> PrefixKV:
     """The KV of the ``num_tokens`` positions of the document's system turn that its own tokens attend to most.
 
-    The turn (cut to the model's window) is prefilled once with eager attention; each layer and KV head keeps its
-    own top positions by the attention they receive (summed over the heads of the group and over every later
-    token), always including the first token (the attention sink). The kept keys are rotated from their positions
+    The turn (cut to the model's window, at most :data:`ATTENDED_TOKENS_WINDOW` tokens) is prefilled once with eager
+    attention; each layer and KV head keeps its own top positions by the attention they receive (summed over the
+    heads of the group and over every later token), always including the first token (the attention sink). The kept keys are rotated from their positions
     in the document to positions ``0 .. num_tokens - 1`` in document order, where a cartridge's keys sit. Unlike the
     first tokens, the start covers the whole document: each kept value already mixes what came before it.
     """
-    window = getattr(model.config, "max_position_embeddings", None) or 4096
-    ids, _ = document_prefix_ids_within(tokenizer, text, window)
+    window = min(getattr(model.config, "max_position_embeddings", None) or 4096, ATTENDED_TOKENS_WINDOW)
+    ids, cut = document_prefix_ids_within(tokenizer, text, window)
+    if cut:
+        logger.warning(
+            "attended_tokens: the cartridge starts from the first %d tokens of the document's system turn (eager "
+            "attention weights grow with the square of the length); training then covers the whole document.",
+            len(ids),
+        )
     if len(ids) < num_tokens:
         raise ValueError(f"The document's system turn has {len(ids)} tokens, fewer than p={num_tokens}.")
     rotary = _rotary_embedding(model)
