@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ def _argparser(prog: str) -> argparse.ArgumentParser:
     command = COMMANDS[tuple(prog.split()[1:])]
     return _SuggestingParser(
         prog=prog,
-        description=command.description,
+        description=textwrap.fill(command.description, 100),
         epilog=command.epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -80,7 +81,7 @@ def _parser(prog: str, *dataclass_types):
     return Parser(
         dataclass_types,
         prog=prog,
-        description=command.description,
+        description=textwrap.fill(command.description, 100),
         epilog=command.epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -584,9 +585,12 @@ def _top_parser() -> argparse.ArgumentParser:
     parse their own options)."""
     parser = _SuggestingParser(
         prog="hfx",
-        description="Hugging Face-ecosystem extensions: cartridges, PEER-MLA, quanta discovery and the "
-        "consistency lens, as commands. `hfx GROUP --help` lists a group's commands, `hfx GROUP COMMAND --help` "
-        "a command's options.",
+        description=textwrap.fill(
+            "Hugging Face-ecosystem extensions: cartridges, PEER-MLA, quanta discovery and the consistency lens, "
+            "as commands. `hfx GROUP --help` lists a group's commands, `hfx GROUP COMMAND --help` a command's "
+            "options.",
+            100,
+        ),
         epilog="example:\n  hfx cartridge run --corpus rcv1 --questions tests/data/questions/rcv1.jsonl "
         "--budget_minutes 18",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -599,8 +603,8 @@ def _top_parser() -> argparse.ArgumentParser:
         commands = {key[1]: command for key, command in COMMANDS.items() if key[0] == group}
         group_parser = groups.add_parser(
             group,
-            help=description.split(":")[1].strip().split(",")[0],
-            description=description,
+            help=description.split(":")[1].strip().split(",")[0].rstrip("."),
+            description=textwrap.fill(description, 100),
             epilog=f"example:\n  {next(iter(commands.values())).example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
