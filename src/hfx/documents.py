@@ -109,13 +109,12 @@ def pdf_text(data: bytes, name: str) -> str:
 
     try:
         reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted and not reader.decrypt(""):  # an empty user password still opens some
-            raise ValueError(f"{name}: the PDF is encrypted; decrypt it first (e.g. qpdf --decrypt).")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        locked = reader.is_encrypted and not reader.decrypt("")  # an empty user password still opens some
+        pages = [] if locked else [page.extract_text() or "" for page in reader.pages]
     except (PdfReadError, ValueError, KeyError, TypeError) as error:
-        if isinstance(error, ValueError) and str(error).startswith(name):
-            raise
         raise ValueError(f"{name}: cannot be read as a PDF ({type(error).__name__}: {error}).") from error
+    if locked:
+        raise ValueError(f"{name}: the PDF is encrypted; decrypt it first (e.g. qpdf --decrypt).")
     text = "\n\n".join(page.strip() for page in pages if page.strip())
     if not text:
         raise ValueError(
@@ -181,7 +180,7 @@ def html_text(markup: str, name: str) -> str:
     parser.feed(markup)
     parser.close()
     lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
-    text = "\n".join(itertools.chain.from_iterable([line] if line else [] for line in lines))
+    text = "\n".join(line for line in lines if line)
     if not text:
         raise ValueError(f"{name}: the page has no text (only markup, scripts or images).")
     return text
