@@ -110,3 +110,37 @@ def test_callbacks_reach_trainer_and_the_curve_example_keeps_each_checkpoints_ad
             load_cartridge(base, snapshot).prompt_encoder["default"].embedding.weight.detach().clone()
         )
     assert not torch.equal(prefixes[0], prefixes[1])  # two points of training, not one adapter copied twice
+
+
+def test_the_default_initialization_on_a_model_without_rotary_embeddings_stops_before_synthesis(
+    tmp_path, tokenizer
+):
+    import pytest
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hfx.cartridges.pipeline import run_self_study
+
+    gpt2 = tmp_path / "gpt2"
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=512)
+    GPT2LMHeadModel(config).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 4)
+    with pytest.raises(ValueError, match="attended_tokens.*rotary.*GPT2LMHeadModel has none.*first_tokens"):
+        run_self_study(tmp_path / "run", str(doc), model_name_or_path=str(gpt2), device="cpu")
+    assert not (tmp_path / "run" / "synthesis").exists()
+
+
+def test_run_and_train_share_one_set_of_training_defaults():
+    import inspect
+
+    from hfx.cartridges.pipeline import RunArguments, create_cartridge
+    from hfx.cartridges.training import DEFAULT_INITIALIZATION
+
+    run, train = RunArguments(), CartridgeTrainingArguments(output_dir="unused")
+    for name in ("initialization", "learning_rate", "num_train_epochs", "per_device_train_batch_size"):
+        assert getattr(run, name) == getattr(train, name), name
+    assert train.lr_scheduler_type.value == run.lr_scheduler_type == "cosine"
+    assert run.initialization == DEFAULT_INITIALIZATION == "attended_tokens"
+    assert inspect.signature(create_cartridge).parameters["initialization"].default == DEFAULT_INITIALIZATION
+    assert SynthesisConfig().top_k == 64

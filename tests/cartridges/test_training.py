@@ -59,7 +59,9 @@ def test_collator_aligns_teacher_distributions_with_the_tokens_they_predict():
 
 def test_first_tokens_initialization_is_the_truncated_icl_prefix(tiny_model, tokenizer):
     corpus = _corpus(tokenizer)
-    peft_model = create_cartridge(tiny_model, tokenizer, corpus, num_virtual_tokens=10)
+    peft_model = create_cartridge(
+        tiny_model, tokenizer, corpus, num_virtual_tokens=10, initialization="first_tokens"
+    )
     prefix = PrefixKV.from_peft_model(peft_model)
     with peft_model.disable_adapter():
         icl = PrefixKV.prefill(peft_model.get_base_model(), document_prefix_ids(tokenizer, corpus.text)[:10])
@@ -124,7 +126,9 @@ def test_random_text_initialization_is_the_kv_of_token_ids_and_random_vectors_ar
     tiny_model, tokenizer
 ):
     corpus = _corpus(tokenizer)
-    first = PrefixKV.from_peft_model(create_cartridge(make_tiny_llama(tokenizer), tokenizer, corpus, 8))
+    first = PrefixKV.from_peft_model(
+        create_cartridge(make_tiny_llama(tokenizer), tokenizer, corpus, 8, initialization="first_tokens")
+    )
 
     text = PrefixKV.from_peft_model(
         create_cartridge(tiny_model, tokenizer, corpus, 8, initialization="random_text", seed=3)

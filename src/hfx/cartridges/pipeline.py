@@ -27,9 +27,11 @@ from hfx.cartridges.evaluation import (
 )
 from hfx.cartridges.synthesis import SynthesisConfig, synthesize
 from hfx.cartridges.training import (
+    DEFAULT_INITIALIZATION,
     CartridgeCollator,
     CartridgeTrainer,
     CartridgeTrainingArguments,
+    check_initialization,
     create_cartridge,
     is_trained_cartridge,
     load_cartridge,
@@ -276,6 +278,8 @@ def run_self_study(
     model, tokenizer = load_causal_lm(model_name_or_path, device=device, dtype=dtype)
     corpus: Corpus = load_corpus(corpus_source, tokenizer)
     training = dict(training or {})
+    # An initialization the model cannot take stops here, not after the synthesis.
+    check_initialization(model, training.get("initialization", DEFAULT_INITIALIZATION))
     if training.get("num_virtual_tokens") is None:
         training["num_virtual_tokens"] = max(1, corpus.num_tokens // 8)
     ready = None
@@ -398,6 +402,12 @@ class EvalArguments(CorpusArguments):
     )
 
 
+def _training_field(name: str, help: str | None = None):
+    """A field with :class:`CartridgeTrainingArguments`' default for ``name``: one place sets each default."""
+    source = CartridgeTrainingArguments.__dataclass_fields__[name]
+    return field(default=source.default, metadata={"help": help or source.metadata.get("help", "")})
+
+
 @dataclass
 class RunArguments(CorpusArguments):
     output_dir: str = field(
@@ -416,19 +426,14 @@ class RunArguments(CorpusArguments):
         default=None,
         metadata={"help": "Cartridge size p (KV tokens per layer); default 1/8 of the corpus's tokens."},
     )
-    num_train_epochs: float = field(default=2.0)
-    learning_rate: float = field(default=6e-2)
-    lr_scheduler_type: str = field(
-        default="cosine",
-        metadata={
-            "help": "Trainer's schedule of the learning rate (cosine decays to 0 at the last step; constant, linear...)."
-        },
+    num_train_epochs: float = _training_field("num_train_epochs")
+    learning_rate: float = _training_field("learning_rate")
+    lr_scheduler_type: str = _training_field(
+        "lr_scheduler_type",
+        help="Trainer's schedule of the learning rate (cosine decays to 0 at the last step; constant, linear...).",
     )
-    per_device_train_batch_size: int = field(default=8)
-    initialization: str = field(
-        default="first_tokens",
-        metadata={"help": "first_tokens, attended_tokens, random_text or random_vectors."},
-    )
+    per_device_train_batch_size: int = _training_field("per_device_train_batch_size")
+    initialization: str = _training_field("initialization")
 
 
 def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArguments) -> dict | None:

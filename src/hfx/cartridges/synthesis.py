@@ -121,7 +121,9 @@ class SynthesisConfig:
     max_answer_tokens: int = 80
     question_temperature: float = 0.8
     answer_temperature: float = 0.3
-    top_k: int = 20
+    #: Teacher log-probabilities kept per answer token (the distillation target). 64 rather than the paper's 20:
+    #: the study's topk64 row lowered the answer log-perplexity (3.00 against 3.10) at the same steps.
+    top_k: int = 64
     #: Share of each batch's conversations that ask to continue a passage of the chunk from its opening words
     #: (the ``continuation`` kind): the answer is the document's own next tokens, re-read by the teacher with
     #: the chunk in context. No generation, so they cost a fraction of a generated conversation.

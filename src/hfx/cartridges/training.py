@@ -38,6 +38,8 @@ from hfx.models import seeded
 logger = logging.getLogger(__name__)
 
 INITIALIZATIONS = ("attended_tokens", "first_tokens", "random_text", "random_vectors")
+#: The default: the study's main job on rcv1 reached 86% of the no-context -> ICL gap with it (76% with first_tokens).
+DEFAULT_INITIALIZATION = "attended_tokens"
 METADATA_FILE = "hfx_cartridge.json"
 #: The most tokens `attended_tokens_prefix` scores: its eager attention weights grow with the square of the length
 #: (one layer at a time: heads x 8192^2 floats).
@@ -53,7 +55,7 @@ class CartridgeTrainingArguments(TrainingArguments):
         default=1, metadata={"help": "Leading cartridge tokens kept frozen (attention sink)."}
     )
     initialization: str = field(
-        default="first_tokens",
+        default=DEFAULT_INITIALIZATION,
         metadata={"help": f"How to initialize the cartridge: {', '.join(INITIALIZATIONS)}."},
     )
     model_dtype: str = field(
@@ -187,12 +189,11 @@ def create_cartridge(
     corpus: Corpus,
     num_virtual_tokens: int,
     num_frozen_tokens: int = 1,
-    initialization: str = "first_tokens",
+    initialization: str = DEFAULT_INITIALIZATION,
     seed: int = 0,
 ) -> PeftModel:
     """Wrap ``model`` (frozen) with a freshly initialized CARTRIDGE adapter of ``num_virtual_tokens`` tokens."""
-    if initialization not in INITIALIZATIONS:
-        raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {initialization!r}.")
+    check_initialization(model, initialization)
     if num_virtual_tokens > corpus.num_tokens:
         raise ValueError(
             f"Cartridge size p={num_virtual_tokens} is larger than the corpus {corpus.name!r} "
@@ -223,6 +224,14 @@ def create_cartridge(
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     encoder.float()  # trainable state in float32 even when the frozen base runs in bfloat16
     return peft_model
+
+
+def check_initialization(model, initialization: str) -> None:
+    """Refuse an initialization that is unknown or that ``model`` cannot take, before any work is done."""
+    if initialization not in INITIALIZATIONS:
+        raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {initialization!r}.")
+    if initialization == "attended_tokens":
+        _rotary_embedding(model)
 
 
 def _rotary_embedding(model):
