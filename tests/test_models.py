@@ -51,6 +51,25 @@ def test_auto_is_bfloat16_on_a_gpu_that_supports_it_and_float32_on_one_that_does
     assert models.resolve_dtype("auto", cuda) == torch.float32
 
 
+def test_training_auto_is_bfloat16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    for avx512_bf16, amx, expected in [
+        (False, False, torch.float32),
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert models.resolve_training_dtype("auto", cpu) == expected
+    # An explicit choice is kept (and checked) whatever the CPU has.
+    assert models.resolve_training_dtype("bfloat16", cpu) == torch.bfloat16
+    assert models.resolve_training_dtype("float32", cpu) == torch.float32
+    monkeypatch.setattr(models, "supports_bfloat16", lambda device: True)
+    assert models.resolve_training_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(models, "supports_bfloat16", lambda device: False)
+    assert models.resolve_training_dtype("auto", cuda) == torch.float32
+
+
 def test_the_loader_places_the_model_on_the_resolved_device_and_dtype(tiny_model_dir):
     model, tokenizer = models.load_causal_lm(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

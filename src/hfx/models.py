@@ -124,6 +124,28 @@ def supports_bfloat16(device: torch.device) -> bool:
     return True
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively, so that they are faster than float32.
+
+    A GPU that supports bfloat16 does; a CPU does when it has AVX512-BF16 or AMX (without them PyTorch converts, and
+    a bfloat16 training step of the embedded model takes about 2.5x a float32 one).
+    """
+    if device.type == "cpu":
+        return any(
+            getattr(torch.cpu, name, lambda: False)()
+            for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+    return supports_bfloat16(device)
+
+
+def resolve_training_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype while a small adapter trains: "auto" is bfloat16 where :func:`native_bfloat16`, else
+    float32; anything else as :func:`resolve_dtype`."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return resolve_dtype(dtype, device)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The torch dtype for ``dtype`` on ``device``: "auto" fits the device; an unsupported choice is refused."""
     if isinstance(dtype, torch.dtype):

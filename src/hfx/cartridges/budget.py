@@ -248,8 +248,8 @@ def measure_and_plan(
 
     ``started`` is the ``time.perf_counter()`` at which the run began (model loading counts against the budget).
     The step is timed in ``training_dtype`` (the frozen base's dtype during training); when it differs from the
-    synthesizing ``model``'s, a copy of ``model_name_or_path`` is loaded in it for the timing (on a CPU, bfloat16
-    training steps and float32 generation are each the faster choice).
+    synthesizing ``model``'s, a copy of ``model_name_or_path`` is loaded in it for the timing (on a CPU with
+    AVX512-BF16 or AMX, bfloat16 training steps and float32 generation are each the faster choice).
     Returns the plan and the probe's rows by batch index, to be written as the synthesis's first shards.
     """
     from hfx.cartridges.synthesis import batch_generator

@@ -45,6 +45,7 @@ from hfx.models import (
     load_causal_lm,
     model_id,
     resolve_dtype,
+    resolve_training_dtype,
     training_device,
 )
 
@@ -68,7 +69,9 @@ def train_cartridge(
     from safetensors.torch import load_file
 
     # The frozen base goes where Trainer trains (its device), in the training dtype; the cartridge stays float32.
-    model, tokenizer = load_causal_lm(model_name_or_path, device=args.device, dtype=args.model_dtype)
+    model, tokenizer = load_causal_lm(
+        model_name_or_path, device=args.device, dtype=resolve_training_dtype(args.model_dtype, args.device)
+    )
     for param in model.parameters():
         param.requires_grad_(False)
     corpus = load_corpus(corpus_source, tokenizer)
@@ -231,7 +234,9 @@ def _budgeted_synthesis(
             per_device_train_batch_size=batch_size,
             num_train_epochs=epochs,
             started=start,
-            training_dtype=training.get("model_dtype") or defaults["model_dtype"].default,
+            training_dtype=resolve_training_dtype(
+                training.get("model_dtype") or defaults["model_dtype"].default, model.device
+            ),
             model_name_or_path=model_name_or_path,
             server=server,
         )
@@ -442,8 +447,8 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
 
     # A device or dtype this machine lacks stops here, before any work.
     device = training_device(args.device, training_args)
-    for dtype in (training_args.model_dtype, args.dtype):  # training's frozen base, then the evaluating model
-        resolve_dtype(dtype, device)
+    resolve_training_dtype(training_args.model_dtype, device)  # training's frozen base
+    resolve_dtype(args.dtype, device)  # the evaluating model
     dataset = load_synthesis(args.synthesis_dir)
     train_cartridge(args.corpus, dataset, training_args, model_name_or_path=args.model_name_or_path)
     if (

@@ -59,8 +59,11 @@ class CartridgeTrainingArguments(TrainingArguments):
         metadata={"help": f"How to initialize the cartridge: {', '.join(INITIALIZATIONS)}."},
     )
     model_dtype: str = field(
-        default="bfloat16",
-        metadata={"help": "dtype of the frozen base model during training (the cartridge stays float32)."},
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen base model during training (the cartridge stays float32): auto = "
+            "bfloat16 where the device multiplies it natively (a GPU, a CPU with AVX512-BF16 or AMX), else float32."
+        },
     )
     learning_rate: float = field(
         default=6e-2,
