@@ -2,8 +2,8 @@
 
 The base model is frozen; the only parameters are the cartridge's per-layer keys and values (PEFT's
 ``CartridgeEncoder``), initialized from the KV of the corpus's most attended tokens (default), of its first tokens,
-of random text, or as random vectors, with the first token frozen as an attention sink. The loss is cross-entropy against the teacher's stored
-top-k distribution at every answer token (:func:`hfx.losses.topk_distillation_loss`).
+of random text, or as random vectors, with the first token frozen as an attention sink. The loss is cross-entropy
+against the teacher's stored top-k distribution at every answer token (:func:`hfx.losses.topk_distillation_loss`).
 """
 
 from __future__ import annotations
