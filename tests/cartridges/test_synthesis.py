@@ -210,7 +210,7 @@ def test_memory_does_not_grow_with_the_number_of_conversations(tmp_path, tokeniz
 
     from hfx.cartridges import synthesis as module
 
-    def fake_batch(model, tokenizer, corpus, config, batch_idx):  # cheap rows of a realistic size
+    def fake_batch(self, corpus, config, batch_idx):  # cheap rows of a realistic size
         plan = module.plan_batch(tokenizer, corpus, config, batch_idx)
         answer = list(range(100, 120))
         return [
@@ -226,7 +226,7 @@ def test_memory_does_not_grow_with_the_number_of_conversations(tmp_path, tokeniz
             for i in range(len(plan.seeds))
         ]
 
-    monkeypatch.setattr(module, "synthesize_batch", fake_batch)
+    monkeypatch.setattr(module.LocalBatches, "__call__", fake_batch)
 
     def peak(n: int) -> int:
         config = SynthesisConfig(
