@@ -276,6 +276,29 @@ def _peer_mla_pretrain(argv: list[str]) -> None:
         print(f"model saved in {training_args.output_dir}")
 
 
+def _peer_mla_push_kernel(argv: list[str]) -> None:
+    from hfx.peer_mla.hub import PushKernelArguments, push_peer_kernel
+
+    (args,) = _parser("hfx peer-mla push-kernel", PushKernelArguments).parse_args_and_config(argv)
+    result = push_peer_kernel(
+        args.repo_id,
+        args.kernel_dir,
+        private=args.private,
+        dry_run_dir=args.dry_run,
+        commit_message=args.commit_message,
+    )
+    where = f"{result['url']} (version {result['version']}, branch {result['revision']})"
+    if result["dry_run"]:
+        print(f"kernel for {where}: {result['folder']} ({', '.join(result['files'])})")
+        print(f"dry run: nothing uploaded; the folder is in {args.dry_run}")
+        return
+    print(f"kernel {result['kernel_dir']} uploaded to {where}: {result['commit_url']}")
+    print(
+        f'use it: PeerMlaConfig(peer_kernel_repo="{args.repo_id}"), then model.kernelize_peer_experts(); '
+        f'or kernels.get_kernel("{args.repo_id}", version={result["version"]})'
+    )
+
+
 def _quanta(stage: str):
     def command(argv: list[str]) -> None:
         from hfx.quanta import pipeline as quanta
@@ -490,6 +513,16 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "complete checkpoint; --mlp dense trains the baseline with the same active parameters per token. Runs "
         "under accelerate launch on several processes or GPUs.",
         "hfx peer-mla pretrain --config examples/peer_mla/configs/pretrain_cpu.yaml --output_dir outputs/pretrain",
+    ),
+    ("peer-mla", "push-kernel"): Command(
+        _peer_mla_push_kernel,
+        "publish the PEER Triton kernel as a Hub kernel repository (the `kernels` layout)",
+        "Upload the PEER Triton kernel shipped with hfx (or --kernel_dir) to a Hub repository of type kernel: the "
+        "build variants on the branch v<version>, the card on main, as kernels.get_kernel reads them. A PEER-MLA "
+        "config naming it (peer_kernel_repo) kernelizes its experts from there, also where hfx is not installed. "
+        "--dry_run DIR writes the folder that would be uploaded instead.",
+        "hfx peer-mla push-kernel --repo_id you/peer-kernel --dry_run outputs/peer-kernel",
+        "set peer_kernel_repo: you/peer-kernel in a model's config, then model.kernelize_peer_experts()",
     ),
     ("quanta", "run"): Command(
         _quanta("run"),

@@ -283,7 +283,9 @@ class PrefixDecoder:
             temperature=torch.ones(1, dtype=torch.float32, device=device),
             pad=torch.zeros(1, dtype=torch.long, device=device),
             out_tokens=torch.zeros(batch, new_tokens, dtype=torch.long, device=device),
-            topk_ids=torch.zeros(batch, new_tokens, top_k, dtype=torch.long, device=device) if top_k else None,
+            topk_ids=torch.zeros(batch, new_tokens, top_k, dtype=torch.long, device=device)
+            if top_k
+            else None,
             topk_logprobs=torch.zeros(batch, new_tokens, top_k, dtype=torch.float32, device=device)
             if top_k
             else None,
@@ -295,7 +297,9 @@ class PrefixDecoder:
         if self.cuda_graphs:
             self._capture(state)
         self._steps[key] = state
-        logger.debug("Decode bucket: batch %d, cache %d, %d new tokens, top-%d", batch, length, new_tokens, top_k)
+        logger.debug(
+            "Decode bucket: batch %d, cache %d, %d new tokens, top-%d", batch, length, new_tokens, top_k
+        )
         return state
 
     def _cache(self, batch: int, length: int):
@@ -407,6 +411,30 @@ def _model_mask(mask: torch.Tensor, model) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
         ~mask, torch.finfo(model.dtype).min
     )
+
+
+def sequences_in_flight(
+    model, cache_tokens: int, top_k: int = 0, limit: int = 256, memory_fraction: float = 0.5
+) -> int | None:
+    """How many sequences of ``cache_tokens`` cached tokens decode at once in ``memory_fraction`` of the free memory
+    of the model's accelerator (their KV cache, and the float32 logits a step makes), as a batch bucket of at most
+    ``limit``; None on a CPU or a device whose free memory torch cannot read."""
+    device = model.device
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    config = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.finfo(model.dtype).bits // 8
+    kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+    # logits, their log-softmax and softmax, the sampling noise: a few float32 rows of the vocabulary
+    per_row = kv_per_token * bucket(cache_tokens, LENGTH_FLOOR) + 6 * 4 * config.vocab_size + 16 * top_k
+    fits = int(free * memory_fraction // per_row)
+    size = 1
+    while bucket(size + 1, BATCH_FLOOR) <= min(fits, limit):
+        size = bucket(size + 1, BATCH_FLOOR)
+    return size
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

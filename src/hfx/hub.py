@@ -69,11 +69,15 @@ def push_folder(
     private: bool = False,
     commit_message: str | None = None,
     delete_patterns: list[str] | None = None,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` (card included); returns the commit URL.
 
-    Files matching :data:`UPLOAD_IGNORE_PATTERNS` are never uploaded. Remote files matching ``delete_patterns``
-    that the folder does not have are deleted in the same commit (``["*"]``: the repo mirrors the folder).
+    Files matching :data:`UPLOAD_IGNORE_PATTERNS` are never uploaded, and with ``allow_patterns`` only the files
+    matching them are. Remote files matching ``delete_patterns`` that the folder does not have are deleted in the
+    same commit (``["*"]``: the repo mirrors the folder). ``revision``: the branch to commit to (created from
+    ``main`` if needed; kernel repositories keep each version on a branch ``v<version>``), ``main`` by default.
     """
     from huggingface_hub import HfApi
 
@@ -82,6 +86,8 @@ def push_folder(
         raise FileNotFoundError(f"{folder}: no such folder to upload.")
     api = HfApi()
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if revision not in (None, "main"):
+        api.create_branch(repo_id, repo_type=repo_type, branch=revision, exist_ok=True)
     info = api.upload_folder(
         folder_path=str(folder),
         repo_id=repo_id,
@@ -89,5 +95,7 @@ def push_folder(
         commit_message=commit_message or f"Upload {folder.name} with hfx",
         ignore_patterns=UPLOAD_IGNORE_PATTERNS,
         delete_patterns=delete_patterns,
+        revision=revision,
+        allow_patterns=allow_patterns,
     )
     return str(info)

@@ -6,6 +6,13 @@ on CPU tensors. Usage:
 
     TRITON_INTERPRET=1 python tests/peer_mla/kernel_peer_checks.py interpreter
     python tests/peer_mla/kernel_peer_checks.py no-interpreter
+    TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 HF_HUB_CACHE=... python tests/peer_mla/kernel_peer_checks.py hub-cache REPO_ID
+
+    TRITON_INTERPRET=1 /path/to/fresh-venv/bin/python tests/peer_mla/kernel_peer_checks.py installed
+
+(hub-cache: the kernel repository REPO_ID must be in that Hub cache, as `kernels.get_kernel` leaves it; it runs in
+a process of its own, since the same kernel build loaded from two places in one process registers its ops twice.
+installed: run by the python of a venv that holds hfx installed from its wheel.)
 
 Prints one line `PEER_RESULTS <json>`: per check either its measurements or {"error": traceback}.
 """
@@ -13,8 +20,12 @@ Prints one line `PEER_RESULTS <json>`: per check either its measurements or {"er
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import logging
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -444,9 +455,150 @@ def run_no_interpreter_checks() -> dict:
     return results
 
 
+def compare_training_step(model, reference_model) -> dict:
+    """Loss, logits and every gradient of one training step of ``model`` against ``reference_model``."""
+    input_ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    ref = reference_model(input_ids=input_ids, labels=input_ids)
+    ref.loss.backward()
+    ref_params = dict(reference_model.named_parameters())
+    errors = {name: rel_err(p.grad, ref_params[name].grad) for name, p in model.named_parameters()}
+    return {
+        "logits": rel_err(out.logits, ref.logits),
+        "loss": abs(out.loss.item() - ref.loss.item()),
+        "max_grad_error": max(errors.values()),
+    }
+
+
+def expert_forwards(model) -> list[str]:
+    """Per PEER expert bank: the file its forward comes from ("own" when it is the model's own forward)."""
+    banks = [m for m in model.modules() if type(m).__name__ == "PeerExperts"]
+    return [
+        "own" if m.forward.__func__ is type(m).forward else inspect.getfile(m.forward.__func__) for m in banks
+    ]
+
+
+def from_hub_cache(files: list[str]) -> bool:
+    cache = Path(os.environ["HF_HUB_CACHE"]).resolve()
+    return bool(files) and all(Path(f).resolve().is_relative_to(cache) for f in files)
+
+
+def run_hub_cache_checks(repo_id: str) -> dict:
+    """A model folder whose config names the kernel repository ``repo_id``, loaded with trust_remote_code (its own
+    exported code, not hfx's) and kernelized from the Hub cache, offline: by its kernelize_peer_experts method and
+    by transformers' use_kernels; at a revision; and a repository that is not cached."""
+    from transformers import AutoModelForCausalLM
+
+    from hfx.peer_mla.modeling_peer_mla import PeerMlaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    config.peer_kernel_repo = repo_id
+    folder = Path(tempfile.mkdtemp(prefix="peer-hub-model-"))
+    PeerMlaForCausalLM(config).save_pretrained(folder / "model")
+
+    def load(**kwargs):
+        model = AutoModelForCausalLM.from_pretrained(folder / "model", trust_remote_code=True, **kwargs)
+        return model, AutoModelForCausalLM.from_pretrained(folder / "model", trust_remote_code=True)
+
+    def kernelize_method():
+        model, reference = load()
+        model.train(), reference.train()
+        swapped = model.kernelize_peer_experts(device="cpu")
+        files = expert_forwards(model)
+        return {
+            "config": [model.config.peer_kernel_repo, model.config.peer_kernel_revision],
+            "model_module": type(model).__module__,
+            "swapped": swapped,
+            "from_hub_cache": from_hub_cache(files),
+            "layer_file": Path(files[0]).name,
+            **compare_training_step(model, reference),
+        }
+
+    def use_kernels():
+        model, reference = load(use_kernels=True)
+        files = expert_forwards(model)
+        input_ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            logits = rel_err(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits)
+        return {"training": model.training, "from_hub_cache": from_hub_cache(files), "logits": logits}
+
+    def at_revision():
+        model, _ = load()
+        model.config.peer_kernel_revision = "v1"
+        return {
+            "swapped": model.kernelize_peer_experts(device="cpu"),
+            "from_hub_cache": from_hub_cache(expert_forwards(model)),
+        }
+
+    def not_cached():
+        model, _ = load()
+        model.config.peer_kernel_repo = "hfx-test/not-cached"
+        try:
+            model.kernelize_peer_experts(device="cpu")
+            raised = "no error"
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            raised = f"{type(err).__name__}: {err}"
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger(type(model).__module__).addHandler(handler)
+        model.set_use_kernels(True)
+        return {
+            "raised": raised,
+            "use_kernels_forwards": expert_forwards(model),
+            "warnings": [r.getMessage() for r in records if r.levelno >= logging.WARNING],
+        }
+
+    results: dict = {}
+    for name, check in {
+        "kernelize_method": kernelize_method,
+        "use_kernels": use_kernels,
+        "at_revision": at_revision,
+        "not_cached": not_cached,
+    }.items():
+        try:
+            results[name] = check()
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
+def run_installed_checks() -> dict:
+    """hfx installed from its wheel: the pretraining kernelize finds the kernel in the installed package (no
+    checkout, no $HFX_PEER_KERNEL_REPO), a training step matches the PyTorch path, and push-kernel stages it."""
+    import hfx
+    from hfx.peer_mla.hub import peer_kernel_repository, push_peer_kernel
+    from hfx.peer_mla.modeling_peer_mla import PeerMlaForCausalLM
+    from hfx.peer_mla.training import kernelize_peer_experts
+
+    repo = peer_kernel_repository()
+    torch.manual_seed(0)
+    reference_model = PeerMlaForCausalLM(tiny_model_config()).train()
+    model = copy.deepcopy(reference_model)
+    swapped = kernelize_peer_experts(model, "cpu")
+    staged = push_peer_kernel("hfx-test/peer-kernel", dry_run_dir=Path(tempfile.mkdtemp()) / "staged")
+    return {
+        "hfx_file": hfx.__file__,
+        "sys_path": sys.path,
+        "kernel_repo": str(repo),
+        "links_in_kernel_repo": sorted(str(p) for p in repo.rglob("*") if p.is_symlink()),
+        "swapped": swapped,
+        "layer_files": expert_forwards(model),
+        "staged_files": staged["files"],
+        **compare_training_step(model, reference_model),
+    }
+
+
 def main(argv: list[str]) -> None:
     mode = argv[1] if len(argv) > 1 else "interpreter"
-    results = run_interpreter_checks() if mode == "interpreter" else run_no_interpreter_checks()
+    if mode == "hub-cache":
+        results = run_hub_cache_checks(argv[2])
+    elif mode == "installed":
+        results = {"installed": run_installed_checks()}
+    else:
+        results = run_interpreter_checks() if mode == "interpreter" else run_no_interpreter_checks()
     print(MARKER + json.dumps(results), flush=True)
 
 

@@ -83,6 +83,10 @@ def tiny_model(seed: int = 0, **overrides) -> PeerMlaForCausalLM:
         (dict(kv_lora_rank=0), "kv_lora_rank must be a positive integer"),
         (dict(qk_rope_head_dim=7), "must be even"),
         (dict(peer_activation="tanh"), "peer_activation"),
+        (dict(peer_kernel_repo="peer-kernel"), "peer_kernel_repo must be a Hub repository id 'owner/name'"),
+        (dict(peer_kernel_repo="a/b/c"), "peer_kernel_repo must be a Hub repository id"),
+        (dict(peer_kernel_revision="v1"), "peer_kernel_repo is not: name the kernel repository"),
+        (dict(peer_kernel_repo="you/peer", peer_kernel_revision=""), "peer_kernel_revision must be a branch"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, message):
@@ -98,6 +102,26 @@ def test_config_accepts_many_parts_and_round_trips(tmp_path):
     loaded = PeerMlaConfig.from_pretrained(tmp_path)
     assert loaded.product_key_dim == [4, 3, 5] and loaded.peer_layers == [1] and loaded.num_experts == 60
     assert loaded.is_peer_layer(1) and not loaded.is_peer_layer(0)
+
+
+def test_a_config_names_its_peer_kernel_repository_and_keeps_it_through_save_and_load(tmp_path):
+    assert (
+        tiny_config().peer_kernel_repo is None
+        and modeling.peer_kernel_layer_repository(tiny_config()) is None
+    )
+    config = tiny_config(peer_kernel_repo="you/peer-kernel", peer_kernel_revision="v1")
+    config.save_pretrained(tmp_path)
+    loaded = PeerMlaConfig.from_pretrained(tmp_path)
+    assert (loaded.peer_kernel_repo, loaded.peer_kernel_revision) == ("you/peer-kernel", "v1")
+    repository = modeling.peer_kernel_layer_repository(loaded)
+    assert (repository._repo_id, repository._revision, repository._version) == ("you/peer-kernel", "v1", None)
+    assert repository.layer_name == "PeerExperts" and repository._trust_remote_code is False
+    # Without a revision: the kernel's version 1 (branch v1); trust is given to this repository only.
+    unpinned = modeling.peer_kernel_layer_repository(tiny_config(peer_kernel_repo="you/peer-kernel"), True)
+    assert (unpinned._revision, unpinned._version) == (None, modeling.PEER_KERNEL_VERSION)
+    assert unpinned._trust_remote_code == ["you/peer-kernel"]
+    with pytest.raises(ValueError, match="config.peer_kernel_repo names no kernel repository"):
+        tiny_model().kernelize_peer_experts()
 
 
 def test_million_expert_config_is_cheap_to_validate():

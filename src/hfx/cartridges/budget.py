@@ -252,9 +252,10 @@ def measure_and_plan(
     AVX512-BF16 or AMX, bfloat16 training steps and float32 generation are each the faster choice).
     Returns the plan and the probe's rows by batch index, to be written as the synthesis's first shards.
     """
-    from hfx.cartridges.synthesis import batch_generator
+    from hfx.cartridges.synthesis import batch_generator, resolve_conversations_per_chunk
     from hfx.models import dtype_name, load_causal_lm, resolve_dtype, synchronize
 
+    synthesis = resolve_conversations_per_chunk(synthesis, model, server=server)
     # Rows of a batch depend on (seed, batch index) alone, so the probe's batches are those of the planned run.
     probed = probe_batches * synthesis.conversations_per_chunk
     probe_config = dataclasses.replace(synthesis, num_conversations=probed)
@@ -265,13 +266,19 @@ def measure_and_plan(
         probed,
     )
     rows: dict[int, list[dict]] = {}
+    batch_seconds = []
     with batch_generator(model, tokenizer, server, model_name) as generator:
-        synchronize(model.device)
-        start = time.perf_counter()
         for batch_idx in range(probe_batches):
+            synchronize(model.device)
+            start = time.perf_counter()
             rows[batch_idx] = generator(corpus, probe_config, batch_idx)
-        synchronize(model.device)
-        synthesis_seconds = time.perf_counter() - start
+            synchronize(model.device)
+            batch_seconds.append(time.perf_counter() - start)
+    # On an accelerator the first batch also builds the decode step of its shapes (a CUDA graph per bucket),
+    # which later batches reuse: the rate comes from the others, the first batch's extra time is setup.
+    warm_batches = 1 if model.device.type != "cpu" and probe_batches > 1 else 0
+    rate = sum(batch_seconds[warm_batches:]) / (probed - warm_batches * synthesis.conversations_per_chunk)
+    probed_seconds = rate * probed
     step_model = model
     if training_dtype is not None and resolve_dtype(training_dtype, model.device) != model.dtype:
         step_model, _ = load_causal_lm(model_name_or_path, device=model.device, dtype=training_dtype)
@@ -287,8 +294,8 @@ def measure_and_plan(
     plan = plan_budget(
         budget_minutes,
         # The probe's conversations are part of the plan's synthesis time, not of its setup.
-        setup_seconds=time.perf_counter() - started - synthesis_seconds,
-        seconds_per_conversation=synthesis_seconds / probed,
+        setup_seconds=time.perf_counter() - started - probed_seconds,
+        seconds_per_conversation=rate,
         seconds_per_step=seconds_per_step,
         conversations_per_chunk=synthesis.conversations_per_chunk,
         per_device_train_batch_size=per_device_train_batch_size,

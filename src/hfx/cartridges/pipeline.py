@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hfx import embedded
 from hfx.atomic import write_text_atomic
+from hfx.cartridges.budget import read_plan
 from hfx.cartridges.corpus import Corpus, load_corpus
 from hfx.cartridges.evaluation import (
     Condition,
@@ -25,7 +26,7 @@ from hfx.cartridges.evaluation import (
     load_questions,
     results_to_json,
 )
-from hfx.cartridges.synthesis import SynthesisConfig, synthesize
+from hfx.cartridges.synthesis import SynthesisConfig, resolve_conversations_per_chunk, synthesize
 from hfx.cartridges.training import (
     DEFAULT_INITIALIZATION,
     CartridgeCollator,
@@ -207,7 +208,7 @@ def _budgeted_synthesis(
     start,
 ):
     """The synthesis config a budget allows, and the probe's batches; a resumed run keeps the plan it wrote."""
-    from hfx.cartridges.budget import measure_and_plan, read_plan, write_plan
+    from hfx.cartridges.budget import measure_and_plan, write_plan
 
     defaults = CartridgeTrainingArguments.__dataclass_fields__
     batch_size = (
@@ -287,6 +288,10 @@ def run_self_study(
     check_initialization(model, training.get("initialization", DEFAULT_INITIALIZATION))
     if training.get("num_virtual_tokens") is None:
         training["num_virtual_tokens"] = max(1, corpus.num_tokens // 8)
+    plan = read_plan(output_dir)
+    if synthesis.conversations_per_chunk is None and plan is not None:
+        synthesis = dataclasses.replace(synthesis, conversations_per_chunk=plan.conversations_per_chunk)
+    synthesis = resolve_conversations_per_chunk(synthesis, model, output_dir / "synthesis", server)
     ready = None
     if budget_minutes is not None:
         synthesis, ready = _budgeted_synthesis(

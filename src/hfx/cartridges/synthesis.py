@@ -13,6 +13,7 @@ started again skips the finished shards and produces exactly the rows an uninter
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -111,8 +112,10 @@ class SynthesisConfig:
     """How many conversations to synthesize, and how."""
 
     num_conversations: int = 384
-    #: Conversations per batch; a batch shares one chunk and its KV.
-    conversations_per_chunk: int = 32
+    #: Conversations per batch; a batch shares one chunk and its KV, and its conversations decode together.
+    #: None: 32 on a CPU (small batches keep each step fast), and on a GPU as many as half its free memory holds,
+    #: up to 256 (:func:`resolve_conversations_per_chunk`); the number chosen is what the manifest records.
+    conversations_per_chunk: int | None = None
     #: Chunk length, drawn in [min, max]: a document up to this long is its own chunk (the teacher then reads
     #: it as ICL does); a longer one is studied in windows of this size.
     chunk_min_tokens: int = 2048
@@ -142,9 +145,12 @@ class SynthesisConfig:
     batches_per_shard: int = 1
 
     def __post_init__(self):
+        if self.conversations_per_chunk is not None and self.conversations_per_chunk < 1:
+            raise ValueError(
+                f"SynthesisConfig.conversations_per_chunk must be >= 1, got {self.conversations_per_chunk}."
+            )
         for name in (
             "num_conversations",
-            "conversations_per_chunk",
             "chunk_min_tokens",
             "top_k",
             "batches_per_shard",
@@ -162,9 +168,56 @@ class SynthesisConfig:
         if self.chunk_max_tokens < self.chunk_min_tokens:
             raise ValueError("SynthesisConfig.chunk_max_tokens must be >= chunk_min_tokens.")
 
+    def check_chosen(self) -> None:
+        if self.conversations_per_chunk is None:
+            raise ValueError(
+                "SynthesisConfig.conversations_per_chunk is not chosen yet: resolve_conversations_per_chunk() "
+                "sizes it for the model's device."
+            )
+
     @property
     def num_batches(self) -> int:
+        self.check_chosen()
         return math.ceil(self.num_conversations / self.conversations_per_chunk)
+
+
+#: Conversations per chunk when none is given, on a CPU (and with an inference server).
+CPU_CONVERSATIONS_PER_CHUNK = 32
+#: The most conversations per chunk sized for a GPU.
+MAX_CONVERSATIONS_PER_CHUNK = 256
+
+
+def resolve_conversations_per_chunk(
+    config: SynthesisConfig, model=None, output_dir: str | Path | None = None, server=None
+) -> SynthesisConfig:
+    """``config`` with ``conversations_per_chunk`` chosen when it is None: the number an earlier run of
+    ``output_dir`` recorded (a resumed run makes the same batches), else :data:`CPU_CONVERSATIONS_PER_CHUNK` on a
+    CPU or with an inference server, else as many as the accelerator's free memory holds
+    (:func:`hfx.generation.sequences_in_flight`, at most :data:`MAX_CONVERSATIONS_PER_CHUNK`)."""
+    if config.conversations_per_chunk is not None:
+        return config
+    size = None
+    manifest = Path(output_dir) / "synthesis_config.json" if output_dir is not None else None
+    if manifest is not None and manifest.is_file():
+        try:
+            size = json.loads(manifest.read_text()).get("conversations_per_chunk")
+        except json.JSONDecodeError:
+            size = None  # check_or_write_manifest names the broken file
+    if size is None and model is not None and (server is None or not server.server_url):
+        from hfx.generation import sequences_in_flight
+
+        prompt_room = 64  # a seed prompt or a question in the chat template
+        size = sequences_in_flight(
+            model,
+            cache_tokens=config.chunk_max_tokens
+            + prompt_room
+            + max(config.max_question_tokens, config.max_answer_tokens),
+            top_k=config.top_k,
+            limit=MAX_CONVERSATIONS_PER_CHUNK,
+        )
+        if size is not None:
+            logger.info("%d conversations per chunk: what %s holds", size, model.device)
+    return dataclasses.replace(config, conversations_per_chunk=size or CPU_CONVERSATIONS_PER_CHUNK)
 
 
 def sample_chunk(num_tokens: int, config: SynthesisConfig, rng: random.Random) -> tuple[int, int]:
@@ -209,6 +262,7 @@ class BatchPlan:
 
 
 def plan_batch(tokenizer, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> BatchPlan:
+    config.check_chosen()
     rng = random.Random(f"{config.seed}-{batch_idx}")
     torch_seed = rng.getrandbits(63)
     first_id = batch_idx * config.conversations_per_chunk
@@ -290,6 +344,7 @@ class LocalBatches:
 
     @torch.no_grad()
     def __call__(self, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> list[dict]:
+        config = resolve_conversations_per_chunk(config, self.model)
         plan = plan_batch(self.tokenizer, corpus, config, batch_idx)
         chunk_kv = PrefixKV.prefill(self.model, document_prefix_ids(self.tokenizer, plan.chunk_text))
         generated = [i for i, kind in enumerate(plan.kinds) if kind not in QUOTED_KINDS]
@@ -458,6 +513,7 @@ class ServerBatches:
         self.rescore_seconds = 0.0
 
     def __call__(self, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> list[dict]:
+        config = resolve_conversations_per_chunk(config)
         plan = plan_batch(self.tokenizer, corpus, config, batch_idx)
         system = {"role": "system", "content": document_system_prompt(plan.chunk_text)}
         # Per-request seeds: servers that honour them (vLLM, SGLang) give the same conversations on a rerun.
@@ -579,7 +635,7 @@ def synthesize(
     usable log-probs for. ``ready`` maps batch indices to rows already made with this ``config`` (the budget
     planner's probe batches): they are written instead of being generated again.
     """
-    config = config or SynthesisConfig()
+    config = resolve_conversations_per_chunk(config or SynthesisConfig(), model, output_dir, server)
     for batch_idx in ready or {}:
         if not 0 <= batch_idx < config.num_batches or config.num_conversations < (batch_idx + 1) * (
             config.conversations_per_chunk

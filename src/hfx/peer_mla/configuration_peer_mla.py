@@ -45,6 +45,12 @@ class PeerMlaConfig(PretrainedConfig):
         peer_activation (`str`): expert activation.
         peer_layers (`"all"`, `list[int]` or `None`): layers whose MLP is a PEER layer; the others use a dense
             SwiGLU MLP of `intermediate_size`.
+        peer_kernel_repo (`str` or `None`): a Hub kernel repository ("user/peer-kernel", as `hfx peer-mla
+            push-kernel` publishes it) whose `PeerExperts` layer replaces the experts' forward when the model is
+            kernelized (`model.kernelize_peer_experts()`, or `from_pretrained(..., use_kernels=True)`), loaded
+            through `kernels.get_kernel`: from the Hub cache, downloaded when online. `None`: none named.
+        peer_kernel_revision (`str` or `None`): branch, tag or commit of `peer_kernel_repo`; `None` = the
+            kernel's version 1 (its `v1` branch).
     """
 
     model_type = "peer_mla"
@@ -75,6 +81,8 @@ class PeerMlaConfig(PretrainedConfig):
         peer_query_dim: int = 128,
         peer_batch_norm: bool = True,
         peer_activation: str = "gelu",
+        peer_kernel_repo: str | None = None,
+        peer_kernel_revision: str | None = None,
         max_position_embeddings: int = 2048,
         rope_theta: float = 10000.0,
         rope_parameters: dict | None = None,
@@ -110,6 +118,8 @@ class PeerMlaConfig(PretrainedConfig):
         self.peer_query_dim = peer_query_dim
         self.peer_batch_norm = peer_batch_norm
         self.peer_activation = peer_activation
+        self.peer_kernel_repo = peer_kernel_repo
+        self.peer_kernel_revision = peer_kernel_revision
         self.max_position_embeddings = max_position_embeddings
         # transformers' RoPE parameters ({"rope_type": "default" | "linear" | "dynamic" | "yarn" | ..., "rope_theta":
         # ...}); `rope_theta` fills them in when not given, and `head_dim` is the rotated size they are computed for.
@@ -178,6 +188,24 @@ class PeerMlaConfig(PretrainedConfig):
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(
                 f"PeerMlaConfig.attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}."
+            )
+        repo = self.peer_kernel_repo
+        if repo is not None and not (
+            isinstance(repo, str) and repo.count("/") == 1 and all(part.strip() for part in repo.split("/"))
+        ):
+            raise ValueError(
+                f"PeerMlaConfig.peer_kernel_repo must be a Hub repository id 'owner/name' or None, got {repo!r}."
+            )
+        revision = self.peer_kernel_revision
+        if revision is not None and not (isinstance(revision, str) and revision.strip()):
+            raise ValueError(
+                f"PeerMlaConfig.peer_kernel_revision must be a branch, tag or commit (a non-empty string) or None, "
+                f"got {revision!r}."
+            )
+        if revision is not None and repo is None:
+            raise ValueError(
+                f"PeerMlaConfig.peer_kernel_revision={revision!r} is set but peer_kernel_repo is not: name the "
+                "kernel repository it is a revision of, or drop the revision."
             )
 
         if self.peer_layers not in ("all", None):

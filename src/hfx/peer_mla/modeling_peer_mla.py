@@ -9,8 +9,10 @@ This file and `configuration_peer_mla.py` are exported next to the weights by `s
 # No `from __future__ import annotations`: transformers reads the forward's `**kwargs: Unpack[TransformersKwargs]`
 # annotation at run time to learn which outputs (attentions, hidden states) the model can return.
 import contextlib
+import importlib.util
 import logging
 import math
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -309,6 +311,54 @@ class PeerExperts(nn.Module):
         return _PeerExpertsFunction.apply(
             hidden_states, expert_indices, expert_weights, self.down_proj, self.up_proj, self.activation
         )
+
+
+# The PEER kernel from the Hub: a kernel repository in the `kernels` layout (hfx ships one and pushes it with
+# `hfx peer-mla push-kernel`) named by `config.peer_kernel_repo`. `kernels.kernelize` loads its `PeerExperts` layer
+# through `kernels.get_kernel` (the Hub cache; downloaded when online) when the model is kernelized, never in forward.
+PEER_KERNEL_LAYER = "PeerExperts"
+#: The kernel version (branch `v1`) a `peer_kernel_repo` is read at when `peer_kernel_revision` is not set.
+PEER_KERNEL_VERSION = 1
+
+
+def peer_kernel_layer_repository(config: PeerMlaConfig, trust_remote_code: bool = False):
+    """The `kernels.LayerRepository` of `config.peer_kernel_repo` at `config.peer_kernel_revision` (else version
+    `PEER_KERNEL_VERSION`), or None when the config names none. `trust_remote_code` allows this repository even
+    when the Hub does not mark its publisher as a trusted kernel publisher."""
+    if config.peer_kernel_repo is None:
+        return None
+    from kernels import LayerRepository
+
+    if config.peer_kernel_revision is not None:
+        where = {"revision": config.peer_kernel_revision}
+    else:
+        where = {"version": PEER_KERNEL_VERSION}
+    return LayerRepository(
+        repo_id=config.peer_kernel_repo,
+        layer_name=PEER_KERNEL_LAYER,
+        trust_remote_code=[config.peer_kernel_repo] if trust_remote_code else False,
+        **where,
+    )
+
+
+def kernelize_experts(model: nn.Module, repository, device: torch.device | str, mode=None) -> int:
+    """Swap the forward of every `PeerExperts` of `model` for the `PeerExperts` layer of `repository` (a `kernels`
+    layer repository) with `kernels.kernelize`; returns how many were swapped. `mode`: a `kernels.Mode`, by default
+    TRAINING for a model in training mode (the kernel's backward is kept) and INFERENCE otherwise.
+
+    One expert bank at a time and with `use_fallback=False`: the model's other hub-decorated layers (transformers'
+    activations) keep their forward, and a kernel that cannot be loaded or cannot serve the experts raises instead
+    of silently leaving the PyTorch forward in place."""
+    from kernels import Mode, kernelize, use_kernel_mapping
+
+    device = torch.device(device)
+    if mode is None:
+        mode = Mode.TRAINING if model.training else Mode.INFERENCE
+    experts = [module for module in model.modules() if isinstance(module, PeerExperts)]
+    with use_kernel_mapping({PEER_KERNEL_LAYER: {device.type: repository}}, inherit_mapping=False):
+        for module in experts:
+            kernelize(module, mode=mode, device=device.type, use_fallback=False)
+    return sum(getattr(module.forward, "__func__", None) is not PeerExperts.forward for module in experts)
 
 
 _RECOMPUTING = threading.local()
@@ -999,6 +1049,61 @@ class PeerMlaPreTrainedModel(PreTrainedModel):
                 module.attention_kernels = loaded
         return loaded
 
+    def kernelize_peer_experts(self, device=None, mode=None, trust_remote_code: bool = False) -> int:
+        """Swap the forward of every `PeerExperts` for the `PeerExperts` layer of the Hub kernel repository
+        `config.peer_kernel_repo` (`kernelize_experts`); returns how many were swapped.
+
+        The kernel is loaded through `kernels.get_kernel`: from the Hub cache (offline, only there), downloaded when
+        online. `device`: the model's by default; `mode`: see `kernelize_experts`. `trust_remote_code=True` allows a
+        repository whose publisher the Hub does not mark as a trusted kernel publisher. The Triton kernel runs on
+        CUDA, and on the CPU only under `TRITON_INTERPRET=1` (set before it is loaded)."""
+        repository = peer_kernel_layer_repository(self.config, trust_remote_code=trust_remote_code)
+        if repository is None:
+            raise ValueError(
+                "config.peer_kernel_repo names no kernel repository: set it to a Hub kernel repository "
+                "('user/peer-kernel', published with `hfx peer-mla push-kernel`), or with hfx installed use "
+                "hfx.peer_mla.training.kernelize_peer_experts, which loads the kernel hfx ships."
+            )
+        return kernelize_experts(self, repository, self.device if device is None else device, mode)
+
+    def set_use_kernels(self, use_kernels, kernel_config=None, mode=None):
+        """transformers' kernelize (`from_pretrained(..., use_kernels=True)`, `model.use_kernels = True`), with the
+        PEER experts mapped to `config.peer_kernel_repo` (a `kernel_config` that maps `PeerExperts` wins).
+
+        As for transformers' own kernels, one that cannot be used leaves the PyTorch forward: a repository that
+        cannot be loaded (offline and not cached, an untrusted publisher: `kernelize_peer_experts` raises instead)
+        is skipped with a warning naming the reason. On the CPU the Triton kernel runs only under
+        `TRITON_INTERPRET=1`; without it the experts keep their PyTorch forward there."""
+        device_type = self.device.type
+        if (
+            not use_kernels
+            or self.config.peer_kernel_repo is None
+            or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1")
+            or importlib.util.find_spec("kernels") is None  # transformers raises its own error
+        ):
+            return super().set_use_kernels(use_kernels, kernel_config, mode)
+        repository = peer_kernel_layer_repository(self.config)
+        try:
+            repository.load()  # here, so that a failure is this repository's and not one inside transformers
+        except Exception as error:  # noqa: BLE001 - offline, untrusted, no build for this machine: all mean "not used"
+            logger.warning(
+                "use_kernels: the PEER kernel %s (revision %s) could not be loaded (%s: %s); the PEER experts "
+                "keep their PyTorch forward.",
+                self.config.peer_kernel_repo,
+                self.config.peer_kernel_revision or f"v{PEER_KERNEL_VERSION}",
+                type(error).__name__,
+                error,
+            )
+            return super().set_use_kernels(use_kernels, kernel_config, mode)
+        from kernels import use_kernel_mapping
+        from transformers.integrations.hub_kernels import register_kernel_mapping_transformers
+
+        # transformers registers its mapping process-wide; registered inside the context below, it would be dropped
+        # when the context ends.
+        register_kernel_mapping_transformers()
+        with use_kernel_mapping({PEER_KERNEL_LAYER: {device_type: repository}}):
+            return super().set_use_kernels(use_kernels, kernel_config, mode)
+
 
 class PeerMlaModel(PeerMlaPreTrainedModel):
     def __init__(self, config: PeerMlaConfig):
@@ -1169,6 +1274,8 @@ __all__ = [
     "PeerMlaPreTrainedModel",
     "PeerExperts",
     "PeerLayer",
+    "kernelize_experts",
+    "peer_kernel_layer_repository",
     "PeerProductKeyRouter",
     "PeerMlaAttention",
     "PeerQueryBatchNorm",

@@ -49,19 +49,25 @@ from hfx.models import DeviceArguments
 from .analysis import _GENERIC_CONFIG_KEYS, analyze_parameters, load_config, write_model_card
 from .configuration_peer_mla import PeerMlaConfig
 from .data import DataArguments
+from .hub import PEER_KERNEL_REPO_ENV, peer_kernel_repository  # noqa: F401 - also importable from here
 
 logger = logging.getLogger(__name__)
 
 MLP_KINDS = ("peer", "dense")
 PEER_KERNELS = ("auto", "triton", "pytorch")
-#: Path of the PEER kernel repository (``hub_kernels/peer``) for an hfx installed without its source checkout.
-PEER_KERNEL_REPO_ENV = "HFX_PEER_KERNEL_REPO"
 RUN_CONFIG_NAME = "hfx_pretrain.json"
 RESULTS_NAME = "results.json"
 EXPERT_USAGE_DIR = "expert_usage"
 EXPERT_STATE_NAME = "expert_usage.safetensors"
 # Config fields that do not change what is trained (bookkeeping, or filled in from the tokenizer identically).
-_IGNORED_CONFIG_KEYS = _GENERIC_CONFIG_KEYS | {"_name_or_path", "use_cache", "attention_kernel", "mla_absorb"}
+_IGNORED_CONFIG_KEYS = _GENERIC_CONFIG_KEYS | {
+    "_name_or_path",
+    "use_cache",
+    "attention_kernel",
+    "mla_absorb",
+    "peer_kernel_repo",
+    "peer_kernel_revision",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +108,7 @@ class ModelArguments(DeviceArguments):
     peer_kernel: str = field(
         default="auto",
         metadata={
-            "help": "PEER expert sum: 'triton' = the Triton kernel of hub_kernels/peer swapped in by "
+            "help": "PEER expert sum: 'triton' = the Triton kernel hfx ships (hub_kernels/peer) swapped in by "
             "kernels.kernelize (CUDA; on the CPU only under TRITON_INTERPRET=1), 'pytorch' = the model's own "
             "PyTorch forward, 'auto' = triton on CUDA, pytorch elsewhere."
         },
@@ -355,46 +361,19 @@ def choose_peer_kernel(choice: str, device: torch.device) -> str:
     return "triton"
 
 
-def peer_kernel_repository() -> Path:
-    """The local kernel repository of the PEER Triton kernel (``hub_kernels/peer``, the `kernels` layout).
-
-    ``$HFX_PEER_KERNEL_REPO`` when set, else the source checkout this hfx runs from (an editable install or
-    ``PYTHONPATH=src``): ``hub_kernels/`` sits next to ``src/`` and is not part of an installed wheel."""
-    configured = os.environ.get(PEER_KERNEL_REPO_ENV)
-    candidate = (
-        Path(configured) if configured else Path(__file__).resolve().parents[3] / "hub_kernels" / "peer"
-    )
-    if (candidate / "build").is_dir() and (candidate / "torch-ext" / "peer").is_dir():
-        return candidate
-    where = f"${PEER_KERNEL_REPO_ENV} = {configured}" if configured else f"{candidate} (next to hfx's source)"
-    raise FileNotFoundError(
-        f"The PEER Triton kernel repository (hub_kernels/peer) is not at {where}. An hfx installed from a wheel "
-        f"does not ship it: set {PEER_KERNEL_REPO_ENV} to the hub_kernels/peer folder of an hfx checkout, or use "
-        "--peer_kernel pytorch."
-    )
-
-
 def kernelize_peer_experts(model: torch.nn.Module, device: torch.device | str, repo_path=None) -> int:
-    """Swap the forward of every ``PeerExperts`` of ``model`` for the Triton kernel of hub_kernels/peer
-    (``kernels.kernelize`` in training mode, which keeps its backward); returns how many were swapped.
+    """Swap the forward of every ``PeerExperts`` of ``model`` for the Triton kernel of the local PEER kernel
+    repository (:func:`hfx.peer_mla.hub.peer_kernel_repository`: ``repo_path``, else ``$HFX_PEER_KERNEL_REPO``, else
+    the copy shipped with hfx), with ``kernels.kernelize`` in training mode, which keeps its backward; returns how
+    many were swapped.
 
     On the CPU the kernel runs only under ``TRITON_INTERPRET=1`` (set before the kernel is first loaded)."""
-    from kernels import LocalLayerRepository, Mode, kernelize, use_kernel_mapping
+    from kernels import LocalLayerRepository, Mode
 
-    from .modeling_peer_mla import PeerExperts
+    from .modeling_peer_mla import PEER_KERNEL_LAYER, kernelize_experts
 
-    device = torch.device(device)
-    repo = LocalLayerRepository(
-        repo_path=Path(repo_path) if repo_path is not None else peer_kernel_repository(),
-        layer_name="PeerExperts",
-    )
-    experts = [module for module in model.modules() if isinstance(module, PeerExperts)]
-    # One expert bank at a time: the model's other hub-decorated layers (transformers' activations) keep their
-    # forward, and a PeerExperts the kernel cannot serve raises instead of silently keeping its own.
-    with use_kernel_mapping({"PeerExperts": {device.type: repo}}, inherit_mapping=False):
-        for module in experts:
-            kernelize(module, mode=Mode.TRAINING, device=device.type, use_fallback=False)
-    return sum(getattr(module.forward, "__func__", None) is not PeerExperts.forward for module in experts)
+    repo = LocalLayerRepository(repo_path=peer_kernel_repository(repo_path), layer_name=PEER_KERNEL_LAYER)
+    return kernelize_experts(model, repo, device, mode=Mode.TRAINING)
 
 
 # ----------------------------------------------------------------------------------------------------------------
