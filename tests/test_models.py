@@ -177,13 +177,13 @@ def test_synthesize_runs_on_the_resolved_device_and_dtype(tmp_path, tiny_model_d
     import hfx.cartridges.synthesis as synthesis
 
     seen = []
-    real = synthesis.synthesize_batch
+    real = synthesis.LocalBatches.__call__
 
-    def spy(model, *args, **kwargs):
-        seen.append((model.device, model.dtype))
-        return real(model, *args, **kwargs)
+    def spy(self, *args, **kwargs):
+        seen.append((self.model.device, self.model.dtype))
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(synthesis, "synthesize_batch", spy)
+    monkeypatch.setattr(synthesis.LocalBatches, "__call__", spy)
     doc = tmp_path / "doc.txt"
     doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
     main(

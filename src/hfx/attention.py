@@ -7,17 +7,26 @@ directly (``enable_gqa=True``), which on CPU is ~10x faster for SmolLM2's 9 quer
 
 The choice is made per call, from the device the tensors are on: a model loaded on the CPU and later moved to a GPU
 runs transformers' own SDPA there (flash / memory-efficient kernels), since ``enable_gqa`` with a mask would send
-CUDA's SDPA to its slow math path.
+CUDA's SDPA to its slow math path. There the backend is chosen on purpose: flash, memory-efficient or math, never
+cuDNN, which builds a plan for every new (batch, query, key) shape of masked attention and returns NaN for a query
+whose keys are all masked.
+
+The mask (:func:`sdpa_mask_without_empty_rows`) never has such a query either: a padding position with nothing to
+attend to (left padding, a row of padding only) attends to every key. Its output is never read, but a NaN there
+would reach the real positions through the next layer's keys and values.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 NAME = "sdpa_gqa"
+#: SDPA backends on an accelerator, in PyTorch's order of preference: cuDNN left out on purpose (see above).
+ACCELERATOR_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa_gqa_attention_forward(
@@ -32,17 +41,18 @@ def sdpa_gqa_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     if query.device.type != "cpu":
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=is_causal,
-            **kwargs,
-        )
+        with sdpa_kernel(ACCELERATOR_BACKENDS):
+            return sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=is_causal,
+                **kwargs,
+            )
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if is_causal is None:
@@ -60,8 +70,17 @@ def sdpa_gqa_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def sdpa_mask_without_empty_rows(*args, **kwargs) -> torch.Tensor | None:
+    """transformers' SDPA mask, where a query that may attend to no key attends to every key instead (its output is
+    padding, never read: only finite)."""
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
 AttentionInterface.register(NAME, sdpa_gqa_attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionMaskInterface.register(NAME, sdpa_mask_without_empty_rows)
 
 
 def use_grouped_sdpa(model) -> None:
