@@ -11,7 +11,7 @@ on CPU tensors. Usage:
     TRITON_INTERPRET=1 /path/to/fresh-venv/bin/python tests/peer_mla/kernel_peer_checks.py installed
 
 (hub-cache: the kernel repository REPO_ID must be in that Hub cache, as `kernels.get_kernel` leaves it; it runs in
-a process of its own, since the same kernel build loaded from two places in one process registers its ops twice.
+a process of its own, since huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE when it is imported.
 installed: run by the python of a venv that holds hfx installed from its wheel.)
 
 Prints one line `PEER_RESULTS <json>`: per check either its measurements or {"error": traceback}.
