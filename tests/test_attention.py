@@ -19,7 +19,9 @@ def nan_on_empty_rows(module, query, key, value, attention_mask, scaling=None, *
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask[:, :, :, : key.shape[-2]], float("-inf"))
     else:
-        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril(key.shape[2] - query.shape[2])
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril(
+            key.shape[2] - query.shape[2]
+        )
         scores = scores.masked_fill(~causal, float("-inf"))
     return (torch.softmax(scores.float(), dim=-1).to(value.dtype) @ value).transpose(1, 2).contiguous(), None
 
@@ -59,7 +61,9 @@ def test_an_all_padding_row_never_makes_nan(tokenizer, dtype):
 
 
 def test_hfx_mask_unmasks_only_empty_rows():
-    kwargs = dict(batch_size=3, q_length=5, kv_length=5, attention_mask=MASK.bool(), allow_is_causal_skip=False)
+    kwargs = dict(
+        batch_size=3, q_length=5, kv_length=5, attention_mask=MASK.bool(), allow_is_causal_skip=False
+    )
     plain = sdpa_mask(**kwargs)
     fixed = attention.sdpa_mask_without_empty_rows(**kwargs)
     empty = ~plain.any(-1)

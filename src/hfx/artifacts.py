@@ -9,6 +9,23 @@ from pathlib import Path
 from hfx.atomic import atomic_file, write_text_atomic
 
 
+def require_finite(values, what: str) -> None:
+    """Raise ``ValueError`` when ``values`` (a tensor, or numbers) hold NaN or infinity: a result that is about to
+    be written is refused whole, before anything of it reaches the disk. ``what`` names it in the error."""
+    import torch
+
+    values = torch.as_tensor(values)
+    if values.is_floating_point() or values.is_complex():
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            first = [int(i) for i in torch.nonzero(bad)[0]]
+            raise ValueError(
+                f"{what}: {int(bad.sum())} of {values.numel()} values are not finite (the first at index {first}); "
+                "nothing was written. On a GPU in bfloat16 this comes from the model or its attention: run it in "
+                "float32 (--dtype float32) to see whether it persists."
+            )
+
+
 def write_parquet_atomic(rows: list[dict], features, path: str | Path) -> None:
     """Write rows as one Parquet file with explicit `datasets.Features`, through a temp name and a rename."""
     import datasets

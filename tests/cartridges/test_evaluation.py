@@ -94,3 +94,18 @@ def test_three_conditions_table(tiny_model, tokenizer):
     assert results[0].decode_tokens_per_s is None and results[2].decode_tokens_per_s > 0
     table = format_table(results, num_questions=3)
     assert table.count("\n| ") == 3 and "cartridge" in table  # one row per condition after the header
+
+
+def test_an_evaluation_with_non_finite_scores_is_refused(tiny_model, tokenizer):
+    with torch.no_grad():
+        tiny_model.model.norm.weight[0] = float("nan")
+    questions = load_questions(DATA / "questions" / "wine_data.jsonl")[:2]
+    with pytest.raises(ValueError, match="the evaluation of no context .* not finite"):
+        evaluate_conditions(
+            tiny_model,
+            tokenizer,
+            [Condition("no context", None, False)],
+            questions,
+            throughput_batch=0,
+            progress=False,
+        )

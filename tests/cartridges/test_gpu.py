@@ -8,11 +8,14 @@ Tolerances, fp32 on both devices (TF32 off, PyTorch's default for matmuls):
 * teacher top-k log-probabilities of the same conversations: atol 1e-4;
 * training losses of the same data: rtol 1e-3; trained cartridges: atol 1e-3;
 * evaluation of the same cartridge: equal accuracy, answer log-perplexity atol 1e-3.
+In bfloat16 on CUDA (the GPU default; the decode step replayed as CUDA graphs): every stage's values finite, the
+teacher's re-scored top-k log-probabilities atol 0.1 + rtol 0.05 of the float32 CPU's, answer log-perplexities atol 0.1.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -50,10 +53,10 @@ def stage_inputs(tmp_path_factory, tiny_tokenizer):
     return root, str(root / "model"), questions
 
 
-def run_stages(root, model_dir: str, questions, device: str, dataset=None) -> dict:
+def run_stages(root, model_dir: str, questions, device: str, dataset=None, dtype: str = "float32") -> dict:
     """Synthesize, re-score, train and evaluate on ``device``; training and re-scoring read ``dataset`` when given
     (the other device's conversations), so that both devices score and learn the same data."""
-    model, tokenizer = load_causal_lm(model_dir, device=device, dtype="float32")
+    model, tokenizer = load_causal_lm(model_dir, device=device, dtype=dtype)
     assert {p.device.type for p in model.parameters()} == {torch.device(device).type}
     corpus = load_corpus(CORPUS, tokenizer)
     synthesized = synthesize(
@@ -71,7 +74,7 @@ def run_stages(root, model_dir: str, questions, device: str, dataset=None) -> di
         max_steps=3,
         per_device_train_batch_size=4,
         num_virtual_tokens=16,
-        model_dtype="float32",
+        model_dtype=dtype,
         use_cpu=device == "cpu",
         logging_steps=1,
         disable_tqdm=True,
@@ -95,7 +98,7 @@ def run_stages(root, model_dir: str, questions, device: str, dataset=None) -> di
     }
 
 
-def evaluate_on(cartridge, model_dir, questions, device: str) -> dict:
+def evaluate_on(cartridge, model_dir, questions, device: str, dtype: str = "float32") -> dict:
     report = evaluate_cartridge(
         cartridge,
         CORPUS,
@@ -104,9 +107,9 @@ def evaluate_on(cartridge, model_dir, questions, device: str) -> dict:
         throughput_batch=2,
         throughput_tokens=4,
         device=device,
-        dtype="float32",
+        dtype=dtype,
     )
-    assert report["device"].startswith(device) and report["dtype"] == "float32"
+    assert report["device"].startswith(device) and report["dtype"] == dtype
     return {r["condition"]: r for r in report["results"]}
 
 
@@ -148,3 +151,25 @@ def test_cartridge_stages_on_cuda_match_the_cpu(stage_inputs):
         evaluate_on(cpu["cartridge"], model_dir, questions, "cpu"),
         evaluate_on(cpu["cartridge"], model_dir, questions, "cuda"),
     )
+
+
+@pytest.mark.gpu
+def test_cartridge_stages_in_bfloat16_on_cuda_are_finite_and_close_to_the_cpu(stage_inputs):
+    root, model_dir, questions = stage_inputs
+    cpu = run_stages(root / "cpu-ref", model_dir, questions, "cpu")
+    cuda = run_stages(root / "cuda-bf16", model_dir, questions, "cuda", dtype="bfloat16")
+    synthesized = cuda["synthesized"]
+    assert len(synthesized) > 0
+    assert all(torch.isfinite(torch.tensor(row)).all() for row in synthesized["topk_logprobs"])
+    # the same conversation (the CPU's first) re-scored by each: the teacher's numbers agree to bfloat16 rounding
+    rescored = run_stages(
+        root / "cuda-bf16-same", model_dir, questions, "cuda", cpu["synthesized"], "bfloat16"
+    )
+    torch.testing.assert_close(rescored["teacher_logprobs"], cpu["teacher_logprobs"], atol=0.1, rtol=0.05)
+    assert len(cuda["losses"]) == 3 and all(math.isfinite(loss) for loss in cuda["losses"])
+    assert all(torch.isfinite(w).all() for w in cuda["weights"].values())
+    reference = evaluate_on(cpu["cartridge"], model_dir, questions, "cpu")
+    other = evaluate_on(cpu["cartridge"], model_dir, questions, "cuda", dtype="bfloat16")
+    for name, result in reference.items():
+        assert math.isfinite(other[name]["answer_log_ppl"]), name
+        assert other[name]["answer_log_ppl"] == pytest.approx(result["answer_log_ppl"], abs=0.1), name

@@ -141,3 +141,15 @@ def test_lens_dump_cli_on_the_embedded_model(tmp_path, capsys):
     ):
         main(["lens", "dump", "--output_dir", str(tmp_path / "bad"), "--layer", "30", "--max_examples", "4"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_dump_refuses_non_finite_values_before_writing_a_shard(tmp_path):
+    base = tiny_base()
+    with torch.no_grad():
+        base.model.norm.weight[0] = float("nan")  # the activations are finite, the log-probabilities are not
+    config = DumpConfig(
+        layer=2, context_length=10, min_position=3, max_examples=100, topk=4, examples_per_shard=4
+    )
+    with pytest.raises(ValueError, match="next-token log-probabilities: .* not finite"):
+        dump_activations(base, ToyTokenizer(), DOCUMENTS, tmp_path, config, {"model": "tiny"})
+    assert not list(tmp_path.glob("data/*.parquet"))

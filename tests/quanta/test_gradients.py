@@ -155,3 +155,24 @@ def test_gradient_shards_resume_and_similarity_blocks_equal_the_full_product(tmp
     result = load_file(path)
     assert result["token_index"].tolist() == list(range(100, 111))
     torch.testing.assert_close(result["similarity"], (gradients @ gradients.t()).clamp(-1, 1))
+
+
+def test_non_finite_gradients_are_refused_before_a_shard_is_written(tmp_path):
+    import datasets
+
+    from hfx.quanta.filters import FEATURES
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    contexts, targets = samples(4)
+    rows = [
+        {"token_index": i, "window_id": i, "doc_id": 0, "position": len(c), "token_id": t, "token": str(t),
+         "context": "", "context_ids": c, "loss_bits": 0.01}
+        for i, (c, t) in enumerate(zip(contexts, targets, strict=True))
+    ]  # fmt: skip
+    tokens = datasets.Dataset.from_list(rows, features=FEATURES)
+    config = GradientConfig(projection_dim=4, seed=0, batch_size=2, tokens_per_shard=4)
+    with pytest.raises(ValueError, match="per-token gradients of shard 0: .* not finite"):
+        compute_gradients(model, tokens, tmp_path, config, {"model": "tiny"})
+    assert not list(tmp_path.glob("**/*.safetensors"))

@@ -194,3 +194,20 @@ def test_a_missing_device_stops_every_stage_before_anything_is_written(tmp_path,
     with pytest.raises(ValueError, match=r"--device 'cuda'.*no CUDA device"):
         run_similarity(RunArguments(output_dir=str(tmp_path / "similarity"), device="cuda"))
     assert not (tmp_path / "similarity").exists()
+
+
+def test_non_finite_losses_are_refused_before_a_shard_is_written(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).eval()
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("nan")  # what a broken kernel or an overflow leaves
+    documents = [("d0", " ".join(str(i % 40 + 1) for i in range(23)))]
+    config = LossesConfig(context_length=8, max_tokens=1000, batch_size=2, windows_per_shard=2)
+    with pytest.raises(ValueError, match="per-token losses: .* not finite .* nothing was written"):
+        compute_losses(model, ToyTokenizer(), documents, tmp_path, config, {"model": "toy"})
+    assert not list((tmp_path / "losses").glob("data/*.parquet"))

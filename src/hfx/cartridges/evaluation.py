@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hfx.artifacts import require_finite
 from hfx.batching import padded
 from hfx.cartridges.corpus import document_prefix_ids, document_prefix_ids_within, user_turn_ids
 from hfx.cartridges.prefix import PrefixKV, forward_with_prefix, generate_after_prefix
@@ -209,6 +210,10 @@ def evaluate_conditions(
         throughput = None
         if condition.prefix is not None and throughput_batch > 0:
             throughput = decode_throughput(model, tokenizer, condition, prompts, new_tokens=throughput_tokens)
+        require_finite(
+            [log_ppl] + ([throughput] if throughput is not None else []),
+            f"the evaluation of {condition.name} (answer log-perplexity, decode tokens/s)",
+        )
         prefix = condition.prefix
         results.append(
             ConditionResult(

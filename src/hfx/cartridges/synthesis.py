@@ -33,6 +33,7 @@ from hfx.artifacts import (
     check_or_write_manifest,
     check_parquet_columns,
     load_parquet_shards,
+    require_finite,
     shard_files,
     shard_path,
     write_parquet_atomic,
@@ -384,6 +385,9 @@ class LocalBatches:
             stop_token_ids=self.answer_stop_ids,
             top_k=config.top_k,
         )
+        require_finite(
+            out_b.topk_logprobs, f"the teacher's top-k log-probabilities of batch {plan.batch_idx}"
+        )
         rows = []
         for row, i in enumerate(keep):
             answer_ids = out_b.token_ids[row]
@@ -494,6 +498,7 @@ def rescore(
         for row, (prompt, (_, answer)) in enumerate(zip(prompts, batch, strict=True)):
             step_logits = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(answer)].float()
             values, top = torch.log_softmax(step_logits, dim=-1).topk(top_k, dim=-1)
+            require_finite(values, "the teacher's re-scored top-k log-probabilities")
             results.append((top.tolist(), values.tolist()))
     return results
 

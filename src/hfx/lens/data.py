@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from hfx.artifacts import (
     check_or_write_manifest,
     load_parquet_shards,
+    require_finite,
     shard_path,
     shard_rows,
     write_parquet_atomic,
@@ -117,6 +118,8 @@ def capture_batch(model, layer: int, input_ids: list[list[int]], topk: int) -> d
     finally:
         handle.remove()
     top = torch.log_softmax(logits.float(), dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
+    require_finite(captured["activation"], f"layer-{layer} activations")
+    require_finite(top.values, "next-token log-probabilities")
     return {
         "activation": captured["activation"],
         "reference_topk_ids": top.indices,

@@ -12,9 +12,11 @@ sketch_j = sum_t (r_j . delta_t)(s_j . x_t) / sqrt(m), computed from R delta and
 unbiased Johnson-Lindenstrauss sketch (E <sketch(G), sketch(H)> = <G, H>) whose variance is at most four times a
 dense Gaussian projection's of the same size, and memory grows with the number of layers, not parameters.
 
-Everything runs on the device of the model. The projection matrices are drawn by a generator seeded on the CPU
-and then moved there, so the same seed gives the same sketch on every device: a run can resume on another device,
-and CPU and GPU results agree to rounding.
+Everything runs on the device of the model, the projection matrices too: they are drawn there by a generator
+seeded from (seed, layer), once, when the object is made (on a GPU in milliseconds; drawn on the CPU they took
+longer than the gradients). The same seed gives the same sketch on the same kind of device; a CPU and a GPU draw
+other numbers, so a sketched run records where its projections were drawn (``GradientSpec.projection_device``) and
+resumes only on that kind of device. The exact mode (``projection_dim=0``) has no randomness at all.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class GradientSpec:
     projection_dim: int
     seed: int
     dims: list[int]  # row width contributed by each layer
+    #: Device type the projections were drawn on ("cpu", "cuda", ...; "" when exact): another draws other numbers.
+    projection_device: str = ""
 
     @property
     def width(self) -> int:
@@ -120,15 +124,16 @@ class PerTokenGradients:
             fan_in, fan_out = _in_out(module)
             has_bias = getattr(module, "bias", None) is not None
             if projection_dim:
-                # Drawn on the CPU (device-independent numbers), then moved: a CUDA generator draws others.
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-                r_out = torch.randn(projection_dim, fan_out, generator=generator)
-                r_in = torch.randn(projection_dim, fan_in, generator=generator)
-                self.projections[name] = (r_out.to(device), r_in.to(device))
+                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+                r_out = torch.randn(projection_dim, fan_out, generator=generator, device=device)
+                r_in = torch.randn(projection_dim, fan_in, generator=generator, device=device)
+                self.projections[name] = (r_out, r_in)
                 dims.append(projection_dim * (2 if has_bias else 1))
             else:
                 dims.append(fan_out * fan_in + (fan_out if has_bias else 0))
-        self.spec = GradientSpec(list(self.layers), projection_dim, seed, dims)
+        self.spec = GradientSpec(
+            list(self.layers), projection_dim, seed, dims, device.type if projection_dim else ""
+        )
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from hfx.artifacts import (
     check_or_write_manifest,
     load_parquet_shards,
+    require_finite,
     shard_path,
     shard_rows,
     write_parquet_atomic,
@@ -91,6 +92,7 @@ def window_losses(model, windows: list[list[int]]) -> list[list[float]]:
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     losses = -logprobs.gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+    require_finite(losses[mask[:, 1:].to(device).bool()], "per-token losses")
     return [[math.nan] + losses[row, : len(w) - 1].tolist() for row, w in enumerate(windows)]
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from hfx.artifacts import check_or_write_manifest, save_safetensors_atomic
+from hfx.artifacts import check_or_write_manifest, require_finite, save_safetensors_atomic
 
 from .gradients import PerTokenGradients
 
@@ -65,6 +65,7 @@ def compute_gradients(
             **asdict(config),
             "layers": gradients.spec.layers,
             "width": gradients.spec.width,
+            "projection_device": gradients.spec.projection_device,
             "tokens": len(tokens),
             # Which tokens: a re-filtered set of the same size is other work, not a run to resume.
             "token_index_sha256": token_index_digest(tokens["token_index"]),
@@ -103,6 +104,7 @@ def compute_gradients(
                 # Rows are written from the CPU whatever device computed them.
                 result[picked] = torch.nn.functional.normalize(grads, dim=1).cpu()
                 bar.update(len(picked))
+            require_finite(result, f"per-token gradients of shard {shard}")
             save_safetensors_atomic(
                 {"token_index": torch.tensor(rows["token_index"]), "gradients": result}, _shard(out, shard)
             )
