@@ -2,30 +2,60 @@
 
     .venv/bin/python benchmarks/cartridges_synthesis.py --conversations 16
     python benchmarks/cartridges_synthesis.py --random-model smollm2-135m --device cuda --cpu-reference 0.5
+    python benchmarks/cartridges_synthesis.py --random-model smollm2-135m --device cuda --batch auto --conversations 2048
 
 The second form synthesizes with a random-weight model of SmolLM2-135M's shape (no weights needed: a GPU machine
 with no network) and a small tokenizer trained on bundled text; every answer then runs to its token limit, so the
 work per conversation is fixed. ``--cpu-reference`` is the batched conv/s of the same command with ``--device cpu``
-on another machine: the GPU/CPU ratio is printed against it.
+on another machine: the GPU/CPU ratio is printed against it. ``--batch auto`` sizes the batch to the device
+(``hfx.cartridges.synthesis.resolve_conversations_per_chunk``: 32 on a CPU, what the GPU's memory holds there).
+
+Before the timed run, the same number of conversations is synthesized once with another seed (other chunks, other
+lengths): the decode loop's buckets are warmed up there (a CUDA graph captured per bucket on a GPU). The counters of
+``hfx.generation`` are printed for the warm-up and for the timed run: graph captures and compilations after warm-up
+should be 0, and the shapes few.
 """
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
 from hfx.cartridges.corpus import load_corpus
-from hfx.cartridges.synthesis import SynthesisConfig, synthesize
-from hfx.models import load_causal_lm, resolve
+from hfx.cartridges.synthesis import SynthesisConfig, resolve_conversations_per_chunk, synthesize
+from hfx.generation import decoder_for
+from hfx.models import load_causal_lm, resolve, synchronize
 
 
-def run(model, tokenizer, corpus, config: SynthesisConfig) -> tuple[float, int]:
+def run(model, tokenizer, corpus, config: SynthesisConfig) -> tuple[float, int, dict]:
+    """conv/s, answer tokens, and what the decode loop did (its counters' change) in one synthesis."""
+    before = decoder_for(model).stats.snapshot()
     with tempfile.TemporaryDirectory() as out:
+        synchronize(model.device)
         start = time.perf_counter()
         dataset = synthesize(model, tokenizer, corpus, out, config, progress=False)
+        synchronize(model.device)
         elapsed = time.perf_counter() - start
-    return len(dataset) / elapsed, sum(
-        len(ids) - s for ids, s in zip(dataset["input_ids"], dataset["answer_start"], strict=False)
+    after = decoder_for(model).stats.snapshot()
+    counters = {k: after[k] - before[k] for k in after if k != "shapes"} | {"shapes (all)": after["shapes"]}
+    return (
+        len(dataset) / elapsed,
+        sum(len(ids) - s for ids, s in zip(dataset["input_ids"], dataset["answer_start"], strict=False)),
+        counters,
     )
+
+
+def warm_then_time(model, tokenizer, corpus, config: SynthesisConfig, label: str) -> float:
+    _, _, warm = run(model, tokenizer, corpus, dataclasses.replace(config, seed=config.seed + 1))
+    rate, tokens, timed = run(model, tokenizer, corpus, config)
+    print(f"{label}: {rate:.3f} conv/s ({tokens} answer tokens)")
+    print(f"  decode loop, warm-up: {warm}")
+    print(f"  decode loop, timed:   {timed}")
+    print(
+        f"RESULT synthesis_graph_captures_after_warmup_{config.conversations_per_chunk} {timed['graph_captures']}"
+    )
+    print(f"RESULT synthesis_compiles_after_warmup_{config.conversations_per_chunk} {timed['compiles']}")
+    return rate
 
 
 def profile(model, tokenizer, corpus, config: SynthesisConfig, rows: int) -> None:
@@ -58,7 +88,11 @@ def main() -> None:
     )
     parser.add_argument("--corpus", default="rcv1")
     parser.add_argument("--conversations", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=16, help="conversations per chunk in the batched run")
+    parser.add_argument(
+        "--batch",
+        default="16",
+        help="conversations per chunk in the batched run, or auto (sized to the device)",
+    )
     parser.add_argument("--question-tokens", type=int, default=24)
     parser.add_argument("--answer-tokens", type=int, default=48)
     parser.add_argument(
@@ -100,18 +134,18 @@ def main() -> None:
         chunk_max_tokens=512,
         seed=0,
     )
-    batched, batched_tokens = run(
-        model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=args.batch, **common)
-    )
+    batch = None if args.batch == "auto" else int(args.batch)
+    config = resolve_conversations_per_chunk(SynthesisConfig(conversations_per_chunk=batch, **common), model)
     print(
         f"corpus {corpus.name}, {args.conversations} conversations, <= {args.question_tokens}+{args.answer_tokens} "
         f"new tokens, {model.device}, {str(model.dtype).removeprefix('torch.')}"
     )
-    print(
-        f"batched (shared chunk KV, {args.batch}/chunk): {batched:.3f} conv/s ({batched_tokens} answer tokens)"
+    batched = warm_then_time(
+        model, tokenizer, corpus, config, f"batched (shared chunk KV, {config.conversations_per_chunk}/chunk)"
     )
+    print(f"RESULT synthesis_conv_per_s_{config.conversations_per_chunk} {batched:.3f}")
     if not args.skip_single:
-        single, single_tokens = run(
+        single, single_tokens, _ = run(
             model, tokenizer, corpus, SynthesisConfig(conversations_per_chunk=1, **common)
         )
         print(f"one at a time:                        {single:.3f} conv/s ({single_tokens} answer tokens)")
@@ -122,12 +156,15 @@ def main() -> None:
             model,
             tokenizer,
             corpus,
-            SynthesisConfig(conversations_per_chunk=args.batch, **common),
+            config,
             args.profile,
         )
     if args.cpu_reference:
         print(f"vs the CPU reference {args.cpu_reference:.3f} conv/s: {batched / args.cpu_reference:.1f}x")
-        print(f"RESULT synthesis_{model.device.type}_vs_cpu {batched / args.cpu_reference:.3f}")
+        print(
+            f"RESULT synthesis_{model.device.type}_vs_cpu_{config.conversations_per_chunk} "
+            f"{batched / args.cpu_reference:.3f}"
+        )
 
 
 if __name__ == "__main__":

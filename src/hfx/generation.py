@@ -60,6 +60,8 @@ class DecodeStats:
     steps: int = 0
     #: ``.item()``-like reads of device values inside decode loops (one per ``sync_every`` steps).
     host_syncs: int = 0
+    #: Buckets whose decode step was built (its cache, buffers, and graph or compiled step).
+    buckets: int = 0
     #: CUDA graphs captured (one per bucket, at its first use).
     graph_captures: int = 0
     #: Graphs ``torch.compile`` built for the decode step (one per bucket, at its first use).
@@ -72,6 +74,7 @@ class DecodeStats:
             "calls": self.calls,
             "steps": self.steps,
             "host_syncs": self.host_syncs,
+            "buckets": self.buckets,
             "graph_captures": self.graph_captures,
             "compiles": self.compiles,
             "shapes": len(self.shapes),
@@ -169,13 +172,15 @@ class PrefixDecoder:
         temperature: float = 0.0,
         stop_token_ids=(),
         top_k: int = 0,
+        min_batch: int = 1,
     ) -> Generated:
         """Continue every prompt after ``prefix`` (a :class:`~hfx.cartridges.prefix.PrefixKV` or ``None``).
 
         ``temperature`` 0 is greedy; otherwise tokens are sampled from ``softmax(logits / temperature)`` with
         torch's global generator of the model's device (seed it with :func:`hfx.models.seeded`). A row stops after
         a token of ``stop_token_ids``. ``top_k`` > 0 also returns the log-probabilities of the ``top_k`` likeliest
-        tokens at every new token, from the raw logits (before temperature).
+        tokens at every new token, from the raw logits (before temperature). The batch is filled up to at least
+        ``min_batch`` rows (callers whose batches shrink, as agent B's after empty questions, keep one bucket).
         """
         if not prompts or any(not p for p in prompts):
             raise ValueError("PrefixDecoder.generate needs at least one prompt, and no empty prompt.")
@@ -185,7 +190,7 @@ class PrefixDecoder:
         device = model.device
         rows = len(prompts)
         prefix_len = prefix.num_tokens if prefix is not None else 0
-        batch = bucket(rows, BATCH_FLOOR)
+        batch = bucket(max(rows, min_batch), BATCH_FLOOR)
         width = bucket(max(len(p) for p in prompts), WIDTH_FLOOR)
         length = bucket(prefix_len + width + max_new_tokens, LENGTH_FLOOR)
         stop_ids = sorted({int(t) for t in stop_token_ids})
@@ -262,6 +267,29 @@ class PrefixDecoder:
             result.topk_logprobs = state.topk_logprobs[:rows].cpu()
         return result
 
+    def warm_up(
+        self,
+        rows: int,
+        cache_tokens: tuple[int, int],
+        max_new_tokens: int,
+        top_k: int = 0,
+        sample: bool = True,
+        num_stop_ids: int = 0,
+    ) -> int:
+        """Build now the decode step of every bucket that ``rows`` sequences of ``cache_tokens[0]`` to
+        ``cache_tokens[1]`` cached tokens (prefix + prompt + new tokens) can run in, so that no call of that range
+        captures or compiles later. Returns how many buckets were new."""
+        batch = bucket(rows, BATCH_FLOOR)
+        low, high = bucket(cache_tokens[0], LENGTH_FLOOR), bucket(cache_tokens[1], LENGTH_FLOOR)
+        new, length = 0, low
+        while length <= high:
+            key = (batch, length, max_new_tokens, top_k, sample, num_stop_ids)
+            if key not in self._steps:
+                self._state(*key)
+                new += 1
+            length = bucket(length + 1, LENGTH_FLOOR)
+        return new
+
     # ------------------------------------------------------------------------------------------------------------
     def _state(self, batch, length, new_tokens, top_k, sample, num_stop) -> _Step:
         key = (batch, length, new_tokens, top_k, sample, num_stop)
@@ -297,6 +325,7 @@ class PrefixDecoder:
         if self.cuda_graphs:
             self._capture(state)
         self._steps[key] = state
+        self.stats.buckets += 1
         logger.debug(
             "Decode bucket: batch %d, cache %d, %d new tokens, top-%d", batch, length, new_tokens, top_k
         )
@@ -340,7 +369,8 @@ class PrefixDecoder:
             chosen = logits.argmax(dim=-1)
         chosen = torch.where(state.finished, state.pad, chosen)
         state.out_tokens.index_copy_(1, state.step, chosen[:, None])
-        state.finished |= torch.isin(chosen, state.stop_ids)
+        # a broadcast comparison, not torch.isin, whose sorting path may wait on the device
+        state.finished |= (chosen[:, None] == state.stop_ids[None, :]).any(dim=-1)
         state.tokens.copy_(chosen[:, None])
         state.step.add_(1)
 

@@ -245,3 +245,22 @@ def test_memory_does_not_grow_with_the_number_of_conversations(tmp_path, tokeniz
 
     small, large = peak(1_000), peak(10_000)
     assert large < 1.5 * small, (small, large)
+
+
+def test_after_warm_up_synthesis_builds_no_new_decode_bucket(tmp_path, tokenizer, corpus):
+    """The decode buckets a config can need are built once up front (a CUDA graph each on a GPU); the batches that
+    follow, on chunks of every length in the config's range, run in them: nothing is captured or compiled later."""
+    from hfx.attention import use_grouped_sdpa
+    from hfx.cartridges.synthesis import LocalBatches
+    from hfx.generation import decoder_for
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tokenizer)
+    use_grouped_sdpa(model)
+    config = SynthesisConfig(**{**CONFIG, "num_conversations": 16, "conversations_per_chunk": 4})
+    built = LocalBatches(model, tokenizer).warm_up(corpus, config)
+    stats = decoder_for(model).stats
+    assert built == stats.buckets >= 2
+    synthesize(model, tokenizer, corpus, tmp_path / "s", config, progress=False)
+    assert stats.calls == 8 and stats.buckets == built
+    assert len(stats.shapes) <= 2 * built  # a prefill and a decode shape per bucket

@@ -344,6 +344,53 @@ class LocalBatches:
         return decoder_for(self.model)
 
     @torch.no_grad()
+    def warm_up(self, corpus: Corpus, config: SynthesisConfig) -> int:
+        """Build the decode steps (a CUDA graph each on a GPU) of every cache length a batch of ``config`` whose
+        conversations are all generated can need; returns how many were new. Batches with fewer generated
+        conversations build theirs when they first come (a few, early in a run)."""
+        from hfx.generation import WIDTH_FLOOR, bucket
+
+        config = resolve_conversations_per_chunk(config, self.model)
+        tokenizer = self.tokenizer
+
+        def width(tokens: int) -> int:  # prompts are padded to a bucket of widths
+            return bucket(tokens, WIDTH_FLOOR)
+
+        template = len(document_prefix_ids(tokenizer, ""))
+        smallest_chunk = min(corpus.num_tokens, config.chunk_min_tokens)
+        largest_chunk = min(corpus.num_tokens, config.chunk_max_tokens)
+        # a chunk's text re-tokenizes to about as many tokens; a margin covers the difference
+        prefix = (max(1, template + smallest_chunk - 16), template + largest_chunk + 16)
+        seeds = [
+            len(user_turn_ids(tokenizer, s, after_system=True))
+            for kind in SEED_PROMPTS.values()
+            for s in kind
+        ]
+        question = len(user_turn_ids(tokenizer, "", after_system=True))
+        rows, asked, answered = (
+            config.conversations_per_chunk,
+            config.max_question_tokens,
+            config.max_answer_tokens,
+        )
+        new = self.decoder.warm_up(
+            rows,
+            (prefix[0] + width(min(seeds)) + asked, prefix[1] + width(max(seeds)) + asked),
+            asked,
+            sample=config.question_temperature > 0,
+            num_stop_ids=len(self.question_stop_ids),
+        )
+        # a question re-tokenizes to about as many tokens as were generated; 8 more cover the difference
+        new += self.decoder.warm_up(
+            rows,
+            (prefix[0] + width(question + 1) + answered, prefix[1] + width(question + asked + 8) + answered),
+            answered,
+            top_k=config.top_k,
+            sample=config.answer_temperature > 0,
+            num_stop_ids=len(self.answer_stop_ids),
+        )
+        return new
+
+    @torch.no_grad()
     def __call__(self, corpus: Corpus, config: SynthesisConfig, batch_idx: int) -> list[dict]:
         config = resolve_conversations_per_chunk(config, self.model)
         plan = plan_batch(self.tokenizer, corpus, config, batch_idx)
@@ -384,6 +431,7 @@ class LocalBatches:
             temperature=config.answer_temperature,
             stop_token_ids=self.answer_stop_ids,
             top_k=config.top_k,
+            min_batch=len(indices),  # agent A's batch: the same bucket whatever questions came out empty
         )
         require_finite(
             out_b.topk_logprobs, f"the teacher's top-k log-probabilities of batch {plan.batch_idx}"
@@ -687,6 +735,9 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
     ]
     mine = range(state.process_index, num_shards, state.num_processes)
     done = {s for s in mine if shard_path(output_dir, "train", s).exists()}
+    if isinstance(generator, LocalBatches) and config.continuation_fraction < 1 and len(done) < len(mine):
+        if generator.decoder.cuda_graphs:  # a graph per bucket now, not one at a time during the run
+            logger.info("Decode steps built for %d buckets", generator.warm_up(corpus, config))
     if done:
         logger.info(
             "Resuming synthesis in %s: %d of this process's %d shards already written",
