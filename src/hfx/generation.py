@@ -52,6 +52,20 @@ def bucket(n: int, floor: int = 1) -> int:
     return size
 
 
+#: Beyond this many cached tokens the cache length is rounded up to a multiple of :data:`LONG_LENGTH_STEP` instead
+#: (a long context is rarely varied, and 1.5x of it would be memory and attention spent on nothing).
+LONG_LENGTH = 4096
+LONG_LENGTH_STEP = 2048
+
+
+def bucket_length(n: int) -> int:
+    """The cache length of ``n`` tokens: :func:`bucket` from :data:`LENGTH_FLOOR` up to :data:`LONG_LENGTH`, then
+    multiples of :data:`LONG_LENGTH_STEP`."""
+    if n <= LONG_LENGTH:
+        return bucket(n, LENGTH_FLOOR)
+    return -(-n // LONG_LENGTH_STEP) * LONG_LENGTH_STEP
+
+
 @dataclass
 class DecodeStats:
     """What the decode loop did, for tests and benchmarks."""
@@ -192,7 +206,7 @@ class PrefixDecoder:
         prefix_len = prefix.num_tokens if prefix is not None else 0
         batch = bucket(max(rows, min_batch), BATCH_FLOOR)
         width = bucket(max(len(p) for p in prompts), WIDTH_FLOOR)
-        length = bucket(prefix_len + width + max_new_tokens, LENGTH_FLOOR)
+        length = bucket_length(prefix_len + width + max_new_tokens)
         stop_ids = sorted({int(t) for t in stop_token_ids})
         state = self._state(batch, length, max_new_tokens, top_k, temperature > 0, len(stop_ids))
         self.stats.calls += 1
@@ -280,14 +294,14 @@ class PrefixDecoder:
         ``cache_tokens[1]`` cached tokens (prefix + prompt + new tokens) can run in, so that no call of that range
         captures or compiles later. Returns how many buckets were new."""
         batch = bucket(rows, BATCH_FLOOR)
-        low, high = bucket(cache_tokens[0], LENGTH_FLOOR), bucket(cache_tokens[1], LENGTH_FLOOR)
+        low, high = bucket_length(cache_tokens[0]), bucket_length(cache_tokens[1])
         new, length = 0, low
         while length <= high:
             key = (batch, length, max_new_tokens, top_k, sample, num_stop_ids)
             if key not in self._steps:
                 self._state(*key)
                 new += 1
-            length = bucket(length + 1, LENGTH_FLOOR)
+            length = bucket_length(length + 1)
         return new
 
     # ------------------------------------------------------------------------------------------------------------
@@ -444,11 +458,12 @@ def _model_mask(mask: torch.Tensor, model) -> torch.Tensor:
 
 
 def sequences_in_flight(
-    model, cache_tokens: int, top_k: int = 0, limit: int = 256, memory_fraction: float = 0.5
+    model, cache_tokens: int, top_k: int = 0, limit: int = 256, memory_fraction: float = 0.25
 ) -> int | None:
     """How many sequences of ``cache_tokens`` cached tokens decode at once in ``memory_fraction`` of the free memory
     of the model's accelerator (their KV cache, and the float32 logits a step makes), as a batch bucket of at most
-    ``limit``; None on a CPU or a device whose free memory torch cannot read."""
+    ``limit``; None on a CPU or a device whose free memory torch cannot read. A quarter by default: a run keeps one
+    cache per bucket it meets (a few cache lengths), and the model's own work needs room too."""
     device = model.device
     if device.type != "cuda":
         return None
@@ -459,7 +474,7 @@ def sequences_in_flight(
     itemsize = torch.finfo(model.dtype).bits // 8
     kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
     # logits, their log-softmax and softmax, the sampling noise: a few float32 rows of the vocabulary
-    per_row = kv_per_token * bucket(cache_tokens, LENGTH_FLOOR) + 6 * 4 * config.vocab_size + 16 * top_k
+    per_row = kv_per_token * bucket_length(cache_tokens) + 6 * 4 * config.vocab_size + 16 * top_k
     fits = int(free * memory_fraction // per_row)
     size = 1
     while bucket(size + 1, BATCH_FLOOR) <= min(fits, limit):

@@ -46,7 +46,8 @@ class PrefixKV:
     def prefill(cls, model, input_ids: list[int]) -> PrefixKV:
         """Run the model once over ``input_ids`` and keep its cache."""
         ids = torch.tensor([input_ids], device=model.device)
-        out = model(input_ids=ids, use_cache=True)
+        # only the cache is kept: logits of the last position only (a long document's would fill the memory)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         return cls.from_cache(out.past_key_values)
 
     @classmethod
@@ -126,6 +127,10 @@ def generate_after_prefix(
     cache = None
     if prefix is not None:
         cache = prefix.cache(len(prompts), model.config, max_cache_len=prefix_len + width + max_new_tokens)
+        if model.device.type != "cpu":
+            # generate compiles its decode step for a StaticCache on an accelerator; every call here has its own
+            # cache length, so it would compile on every call (bulk decoding goes through hfx.generation)
+            generate_kwargs.setdefault("disable_compile", True)
     output = model.generate(
         input_ids=ids.to(model.device),
         attention_mask=mask.to(model.device),
