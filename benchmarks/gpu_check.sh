@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check: on one CUDA GPU (H100/H200) with no network, in under 9 minutes, run the `gpu` tests, then the GPU
-# benchmarks, and print one summary table. Random-weight models only (built from configs): no weights travel.
+# The GPU check: on one CUDA GPU (H100/H200) with no network, run the `gpu` tests and the GPU benchmarks, and print
+# one summary table. Random-weight models only (built from configs): no weights travel.
 #
 #   benchmarks/prepare_gpu_wheels.sh            # once, on a machine with package access: wheels into .whl/
 #   benchmarks/gpu_check.sh                      # on the GPU machine, from the repository root (with .whl/ beside)
+#   GPU_CHECK_PARTS=main-job benchmarks/gpu_check.sh   # the main job's two 3-minute runs (a call of their own)
+#
+# The parts (GPU_CHECK_PARTS, words separated by spaces; default "tests bench", under 8 minutes):
+#   tests     the `gpu` tests (fp32 against the CPU, and bf16)
+#   bench     synthesis at 16 conversations per chunk and at the device-sized batch (graph captures and compilations
+#             after warm-up), quanta gradients in bf16, cartridge vs ICL decode at a fixed and at the peak batch,
+#             the PEER kernel and a PEER-MLA vs dense training step
+#   main-job  `hfx cartridge run --budget_minutes 3` end to end on a random model of the embedded shape, with the
+#             default mix and with half generated conversations: each plan and its wall time against the budget
+#             (two 3-minute runs do not fit the 8 minutes beside the rest: a second call, with its own budget)
 #
 # The wheels of .whl/ that fit this Python are installed (no deps, no index) into $HFX_SITE (default /tmp/hfx-site),
 # which goes first on PYTHONPATH, then src/ and the repository root: the carried transformers/peft/... shadow the
@@ -21,7 +31,10 @@ LOGS=${OUT:-outputs/gpu-check}
 mkdir -p "$LOGS"
 PYTHON=${PYTHON:-python3}
 HFX_SITE=${HFX_SITE:-/tmp/hfx-site}
-BUDGET=${GPU_CHECK_BUDGET:-450}
+PARTS=" ${GPU_CHECK_PARTS:-tests bench} "
+part() { [[ $PARTS == *" $1 "* ]]; }
+# 450 s (under 8 minutes) for the tests and benchmarks; the main job's two 3-minute runs take a call of their own
+if [[ $PARTS == " main-job " ]]; then BUDGET=${GPU_CHECK_BUDGET:-540}; else BUDGET=${GPU_CHECK_BUDGET:-450}; fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Triton, torch.compile and the HF libraries write caches under $HOME: give them a writable one.
 if ! { [ -n "${HOME:-}" ] && [ -d "$HOME" ] && [ -w "$HOME" ]; }; then
@@ -209,7 +222,7 @@ for wheel in wheels:
 
 modules = (
     "transformers", "peft", "datasets", "trl", "kernels", "triton.language",
-    "hfx.models", "hfx.tokenization", "hfx.embedded", "hfx.losses", "hfx.artifacts",
+    "hfx.models", "hfx.tokenization", "hfx.embedded", "hfx.losses", "hfx.artifacts", "hfx.generation",
     "hfx.cartridges.pipeline", "hfx.cartridges.synthesis", "hfx.cartridges.training", "hfx.cartridges.evaluation",
     "hfx.cartridges.prefix", "hfx.quanta.pipeline", "hfx.quanta.gradients", "hfx.lens.pipeline", "hfx.lens.training",
     "hfx.peer_mla.training", "hfx.peer_mla.modeling_peer_mla", "hfx.peer_mla.configuration_peer_mla",
@@ -305,27 +318,45 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: a benchmark script of benchmarks
     step "$name" "$limit" "$PYTHON" "$script" "$@"
 }
 
-# 2. The gpu tests (each system end to end on CUDA against the CPU; kernels against their references). Only the
-#    test_gpu*.py files are collected: the other test modules import packages this machine does not have.
-gpu_tests=()
-for file in tests/test_gpu*.py tests/*/test_gpu*.py; do [ -f "$file" ] && gpu_tests+=("$file"); done
-if ((${#gpu_tests[@]})); then
-    step gpu-tests 240 "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rA "${gpu_tests[@]}"
-else
-    echo "== gpu-tests: no tests/*/test_gpu*.py" | tee "$LOGS/gpu-tests.log"
-    record gpu-tests 127 0
+# 2. The gpu tests (each system end to end on CUDA against the CPU in fp32, and in bf16; kernels against their
+#    references). Only the test_gpu*.py files are collected: the other test modules import packages this machine
+#    does not have.
+if part tests; then
+    gpu_tests=()
+    for file in tests/test_gpu*.py tests/*/test_gpu*.py; do [ -f "$file" ] && gpu_tests+=("$file"); done
+    if ((${#gpu_tests[@]})); then
+        step gpu-tests 240 "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rA "${gpu_tests[@]}"
+    else
+        echo "== gpu-tests: no tests/*/test_gpu*.py" | tee "$LOGS/gpu-tests.log"
+        record gpu-tests 127 0
+    fi
 fi
 
-# 3. Benchmarks: each prints `RESULT <name> <ratio>` lines.
-bench decode 120 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 2048 8192 32768 \
-    --p 2048 --batch 32 --new-tokens 32 --repeats 2 --device cuda
-bench peer-kernel 90 benchmarks/peer_kernel.py --device cuda
-bench peer-train-step 90 benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton
-bench quanta-gradients 60 benchmarks/quanta_gradients.py --device cuda --random-model
-# CPU reference: 0.937 conv/s, the same synthesis with --device cpu --conversations 32 on the 2-core CI machine
-# (README, "The GPU check").
-bench synthesis 90 benchmarks/cartridges_synthesis.py --random-model smollm2-135m --conversations 64 \
-    --batch 16 --skip-single --device cuda --cpu-reference "${SYNTHESIS_CPU_REFERENCE:-0.937}"
+# 3. Benchmarks: each prints `RESULT <name> <value>` lines.
+if part bench; then
+    # CPU references: the same commands with --device cpu on the 2-core CI machine (docs/devices.md, "The GPU
+    # check"): 16 per chunk with these 64 conversations, and the CPU's own device-sized batch (32) for the second.
+    bench synthesis-16 75 benchmarks/cartridges_synthesis.py --random-model smollm2-135m --conversations 64 \
+        --batch 16 --skip-single --device cuda --cpu-reference "${SYNTHESIS_CPU_REFERENCE:-0.944}"
+    bench synthesis-device 90 benchmarks/cartridges_synthesis.py --random-model smollm2-135m --conversations 2048 \
+        --batch auto --skip-single --device cuda --cpu-reference "${SYNTHESIS_CPU_REFERENCE_DEVICE:-1.111}"
+    bench quanta-gradients 45 benchmarks/quanta_gradients.py --device cuda --random-model
+    bench decode 60 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 2048 8192 32768 \
+        --p 2048 --batch 32 --new-tokens 32 --repeats 2 --device cuda
+    bench decode-peak 90 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 32768 131072 \
+        --p 2048 --new-tokens 128 --repeats 3 --peak-memory-gib 60 --skip-fixed --device cuda
+    bench peer-kernel 45 benchmarks/peer_kernel.py --device cuda
+    bench peer-train-step 60 benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton
+fi
+
+# 4. The main job under a 3-minute budget, twice (its own call: GPU_CHECK_PARTS=main-job). CPU references: the
+#    conversations the same command plans on the 2-core CI machine.
+if part main-job; then
+    bench main-job-default 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --device cuda \
+        --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE:-96}"
+    bench main-job-half 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --continuation-fraction 0.5 \
+        --device cuda --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE_HALF:-64}"
+fi
 
 summary | tee "$LOGS/summary.md"
 rm -rf "$WORK"

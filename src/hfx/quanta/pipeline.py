@@ -12,7 +12,8 @@ resume after a kill. `hfx quanta run` chains them. Under `accelerate launch` the
 over the processes (each on its own GPU: the loader places every process's model on accelerate's device of that
 process) and the main process does the rest. Device and dtype are checked before a stage writes anything; the
 manifests record the resolved dtype ("float32", "bfloat16"), never "auto", and not the device: a run resumed on
-another device continues the same artifacts (the random projections are drawn on the CPU).
+another device continues the same artifacts, except sketched gradients, whose random projections are drawn on the
+model's device (their manifest records the device type: a GPU draws other numbers than a CPU).
 """
 
 from __future__ import annotations

@@ -1,0 +1,93 @@
+"""The main job under a time budget on this device: what it plans (conversations, training steps) and whether it
+ends inside the budget.
+
+    .venv/bin/python benchmarks/cartridges_main_job.py --budget-minutes 3 --device cpu
+    python benchmarks/cartridges_main_job.py --budget-minutes 3 --continuation-fraction 0.5 --device cuda \\
+        --cpu-reference-conversations 64
+
+A random-weight model of the embedded model's shape (``--random-model``, no weights needed: a GPU machine with no
+network) and a small tokenizer trained on bundled text are saved to a temporary folder and given to
+``hfx.cartridges.pipeline.run_self_study`` as its model, with ``budget_minutes``: the run synthesizes, plans from
+the speeds it measures on this device (synthesis of the kinds the mix holds, a training step), trains, evaluates on
+the corpus's questions and saves the cartridge, end to end. ``--continuation-fraction`` is the share of quoted
+(not generated) conversations: 1.0 is the default mix, 0.5 half generated. ``--cpu-reference-conversations`` is the
+number of conversations the same command plans on the 2-core CPU: the ratio is printed against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from _random_models import SHAPES, random_causal_lm, tokenizer_for
+
+from hfx.cartridges.pipeline import run_self_study
+from hfx.cartridges.synthesis import SynthesisConfig
+from hfx.models import resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--random-model", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--corpus", default="rcv1")
+    parser.add_argument("--questions", default=str(ROOT / "tests" / "data" / "questions" / "rcv1.jsonl"))
+    parser.add_argument("--budget-minutes", type=float, default=3.0)
+    parser.add_argument("--continuation-fraction", type=float, default=1.0, help="1.0: the default mix")
+    parser.add_argument("--device", default=None, help="default: accelerate's device of this process")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto: bfloat16 on a GPU that supports it, else float32"
+    )
+    parser.add_argument("--cpu-reference-conversations", type=int, default=None)
+    args = parser.parse_args()
+
+    device, dtype = resolve(args.device, args.dtype)
+    mix = f"{round(100 * (1 - args.continuation_fraction))}gen"
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        tokenizer = tokenizer_for(args.random_model)
+        random_causal_lm(args.random_model, tokenizer, device, dtype).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        start = time.perf_counter()
+        result = run_self_study(
+            Path(tmp) / "run",
+            args.corpus,
+            args.questions,
+            SynthesisConfig(continuation_fraction=args.continuation_fraction),
+            model_name_or_path=str(model_dir),
+            device=str(device),
+            dtype=args.dtype,
+            budget_minutes=args.budget_minutes,
+        )
+        wall = time.perf_counter() - start
+        plan = json.loads((result.output_dir / "plan.json").read_text())
+    print(
+        f"{args.random_model} (random weights) on {plan['device']}, synthesis in {plan['dtype']}, training in "
+        f"{plan['training_dtype']}; corpus {args.corpus}; {100 * (1 - args.continuation_fraction):.0f}% generated"
+    )
+    print(
+        f"plan: {plan['num_conversations']} conversations ({plan['conversations_per_chunk']} per chunk, "
+        f"{plan['seconds_per_conversation'] * 1000:.1f} ms each), {plan['steps']} training steps "
+        f"({plan['seconds_per_step']:.3f} s each), setup {plan['setup_seconds']:.1f} s, "
+        f"planned {plan['planned_seconds']:.0f} s"
+    )
+    print(
+        f"wall time {wall:.0f} s of the {args.budget_minutes * 60:.0f} s budget ({wall / 60 / args.budget_minutes:.2f})"
+    )
+    print(f"RESULT main_job_conversations_{mix} {plan['num_conversations']}")
+    print(f"RESULT main_job_steps_{mix} {plan['steps']}")
+    print(f"RESULT main_job_wall_over_budget_{mix} {wall / 60 / args.budget_minutes:.3f}")
+    if args.cpu_reference_conversations:
+        ratio = plan["num_conversations"] / args.cpu_reference_conversations
+        print(f"vs the CPU's plan of {args.cpu_reference_conversations} conversations: {ratio:.1f}x")
+        print(f"RESULT main_job_vs_cpu_{mix} {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
