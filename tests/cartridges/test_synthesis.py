@@ -264,3 +264,35 @@ def test_after_warm_up_synthesis_builds_no_new_decode_bucket(tmp_path, tokenizer
     synthesize(model, tokenizer, corpus, tmp_path / "s", config, progress=False)
     assert stats.calls == 8 and stats.buckets == built
     assert len(stats.shapes) <= 2 * built  # a prefill and a decode shape per bucket
+
+
+def test_two_synthesis_calls_on_other_chunk_lengths_share_the_attention_shapes(tmp_path, tokenizer, corpus):
+    """Attention over the cache (agents A and B: their prompts' prefill and every decode step) runs in no more
+    shapes than the decode loop has buckets, across two syntheses on chunks of other lengths."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hfx.attention import sdpa_mask_without_empty_rows
+    from hfx.generation import decoder_for
+    from tests.conftest import make_tiny_llama
+
+    shapes = set()
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[2] != key.shape[2]:  # over a cache: not the chunk's own prefill
+            shapes.add((query.shape[0], query.shape[2], key.shape[2]))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("hfx_test_synthesis_shapes", recording)
+    AttentionMaskInterface.register("hfx_test_synthesis_shapes", sdpa_mask_without_empty_rows)
+    model = make_tiny_llama(tokenizer)
+    model.set_attn_implementation("hfx_test_synthesis_shapes")
+    for name, (low, high) in (("short", (40, 60)), ("long", (70, 90))):
+        config = SynthesisConfig(
+            **{**CONFIG, "num_conversations": 8, "conversations_per_chunk": 4}
+            | {"chunk_min_tokens": low, "chunk_max_tokens": high}
+        )
+        synthesize(model, tokenizer, corpus, tmp_path / name, config, progress=False)
+    stats = decoder_for(model).stats
+    assert stats.calls == 8  # two agents, two batches, two syntheses
+    assert 2 <= len(shapes) <= 2 * stats.buckets < 2 * stats.calls, (shapes, stats)
