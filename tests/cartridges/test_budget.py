@@ -116,3 +116,31 @@ def test_a_budgeted_run_plans_writes_the_plan_and_keeps_it_on_resume(tmp_path, t
     assert (out / PLAN_FILE).read_text() == written
     with pytest.raises(ValueError, match="planned for --budget_minutes 0.5, not 2"):
         run(2)
+
+
+def test_timed_evaluation_and_reloads_replace_the_reserve_when_larger():
+    base = _plan(10)
+    assert base.reserve_seconds == pytest.approx(0.12 * 600)
+    timed = _plan(10, after_training_seconds=100.0, evaluation_seconds=80.0)
+    assert timed.reserve_seconds == pytest.approx(125.0) and timed.evaluation_seconds == 80.0
+    assert timed.num_conversations < base.num_conversations and timed.planned_seconds <= 600
+    assert "evaluation timed at 1.3" in timed.describe()
+    assert _plan(10, after_training_seconds=10.0).reserve_seconds == base.reserve_seconds
+    with pytest.raises(ValueError, match=r"--budget_minutes 2 is too small"):
+        _plan(2, after_training_seconds=100.0)
+
+
+def test_the_evaluation_estimate_grows_with_the_questions(tiny_model, tokenizer):
+    from hfx.attention import use_grouped_sdpa
+    from hfx.cartridges.evaluation import estimate_evaluation_seconds, load_questions
+    from tests.conftest import DATA
+
+    use_grouped_sdpa(tiny_model)
+    questions = load_questions(DATA / "questions" / "wine_data.jsonl")
+    document = "Some document about wines and their classes. " * 20
+    few = estimate_evaluation_seconds(tiny_model, tokenizer, document, questions[:4], throughput_batch=0)
+    many = estimate_evaluation_seconds(
+        tiny_model, tokenizer, document, questions[:4] * 25, throughput_batch=0
+    )
+    assert 0 < few < many
+    assert estimate_evaluation_seconds(tiny_model, tokenizer, document, []) == 0.0

@@ -6,9 +6,11 @@ conversations ``C`` that fits::
 
     setup + C * seconds_per_conversation + ceil(C * epochs / batch) * seconds_per_step + reserve <= N minutes
 
-``reserve`` is what the plan cannot time in advance (evaluation, the two model reloads, saving). The plan is logged
-before the work starts and written to ``plan.json`` in the run's folder; a resumed run reads it back instead of
-measuring again, so it does the same work as the run that was killed.
+``reserve`` is what comes after training: evaluation (timed on a few of the questions when the run has them:
+:func:`~hfx.cartridges.evaluation.estimate_evaluation_seconds`), the two model reloads (each as long as the run's
+first load) and saving; at least ``RESERVE_FRACTION`` of the budget. The plan is logged before the work starts and
+written to ``plan.json`` in the run's folder; a resumed run reads it back instead of measuring again, so it does the
+same work as the run that was killed.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from hfx.atomic import write_text_atomic
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-#: Share of the budget kept for what the probe does not time: evaluation, model reloads and saving.
+#: Share of the budget kept at least for what comes after training: evaluation, model reloads and saving.
 RESERVE_FRACTION = 0.12
+#: The timed evaluation and reloads are scaled by this before they replace the share above (a shared machine slows
+#: a run, never speeds it up).
+RESERVE_MARGIN = 1.25
 #: A Trainer step costs more than the probe's forward and backward: the optimizer, checkpoints every
 #: ``save_steps``, logging and batches of varying width (measured with the embedded model on 2 CPU cores:
 #: 4.2 s per Trainer step against 3.5 s for the probe).
@@ -55,6 +60,8 @@ class BudgetPlan:
     num_train_epochs: float
     num_conversations: int
     steps: int
+    #: Seconds evaluation was timed to take (0 when the run has no questions, or for plans made before it was timed).
+    evaluation_seconds: float = 0.0
 
     @property
     def planned_seconds(self) -> float:
@@ -75,7 +82,13 @@ class BudgetPlan:
             f"({self.training_dtype}, {self.num_train_epochs:g} epochs, {self.seconds_per_step:.2f} s each, "
             f"{training / 60:.1f} min), "
             f"setup {self.setup_seconds / 60:.1f} min, kept for evaluation and saving "
-            f"{self.reserve_seconds / 60:.1f} min: {self.planned_seconds / 60:.1f} min in all."
+            f"{self.reserve_seconds / 60:.1f} min"
+            + (
+                f" (evaluation timed at {self.evaluation_seconds / 60:.1f})"
+                if self.evaluation_seconds
+                else ""
+            )
+            + f": {self.planned_seconds / 60:.1f} min in all."
         )
 
     def to_json(self) -> dict:
@@ -99,15 +112,19 @@ def plan_budget(
     dtype: str = "float32",
     training_dtype: str = "float32",
     reserve_fraction: float = RESERVE_FRACTION,
+    after_training_seconds: float = 0.0,
+    evaluation_seconds: float = 0.0,
 ) -> BudgetPlan:
     """The largest whole number of batches of conversations (at least ``min_conversations``) that fits the budget.
 
-    Raises ``ValueError`` naming the smallest budget that would fit when even ``min_conversations`` does not.
+    ``after_training_seconds`` is what evaluation, reloads and saving were timed to take: the reserve is the larger
+    of it (times :data:`RESERVE_MARGIN`) and ``reserve_fraction`` of the budget. Raises ``ValueError`` naming the
+    smallest budget that would fit when even ``min_conversations`` does not.
     """
     if budget_minutes <= 0:
         raise ValueError(f"budget_minutes must be > 0, got {budget_minutes}.")
     budget = budget_minutes * 60
-    reserve = reserve_fraction * budget
+    reserve = max(reserve_fraction * budget, RESERVE_MARGIN * after_training_seconds)
     # Seconds one more conversation costs: its synthesis and its share of the training steps.
     per_conversation = (
         seconds_per_conversation + num_train_epochs * seconds_per_step / per_device_train_batch_size
@@ -129,8 +146,10 @@ def plan_budget(
     while conversations > min_conversations and total(conversations) > budget:  # the ceil of the steps
         conversations -= conversations_per_chunk
     if conversations < min_conversations or total(conversations) > budget:
-        # setup + work + reserve_fraction * B <= B
-        needed = (total(min_conversations) - reserve) / (1 - reserve_fraction) / 60
+        # setup + work + max(reserve_fraction * B, timed reserve) <= B
+        needed = (
+            max((total(min_conversations) - reserve) / (1 - reserve_fraction), total(min_conversations)) / 60
+        )
         raise ValueError(
             f"--budget_minutes {budget_minutes:g} is too small on this machine ({device}): setup took "
             f"{setup_seconds / 60:.1f} min, a conversation takes {seconds_per_conversation:.2f} s and a training "
@@ -151,6 +170,7 @@ def plan_budget(
         num_train_epochs=num_train_epochs,
         num_conversations=conversations,
         steps=steps(conversations),
+        evaluation_seconds=evaluation_seconds,
     )
 
 
@@ -243,13 +263,17 @@ def measure_and_plan(
     server=None,
     model_name: str = "",
     probe_batches: int = 2,
+    questions: list | None = None,
+    load_seconds: float = 0.0,
 ) -> tuple[BudgetPlan, dict[int, list[dict]]]:
-    """Synthesize the first ``probe_batches`` batches, time a training step, and plan the run.
+    """Synthesize the first ``probe_batches`` batches, time a training step and, with ``questions``, the evaluation
+    (on a few of them), and plan the run.
 
     ``started`` is the ``time.perf_counter()`` at which the run began (model loading counts against the budget).
     The step is timed in ``training_dtype`` (the frozen base's dtype during training); when it differs from the
     synthesizing ``model``'s, a copy of ``model_name_or_path`` is loaded in it for the timing (on a CPU with
     AVX512-BF16 or AMX, bfloat16 training steps and float32 generation are each the faster choice).
+    ``load_seconds`` is how long the run's first model load took: training and evaluation each load the model again.
     Returns the plan and the probe's rows by batch index, to be written as the synthesis's first shards.
     """
     from hfx.cartridges.synthesis import batch_generator, resolve_conversations_per_chunk
@@ -291,6 +315,14 @@ def measure_and_plan(
     )
     training_dtype_name = dtype_name(step_model.dtype)
     del step_model
+    evaluation_seconds = 0.0
+    if questions:
+        from hfx.cartridges.evaluation import estimate_evaluation_seconds
+
+        window = getattr(model.config, "max_position_embeddings", None)
+        evaluation_seconds = estimate_evaluation_seconds(
+            model, tokenizer, corpus.text, questions, max_context_tokens=window - 256 if window else None
+        )
     plan = plan_budget(
         budget_minutes,
         # The probe's conversations are part of the plan's synthesis time, not of its setup.
@@ -304,5 +336,7 @@ def measure_and_plan(
         device=str(model.device),
         dtype=dtype_name(model.dtype),
         training_dtype=training_dtype_name,
+        after_training_seconds=evaluation_seconds + 2 * load_seconds,
+        evaluation_seconds=evaluation_seconds,
     )
     return plan, rows

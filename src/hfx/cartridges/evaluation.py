@@ -183,6 +183,44 @@ def decode_throughput(
     return new_tokens * len(seqs) / (sum(seconds) / len(seconds))
 
 
+def estimate_evaluation_seconds(
+    model,
+    tokenizer,
+    document: str,
+    questions: list[MCQuestion],
+    max_context_tokens: int | None = None,
+    sample: int = 4,
+    throughput_batch: int = 8,
+    throughput_tokens: int = 32,
+) -> float:
+    """Seconds :func:`evaluate_conditions` will take on this model and device for the three conditions (no
+    context, ICL, a cartridge), timed on ``sample`` questions: the document's prefill, the scoring of every question
+    with and without the document (a cartridge's p tokens score about as fast as no context) and the decode timing
+    of the two conditions with a prefix (the ICL one timed; on a GPU after its untimed first call)."""
+    sample_questions = questions[:sample]
+    if not sample_questions:
+        return 0.0
+    synchronize(model.device)
+    start = time.perf_counter()
+    icl = icl_condition(model, tokenizer, document, max_context_tokens=max_context_tokens)
+    synchronize(model.device)
+    prefill = time.perf_counter() - start
+    per_question = {}
+    for condition in (Condition("no context", None, prompt_after_system=False), icl):
+        synchronize(model.device)
+        start = time.perf_counter()
+        score_multiple_choice(model, tokenizer, condition, sample_questions, progress=False)
+        synchronize(model.device)
+        per_question[condition.name] = (time.perf_counter() - start) / len(sample_questions)
+    decode = 0.0
+    if throughput_batch > 0:
+        prompts = [q.question for q in questions[:throughput_batch]]
+        tokens_per_s = decode_throughput(model, tokenizer, icl, prompts, new_tokens=throughput_tokens)
+        decode = 2 * len(prompts) * throughput_tokens / tokens_per_s
+    scoring = len(questions) * (2 * per_question["no context"] + per_question[icl.name])
+    return prefill + scoring + decode
+
+
 def icl_condition(model, tokenizer, document: str, max_context_tokens: int | None = None) -> Condition:
     """The document in the system turn, prefilled once; truncated to ``max_context_tokens`` if given."""
     if max_context_tokens is None:

@@ -206,6 +206,8 @@ def _budgeted_synthesis(
     training,
     server,
     start,
+    questions=None,
+    load_seconds=0.0,
 ):
     """The synthesis config a budget allows, and the probe's batches; a resumed run keeps the plan it wrote."""
     from hfx.cartridges.budget import measure_and_plan, write_plan
@@ -240,6 +242,8 @@ def _budgeted_synthesis(
             ),
             model_name_or_path=model_name_or_path,
             server=server,
+            questions=questions,
+            load_seconds=load_seconds,
         )
         write_plan(output_dir, plan)
         logger.info(plan.describe())
@@ -282,6 +286,7 @@ def run_self_study(
     output_dir = Path(output_dir)
     synthesis = synthesis or SynthesisConfig()
     model, tokenizer = load_causal_lm(model_name_or_path, device=device, dtype=dtype)
+    load_seconds = time.perf_counter() - start
     corpus: Corpus = load_corpus(corpus_source, tokenizer)
     training = dict(training or {})
     # An initialization the model cannot take stops here, not after the synthesis.
@@ -305,6 +310,8 @@ def run_self_study(
             training,
             server,
             start,
+            load_questions(questions_path) if questions_path is not None else None,
+            load_seconds,
         )
     dataset = synthesize(
         model,
