@@ -353,7 +353,7 @@ fi
 #    conversations the same command plans on the 2-core CI machine.
 if part main-job; then
     bench main-job-default 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --device cuda \
-        --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE:-96}"
+        --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE:-64}"
     bench main-job-half 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --continuation-fraction 0.5 \
         --device cuda --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE_HALF:-64}"
 fi
