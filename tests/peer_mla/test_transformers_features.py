@@ -279,3 +279,39 @@ def test_gradient_checkpointing_updates_the_running_statistics_once_per_forward(
     with caplog.at_level(logging.WARNING):
         reentrant.gradient_checkpointing_enable({"use_reentrant": True})
     assert "updated twice" in caplog.text
+
+
+def test_batch_norm_without_padding_is_one_fused_kernel_with_the_same_result():
+    """No token_mask (packed pretraining blocks): PyTorch's fused batch norm, with the same outputs, gradients and
+    running statistics as the masked path with every token real, in a handful of kernels instead of ~30 (launches a
+    GPU pays for one by one)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(12, 6) * 3 + 1
+    results = {}
+    for name, mask in (("fused", None), ("masked", torch.ones(12, dtype=torch.bool))):
+        norm = PeerQueryBatchNorm(6).train()
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 2.0, 6))
+            norm.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+        inputs = x.clone().requires_grad_(True)
+        with CountOps() as counter:
+            out = norm(inputs, mask)
+        (out * torch.arange(6.0)).sum().backward()
+        results[name] = (out.detach(), inputs.grad, norm.running_mean, norm.running_var, counter.count)
+        assert norm.num_batches_tracked.item() == 1
+    for fused, masked in zip(results["fused"][:4], results["masked"][:4], strict=True):
+        torch.testing.assert_close(fused, masked, atol=1e-5, rtol=1e-5)
+    assert results["fused"][4] <= 4 and results["masked"][4] >= 20, (
+        results["fused"][4],
+        results["masked"][4],
+    )

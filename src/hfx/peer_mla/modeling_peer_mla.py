@@ -389,11 +389,29 @@ class PeerQueryBatchNorm(nn.BatchNorm1d):
     them. With fewer than two real tokens (one-token batches) there are no batch statistics, so the running ones
     normalise and nothing is updated. The running statistics are updated by the training forward, not by the
     recomputation of gradient checkpointing (`recomputing_for_backward`), so once per forward as without it.
-    Branch-free, so it compiles. Same parameters and buffers as `nn.BatchNorm1d`: checkpoints load unchanged."""
+    With no padding (no `token_mask`: packed pretraining blocks) and two or more tokens it is PyTorch's fused batch
+    norm, one kernel forward and one backward; otherwise the masked statistics below, ~30 small kernels, branch-free
+    (the choice depends on shapes only), so both compile. Same parameters and buffers as `nn.BatchNorm1d`:
+    checkpoints load unchanged."""
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or not self.track_running_stats:
             return super().forward(x)
+        if token_mask is None and x.shape[0] >= 2:
+            # a checkpoint's recomputation updates copies (thrown away): the same kernel, the same saved tensors
+            recomputing = getattr(_RECOMPUTING, "active", False)
+            if not recomputing:
+                self.num_batches_tracked.add_(1)
+            return F.batch_norm(
+                x,
+                self.running_mean.clone() if recomputing else self.running_mean,
+                self.running_var.clone() if recomputing else self.running_var,
+                self.weight,
+                self.bias,
+                training=True,
+                momentum=self.momentum if self.momentum is not None else 0.1,
+                eps=self.eps,
+            )
         weights = x.new_ones(x.shape[0], 1) if token_mask is None else token_mask.reshape(-1, 1).to(x.dtype)
         count = weights.sum()
         enough = count >= 2
