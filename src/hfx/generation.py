@@ -281,6 +281,7 @@ class PrefixDecoder:
             result.topk_logprobs = state.topk_logprobs[:rows].cpu()
         return result
 
+    @torch.no_grad()
     def warm_up(
         self,
         rows: int,
