@@ -114,8 +114,8 @@ class SynthesisConfig:
 
     num_conversations: int = 384
     #: Conversations per batch; a batch shares one chunk and its KV, and its conversations decode together.
-    #: None: 32 on a CPU (small batches keep each step fast), and on a GPU as many as a quarter of its free memory holds,
-    #: up to 256 (:func:`resolve_conversations_per_chunk`); the number chosen is what the manifest records.
+    #: None: 32 on a CPU (small batches keep each step fast), and on a GPU as many as a quarter of its free
+    #: memory holds, up to 256 (:func:`resolve_conversations_per_chunk`); the manifest records the number chosen.
     conversations_per_chunk: int | None = None
     #: Chunk length, drawn in [min, max]: a document up to this long is its own chunk (the teacher then reads
     #: it as ICL does); a longer one is studied in windows of this size.
