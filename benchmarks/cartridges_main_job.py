@@ -55,16 +55,23 @@ def main() -> None:
         random_causal_lm(args.random_model, tokenizer, device, dtype).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         start = time.perf_counter()
-        result = run_self_study(
-            Path(tmp) / "run",
-            args.corpus,
-            args.questions,
-            SynthesisConfig(continuation_fraction=args.continuation_fraction),
-            model_name_or_path=str(model_dir),
-            device=str(device),
-            dtype=args.dtype,
-            budget_minutes=args.budget_minutes,
-        )
+        try:
+            result = run_self_study(
+                Path(tmp) / "run",
+                args.corpus,
+                args.questions,
+                SynthesisConfig(continuation_fraction=args.continuation_fraction),
+                model_name_or_path=str(model_dir),
+                device=str(device),
+                dtype=args.dtype,
+                budget_minutes=args.budget_minutes,
+            )
+        except ValueError as error:
+            if "is too small" not in str(error):
+                raise
+            print(f"no plan fits: {error}")
+            print(f"RESULT main_job_conversations_{mix} 0")
+            raise SystemExit(1) from None
         wall = time.perf_counter() - start
         plan = json.loads((result.output_dir / "plan.json").read_text())
     print(
