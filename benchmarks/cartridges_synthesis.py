@@ -80,6 +80,36 @@ def profile(model, tokenizer, corpus, config: SynthesisConfig, rows: int) -> Non
     for group, names in groups.items():
         share = sum(e.self_cpu_time_total for e in events if e.key in names) / total
         print(f"RESULT synthesis_profile_{group}_share {share:.3f}")
+    # The loop's own overhead beside the model's time: one more batch with the model's forward timed (the device
+    # synchronized around each call), against the whole batch.
+    from hfx.models import synchronize
+
+    forward = model.forward
+    model_seconds = 0.0
+
+    def timed_forward(*args, **kwargs):
+        nonlocal model_seconds
+        synchronize(model.device)
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        synchronize(model.device)
+        model_seconds += time.perf_counter() - start
+        return out
+
+    model.forward = timed_forward
+    try:
+        synchronize(model.device)
+        start = time.perf_counter()
+        synthesize_batch(model, tokenizer, corpus, config, 0)
+        synchronize(model.device)
+        batch_seconds = time.perf_counter() - start
+    finally:
+        del model.forward  # the class's forward again
+    print(
+        f"one batch: {batch_seconds:.2f} s, of which the model's forward {model_seconds:.2f} s (eager calls; a "
+        "replayed CUDA graph is not a call, its time counts as the loop's)"
+    )
+    print(f"RESULT synthesis_loop_overhead_share {1 - model_seconds / batch_seconds:.3f}")
 
 
 def main() -> None:
