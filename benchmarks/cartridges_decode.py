@@ -83,34 +83,23 @@ def kv_bytes_per_sequence(model, prefix_tokens: int, tokenizer, new_tokens: int)
     """KV bytes one sequence holds in the decode loop: the cache length it allocates for the prefix, the prompt
     (bucketed width) and the new tokens."""
     from hfx.cartridges.corpus import user_turn_ids
-    from hfx.generation import WIDTH_FLOOR, bucket, bucket_length
+    from hfx.generation import WIDTH_FLOOR, bucket, bucket_length, kv_bytes_per_token
 
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
     prompt = max(len(user_turn_ids(tokenizer, p, after_system=True)) for p in prompts_for(1))
-    return per_token * bucket_length(prefix_tokens + bucket(prompt, WIDTH_FLOOR) + new_tokens)
-
-
-def peak_batch(per_sequence: int, budget_bytes: int, limit: int) -> int:
-    """The largest batch of the decode loop's ladder whose KV fits ``budget_bytes`` (at least 1)."""
-    from hfx.generation import bucket
-
-    fits = min(limit, budget_bytes // per_sequence)
-    size = 1
-    while bucket(size + 1) <= fits:
-        size = bucket(size + 1)
-    return size
+    return kv_bytes_per_token(model) * bucket_length(prefix_tokens + bucket(prompt, WIDTH_FLOOR) + new_tokens)
 
 
 def peak_throughput(
     model, tokenizer, icl: Condition, cartridge: Condition, args
 ) -> tuple[int, float, int, float]:
+    from hfx.generation import bucket_at_most
+
     budget = int(args.peak_memory_gib * 2**30)
     row = []
     for condition in (icl, cartridge):
         per_sequence = kv_bytes_per_sequence(model, condition.prefix.num_tokens, tokenizer, args.new_tokens)
-        batch = peak_batch(per_sequence, budget, args.max_batch)
+        # the largest batch of the decode loop's ladder whose KV fits the budget
+        batch = bucket_at_most(min(args.max_batch, budget // per_sequence))
         tps = decode_throughput(
             model, tokenizer, condition, prompts_for(batch), new_tokens=args.new_tokens, repeats=args.repeats
         )

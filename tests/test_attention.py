@@ -72,8 +72,22 @@ def test_hfx_mask_unmasks_only_empty_rows():
     assert torch.equal(fixed[~empty], plain[~empty])  # rows that had keys are untouched
 
 
-def test_accelerator_backends_leave_cudnn_out():
-    from torch.nn.attention import SDPBackend
+def test_off_the_cpu_sdpa_runs_without_cudnn(monkeypatch):
+    """Off the CPU (checked on `meta`) transformers' SDPA runs with cuDNN disabled and the memory-efficient kernel,
+    which takes masks, enabled; on the CPU the backends are left as they are."""
+    seen = []
 
-    assert SDPBackend.CUDNN_ATTENTION not in attention.ACCELERATOR_BACKENDS
-    assert SDPBackend.EFFICIENT_ATTENTION in attention.ACCELERATOR_BACKENDS  # takes masks
+    def transformers_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.append(
+            (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+        )
+        return query.transpose(1, 2), None
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", transformers_sdpa)
+    module = torch.nn.Module()
+    module.is_causal = True
+    query, key = torch.randn(1, 4, 3, 8, device="meta"), torch.randn(1, 2, 3, 8, device="meta")
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    attention.sdpa_gqa_attention_forward(module, query, key, key, None)
+    assert seen == [(False, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # only for the call

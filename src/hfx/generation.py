@@ -66,6 +66,27 @@ def bucket_length(n: int) -> int:
     return -(-n // LONG_LENGTH_STEP) * LONG_LENGTH_STEP
 
 
+def bucket_at_most(n: int, floor: int = 1) -> int:
+    """The largest size of :func:`bucket`'s ladder that is ``<= n`` (``floor`` when none is)."""
+    size = floor
+    while bucket(size + 1, floor) <= n:
+        size = bucket(size + 1, floor)
+    return size
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token takes in the model's KV cache (keys and values of every layer, in the model's dtype)."""
+    config = model.config.get_text_config(decoder=True)
+    kv_heads, head_dim = _kv_heads_and_dim(config)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+def _kv_heads_and_dim(config) -> tuple[int, int]:
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return kv_heads, head_dim
+
+
 @dataclass
 class DecodeStats:
     """What the decode loop did, for tests and benchmarks."""
@@ -112,8 +133,7 @@ class _Step:
 
     cache: object
     tokens: torch.Tensor  # [B, 1] the token fed next
-    positions: torch.Tensor  # [B, 1] its position
-    column: torch.Tensor  # [1] the cache column it is written to
+    positions: torch.Tensor  # [B, 1] its position (the cache column it goes to is the cache's own count)
     step: torch.Tensor  # [1] index of the token being chosen
     mask: torch.Tensor  # [B, 1, 1, L] keys each row attends to
     finished: torch.Tensor  # [B]
@@ -213,17 +233,19 @@ class PrefixDecoder:
 
         # Every row of the bucket is a real prompt: the extra rows repeat the first one.
         padded_prompts = list(prompts) + [prompts[0]] * (batch - rows)
-        lengths = torch.tensor([len(p) for p in padded_prompts])
         ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
         for row, prompt in enumerate(padded_prompts):
             ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        ids = ids.to(device)
+        # Positions and the mask are made on the device (the mask is batch x width x cache length).
+        lengths = torch.tensor([len(p) for p in padded_prompts], device=device)
         starts = width - lengths  # first real column of each row
-        columns = torch.arange(width)
+        columns = torch.arange(width, device=device)
         real = columns[None, :] >= starts[:, None]  # [B, W]
         positions = (prefix_len + columns[None, :] - starts[:, None]).clamp(min=prefix_len)
         # Prefill mask [B, 1, W, L]: the prefix, then the row's real prompt tokens up to the query (causal); a
         # padding query attends itself only, so no row of the mask is empty.
-        keys = torch.arange(length)
+        keys = torch.arange(length, device=device)
         key_in_prompt = keys - prefix_len  # prompt column of each key
         prompt_key = (key_in_prompt >= 0) & (key_in_prompt < width)
         key_col = key_in_prompt.clamp(0, width - 1)
@@ -231,7 +253,7 @@ class PrefixDecoder:
         causal = key_in_prompt[None, :] <= columns[:, None]  # [W, L]
         allowed = (keys < prefix_len)[None, None, :] | (key_real[:, None, :] & causal[None, :, :])
         allowed |= prompt_key[None, None, :] & (key_in_prompt[None, None, :] == columns[None, :, None])
-        prefill_mask = allowed[:, None].to(device)
+        prefill_mask = allowed[:, None]
 
         self._load_prefix(state, prefix, prefix_len)
         for layer in state.cache.layers:
@@ -246,16 +268,15 @@ class PrefixDecoder:
 
         self.stats.shapes.add((batch, width, length))
         logits = model(
-            input_ids=ids.to(device),
+            input_ids=ids,
             attention_mask=_model_mask(prefill_mask, model),
-            position_ids=positions.to(device),
+            position_ids=positions,
             past_key_values=state.cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
         state.mask.copy_(prefill_mask[:, :, -1:, :])
-        state.positions.copy_((prefix_len + lengths)[:, None].to(device))
-        state.column.fill_(prefix_len + width)
+        state.positions.copy_((prefix_len + lengths)[:, None])
         self._choose(state, logits)
 
         self.stats.shapes.add((batch, 1, length))
@@ -318,7 +339,6 @@ class PrefixDecoder:
             cache=cache,
             tokens=torch.zeros(batch, 1, dtype=torch.long, device=device),
             positions=torch.zeros(batch, 1, dtype=torch.long, device=device),
-            column=torch.zeros(1, dtype=torch.long, device=device),
             step=torch.zeros(1, dtype=torch.long, device=device),
             mask=torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
@@ -352,9 +372,7 @@ class PrefixDecoder:
         cache = self._caches.get((batch, length))
         if cache is None:
             model = self.model
-            config = model.config.get_text_config(decoder=True)
-            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            kv_heads, head_dim = _kv_heads_and_dim(model.config.get_text_config(decoder=True))
             cache = StaticCache(config=model.config, max_cache_len=length)
             cache.early_initialization(batch, kv_heads, head_dim, model.dtype, model.device)
             self._caches[(batch, length)] = cache
@@ -391,7 +409,8 @@ class PrefixDecoder:
 
     def _step(self, state: _Step, model) -> None:
         """One decode step: feed the last chosen token, then choose the next. In place on ``state`` only."""
-        state.mask.index_fill_(3, state.column, True)
+        # the column the cache writes this token to: its count of tokens so far (the same in every layer)
+        state.mask.index_fill_(3, state.cache.layers[0].cumulative_length.reshape(1), True)
         logits = model(
             input_ids=state.tokens,
             attention_mask=_model_mask(state.mask, model),
@@ -400,7 +419,6 @@ class PrefixDecoder:
             use_cache=True,
         ).logits[:, -1]
         state.positions.add_(1)
-        state.column.add_(1)
         self._choose(state, logits)
 
     def _run_step(self, state: _Step) -> None:
@@ -417,7 +435,6 @@ class PrefixDecoder:
         model = self.model
 
         def rewind():  # each run writes one cache column and one output step: keep them in range
-            state.column.zero_()
             state.step.zero_()
             for layer in state.cache.layers:
                 layer.cumulative_length.fill_(0)
@@ -469,18 +486,10 @@ def sequences_in_flight(
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    config = model.config.get_text_config(decoder=True)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = torch.finfo(model.dtype).bits // 8
-    kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+    vocab_size = model.config.get_text_config(decoder=True).vocab_size
     # logits, their log-softmax and softmax, the sampling noise: a few float32 rows of the vocabulary
-    per_row = kv_per_token * bucket_length(cache_tokens) + 6 * 4 * config.vocab_size + 16 * top_k
-    fits = int(free * memory_fraction // per_row)
-    size = 1
-    while bucket(size + 1, BATCH_FLOOR) <= min(fits, limit):
-        size = bucket(size + 1, BATCH_FLOOR)
-    return size
+    per_row = kv_bytes_per_token(model) * bucket_length(cache_tokens) + 6 * 4 * vocab_size + 16 * top_k
+    return bucket_at_most(min(int(free * memory_fraction // per_row), limit), BATCH_FLOOR)
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -317,11 +317,10 @@ def measure_and_plan(
     del step_model
     evaluation_seconds = 0.0
     if questions:
-        from hfx.cartridges.evaluation import estimate_evaluation_seconds
+        from hfx.cartridges.evaluation import default_context_tokens, estimate_evaluation_seconds
 
-        window = getattr(model.config, "max_position_embeddings", None)
         evaluation_seconds = estimate_evaluation_seconds(
-            model, tokenizer, corpus.text, questions, max_context_tokens=window - 256 if window else None
+            model, tokenizer, corpus.text, questions, max_context_tokens=default_context_tokens(model)
         )
     plan = plan_budget(
         budget_minutes,

@@ -176,10 +176,9 @@ def decode_throughput(
     for _ in range(repeats):
         synchronize(model.device)  # time the decode itself, not work queued before it
         start = time.perf_counter()
-        out = decode()
+        decode()
         synchronize(model.device)
         seconds.append(time.perf_counter() - start)
-        assert all(len(row) == new_tokens for row in out.token_ids)
     return new_tokens * len(seqs) / (sum(seconds) / len(seconds))
 
 
@@ -219,6 +218,17 @@ def estimate_evaluation_seconds(
         decode = 2 * len(prompts) * throughput_tokens / tokens_per_s
     scoring = len(questions) * (2 * per_question["no context"] + per_question[icl.name])
     return prefill + scoring + decode
+
+
+#: Tokens of the model's window kept free of the document for the question and its answer.
+ANSWER_ROOM = 256
+
+
+def default_context_tokens(model) -> int | None:
+    """The most document tokens ICL gets by default: the model's window less :data:`ANSWER_ROOM` (None: no
+    window known)."""
+    window = getattr(model.config, "max_position_embeddings", None)
+    return window - ANSWER_ROOM if window is not None else None
 
 
 def icl_condition(model, tokenizer, document: str, max_context_tokens: int | None = None) -> Condition:

@@ -20,6 +20,7 @@ from hfx.cartridges.corpus import Corpus, load_corpus
 from hfx.cartridges.evaluation import (
     Condition,
     cartridge_condition,
+    default_context_tokens,
     evaluate_conditions,
     format_table,
     icl_condition,
@@ -150,9 +151,8 @@ def evaluate_cartridge(
     model, tokenizer = load_causal_lm(model_name_or_path, device=device, dtype=dtype)
     questions = load_questions(questions_path)
     corpus = load_corpus(corpus_source, tokenizer)
-    window = getattr(model.config, "max_position_embeddings", None)
-    if max_context_tokens is None and window is not None:
-        max_context_tokens = window - 256  # room for the question and its answer
+    if max_context_tokens is None:
+        max_context_tokens = default_context_tokens(model)
     peft_model = load_cartridge(model, cartridge_dir)
     conditions = [
         Condition("no context", None, prompt_after_system=False),
@@ -573,8 +573,7 @@ def compose_and_evaluate(args: ComposeArguments) -> dict | None:
     compose_cartridges(args.cartridges, output_dir, model_config=model.config, base_model=base_model)
     report = None
     if documents is not None:
-        window = getattr(model.config, "max_position_embeddings", None)
-        max_context = args.max_context_tokens or (window - 256 if window else None)
+        max_context = args.max_context_tokens or default_context_tokens(model)
         composition = evaluate_composition(
             model, tokenizer, args.cartridges, documents, args.questions, base_model, max_context
         )
