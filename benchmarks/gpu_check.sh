@@ -332,14 +332,24 @@ if part tests; then
     fi
 fi
 
-# 3. Benchmarks: each prints `RESULT <name> <value>` lines.
+# 3. Benchmarks (each prints `RESULT <name> <value>` lines) and 4. the main job under a 3-minute budget, in order of
+#    what the check is for: synthesis first, then the main job with the default mix (when GPU_CHECK_PARTS names
+#    main-job: its plan is what the GPU's speeds buy), the other benchmarks, and last the main job with half generated
+#    conversations (a step that no longer fits the budget is reported "not run").
+# CPU references: the same commands with --device cpu on the 2-core CI machine (docs/devices.md, "The GPU check"): 16
+# per chunk with these 64 conversations, the CPU's own device-sized batch (32) for the second, and the conversations
+# the main job plans there for the same budget and mix.
 if part bench; then
-    # CPU references: the same commands with --device cpu on the 2-core CI machine (docs/devices.md, "The GPU
-    # check"): 16 per chunk with these 64 conversations, and the CPU's own device-sized batch (32) for the second.
     bench synthesis-16 75 benchmarks/cartridges_synthesis.py --random-model smollm2-135m --conversations 64 \
         --batch 16 --skip-single --device cuda --cpu-reference "${SYNTHESIS_CPU_REFERENCE:-0.944}"
     bench synthesis-device 90 benchmarks/cartridges_synthesis.py --random-model smollm2-135m --conversations 2048 \
         --batch auto --skip-single --device cuda --cpu-reference "${SYNTHESIS_CPU_REFERENCE_DEVICE:-1.111}"
+fi
+if part main-job; then
+    bench main-job-default 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --device cuda \
+        --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE:-64}"
+fi
+if part bench; then
     bench quanta-gradients 45 benchmarks/quanta_gradients.py --device cuda --random-model
     bench decode 60 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 2048 8192 32768 \
         --p 2048 --batch 32 --new-tokens 32 --repeats 2 --device cuda
@@ -348,12 +358,7 @@ if part bench; then
     bench peer-kernel 45 benchmarks/peer_kernel.py --device cuda
     bench peer-train-step 60 benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton
 fi
-
-# 4. The main job under a 3-minute budget, twice (its own call: GPU_CHECK_PARTS=main-job). CPU references: the
-#    conversations the same command plans on the 2-core CI machine.
 if part main-job; then
-    bench main-job-default 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --device cuda \
-        --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE:-64}"
     bench main-job-half 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --continuation-fraction 0.5 \
         --device cuda --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE_HALF:-64}"
 fi
