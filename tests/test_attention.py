@@ -91,3 +91,70 @@ def test_off_the_cpu_sdpa_runs_without_cudnn(monkeypatch):
     attention.sdpa_gqa_attention_forward(module, query, key, key, None)
     assert seen == [(False, True)]
     assert torch.backends.cuda.cudnn_sdp_enabled() == before  # only for the call
+
+
+def _grouped_case(dtype, batch=3, heads=8, kv_heads=2, length=40, dim=16):
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(batch, 1, heads, dim, generator=generator).to(dtype).transpose(1, 2)  # a strided view
+    key = torch.randn(batch, kv_heads, length, dim, generator=generator).to(dtype)
+    value = torch.randn(batch, kv_heads, length, dim, generator=generator).to(dtype)
+    # a static cache: left padding of different widths, a shared prefix, and unused slots at the end (cut off
+    # by the key length: the mask is longer than the keys, as the decode loop's is)
+    mask = torch.zeros(batch, 1, 1, length + 8, dtype=torch.bool)
+    mask[:, :, :, :10] = True
+    for row, start in enumerate((12, 15, 10)):
+        mask[row, :, :, start:30] = True
+    return query, key, value, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_grouped_decode_attention_is_transformers_sdpa_without_the_copy(dtype, mask_kind):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value, mask = _grouped_case(dtype)
+    if mask_kind == "additive":
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    elif mask_kind == "none":
+        mask = None
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = query.shape[1] // key.shape[1]
+    cut = mask[..., : key.shape[2]] if mask is not None else None  # transformers' takes the mask of the keys
+    expected, _ = sdpa_attention_forward(module, query, key, value, cut, scaling=0.25)  # repeats the KV heads
+    folded = attention.grouped_decode_attention(query, key, value, mask, scaling=0.25)
+    assert folded.shape == expected.shape == (3, 1, 8, 16)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(folded, expected, **tolerance)
+    # heads are not interchangeable: query head j reads key/value head j // 4
+    swapped = attention.grouped_decode_attention(query, key.flip(1), value.flip(1), mask, scaling=0.25)
+    assert not torch.allclose(swapped, expected, **tolerance)
+
+
+def test_grouped_decode_attention_declines_other_shapes():
+    query, key, value, mask = _grouped_case(torch.float32)
+    prefill = torch.randn(3, 8, 4, 16)
+    assert attention.grouped_decode_attention(prefill, key, value, None) is None  # several queries per row
+    per_head = mask.expand(3, 8, 1, mask.shape[-1])
+    assert attention.grouped_decode_attention(query, key, value, per_head) is None  # a mask per head
+
+
+def test_off_the_cpu_decode_steps_fold_the_query_groups(monkeypatch):
+    """Off the CPU (on `meta`), a step of one query per row goes through the folded grouped attention; a prefill
+    (several queries) through transformers' SDPA, which repeats the heads."""
+    calls = []
+
+    def transformers_sdpa(module, query, key, value, attention_mask, **kwargs):
+        calls.append(query.shape[2])
+        return query.transpose(1, 2), None
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", transformers_sdpa)
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.eval()
+    key = torch.randn(2, 2, 24, 8, device="meta")
+    mask = torch.ones(2, 1, 1, 32, dtype=torch.bool, device="meta")
+    out, _ = attention.sdpa_gqa_attention_forward(module, torch.randn(2, 4, 1, 8, device="meta"), key, key, mask)
+    assert out.shape == (2, 1, 4, 8) and calls == []
+    attention.sdpa_gqa_attention_forward(module, torch.randn(2, 4, 5, 8, device="meta"), key, key, None)
+    assert calls == [5]

@@ -11,6 +11,11 @@ CUDA's SDPA to its slow math path. There the backend is chosen on purpose: flash
 cuDNN, which builds a plan for every new (batch, query, key) shape of masked attention and returns NaN for a query
 whose keys are all masked.
 
+Off the CPU, a decode step (one query per row) never copies the cache either: transformers' SDPA would repeat every
+key/value head for its query group (the whole cache, several times over, at every step), so instead the group's
+query heads are folded into the query axis of their shared key/value head (:func:`grouped_decode_attention`): the
+same attention, with the cache read in place by a kernel that takes the mask (memory-efficient).
+
 The mask (:func:`sdpa_mask_without_empty_rows`) never has such a query either: a padding position with nothing to
 attend to (left padding, a row of padding only) attends to every key. Its output is never read, but a NaN there
 would reach the real positions through the next layer's keys and values.
@@ -42,6 +47,10 @@ def sdpa_gqa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     if query.device.type != "cpu":
         with sdpa_kernel(ACCELERATOR_BACKENDS):
+            if query.shape[2] == 1 and key.shape[1] != query.shape[1] and not (dropout and module.training):
+                folded = grouped_decode_attention(query, key, value, attention_mask, scaling=scaling)
+                if folded is not None:
+                    return folded, None
             return sdpa_attention_forward(
                 module,
                 query,
@@ -68,6 +77,36 @@ def sdpa_gqa_attention_forward(
         enable_gqa=key.shape[1] != query.shape[1],
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def grouped_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+) -> torch.Tensor | None:
+    """SDPA of one query per row against grouped key/value heads, without repeating them: query ``[B, H, 1, D]``,
+    key and value ``[B, H_kv, L, D]``, a mask ``[B, 1, 1, >=L]`` (boolean or additive) or None. The ``H / H_kv``
+    query heads of a group become the query axis of their key/value head (``[B, H_kv, H / H_kv, D]``), which the
+    mask broadcasts over. Returns ``[B, 1, H, D]`` as transformers' attention functions do, or None where the
+    shapes are not those (several queries, a mask per head): the caller then takes the general path."""
+    batch, heads, queries, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    if queries != 1 or heads % kv_heads:
+        return None
+    if attention_mask is not None:
+        if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1:
+            return None
+        attention_mask = attention_mask[:, :, :, :length]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, kv_heads, heads // kv_heads, dim),
+        key,
+        value,
+        attn_mask=attention_mask,
+        scale=scaling,
+    )
+    return out.reshape(batch, 1, heads, dim)
 
 
 def sdpa_mask_without_empty_rows(*args, **kwargs) -> torch.Tensor | None:
