@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,10 @@ def main() -> None:
     )
     parser.add_argument("--cpu-reference-conversations", type=int, default=None)
     args = parser.parse_args()
+    # the plan (and the budget's probe) as soon as they are known: a run stopped early still shows its plan
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("hfx.cartridges.budget").setLevel(logging.INFO)
+    logging.getLogger("hfx.cartridges.pipeline").setLevel(logging.INFO)
 
     device, dtype = resolve(args.device, args.dtype)
     mix = f"{round(100 * (1 - args.continuation_fraction))}gen"

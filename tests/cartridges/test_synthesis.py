@@ -266,6 +266,33 @@ def test_after_warm_up_synthesis_builds_no_new_decode_bucket(tmp_path, tokenizer
     assert len(stats.shapes) <= 2 * built  # a prefill and a decode shape per bucket
 
 
+def test_warm_up_builds_the_batch_buckets_of_a_mix_of_kinds(tmp_path, tokenizer, corpus):
+    """Half generated: batches hold different numbers of generated conversations, so agent A and B run in several
+    batch buckets; the warm-up builds each one the run's batches fall in, and synthesis then builds none."""
+    from hfx.attention import use_grouped_sdpa
+    from hfx.cartridges.synthesis import LocalBatches, plan_batch
+    from hfx.generation import bucket, decoder_for
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tokenizer)
+    use_grouped_sdpa(model)
+    config = SynthesisConfig(
+        **{**CONFIG, "num_conversations": 24, "conversations_per_chunk": 6, "continuation_fraction": 0.5}
+    )
+    generated = {
+        sum(k not in ("continuation", "quote") for k in plan_batch(tokenizer, corpus, config, b).kinds)
+        for b in range(config.num_batches)
+    }
+    buckets = {bucket(n) for n in generated - {0}}
+    assert len(buckets) >= 2  # the case exists: batches of this seed fall in several buckets
+    built = LocalBatches(model, tokenizer).warm_up(corpus, config)
+    stats = decoder_for(model).stats
+    batch_sizes = {key[0] for key in decoder_for(model)._steps}
+    assert batch_sizes == buckets
+    synthesize(model, tokenizer, corpus, tmp_path / "s", config, progress=False)
+    assert stats.buckets == built
+
+
 def test_two_synthesis_calls_on_other_chunk_lengths_share_the_attention_shapes(tmp_path, tokenizer, corpus):
     """Attention over the cache (agents A and B: their prompts' prefill and every decode step) runs in no more
     shapes than the decode loop has buckets, across two syntheses on chunks of other lengths."""

@@ -39,6 +39,14 @@ RESERVE_MARGIN = 1.25
 #: ``save_steps``, logging and batches of varying width (measured with the embedded model on 2 CPU cores:
 #: 4.2 s per Trainer step against 3.5 s for the probe).
 TRAINER_OVERHEAD = 1.2
+#: On an accelerator a step is short and the Trainer's own per-step work weighs more: on an H200 (the embedded
+#: model's shape, bf16) Trainer steps took 0.136 and 0.144 s against 0.106 s for the probe.
+ACCELERATOR_TRAINER_OVERHEAD = 1.4
+#: Batches timed by the probe on a CPU and on an accelerator (where the first is left out: it is the first to run
+#: the re-scoring and sampling kernels, and batches of mixed kinds vary, so one timed batch is not enough).
+PROBE_BATCHES = {"cpu": 2, "accelerator": 3}
+#: Batches whose plans (how many of their conversations are generated) pick the decode buckets built before the probe.
+WARM_UP_BATCHES = 64
 
 
 @dataclass
@@ -262,7 +270,7 @@ def measure_and_plan(
     model_name_or_path: str | None = None,
     server=None,
     model_name: str = "",
-    probe_batches: int = 2,
+    probe_batches: int | None = None,
     questions: list | None = None,
     load_seconds: float = 0.0,
 ) -> tuple[BudgetPlan, dict[int, list[dict]]]:
@@ -274,12 +282,18 @@ def measure_and_plan(
     synthesizing ``model``'s, a copy of ``model_name_or_path`` is loaded in it for the timing (on a CPU with
     AVX512-BF16 or AMX, bfloat16 training steps and float32 generation are each the faster choice).
     ``load_seconds`` is how long the run's first model load took: training and evaluation each load the model again.
+    ``probe_batches`` defaults to :data:`PROBE_BATCHES` of the device. On a GPU, the decode steps (a CUDA graph per
+    bucket) that the run's first batches need are built before the probe, so the probe times batches as the run will
+    make them and the building counts as setup.
     Returns the plan and the probe's rows by batch index, to be written as the synthesis's first shards.
     """
-    from hfx.cartridges.synthesis import batch_generator, resolve_conversations_per_chunk
+    from hfx.cartridges.synthesis import LocalBatches, batch_generator, resolve_conversations_per_chunk
     from hfx.models import dtype_name, load_causal_lm, resolve_dtype, synchronize
 
     synthesis = resolve_conversations_per_chunk(synthesis, model, server=server)
+    accelerator = model.device.type != "cpu" and server is None
+    if probe_batches is None:
+        probe_batches = PROBE_BATCHES["accelerator" if accelerator else "cpu"]
     # Rows of a batch depend on (seed, batch index) alone, so the probe's batches are those of the planned run.
     probed = probe_batches * synthesis.conversations_per_chunk
     probe_config = dataclasses.replace(synthesis, num_conversations=probed)
@@ -292,21 +306,27 @@ def measure_and_plan(
     rows: dict[int, list[dict]] = {}
     batch_seconds = []
     with batch_generator(model, tokenizer, server, model_name) as generator:
+        if isinstance(generator, LocalBatches) and generator.decoder.cuda_graphs:
+            sample = dataclasses.replace(
+                synthesis, num_conversations=WARM_UP_BATCHES * synthesis.conversations_per_chunk
+            )
+            logger.info("Decode steps built for %d buckets", generator.warm_up(corpus, sample))
         for batch_idx in range(probe_batches):
             synchronize(model.device)
             start = time.perf_counter()
             rows[batch_idx] = generator(corpus, probe_config, batch_idx)
             synchronize(model.device)
             batch_seconds.append(time.perf_counter() - start)
-    # On an accelerator the first batch also builds the decode step of its shapes (a CUDA graph per bucket),
-    # which later batches reuse: the rate comes from the others, the first batch's extra time is setup.
-    warm_batches = 1 if model.device.type != "cpu" and probe_batches > 1 else 0
+    # On an accelerator the first batch is the first to run the re-scoring and sampling kernels (and builds any
+    # decode step the warm-up did not): the rate comes from the others, the first batch's extra time is setup.
+    warm_batches = 1 if accelerator and probe_batches > 1 else 0
     rate = sum(batch_seconds[warm_batches:]) / (probed - warm_batches * synthesis.conversations_per_chunk)
     probed_seconds = rate * probed
     step_model = model
     if training_dtype is not None and resolve_dtype(training_dtype, model.device) != model.dtype:
         step_model, _ = load_causal_lm(model_name_or_path, device=model.device, dtype=training_dtype)
-    seconds_per_step = TRAINER_OVERHEAD * time_training_step(
+    overhead = ACCELERATOR_TRAINER_OVERHEAD if model.device.type != "cpu" else TRAINER_OVERHEAD
+    seconds_per_step = overhead * time_training_step(
         step_model,
         tokenizer,
         [row for batch in rows.values() for row in batch],

@@ -344,11 +344,12 @@ class LocalBatches:
         return decoder_for(self.model)
 
     @torch.no_grad()
-    def warm_up(self, corpus: Corpus, config: SynthesisConfig) -> int:
-        """Build the decode steps (a CUDA graph each on a GPU) of every cache length a batch of ``config`` whose
-        conversations are all generated can need; returns how many were new. Batches with fewer generated
-        conversations build theirs when they first come (a few, early in a run)."""
-        from hfx.generation import WIDTH_FLOOR, bucket
+    def warm_up(self, corpus: Corpus, config: SynthesisConfig, batches: int = 64) -> int:
+        """Build the decode steps (a CUDA graph each on a GPU) of every cache length that the first ``batches``
+        batches of ``config`` can need, for each batch bucket their generated conversations fall in (a mix of kinds
+        varies from batch to batch); returns how many were new. A later batch of another bucket builds its own when
+        it first comes."""
+        from hfx.generation import BATCH_FLOOR, WIDTH_FLOOR, bucket
 
         config = resolve_conversations_per_chunk(config, self.model)
         tokenizer = self.tokenizer
@@ -367,27 +368,31 @@ class LocalBatches:
             for s in kind
         ]
         question = len(user_turn_ids(tokenizer, "", after_system=True))
-        rows, asked, answered = (
-            config.conversations_per_chunk,
-            config.max_question_tokens,
-            config.max_answer_tokens,
-        )
-        new = self.decoder.warm_up(
-            rows,
-            (prefix[0] + width(min(seeds)) + asked, prefix[1] + width(max(seeds)) + asked),
-            asked,
-            sample=config.question_temperature > 0,
-            num_stop_ids=len(self.question_stop_ids),
-        )
-        # a question re-tokenizes to about as many tokens as were generated; 8 more cover the difference
-        new += self.decoder.warm_up(
-            rows,
-            (prefix[0] + width(question + 1) + answered, prefix[1] + width(question + asked + 8) + answered),
-            answered,
-            top_k=config.top_k,
-            sample=config.answer_temperature > 0,
-            num_stop_ids=len(self.answer_stop_ids),
-        )
+        asked, answered = config.max_question_tokens, config.max_answer_tokens
+        row_buckets = set()
+        for batch_idx in range(min(batches, config.num_batches)):
+            kinds = plan_batch(tokenizer, corpus, config, batch_idx).kinds
+            generated = sum(kind not in QUOTED_KINDS for kind in kinds)
+            if generated:
+                row_buckets.add(bucket(generated, BATCH_FLOOR))
+        new = 0
+        for rows in sorted(row_buckets):
+            new += self.decoder.warm_up(
+                rows,
+                (prefix[0] + width(min(seeds)) + asked, prefix[1] + width(max(seeds)) + asked),
+                asked,
+                sample=config.question_temperature > 0,
+                num_stop_ids=len(self.question_stop_ids),
+            )
+            # a question re-tokenizes to about as many tokens as were generated; 8 more cover the difference
+            new += self.decoder.warm_up(
+                rows,
+                (prefix[0] + width(question + 1) + answered, prefix[1] + width(question + asked + 8) + answered),
+                answered,
+                top_k=config.top_k,
+                sample=config.answer_temperature > 0,
+                num_stop_ids=len(self.answer_stop_ids),
+            )
         return new
 
     @torch.no_grad()
