@@ -350,10 +350,10 @@ if part main-job; then
         --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE:-64}"
 fi
 if part bench; then
-    bench quanta-gradients 45 benchmarks/quanta_gradients.py --device cuda --random-model
+    bench quanta-gradients 60 benchmarks/quanta_gradients.py --device cuda --random-model --tokens 64 --batch-size 32
     bench decode 60 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 2048 8192 32768 \
         --p 2048 --batch 32 --new-tokens 32 --repeats 2 --device cuda
-    bench decode-peak 90 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 32768 131072 \
+    bench decode-peak 120 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 32768 131072 \
         --p 2048 --new-tokens 128 --repeats 3 --peak-memory-gib 60 --skip-fixed --device cuda
     bench peer-kernel 45 benchmarks/peer_kernel.py --device cuda
     bench peer-train-step 60 benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton
