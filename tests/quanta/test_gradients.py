@@ -108,6 +108,32 @@ def test_projected_similarity_is_within_the_johnson_lindenstrauss_bound():
     assert not torch.allclose(other, projected)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_the_sketch_of_each_layer_is_its_projected_exact_gradient(make):
+    """Layers of one shape are sketched together; every layer's part of the row is still R G S^T's diagonal over
+    sqrt(m) for its own G (and R b for its bias), in the layers' order."""
+    model = make(seed=2)
+    contexts, targets = samples(5, seed=2)
+    m = 16
+    projector = PerTokenGradients(model, projection_dim=m, seed=1)
+    sketched = projector(contexts, targets)
+    exact = PerTokenGradients(model, projection_dim=0)(contexts, targets)
+    expected, offset = [], 0
+    for name, module in projector.layers.items():
+        r_out, r_in = projector.projections[name]
+        fan_out, fan_in = r_out.shape[1], r_in.shape[1]
+        gradient = exact[:, offset : offset + fan_out * fan_in].reshape(-1, fan_out, fan_in)
+        offset += fan_out * fan_in
+        expected.append(torch.einsum("jo,boi,ji->bj", r_out, gradient, r_in) / math.sqrt(m))
+        if getattr(module, "bias", None) is not None:
+            expected.append(exact[:, offset : offset + fan_out] @ r_out.t() / math.sqrt(m))
+            offset += fan_out
+    assert offset == exact.shape[1]
+    torch.testing.assert_close(sketched, torch.cat(expected, dim=1), rtol=1e-4, atol=1e-5)
+    # the shapes do repeat: some layers share a stack of projections
+    assert len({tuple(projector.projections[n][1].shape) for n in projector.layers}) < len(projector.layers)
+
+
 def test_gradient_shards_resume_and_similarity_blocks_equal_the_full_product(tmp_path):
     import datasets
 

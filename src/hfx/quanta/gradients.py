@@ -117,17 +117,31 @@ class PerTokenGradients:
         self.projection_dim = projection_dim
         self.seed = seed
         device = next(model.parameters()).device
-        # (R, S) of each layer, on the model's device.
-        self.projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # (R, S) of each layer, on the model's device. Layers of one shape are sketched together: their
+        # projections live stacked, one stack per shape, each layer's pair a view of its group's stack (drawn in
+        # place, by the layer's own generator), so no batch copies them.
+        self.projections = {}
+        shapes: dict[tuple[int, int], list[str]] = {}
+        for name, module in self.layers.items():
+            shapes.setdefault(_in_out(module), []).append(name)
+        if projection_dim:
+            for (fan_in, fan_out), names in shapes.items():
+                stacked = (
+                    torch.empty(len(names), projection_dim, fan_out, device=device),
+                    torch.empty(len(names), projection_dim, fan_in, device=device),
+                )
+                self._stacked[(tuple(names), str(device))] = stacked
+                for position, name in enumerate(names):
+                    self._projections[name] = (stacked[0][position], stacked[1][position])
         dims = []
         for index, (name, module) in enumerate(self.layers.items()):
             fan_in, fan_out = _in_out(module)
             has_bias = getattr(module, "bias", None) is not None
             if projection_dim:
                 generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-                r_out = torch.randn(projection_dim, fan_out, generator=generator, device=device)
-                r_in = torch.randn(projection_dim, fan_in, generator=generator, device=device)
-                self.projections[name] = (r_out, r_in)
+                r_out, r_in = self._projections[name]
+                torch.randn(r_out.shape, generator=generator, device=device, out=r_out)
+                torch.randn(r_in.shape, generator=generator, device=device, out=r_in)
                 dims.append(projection_dim * (2 if has_bias else 1))
             else:
                 dims.append(fan_out * fan_in + (fan_out if has_bias else 0))
@@ -193,35 +207,77 @@ class PerTokenGradients:
             out = self.model(**kwargs)
         return out.logits[:, -1]
 
-    def _projection(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # The model may have moved since the projections were drawn: they follow it (once).
-        r_out, r_in = self.projections[name]
-        if r_out.device != device:
-            r_out, r_in = self.projections[name] = (r_out.to(device), r_in.to(device))
-        return r_out, r_in
+    @property
+    def projections(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(R, S) of each layer: R is ``projection_dim x fan_out``, S ``projection_dim x fan_in``."""
+        return self._projections
 
-    def _rows(self, batch: int, deltas: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        parts = []
-        for name, module in self.layers.items():
+    @projections.setter
+    def projections(self, value: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._projections = value
+        self._stacked: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stacked_projections(self, names: tuple[str, ...], device: torch.device):
+        """The projections of layers of one shape, stacked (``[layers, m, fan_out]``, ``[layers, m, fan_in]``) on
+        ``device``: made once, so each batch sketches a whole group of layers in two batched products."""
+        key = (names, str(device))
+        stacked = self._stacked.get(key)
+        if stacked is None:
+            stacked = self._stacked[key] = (
+                torch.stack([self._projections[n][0] for n in names]).to(device),
+                torch.stack([self._projections[n][1] for n in names]).to(device),
+            )
+        return stacked
+
+    def _check_deltas(self, deltas: dict[str, torch.Tensor | None]) -> None:
+        for name in self.layers:
             if deltas.get(name) is None:
                 raise RuntimeError(
                     f"no gradient reaches {name}: it is not on the path from the input to the loss."
                 )
-            x = self._inputs[name].float()
-            delta = deltas[name].float()
-            x = x.reshape(batch, -1, x.shape[-1])
-            delta = delta.reshape(batch, -1, delta.shape[-1])
-            if self.projection_dim:
-                r_out, r_in = self._projection(name, delta.device)
-                delta = delta @ r_out.t()
-                scale = 1.0 / math.sqrt(self.projection_dim)
-                parts.append(torch.einsum("btm,btm->bm", delta, x @ r_in.t()) * scale)
-                if getattr(module, "bias", None) is not None:
-                    parts.append(delta.sum(1) * scale)
-                continue
+
+    def _rows(self, batch: int, deltas: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        self._check_deltas(deltas)
+        if self.projection_dim:
+            return self._sketched_rows(batch, deltas)
+        parts = []
+        for name, module in self.layers.items():
+            x = self._inputs[name].float().reshape(batch, -1, self._inputs[name].shape[-1])
+            delta = deltas[name].float().reshape(batch, -1, deltas[name].shape[-1])
             parts.append(torch.einsum("bto,bti->boi", delta, x).reshape(batch, -1))
             if getattr(module, "bias", None) is not None:
                 parts.append(delta.sum(1))
+        return torch.cat(parts, dim=1)
+
+    def _sketched_rows(self, batch: int, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sketch_j = sum_t (R_j . delta_t)(S_j . x_t) / sqrt(m) for every layer, computed for all the layers of
+        one shape (the q, k, v, o, gate, up and down projections of every block) in batched products: a few large
+        kernels instead of a few small ones per layer (a GPU is otherwise launch-bound here)."""
+        groups: dict[tuple, list[str]] = {}
+        for name in self.layers:
+            key = (self._inputs[name].shape[1:], deltas[name].shape[1:])
+            groups.setdefault(key, []).append(name)
+        scale = 1.0 / math.sqrt(self.projection_dim)
+        sketches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for names in groups.values():
+            x = torch.stack([self._inputs[n] for n in names]).float()
+            delta = torch.stack([deltas[n] for n in names]).float()
+            layers = len(names)
+            x = x.reshape(layers, -1, x.shape[-1])  # [layers, batch * tokens, fan_in]
+            delta = delta.reshape(layers, -1, delta.shape[-1])
+            r_out, r_in = self._stacked_projections(tuple(names), delta.device)
+            projected = (delta @ r_out.transpose(1, 2)).reshape(layers, batch, -1, self.projection_dim)
+            inputs = (x @ r_in.transpose(1, 2)).reshape(layers, batch, -1, self.projection_dim)
+            weight = (projected * inputs).sum(2) * scale  # [layers, batch, m]
+            bias = projected.sum(2) * scale
+            for index, name in enumerate(names):
+                sketches[name] = (weight[index], bias[index])
+        parts = []
+        for name, module in self.layers.items():
+            weight, bias = sketches[name]
+            parts.append(weight)
+            if getattr(module, "bias", None) is not None:
+                parts.append(bias)
         return torch.cat(parts, dim=1)
 
 
