@@ -154,7 +154,9 @@ def test_off_the_cpu_decode_steps_fold_the_query_groups(monkeypatch):
     module.eval()
     key = torch.randn(2, 2, 24, 8, device="meta")
     mask = torch.ones(2, 1, 1, 32, dtype=torch.bool, device="meta")
-    out, _ = attention.sdpa_gqa_attention_forward(module, torch.randn(2, 4, 1, 8, device="meta"), key, key, mask)
+    out, _ = attention.sdpa_gqa_attention_forward(
+        module, torch.randn(2, 4, 1, 8, device="meta"), key, key, mask
+    )
     assert out.shape == (2, 1, 4, 8) and calls == []
     attention.sdpa_gqa_attention_forward(module, torch.randn(2, 4, 5, 8, device="meta"), key, key, None)
     assert calls == [5]

@@ -2,8 +2,9 @@
 killed right there in its own process, then run again with the same command, finishes with nothing skipped.
 
 The kill points: while a checkpoint is being saved (written, not yet marked complete), after the cartridge's weights
-but before its metadata, while the finished run's checkpoints are being deleted, and (PEER-MLA) after the model but
-before ``results.json``.
+but before its metadata, while the finished run's checkpoints are being deleted (its metrics must stand as written),
+and (PEER-MLA) after the model but before ``results.json``, and half way through deleting a checkpoint beyond
+``save_total_limit``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,26 @@ KILL_POINTS = textwrap.dedent(
             return on_save(self, args, state, control, **kwargs)
 
         checkpoints.MarkCompleteCheckpoints.on_save = killed_on_save
-    elif point == "removal":  # the first checkpoint's marker is gone, its folder not yet
-        checkpoints.shutil = types.SimpleNamespace(rmtree=die)
+    elif point == "removal":  # the run is finished; the first checkpoint's marker is gone, its folder not yet
+        import shutil
+        from pathlib import Path
+
+        def rmtree_at_the_end(path, *args, **kwargs):
+            run = Path(path).parent
+            if (run / "results.json").exists() or (run / "hfx_cartridge.json").exists():
+                die()
+            return shutil.rmtree(path, *args, **kwargs)
+
+        checkpoints.shutil = types.SimpleNamespace(rmtree=rmtree_at_the_end)
+    elif point == "rotation":  # a checkpoint beyond save_total_limit: its marker is gone, its folder half deleted
+        from pathlib import Path
+
+        def half_and_die(path, *args, **kwargs):
+            for file in sorted(Path(path).iterdir())[::2]:
+                file.unlink()
+            die()
+
+        checkpoints.shutil = types.SimpleNamespace(rmtree=half_and_die)
     """
 )
 
@@ -117,9 +136,13 @@ def test_a_cartridge_run_killed_at_its_end_finishes_when_run_again(
         assert (cartridge / "hfx_cartridge.json").is_file()
         first = cartridge / "checkpoint-2"
         assert first.is_dir() and not (first / "hfx_checkpoint_complete").exists()
+        metadata = (cartridge / "hfx_cartridge.json").read_text()
 
     log = finished(run(CARTRIDGE_RUN, [out, document, tiny_model_dir]))
     check_finished_cartridge(cartridge)
+    if kill_at == "removal":  # the finished cartridge's metrics stand as they were written
+        assert (cartridge / "hfx_cartridge.json").read_text() == metadata
+        assert json.loads(metadata)["train_loss"] is not None
     if kill_at == "checkpoint-4":  # the half-saved checkpoint is skipped, the one before it resumed
         assert "checkpoint-4: incomplete" in log and "Resuming training from" in log and "checkpoint-2" in log
     elif kill_at == "removal":  # finished before the kill: not trained again
@@ -188,7 +211,7 @@ PEER_RUN = KILL_POINTS + textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kill_at", ["checkpoint-4", "results", "removal"])
+@pytest.mark.parametrize("kill_at", ["checkpoint-4", "results", "removal", "rotation"])
 def test_a_peer_mla_run_killed_at_its_end_finishes_when_run_again(tmp_path, kill_at):
     out = tmp_path / "peer"
     from tests.peer_mla.test_training import tiny_config
@@ -196,9 +219,17 @@ def test_a_peer_mla_run_killed_at_its_end_finishes_when_run_again(tmp_path, kill
     config = tiny_config(tmp_path, save_steps=2, eval_steps=2, disable_tqdm=True)
     command = ["peer-mla", "pretrain", "--config", config, "--output_dir", out]
     killed(run(PEER_RUN, command, kill_at))
+    written = (out / "results.json").read_text() if kill_at == "removal" else None
     log = finished(run(PEER_RUN, command))
     results = json.loads((out / "results.json").read_text())
+    if kill_at == "removal":  # killed while its checkpoints went: the results stand as they were written
+        assert (out / "results.json").read_text() == written
+        assert results["train_loss"] is not None and results["train_tokens_per_second"] is not None
     assert results["steps"] == 6 and (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     assert not list(out.glob("checkpoint-*"))
     if kill_at == "checkpoint-4":
         assert "checkpoint-4: incomplete" in log and "checkpoint-2" in log
+    if (
+        kill_at == "rotation"
+    ):  # checkpoint-2 went after checkpoint-6 was marked: the run resumed from 6, intact
+        assert "Resuming from" in log and "checkpoint-6" in log

@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--axes", nargs="+", default=None, help="vary only these axes (default: all of them)")
     parser.add_argument("--resume", action="store_true", help="skip finished runs, continue interrupted ones")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run again a run whose folder was made with other arguments (without it: refused, naming them)",
+    )
     parser.add_argument("--num_processes", type=int, default=1, help="processes per run")
     parser.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even with a GPU")
     parser.add_argument("--output_dir", default=None, help="override the ablation file's output_dir")
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             num_processes=args.num_processes,
             cpu=args.cpu,
             extra_arguments=extra,
+            overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         raise SystemExit(f"ablate.py: error: {error}") from None

@@ -35,11 +35,17 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 
 class MarkCompleteCheckpoints(TrainerCallback):
-    """Marks each checkpoint complete once every process has written its part.
+    """Marks each checkpoint complete once every process has written its part, then rotates the checkpoints.
 
     Add it after any callback that writes into checkpoints in ``on_save``: callbacks run in the order they were
-    added, and ``on_save`` runs once Trainer has written the checkpoint.
+    added, and ``on_save`` runs once Trainer has written the checkpoint. With ``save_total_limit`` it keeps that
+    many complete checkpoints (the best one too, when Trainer tracks it) and removes the others only after the new
+    one is marked, each one's marker first (:func:`rotate_checkpoints`); Trainer's own rotation runs before the new
+    checkpoint is complete, so :func:`use_checkpoint_protocol` turns it off.
     """
+
+    def __init__(self, save_total_limit: int | None = None):
+        self.save_total_limit = save_total_limit
 
     def on_save(self, args, state, control, **kwargs):
         from accelerate import PartialState
@@ -48,6 +54,40 @@ class MarkCompleteCheckpoints(TrainerCallback):
         folder = checkpoint_dir(args.output_dir, state.global_step)
         if state.is_world_process_zero and folder.is_dir():
             write_text_atomic(folder / COMPLETE_MARKER, "")
+            if self.save_total_limit:
+                rotate_checkpoints(args.output_dir, self.save_total_limit, keep=state.best_model_checkpoint)
+
+
+def use_checkpoint_protocol(trainer) -> None:
+    """Put a Trainer on hfx's checkpoint protocol: :class:`MarkCompleteCheckpoints` (added last, after the
+    callbacks already there) takes over ``save_total_limit`` from Trainer's own rotation. The trainer gets its own
+    copy of its arguments with ``save_total_limit=None``; the caller's arguments are left as they were."""
+    import copy
+
+    limit = trainer.args.save_total_limit
+    if limit:
+        trainer.args = copy.copy(trainer.args)
+        trainer.args.save_total_limit = None
+    trainer.add_callback(MarkCompleteCheckpoints(limit))
+
+
+def rotate_checkpoints(output_dir: str | Path, limit: int, keep: str | Path | None = None) -> None:
+    """Keep the ``limit`` highest-step complete checkpoints of ``output_dir`` (and ``keep``); remove the other
+    complete ones, and incomplete ones below the newest complete one (left by kills). Each folder loses its marker
+    before its files: a kill in the middle leaves a folder no run resumes from."""
+    found = checkpoints(output_dir)
+    complete = [path for _, path in found if is_complete_checkpoint(path)]
+    if not complete:
+        return
+    kept = {path.name for path in complete[-limit:]}
+    if keep is not None:
+        kept.add(Path(keep).name)
+    newest = max(step for step, path in found if path.name in kept)
+    for step, path in found:
+        if path.name in kept or step > newest:
+            continue
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path)
 
 
 def is_complete_checkpoint(path: str | Path) -> bool:

@@ -197,7 +197,7 @@ def load_causal_lm(
     Device and dtype are checked before the weights are read. Attention goes through hfx's grouped SDPA, which
     skips transformers' per-head KV copy on the CPU and calls transformers' own SDPA on every other device.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from hfx.attention import use_grouped_sdpa
 
@@ -205,11 +205,20 @@ def load_causal_lm(
     path = embedded.resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype).to(resolved_device).eval()
     use_grouped_sdpa(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(name_or_path)
     logger.info("Loaded %s on %s in %s", model_id(name_or_path), resolved_device, dtype_name(resolved_dtype))
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | None = "embedded"):
+    """The tokenizer of a causal LM (``None``/``"embedded"``: the embedded model's), with a pad token: the one
+    tokenizer loader of hfx (:func:`load_causal_lm` uses it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded.resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def training_device(device: str | torch.device | None, training_args) -> torch.device:

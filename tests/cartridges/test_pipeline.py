@@ -46,11 +46,15 @@ def test_training_resumes_from_the_last_checkpoint_after_a_kill(tmp_path, tiny_m
             disable_tqdm=True,
         )
 
-    # A run that got as far as its step-2 checkpoint: its adapter was never saved.
+    # A run of 4 steps that got as far as its step-2 checkpoint: its adapter was never saved.
     from hfx.cartridges.pipeline import CartridgeCollator, CartridgeTrainer, create_cartridge
+    from hfx.cartridges.training import cartridge_stage
+    from hfx.models import model_id
 
+    corpus = load_corpus(doc, tokenizer)
+    assert cartridge_stage(args(4), model_id(str(tiny_model_dir)), corpus, dataset).begin() == "new"
     model.requires_grad_(False)
-    peft_model = create_cartridge(model, tokenizer, load_corpus(doc, tokenizer), 8)
+    peft_model = create_cartridge(model, tokenizer, corpus, 8)
     CartridgeTrainer(
         model=peft_model,
         args=args(2),
@@ -144,3 +148,112 @@ def test_run_and_train_share_one_set_of_training_defaults():
     assert run.initialization == DEFAULT_INITIALIZATION == "attended_tokens"
     assert inspect.signature(create_cartridge).parameters["initialization"].default == DEFAULT_INITIALIZATION
     assert SynthesisConfig().top_k == 64
+
+
+def _args(tmp_path, p=8, max_steps=2, **extra):
+    return CartridgeTrainingArguments(
+        output_dir=str(tmp_path / "cart"),
+        max_steps=max_steps,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        num_virtual_tokens=p,
+        use_cpu=True,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+def test_a_changed_setting_is_refused_or_retrained_never_reused(tmp_path, tiny_model_dir, caplog):
+    import pytest
+
+    from hfx.stages import StageMismatch
+
+    doc, _, _, dataset = _tiny_synthesis(tmp_path, tiny_model_dir)
+    train_cartridge(str(doc), dataset, _args(tmp_path, p=8), model_name_or_path=str(tiny_model_dir))
+    weights = (tmp_path / "cart" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(StageMismatch, match=r"settings\.num_virtual_tokens: 8 -> 4"):
+        train_cartridge(str(doc), dataset, _args(tmp_path, p=4), model_name_or_path=str(tiny_model_dir))
+    assert read_metadata(tmp_path / "cart")["num_virtual_tokens"] == 8  # refused: the old cartridge untouched
+    assert (tmp_path / "cart" / "adapter_model.safetensors").read_bytes() == weights
+
+    train_cartridge(
+        str(doc), dataset, _args(tmp_path, p=4), model_name_or_path=str(tiny_model_dir), overwrite=True
+    )
+    assert read_metadata(tmp_path / "cart")["num_virtual_tokens"] == 4
+    retrained = (tmp_path / "cart" / "adapter_model.safetensors").read_bytes()
+    # the same settings again: reused as it is
+    with caplog.at_level(logging.INFO, logger="hfx.stages"):
+        train_cartridge(str(doc), dataset, _args(tmp_path, p=4), model_name_or_path=str(tiny_model_dir))
+    assert "already done with these settings" in caplog.text
+    assert (tmp_path / "cart" / "adapter_model.safetensors").read_bytes() == retrained
+    # another synthesis (the input changed upstream) retrains it, without --overwrite
+    fewer = dataset.select(range(3))
+    train_cartridge(str(doc), fewer, _args(tmp_path, p=4), model_name_or_path=str(tiny_model_dir))
+    assert read_metadata(tmp_path / "cart")["train_conversations"] == 3
+
+
+def test_a_retrain_killed_while_saving_is_never_taken_as_finished(tmp_path, tiny_model_dir, monkeypatch):
+    """A finished cartridge retrained in place with other settings (--overwrite), the process stopped after the new
+    adapter is written and before its metadata: the folder must not pass for a finished cartridge."""
+    import pytest
+
+    import hfx.cartridges.pipeline as pipeline
+    from hfx.cartridges.training import is_trained_cartridge
+
+    doc, _, _, dataset = _tiny_synthesis(tmp_path, tiny_model_dir)
+    train_cartridge(str(doc), dataset, _args(tmp_path, p=8), model_name_or_path=str(tiny_model_dir))
+    assert is_trained_cartridge(tmp_path / "cart")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "write_metadata", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_cartridge(
+                str(doc),
+                dataset,
+                _args(tmp_path, p=4),
+                model_name_or_path=str(tiny_model_dir),
+                overwrite=True,
+            )
+    assert (tmp_path / "cart" / "adapter_model.safetensors").is_file()
+    assert not is_trained_cartridge(tmp_path / "cart")
+    # the same command again finishes it (resumed from its last checkpoint, not restarted)
+    train_cartridge(str(doc), dataset, _args(tmp_path, p=4), model_name_or_path=str(tiny_model_dir))
+    assert is_trained_cartridge(tmp_path / "cart")
+    assert read_metadata(tmp_path / "cart")["num_virtual_tokens"] == 4
+
+
+def test_the_main_job_rerun_with_another_p_is_refused_not_answered_with_the_old_cartridge(
+    tmp_path, tiny_model_dir
+):
+    import pytest
+
+    from hfx.cartridges.pipeline import run_self_study
+    from hfx.stages import StageMismatch
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
+    synthesis = SynthesisConfig(
+        num_conversations=4,
+        conversations_per_chunk=4,
+        chunk_min_tokens=20,
+        chunk_max_tokens=40,
+        max_question_tokens=4,
+        max_answer_tokens=4,
+    )
+
+    def run(p, **kwargs):
+        training = dict(max_steps=2, per_device_train_batch_size=2, num_virtual_tokens=p, disable_tqdm=True)
+        return run_self_study(
+            tmp_path / "run", doc, synthesis=synthesis, training=training, model_name_or_path=str(tiny_model_dir),
+            device="cpu", **kwargs,
+        )  # fmt: skip
+
+    run(8)
+    with pytest.raises(StageMismatch, match="num_virtual_tokens: 8 -> 4"):
+        run(4)
+    assert read_metadata(tmp_path / "run" / "cartridge")["num_virtual_tokens"] == 8
+    run(4, overwrite=True)
+    assert read_metadata(tmp_path / "run" / "cartridge")["num_virtual_tokens"] == 4

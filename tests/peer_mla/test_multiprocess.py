@@ -141,3 +141,13 @@ def test_ablation_runner_resumes_after_a_kill(workdir, tmp_path):
     assert peer["active_params"] == pytest.approx(dense["active_params"], rel=0.01)
     assert peer["tokens"] == dense["tokens"] == 8 * 4 * 64
     assert (output / "results.png").stat().st_size > 10_000
+
+    # A finished run's folder answers only to the arguments that made it: another token budget is refused,
+    # naming the argument, and nothing is rerun or rewritten.
+    finished = (output / "runs" / "mlp-peer" / "results.json").read_text()
+    other = subprocess.run(
+        [*command, "--resume", "--max_tokens", str(4 * 4 * 64)], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert other.returncode != 0 and "other settings" in other.stderr and "--max_tokens" in other.stderr
+    assert (output / "runs" / "mlp-peer" / "results.json").read_text() == finished

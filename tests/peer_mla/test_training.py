@@ -186,15 +186,17 @@ def test_pretrain_end_to_end_with_monitoring_and_tensorboard(tmp_path):
     model_args, data_args, training_args = parse(
         tiny_config(tmp_path, model_overrides=changed, max_steps=9), "--output_dir", str(output)
     )
-    with pytest.raises(
-        ValueError, match=r"another configuration(.|\n)*peer_num_heads: 2 in the checkpoint, 4 now"
-    ):
+    with pytest.raises(ValueError, match=r"other settings:(.|\n)*settings.model.peer_num_heads: 2 -> 4"):
         pretrain(model_args, data_args, training_args)
     model_args, data_args, training_args = parse(
         tiny_config(tmp_path, max_steps=9, block_size=32), "--output_dir", str(output)
     )
-    with pytest.raises(ValueError, match=r"data.block_size: 64 in the checkpoint, 32 now"):
+    with pytest.raises(ValueError, match=r"settings.data.block_size: 64 -> 32"):
         pretrain(model_args, data_args, training_args)
+    # The same command again returns the finished run's results as they are, without training.
+    results = (output / "results.json").read_text()
+    assert pretrain(*parse(tiny_config(tmp_path), "--output_dir", str(output))) == json.loads(results)
+    assert (output / "results.json").read_text() == results
 
 
 def test_incomplete_checkpoints_are_skipped(tmp_path):

@@ -33,9 +33,9 @@ from hfx.cartridges.training import (
     CartridgeCollator,
     CartridgeTrainer,
     CartridgeTrainingArguments,
+    cartridge_stage,
     check_initialization,
     create_cartridge,
-    is_trained_cartridge,
     load_cartridge,
     read_metadata,
     write_metadata,
@@ -45,6 +45,7 @@ from hfx.models import (
     DeviceArguments,
     dtype_name,
     load_causal_lm,
+    load_tokenizer,
     model_id,
     resolve_dtype,
     resolve_training_dtype,
@@ -60,15 +61,33 @@ def train_cartridge(
     args: CartridgeTrainingArguments,
     model_name_or_path: str | None = None,
     callbacks: list | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train a cartridge on a synthesized dataset and save it (adapter + metadata) in ``args.output_dir``.
 
+    The folder is a stage (:mod:`hfx.stages`): a finished cartridge of the same settings and inputs is reused, an
+    unfinished one resumed from its last complete checkpoint; other settings are refused (``overwrite`` starts
+    over), other inputs (a new synthesis, another corpus or base model) retrain it.
     ``callbacks`` are ``transformers.TrainerCallback`` objects added to the Trainer (e.g. to keep a copy of each
     checkpoint's adapter: the checkpoints themselves are removed once the cartridge is saved).
     """
+    from accelerate import PartialState
     from peft import set_peft_model_state_dict
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import load_file
+
+    tokenizer = load_tokenizer(model_name_or_path)
+    corpus = load_corpus(corpus_source, tokenizer)
+    stage = cartridge_stage(args, model_id(model_name_or_path), corpus, dataset)
+    state = PartialState()
+    with (
+        state.main_process_first()
+    ):  # the main process checks and prepares the folder; the others then read it
+        status = stage.begin(overwrite=overwrite) if state.is_main_process else stage.status()
+    if status == "done":
+        if state.is_main_process:
+            remove_checkpoints(args.output_dir)  # left by a run killed after it finished
+        return Path(args.output_dir)
 
     # The frozen base goes where Trainer trains (its device), in the training dtype; the cartridge stays float32.
     model, tokenizer = load_causal_lm(
@@ -76,7 +95,6 @@ def train_cartridge(
     )
     for param in model.parameters():
         param.requires_grad_(False)
-    corpus = load_corpus(corpus_source, tokenizer)
     peft_model = create_cartridge(
         model,
         tokenizer,
@@ -99,7 +117,7 @@ def train_cartridge(
         logger.info("Training had finished in %s; restoring it", last)
         set_peft_model_state_dict(peft_model, load_file(last / SAFETENSORS_WEIGHTS_NAME))
         trainer.state = done
-        train_loss, train_runtime = None, None
+        train_loss, train_runtime = _logged_train_loss(done), None
     else:
         if last:
             logger.info("Resuming training from %s", last)
@@ -110,8 +128,8 @@ def train_cartridge(
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return Path(args.output_dir)
-    # The metadata is written last of the cartridge's files (atomically): it marks the cartridge finished
-    # (is_trained_cartridge). Only then do the checkpoints go; the finished artifact is the adapter alone.
+    # The metadata, then the stage's marker: the cartridge is finished (is_trained_cartridge) only once the adapter
+    # and its metadata are on disk. Only then do the checkpoints go; the finished artifact is the adapter alone.
     write_metadata(
         args.output_dir,
         {
@@ -132,8 +150,16 @@ def train_cartridge(
             "train_runtime_s": train_runtime,
         },
     )
+    stage.finish()
     remove_checkpoints(args.output_dir)
     return Path(args.output_dir)
+
+
+def _logged_train_loss(state) -> float | None:
+    """The mean of the training losses a Trainer logged (a run restored from its last checkpoint has no
+    ``train()`` result to take its loss from)."""
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return sum(losses) / len(losses) if losses else None
 
 
 def evaluate_cartridge(
@@ -272,6 +298,7 @@ def run_self_study(
     dtype: str = "auto",
     budget_minutes: float | None = None,
     callbacks: list | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """The main job: synthesize, train, evaluate, save the cartridge with its card. Resumable.
 
@@ -280,7 +307,9 @@ def run_self_study(
     synthesizing and evaluating model (training's frozen base takes ``training["model_dtype"]``).
     ``budget_minutes`` replaces ``synthesis.num_conversations`` by the number that fits the budget on this machine
     (:mod:`hfx.cartridges.budget`); the plan is written to ``output_dir/plan.json`` and kept by a resumed run.
-    ``callbacks`` go to the training stage's Trainer (:func:`train_cartridge`).
+    ``callbacks`` go to the training stage's Trainer (:func:`train_cartridge`). A rerun into ``output_dir``
+    reuses or resumes each stage made with the same settings and refuses other settings, naming them;
+    ``overwrite`` retrains the cartridge instead.
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
@@ -327,18 +356,20 @@ def run_self_study(
     del model
 
     cartridge_dir = output_dir / "cartridge"
-    if is_trained_cartridge(cartridge_dir):
-        remove_checkpoints(cartridge_dir)  # left by a run killed after it finished the cartridge
-    else:
-        args = CartridgeTrainingArguments(
-            output_dir=str(output_dir / "cartridge"),
-            seed=synthesis.seed,
-            use_cpu=run_device.type == "cpu",
-            **training,
-        )
-        train_cartridge(
-            corpus_source, dataset, args, model_name_or_path=model_name_or_path, callbacks=callbacks
-        )
+    args = CartridgeTrainingArguments(
+        output_dir=str(cartridge_dir),
+        seed=synthesis.seed,
+        use_cpu=run_device.type == "cpu",
+        **training,
+    )
+    train_cartridge(
+        corpus_source,
+        dataset,
+        args,
+        model_name_or_path=model_name_or_path,
+        callbacks=callbacks,
+        overwrite=overwrite,
+    )
     report = None
     if questions_path is not None:
         report = evaluate_cartridge(
@@ -399,6 +430,13 @@ class TrainArguments(CorpusArguments):
     hub_repo_id: str | None = field(
         default=None, metadata={"help": "Model repo id to upload the finished cartridge (card included) to."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Retrain when OUTPUT_DIR holds a cartridge made with other settings (without it: refused, "
+            "naming them). The same settings reuse a finished cartridge and resume an unfinished one."
+        },
+    )
 
 
 @dataclass
@@ -451,6 +489,13 @@ class RunArguments(CorpusArguments):
     )
     per_device_train_batch_size: int = _training_field("per_device_train_batch_size")
     initialization: str = _training_field("initialization")
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Retrain the cartridge when OUTPUT_DIR/cartridge was made with other training settings "
+            "(without it: refused, naming them). A synthesis with other settings is always refused."
+        },
+    )
 
 
 def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArguments) -> dict | None:
@@ -462,7 +507,13 @@ def train_and_report(args: TrainArguments, training_args: CartridgeTrainingArgum
     resolve_training_dtype(training_args.model_dtype, device)  # training's frozen base
     resolve_dtype(args.dtype, device)  # the evaluating model
     dataset = load_synthesis(args.synthesis_dir)
-    train_cartridge(args.corpus, dataset, training_args, model_name_or_path=args.model_name_or_path)
+    train_cartridge(
+        args.corpus,
+        dataset,
+        training_args,
+        model_name_or_path=args.model_name_or_path,
+        overwrite=args.overwrite,
+    )
     if (
         training_args.process_index != 0
     ):  # under `accelerate launch`, one process evaluates and writes the card
@@ -509,6 +560,7 @@ def run_from_arguments(args: RunArguments, synthesis: SynthesisConfig, server=No
         device=args.device,
         dtype=args.dtype,
         budget_minutes=args.budget_minutes,
+        overwrite=args.overwrite,
     )
 
 

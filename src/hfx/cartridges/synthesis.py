@@ -387,7 +387,10 @@ class LocalBatches:
             # a question re-tokenizes to about as many tokens as were generated; 8 more cover the difference
             new += self.decoder.warm_up(
                 rows,
-                (prefix[0] + width(question + 1) + answered, prefix[1] + width(question + asked + 8) + answered),
+                (
+                    prefix[0] + width(question + 1) + answered,
+                    prefix[1] + width(question + asked + 8) + answered,
+                ),
                 answered,
                 top_k=config.top_k,
                 sample=config.answer_temperature > 0,

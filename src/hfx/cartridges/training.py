@@ -31,9 +31,10 @@ from hfx.atomic import write_text_atomic
 from hfx.batching import padded
 from hfx.cartridges.corpus import Corpus, document_prefix_ids_within, document_system_prompt
 from hfx.cartridges.prefix import PrefixKV
-from hfx.checkpoints import MarkCompleteCheckpoints
+from hfx.checkpoints import use_checkpoint_protocol
 from hfx.losses import topk_distillation_loss
 from hfx.models import seeded
+from hfx.stages import MANIFEST_PREFIX, Stage, dataset_fingerprint, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class CartridgeTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count itself
-        self.add_callback(MarkCompleteCheckpoints())  # after the callbacks passed in
+        use_checkpoint_protocol(self)  # after the callbacks passed in
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The optimizer step's micro-batches, and its number of answer tokens (the loss's normalizer): across
@@ -397,9 +398,55 @@ def write_metadata(output_dir: str | Path, metadata: dict) -> None:
     write_text_atomic(Path(output_dir) / METADATA_FILE, json.dumps(metadata, indent=2))
 
 
+#: The stage (:mod:`hfx.stages`) that trains a cartridge into its folder.
+CARTRIDGE_STAGE = "cartridge"
+#: The training arguments that change the cartridge a run makes: a rerun with other values is refused.
+TRAINING_SETTINGS = (
+    "num_virtual_tokens",
+    "num_frozen_tokens",
+    "initialization",
+    "model_dtype",
+    "learning_rate",
+    "weight_decay",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+)
+
+
+def cartridge_stage(args: CartridgeTrainingArguments, base_model: str, corpus, dataset) -> Stage:
+    """The training stage of a cartridge in ``args.output_dir``: its settings (:data:`TRAINING_SETTINGS` and the
+    number of processes) and inputs (the base model, the corpus's tokens, the synthesized rows)."""
+    settings = {name: getattr(args, name) for name in TRAINING_SETTINGS if hasattr(args, name)}
+    settings["num_processes"] = args.world_size
+    inputs = {
+        "base_model": base_model,
+        "corpus": f"{corpus.name} ({corpus.num_tokens} tokens, {fingerprint(corpus.token_ids)})",
+        "dataset": dataset_fingerprint(dataset),
+    }
+    return Stage(args.output_dir, CARTRIDGE_STAGE, settings, inputs)
+
+
 def is_trained_cartridge(output_dir: str | Path) -> bool:
-    """Whether training finished in ``output_dir``: its metadata, the last file training writes, is there."""
-    return (Path(output_dir) / METADATA_FILE).is_file()
+    """Whether ``output_dir`` holds a finished cartridge: its training stage is marked done (the marker is written
+    after the adapter and the metadata). A cartridge saved outside that stage (composed, or by an older hfx) is
+    finished when its metadata is there."""
+    output_dir = Path(output_dir)
+    stage = output_dir / f"{MANIFEST_PREFIX}{CARTRIDGE_STAGE}"
+    if stage.with_suffix(".json").is_file():
+        return stage.with_suffix(".done").is_file() and (output_dir / METADATA_FILE).is_file()
+    return (output_dir / METADATA_FILE).is_file()
 
 
 def read_metadata(output_dir: str | Path) -> dict:

@@ -28,7 +28,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
-from hfx.checkpoints import MarkCompleteCheckpoints
+from hfx.checkpoints import use_checkpoint_protocol
 from hfx.losses import entropy, topk_kl_divergence
 
 from .activations import patched_next_token_logits
@@ -168,7 +168,7 @@ class LensTrainer(Trainer):
         # frozen model must sit there too, or every patched pass would mix devices.
         self.base_model = base_model.eval().requires_grad_(False).to(self.args.device)
         self.topk = topk
-        self.add_callback(MarkCompleteCheckpoints())  # after the callbacks passed in
+        use_checkpoint_protocol(self)  # after the callbacks passed in
         self._exponential = None  # the exponential-decay scheduler this trainer made, if any
         self._metrics: dict[str, tuple[float, int]] = {}
         self._samples: list[dict] = []

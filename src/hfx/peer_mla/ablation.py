@@ -17,8 +17,9 @@ An ablation file (YAML) names a pretraining config, a token budget and the axes:
 An axis is a PeerMlaConfig field (sent as ``--model_overrides``), ``num_experts``/``product_key_parts`` (turned
 into ``product_key_dim``), or any option of ``examples/peer_mla/pretrain.py`` (``mlp``, ``mixture``,
 ``learning_rate``, ...). Each run is one ``accelerate launch`` of ``pretrain.py`` on the processes given, in
-``output_dir/runs/<name>``. With ``resume`` a finished run (its ``results.json`` exists) is skipped and an
-interrupted one continues from its last checkpoint. The results of all finished runs go into one table
+``output_dir/runs/<name>``. With ``resume`` a finished run of the same arguments is skipped and an interrupted one
+continues from its last checkpoint; a run folder made with other arguments is refused, naming them (``overwrite``
+runs it again), and an edited base config reruns the runs made from it. The results of all finished runs go into one table
 (``results.csv``, ``results.md``) and one plot (``results.png``: held-out perplexity against tokens, and at the end).
 """
 
@@ -38,11 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfx.atomic import write_text_atomic
+from hfx.stages import Stage, file_fingerprint
 
 from .training import _config_fields, format_value, read_results
 
 logger = logging.getLogger(__name__)
 
+#: The stage (hfx.stages) of one run of an ablation, in its run folder (beside the run's own pretraining stage).
+ABLATION_RUN_STAGE = "peer-mla-ablation-run"
 # Axes that are turned into product_key_dim rather than passed on.
 DERIVED_AXES = ("num_experts", "product_key_parts")
 TABLE_COLUMNS = (
@@ -254,8 +258,10 @@ def run_ablation(
     num_processes: int = 1,
     cpu: bool | None = None,
     extra_arguments: list[str] | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
-    """Run every point of the grid (skipping finished ones when ``resume``) and write the table and plot."""
+    """Run every point of the grid (skipping finished ones when ``resume``) and write the table and plot. A run
+    folder made with other arguments is refused, naming them, unless ``overwrite`` (run it again)."""
     from tqdm.auto import tqdm
 
     if not Path(config.base_config).is_file():
@@ -273,17 +279,24 @@ def run_ablation(
                 "interrupted ones, or choose another output_dir."
             )
     progress = tqdm(runs, desc="ablation runs", unit="run")
+    base_config_fingerprint = file_fingerprint(config.base_config)
     for run in progress:
         run_dir = output_dir / "runs" / run.name
         progress.set_postfix_str(run.name)
-        if read_results(run_dir) is not None:
-            logger.info("%s: finished, skipped", run.name)
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
         arguments = ["--config", config.base_config, *config.overrides, *run_arguments(run, base_model)]
         if config.max_tokens is not None:
             arguments += ["--max_tokens", str(config.max_tokens)]
-        arguments += [*(extra_arguments or []), "--output_dir", str(run_dir)]
+        arguments += [*(extra_arguments or [])]
+        # Each run's folder is a stage (hfx.stages): its pretraining arguments and the base config's contents
+        # make it. A finished run of the same arguments is skipped; other arguments are refused, naming them
+        # (overwrite: run again), and an edited base config reruns it.
+        stage = Stage(
+            run_dir, ABLATION_RUN_STAGE, {"arguments": arguments}, {"base_config": base_config_fingerprint}
+        )
+        if stage.begin(overwrite=overwrite) == "done" and read_results(run_dir) is not None:
+            logger.info("%s: finished, skipped", run.name)
+            continue
+        arguments += ["--output_dir", str(run_dir)]
         command = launch_command(script, arguments, num_processes=num_processes, cpu=cpu)
         write_text_atomic(run_dir / "command.json", json.dumps(command[1:], indent=2) + "\n")
         log_path = run_dir / "train.log"
@@ -298,6 +311,8 @@ def run_ablation(
                 f"Run {run.name} failed (exit {status}); its log is {log_path}. Last lines:\n"
                 + "\n".join(tail)
             )
+        stage.begin()  # (unchanged; rewritten if the run's own stage had to clear the folder)
+        stage.finish()
     rows = collect_results(runs, output_dir)
     write_results(rows, list(runs[0].values) if runs else [], output_dir)
     return rows

@@ -43,8 +43,10 @@ from hfx.checkpoints import (
     finished_state,
     last_complete_checkpoint,
     remove_checkpoints,
+    use_checkpoint_protocol,
 )
 from hfx.models import DeviceArguments
+from hfx.stages import Stage, StageMismatch
 
 from .analysis import _GENERIC_CONFIG_KEYS, analyze_parameters, load_config, write_model_card
 from .configuration_peer_mla import PeerMlaConfig
@@ -57,6 +59,8 @@ MLP_KINDS = ("peer", "dense")
 PEER_KERNELS = ("auto", "triton", "pytorch")
 RUN_CONFIG_NAME = "hfx_pretrain.json"
 RESULTS_NAME = "results.json"
+#: The stage (hfx.stages) of one pretraining run in its output folder.
+PRETRAIN_STAGE = "peer-mla-pretrain"
 EXPERT_USAGE_DIR = "expert_usage"
 EXPERT_STATE_NAME = "expert_usage.safetensors"
 # Config fields that do not change what is trained (bookkeeping, or filled in from the tokenizer identically).
@@ -170,6 +174,13 @@ class PeerMlaTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Keep checkpoint-* folders after a finished run (they exist to resume a killed one)."
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over when OUTPUT_DIR holds a run made with other settings (without it: refused, naming "
+            "them). The same settings return a finished run's results and resume an unfinished one."
         },
     )
     output_dir: str | None = field(default="outputs/peer-mla")
@@ -623,7 +634,7 @@ class PeerMlaTrainer(Trainer):
     def __init__(self, *args, run_config: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_config = run_config
-        self.add_callback(MarkCompleteCheckpoints())
+        use_checkpoint_protocol(self)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key in ("loss", "eval_loss"):
@@ -711,15 +722,24 @@ def pretrain(
         training_args.max_steps = math.ceil(training_args.max_tokens / step_tokens)
     expected = run_config(config, data_args, training_args, step_tokens)
 
+    # The run's folder is a stage (hfx.stages): the run configuration and the step count make its result.
+    stage = Stage(output_dir, PRETRAIN_STAGE, {**expected, "max_steps": training_args.max_steps})
+    with training_args.main_process_first(
+        desc="output folder"
+    ):  # the main process prepares it, then the others
+        if training_args.process_index == 0:
+            status = _begin_pretrain_stage(stage, output_dir, training_args)
+        else:
+            status = stage.status()
+    if status == "done":  # finished with these settings: its results stand (a kill may have left checkpoints)
+        results = read_results(output_dir)
+        if training_args.process_index == 0 and not training_args.keep_checkpoints:
+            remove_checkpoints(output_dir)
+        return results
     checkpoint = training_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
     if checkpoint:
         check_resume_compatible(checkpoint, expected)
         logger.info("Resuming from %s", checkpoint)
-    elif (output_dir / RESULTS_NAME).is_file():
-        raise FileExistsError(
-            f"{output_dir} holds a finished run ({RESULTS_NAME}) and no checkpoint to continue from; choose another "
-            "--output_dir (or train longer from a kept checkpoint: --keep_checkpoints true)."
-        )
 
     report = analyze_parameters(config)
     logger.info(
@@ -837,12 +857,35 @@ def pretrain(
             training=training,
             results={k: format_value(v) for k, v in results.items() if v is not None},
         )
-        # The results first: a kill while the checkpoints go leaves a finished run, never one without results.
+        # The results, then the stage's marker, then the checkpoints go: a kill while they go leaves a finished
+        # run whose results a rerun returns as they are.
         write_text_atomic(output_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+        stage.finish()
         if not training_args.keep_checkpoints:
             remove_checkpoints(output_dir)
     trainer.accelerator.wait_for_everyone()
     return results
+
+
+def _begin_pretrain_stage(stage: Stage, output_dir: Path, training_args) -> str:
+    """Check and prepare the run's folder. More steps than a finished run took continue it from a kept checkpoint
+    (--keep_checkpoints true); any other change of settings is refused, naming it (--overwrite starts over)."""
+    try:
+        return stage.begin(overwrite=training_args.overwrite)
+    except StageMismatch:
+        changed = stage.differences()
+        longer = changed and all(line.startswith("settings.max_steps:") for line in changed)
+        if longer and last_complete_checkpoint(output_dir) is not None:
+            logger.info("Training %s further: %s", output_dir, changed[0])
+            stage.restate()
+            return "resume"
+        if longer:
+            raise StageMismatch(
+                f"{output_dir} holds a finished run ({changed[0]}) and no checkpoint to continue from; choose "
+                "another --output_dir, pass --overwrite to start over (or train longer from a kept checkpoint: "
+                "--keep_checkpoints true)."
+            ) from None
+        raise
 
 
 def format_value(value) -> str:
