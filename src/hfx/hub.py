@@ -30,6 +30,9 @@ UPLOAD_IGNORE_PATTERNS = [
     "*.pkl",
     "*.pickle",
     "runs/*",
+    # a stage's manifest and marker (hfx.stages) describe the local folder and its inputs, not the artifact
+    "hfx_stage_*",
+    "*/hfx_stage_*",
 ]
 
 
