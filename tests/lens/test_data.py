@@ -99,7 +99,8 @@ def test_dump_writes_shards_resumes_and_refuses_other_settings(tmp_path):
         {"model": "tiny", "dataset": "toy", "dtype": "float32"},
     )
     assert shards[1].read_bytes() == kept
-    with pytest.raises(ValueError, match="different settings.*layer"):
+    assert (tmp_path / "hfx_stage_lens-dump.done").is_file()  # made whole again, then marked done
+    with pytest.raises(ValueError, match=r"other settings:\n  settings.layer: 2 -> 1"):
         dump_activations(
             base,
             ToyTokenizer(),

@@ -27,7 +27,8 @@ def test_dump_train_eval_on_the_embedded_model(tmp_path, capsys):
         + ["--context_weight", "0.5", "--max_steps", "4", "--per_device_train_batch_size", "4"]
         + ["--logging_steps", "1", "--save_steps", "2", "--verbose_samples", "1"]
     )
-    state = json.loads((lens_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    state = json.loads((lens_dir / "trainer_state.json").read_text())
+    assert not list(lens_dir.glob("checkpoint-*"))  # a finished lens keeps no checkpoints
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert "kl" not in logged[0] and {"kl", "context_ce", "temperature"} <= set(logged[-1])
     samples = [json.loads(line) for line in (lens_dir / "samples.jsonl").read_text().splitlines()]
@@ -75,7 +76,7 @@ def test_each_command_runs_on_the_resolved_device_and_dtype(tmp_path, tiny_model
         ]
         + ["--layer", "1", "--context_length", "16", "--max_examples", "20", "--batch_size", "8"]
     )
-    assert json.loads((acts / "dump_config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((acts / "hfx_stage_lens-dump.json").read_text())["settings"]["dtype"] == "bfloat16"
     common = ["--activations_dir", str(acts), *model, "--eval_examples", "4"]
     main(
         ["lens", "train", *common, "--dtype", "bfloat16", "--output_dir", str(lens_dir), "--device", "cpu"]
@@ -87,6 +88,32 @@ def test_each_command_runs_on_the_resolved_device_and_dtype(tmp_path, tiny_model
     assert json.loads((lens_dir / "eval_results.json").read_text())["examples"] == 4
     placed = [{(p.device.type, p.dtype) for p in m.parameters()} for m in loaded]
     assert placed == [{("cpu", torch.bfloat16)}] * 2 + [{("cpu", torch.float32)}]  # default: fp32 on the CPU
+
+    # The lens's folder answers to its settings: the same command reuses it, another explanation length is
+    # refused by name (--overwrite trains it again), and a lens is never trained from an unfinished dump.
+    weights = (lens_dir / "model.safetensors").read_bytes()
+    train = [
+        "lens",
+        "train",
+        *common,
+        "--dtype",
+        "bfloat16",
+        "--output_dir",
+        str(lens_dir),
+        "--device",
+        "cpu",
+    ]
+    rest = ["--decoder_num_layers", "1", "--max_steps", "2", "--per_device_train_batch_size", "4"]
+    rest += ["--save_strategy", "no", "--verbose_samples", "0"]
+    main([*train, "--explanation_length", "2", *rest])
+    assert (lens_dir / "model.safetensors").read_bytes() == weights and len(loaded) == 3  # nothing loaded
+    with pytest.raises(SystemExit, match=r"settings.lens.explanation_length: 2 -> 3"):
+        main([*train, "--explanation_length", "3", *rest])
+    main([*train, "--explanation_length", "3", *rest, "--overwrite", "true"])
+    assert ConsistencyLens.from_pretrained(lens_dir).config.explanation_length == 3
+    (acts / "hfx_stage_lens-dump.done").unlink()
+    with pytest.raises(SystemExit, match="no finished activation dump"):
+        main([*train, "--explanation_length", "3", *rest, "--output_dir", str(tmp_path / "other")])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -24,7 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from hfx.artifacts import (
-    check_or_write_manifest,
     load_parquet_shards,
     require_finite,
     shard_path,
@@ -33,10 +32,14 @@ from hfx.artifacts import (
 )
 from hfx.batching import left_padded
 from hfx.hub import render_card
+from hfx.stages import Stage, fingerprint
 
 from .activations import decoder_layer, hidden_states_of
 
 logger = logging.getLogger(__name__)
+
+#: The stage (hfx.stages) of an activation dump in its folder.
+DUMP_STAGE = "lens-dump"
 
 EXAMPLE_FEATURES = datasets.Features(
     {
@@ -136,11 +139,21 @@ def dump_activations(
     manifest: dict,
     process_index: int = 0,
     num_processes: int = 1,
+    overwrite: bool = False,
 ) -> Path:
-    """Pre-tokenize (once) and dump activations in shards, skipping shards already written."""
+    """Pre-tokenize (once) and dump activations in shards, skipping shards already written. The folder is a stage
+    (hfx.stages): a finished dump of the same settings and documents is reused, other settings refused (naming
+    them; ``overwrite`` starts over), other documents dumped again."""
     decoder_layer(model, config.layer)  # a wrong layer fails before anything is written
     out = Path(output_dir)
-    check_or_write_manifest(out, {**manifest, **asdict(config)}, "dump_config.json", "activation dump")
+    stage = dump_stage(out, manifest, config, documents)
+    status = stage.begin(overwrite=overwrite) if process_index == 0 else stage.status()
+    if status == "done":
+        if not _missing_shards(out, stage):
+            return out
+        if process_index == 0:  # a shard of the finished dump was deleted since: the dump is made whole again
+            logger.warning("%s: shards %s are missing; writing them again", out, _missing_shards(out, stage))
+            stage.reopen()
     examples_path = out / "examples.parquet"
     if examples_path.exists():
         examples = datasets.Dataset.from_parquet(str(examples_path), features=EXAMPLE_FEATURES).to_list()
@@ -182,7 +195,33 @@ def dump_activations(
             num_examples=len(examples),
             hidden_size=model.config.hidden_size,
         )
+    if num_processes == 1:
+        finish_dump(out, stage)
     return out
+
+
+def dump_stage(out: Path, manifest: dict, config: DumpConfig, documents) -> Stage:
+    """The lens dump's stage (hfx.stages) in ``out``: the model, dtype, dataset and dump settings make it; the
+    documents' text is its input."""
+    return Stage(out, DUMP_STAGE, {**manifest, **asdict(config)}, {"documents": fingerprint(documents)})
+
+
+def finish_dump(out: Path, stage: Stage) -> None:
+    """Mark the dump done once every shard of every process is written (the main process, after all of them)."""
+    missing = _missing_shards(out, stage)
+    if missing:
+        raise RuntimeError(
+            f"{out}: shards {missing} of the dump are missing; run the dump again to finish it."
+        )
+    stage.finish()
+
+
+def _missing_shards(out: Path, stage: Stage) -> list[int]:
+    if not (out / "examples.parquet").is_file():
+        return [0]
+    examples = datasets.Dataset.from_parquet(str(out / "examples.parquet"), features=EXAMPLE_FEATURES)
+    num_shards = math.ceil(len(examples) / stage.manifest["settings"]["examples_per_shard"])
+    return [i for i in range(num_shards) if not _shard(out, i).exists()]
 
 
 def _slice(examples: list[dict], shard: int, config: DumpConfig) -> list[dict]:

@@ -17,7 +17,7 @@ import torch
 from hfx import models
 from hfx.documents import DEFAULT_DATASET, load_documents
 
-from .data import DumpConfig, dump_activations, load_activations
+from .data import DUMP_STAGE, DumpConfig, dump_activations, dump_stage, finish_dump, load_activations
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,13 @@ class DumpArguments(models.DeviceArguments):
         default=512, metadata={"help": "examples per Parquet shard (unit of resume)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the position drawn in each window"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Dump again when OUTPUT_DIR holds a dump made with other settings (without it: refused, "
+            "naming them). The same settings reuse a finished dump and resume an unfinished one."
+        },
+    )
 
 
 def run_dump(args: DumpArguments):
@@ -65,7 +72,15 @@ def run_dump(args: DumpArguments):
         manifest,
         state.process_index,
         state.num_processes,
+        overwrite=args.overwrite,
     )
+    state.wait_for_everyone()
+    if (
+        state.num_processes > 1 and state.is_main_process
+    ):  # every process's shards are written: the dump is done
+        stage = dump_stage(Path(args.output_dir), manifest, config, documents)
+        if not stage.done:
+            finish_dump(Path(args.output_dir), stage)
     state.wait_for_everyone()
     return load_activations(Path(args.output_dir))
 
@@ -109,6 +124,13 @@ class LensArguments(models.DeviceArguments):
     eval_examples: int = field(
         default=256, metadata={"help": "held-out examples (the last ones) for evaluation"}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "train: start over when the output folder holds a lens made with other settings (without it: "
+            "refused, naming them). The same settings reuse a finished lens and resume an unfinished one."
+        },
+    )
 
 
 def _split(dataset, eval_examples: int):
@@ -118,14 +140,76 @@ def _split(dataset, eval_examples: int):
     return dataset.select(range(cut)), dataset.select(range(cut, len(dataset)))
 
 
+#: The stage (hfx.stages) of a trained lens in its folder.
+LENS_STAGE = "lens"
+#: Arguments of the lens that do not change it: where its inputs are (the dump's marker is its input) and the
+#: device; whether to overwrite.
+LENS_NOT_SETTINGS = ("activations_dir", "device", "overwrite")
+#: The training arguments that change a lens.
+LENS_TRAINING_SETTINGS = (
+    "learning_rate",
+    "weight_decay",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "optim",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+    "kl_weight",
+    "context_warmup_steps",
+    "context_weight",
+    "lm_weight_schedule",
+    "lm_weight_start",
+    "lm_weight_end",
+    "lm_weight_steps",
+    "lm_weight_warmup_steps",
+    "entropy_weight",
+    "temperature_schedule",
+    "temperature_start",
+    "temperature_end",
+    "temperature_steps",
+    "activations_mode",
+)
+
+
 def run_train(args: LensArguments, training_args) -> Path:
-    """Train (resuming from the last checkpoint in output_dir if any) and save the lens with a card."""
-    from hfx.checkpoints import finished_state, last_complete_checkpoint, planned_steps
+    """Train (resuming from the last complete checkpoint in output_dir if any) and save the lens with a card; a
+    finished lens of the same settings and dump is reused, other settings refused (``--overwrite`` starts over)."""
+    from accelerate import PartialState
+
+    from hfx.checkpoints import finished_state, last_complete_checkpoint, planned_steps, remove_checkpoints
+    from hfx.stages import Stage, stage_fingerprint
 
     from .modeling_lens import ConsistencyLens
     from .training import LensTrainer
 
     device = models.training_device(args.device, training_args)
+    # The lens's folder is a stage (hfx.stages): its settings and the finished dump it reads make it.
+    dump = stage_fingerprint(args.activations_dir, DUMP_STAGE)
+    if dump is None:
+        raise FileNotFoundError(
+            f"{args.activations_dir}: no finished activation dump (hfx_stage_{DUMP_STAGE}.done); run `hfx lens dump` "
+            "to the end first."
+        )
+    settings = {
+        "lens": {f.name: getattr(args, f.name) for f in fields(args) if f.name not in LENS_NOT_SETTINGS},
+        "training": {
+            n: getattr(training_args, n) for n in LENS_TRAINING_SETTINGS if hasattr(training_args, n)
+        },
+        "num_processes": training_args.world_size,
+    }
+    stage = Stage(training_args.output_dir, LENS_STAGE, settings, {"activations": dump})
+    state = PartialState()
+    with state.main_process_first():
+        status = stage.begin(overwrite=args.overwrite) if state.is_main_process else stage.status()
+    if status == "done":
+        if state.is_main_process:
+            remove_checkpoints(training_args.output_dir)  # left by a run killed after it finished
+        return Path(training_args.output_dir)
     base, tokenizer = models.load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
     data = load_activations(args.activations_dir)
     layer = data[0]["layer"]
@@ -171,10 +255,13 @@ def run_train(args: LensArguments, training_args) -> Path:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve beside the lens
-    # Under `accelerate launch`, one process writes the rest of the folder.
+    # Under `accelerate launch`, one process writes the rest of the folder, marks the lens done, and only then
+    # removes the checkpoints.
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
         write_lens_card(training_args.output_dir, lens.config)
+        stage.finish()
+        remove_checkpoints(training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
     return Path(training_args.output_dir)
 
