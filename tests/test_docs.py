@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import chromium_page
+from tests.prewarmed import run_prewarmed
 from tests.servers import static_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +62,8 @@ def test_the_site_builds_strictly_with_every_page_and_the_api_reference(site):
 
 @pytest.mark.parametrize(("page", "index", "code"), snippets(), ids=lambda v: str(v)[:40])
 def test_every_python_snippet_in_the_docs_runs(page, index, code, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600
-    )
+    # a process of its own for each snippet, forked from one that has imported torch, transformers and hfx
+    result = run_prewarmed(code, [], env=env(), timeout=600, cwd=tmp_path)
     assert result.returncode == 0, f"{page}, snippet {index + 1}:\n{result.stderr[-3000:]}"
 
 

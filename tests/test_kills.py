@@ -13,11 +13,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.prewarmed import run_prewarmed
 
 #: Installs the kill point named by $KILL_AT, then runs the code that follows it.
 KILL_POINTS = textwrap.dedent(
@@ -88,10 +89,10 @@ CARTRIDGE_RUN = KILL_POINTS + textwrap.dedent(
 
 
 def run(code: str, args: list, kill_at: str = "") -> subprocess.CompletedProcess:
+    """Run ``code`` as ``python -c`` would, in a process of its own forked from one that has imported torch,
+    transformers and hfx already (tests/prewarmed.py)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AT": kill_at}
-    return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_prewarmed(code, args, env=env, timeout=600)
 
 
 def killed(result: subprocess.CompletedProcess) -> None:

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import datasets
 import pytest
 
+from tests.prewarmed import run_prewarmed, start_prewarmed
+
+CODE = "import sys; from hfx.cli import main; main(sys.argv[1:])"
 COMMAND = [
-    sys.executable,
-    "-c",
-    "import sys; from hfx.cli import main; main(sys.argv[1:])",
     "cartridge",
     "synthesize",
     "--corpus",
@@ -45,21 +43,20 @@ def test_synthesis_killed_then_rerun_loses_and_duplicates_nothing(tmp_path):
     command = [*COMMAND, "--synthesis_dir", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first_shard = out / "data" / "train-00000.parquet"
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the job runs in a process of its own, forked from one that has imported torch, transformers and hfx
+    job = start_prewarmed(CODE, command, env=env)
     deadline = time.monotonic() + 600
     while not first_shard.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    assert job.returncode == -signal.SIGKILL, job.stderr.read().decode()[
-        -2000:
-    ]  # killed mid-job, not finished
+    job.kill()
+    assert job.wait(60) == -signal.SIGKILL, job.output()[1][-2000:]  # killed mid-job, not finished
+    job.close()
 
     written = sorted(p.name for p in (out / "data").iterdir() if p.name.endswith(".parquet"))
     assert written and len(written) < 4 and not (out / "README.md").exists()
     kept = {name: (out / "data" / name).read_bytes() for name in written}
 
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    rerun = run_prewarmed(CODE, command, env=env, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for name, content in kept.items():  # not redone
         assert (out / "data" / name).read_bytes() == content
