@@ -40,6 +40,34 @@ logger = logging.getLogger(__name__)
 MANIFEST_PREFIX = "hfx_stage_"
 
 
+#: ``TrainingArguments`` that change what any trainer makes (optimizer, schedule, batch, length, seed): every
+#: training stage records them among its settings, beside its own.
+TRAINER_SETTINGS = (
+    "learning_rate",
+    "weight_decay",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+)
+
+
+def trainer_settings(args, own: tuple[str, ...] = ()) -> dict:
+    """The values of :data:`TRAINER_SETTINGS` and ``own`` in ``args`` (those it has), and its number of processes."""
+    settings = {name: getattr(args, name) for name in (*TRAINER_SETTINGS, *own) if hasattr(args, name)}
+    settings["num_processes"] = args.world_size
+    return settings
+
+
 class StageMismatch(ValueError):
     """A folder holds a stage made with other settings (or by something else)."""
 

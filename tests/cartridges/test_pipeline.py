@@ -7,6 +7,17 @@ from hfx.cartridges.pipeline import train_cartridge
 from hfx.cartridges.synthesis import SynthesisConfig, synthesize
 from hfx.cartridges.training import CartridgeTrainingArguments, read_metadata
 
+DOCUMENT = "The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10
+#: 4 conversations about the document, in one batch.
+TINY_SYNTHESIS = SynthesisConfig(
+    num_conversations=4,
+    conversations_per_chunk=4,
+    chunk_min_tokens=20,
+    chunk_max_tokens=40,
+    max_question_tokens=4,
+    max_answer_tokens=4,
+)
+
 
 def _tiny_synthesis(tmp_path, tiny_model_dir):
     """A short document, the tiny model and its tokenizer, and 4 conversations synthesized about the document."""
@@ -14,18 +25,10 @@ def _tiny_synthesis(tmp_path, tiny_model_dir):
     from hfx.models import load_causal_lm
 
     doc = tmp_path / "doc.txt"
-    doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
+    doc.write_text(DOCUMENT)
     model, tokenizer = load_causal_lm(str(tiny_model_dir))
-    config = SynthesisConfig(
-        num_conversations=4,
-        conversations_per_chunk=4,
-        chunk_min_tokens=20,
-        chunk_max_tokens=40,
-        max_question_tokens=4,
-        max_answer_tokens=4,
-    )
     dataset = synthesize(
-        model, tokenizer, load_corpus(doc, tokenizer), tmp_path / "synth", config, progress=False
+        model, tokenizer, load_corpus(doc, tokenizer), tmp_path / "synth", TINY_SYNTHESIS, progress=False
     )
     return doc, model, tokenizer, dataset
 
@@ -234,15 +237,8 @@ def test_the_main_job_rerun_with_another_p_is_refused_not_answered_with_the_old_
     from hfx.stages import StageMismatch
 
     doc = tmp_path / "doc.txt"
-    doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
-    synthesis = SynthesisConfig(
-        num_conversations=4,
-        conversations_per_chunk=4,
-        chunk_min_tokens=20,
-        chunk_max_tokens=40,
-        max_question_tokens=4,
-        max_answer_tokens=4,
-    )
+    doc.write_text(DOCUMENT)
+    synthesis = TINY_SYNTHESIS
 
     def run(p, **kwargs):
         training = dict(max_steps=2, per_device_train_batch_size=2, num_virtual_tokens=p, disable_tqdm=True)

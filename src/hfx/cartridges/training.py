@@ -34,7 +34,7 @@ from hfx.cartridges.prefix import PrefixKV
 from hfx.checkpoints import use_checkpoint_protocol
 from hfx.losses import topk_distillation_loss
 from hfx.models import seeded
-from hfx.stages import MANIFEST_PREFIX, Stage, dataset_fingerprint, fingerprint
+from hfx.stages import MANIFEST_PREFIX, Stage, dataset_fingerprint, fingerprint, trainer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -400,36 +400,14 @@ def write_metadata(output_dir: str | Path, metadata: dict) -> None:
 
 #: The stage (:mod:`hfx.stages`) that trains a cartridge into its folder.
 CARTRIDGE_STAGE = "cartridge"
-#: The training arguments that change the cartridge a run makes: a rerun with other values is refused.
-TRAINING_SETTINGS = (
-    "num_virtual_tokens",
-    "num_frozen_tokens",
-    "initialization",
-    "model_dtype",
-    "learning_rate",
-    "weight_decay",
-    "lr_scheduler_type",
-    "lr_scheduler_kwargs",
-    "warmup_steps",
-    "warmup_ratio",
-    "optim",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "max_grad_norm",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_train_epochs",
-    "max_steps",
-    "seed",
-)
+#: The cartridge's own training arguments that change it (beside hfx.stages.TRAINER_SETTINGS).
+CARTRIDGE_SETTINGS = ("num_virtual_tokens", "num_frozen_tokens", "initialization", "model_dtype")
 
 
 def cartridge_stage(args: CartridgeTrainingArguments, base_model: str, corpus, dataset) -> Stage:
-    """The training stage of a cartridge in ``args.output_dir``: its settings (:data:`TRAINING_SETTINGS` and the
-    number of processes) and inputs (the base model, the corpus's tokens, the synthesized rows)."""
-    settings = {name: getattr(args, name) for name in TRAINING_SETTINGS if hasattr(args, name)}
-    settings["num_processes"] = args.world_size
+    """The training stage of a cartridge in ``args.output_dir``: its settings (:data:`CARTRIDGE_SETTINGS`, the
+    trainer's and the number of processes) and inputs (the base model, the corpus's tokens, the synthesized rows)."""
+    settings = trainer_settings(args, CARTRIDGE_SETTINGS)
     inputs = {
         "base_model": base_model,
         "corpus": f"{corpus.name} ({corpus.num_tokens} tokens, {fingerprint(corpus.token_ids)})",

@@ -145,20 +145,8 @@ LENS_STAGE = "lens"
 #: Arguments of the lens that do not change it: where its inputs are (the dump's marker is its input) and the
 #: device; whether to overwrite.
 LENS_NOT_SETTINGS = ("activations_dir", "device", "overwrite")
-#: The training arguments that change a lens.
+#: The lens trainer's own arguments that change a lens (beside hfx.stages.TRAINER_SETTINGS).
 LENS_TRAINING_SETTINGS = (
-    "learning_rate",
-    "weight_decay",
-    "lr_scheduler_type",
-    "lr_scheduler_kwargs",
-    "warmup_steps",
-    "optim",
-    "max_grad_norm",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_train_epochs",
-    "max_steps",
-    "seed",
     "kl_weight",
     "context_warmup_steps",
     "context_weight",
@@ -182,7 +170,7 @@ def run_train(args: LensArguments, training_args) -> Path:
     from accelerate import PartialState
 
     from hfx.checkpoints import finished_state, last_complete_checkpoint, planned_steps, remove_checkpoints
-    from hfx.stages import Stage, stage_fingerprint
+    from hfx.stages import Stage, stage_fingerprint, trainer_settings
 
     from .modeling_lens import ConsistencyLens
     from .training import LensTrainer
@@ -197,10 +185,7 @@ def run_train(args: LensArguments, training_args) -> Path:
         )
     settings = {
         "lens": {f.name: getattr(args, f.name) for f in fields(args) if f.name not in LENS_NOT_SETTINGS},
-        "training": {
-            n: getattr(training_args, n) for n in LENS_TRAINING_SETTINGS if hasattr(training_args, n)
-        },
-        "num_processes": training_args.world_size,
+        "training": trainer_settings(training_args, LENS_TRAINING_SETTINGS),
     }
     stage = Stage(training_args.output_dir, LENS_STAGE, settings, {"activations": dump})
     state = PartialState()
