@@ -107,6 +107,7 @@ def _cartridge_synthesize(argv: list[str]) -> None:
         config,
         model_name=model_id(args.model_name_or_path),
         server=server,
+        overwrite=args.overwrite,
     )
     if not process_state().is_main_process:  # under `accelerate launch`, one process reports and uploads
         return

@@ -269,6 +269,40 @@ class Stage:
         return found
 
 
+def run_shards(
+    num_shards: int,
+    shard_file,
+    write_shard,
+    size=lambda shard: 1,
+    process_index: int = 0,
+    num_processes: int = 1,
+    desc: str = "shards",
+    unit: str = "it",
+    progress: bool = True,
+) -> list[int]:
+    """The resumable loop of a sharded stage: this process's shards (``i, i + n, ...`` of ``num_shards`` for
+    process ``i`` of ``n``) whose file (``shard_file(shard)``) is not on disk yet are made, in order, by
+    ``write_shard(shard, bar)``, which writes the file atomically and advances the progress bar by what it did (in
+    the units of ``size(shard)``, the shard's share of the bar). A kill loses at most the shard being made; a rerun
+    makes the rest. Returns the shards made."""
+    from tqdm.auto import tqdm
+
+    mine = range(process_index, num_shards, num_processes)
+    todo = [shard for shard in mine if not Path(shard_file(shard)).exists()]
+    if len(todo) < len(mine):
+        logger.info("%s: resuming, %d of %d shards already written", desc, len(mine) - len(todo), len(mine))
+    with tqdm(
+        total=sum(size(shard) for shard in mine),
+        initial=sum(size(shard) for shard in mine if shard not in todo),
+        desc=desc,
+        unit=unit,
+        disable=not progress,
+    ) as bar:
+        for shard in todo:
+            write_shard(shard, bar)
+    return todo
+
+
 def stage_fingerprint(directory: str | Path, name: str) -> str | None:
     """The fingerprint a finished stage left in ``directory`` (its marker's content), or None when unfinished."""
     marker = Path(directory) / f"{MANIFEST_PREFIX}{name}.done"

@@ -258,7 +258,7 @@ def test_a_failing_server_keeps_finished_shards_and_the_rerun_completes(tiny_mod
         assert shards == ["train-00000.parquet"]
         first = (out / "data" / "train-00000.parquet").read_bytes()
 
-        with pytest.raises(ValueError, match=r"different settings \(generator\)"):
+        with pytest.raises(ValueError, match=r"other settings:\n  settings.generator:"):
             synthesize(tiny_model, tokenizer, corpus, out, config, progress=False)
 
         state["healthy_requests"] = 10**6

@@ -162,9 +162,10 @@ def test_synthesis_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_mod
     out = tmp_path / "synth"
     config = SynthesisConfig(**CONFIG)
     first = synthesize(tiny_model, tokenizer, corpus, out, config, progress=False).to_list()
-    # Simulate a kill after the first shard: the second shard and the card never got written.
+    # Simulate a kill after the first shard: the second shard, the card and the stage's marker never got written.
     (out / "data" / "train-00001.parquet").unlink()
     (out / "README.md").unlink()
+    (out / "hfx_stage_synthesis.done").unlink()
     resumed = synthesize(tiny_model, tokenizer, corpus, out, config, progress=False).to_list()
     assert resumed == first
     ids = [r["conversation_id"] for r in resumed]
@@ -174,10 +175,28 @@ def test_synthesis_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_mod
 def test_synthesis_refuses_a_directory_made_with_other_settings(tmp_path, tiny_model, tokenizer, corpus):
     out = tmp_path / "synth"
     synthesize(tiny_model, tokenizer, corpus, out, SynthesisConfig(**CONFIG), progress=False)
-    with pytest.raises(ValueError, match="different settings.*top_k"):
+    with pytest.raises(ValueError, match=r"other settings:\n  settings.top_k: 4 -> 3"):
         synthesize(
             tiny_model, tokenizer, corpus, out, SynthesisConfig(**{**CONFIG, "top_k": 3}), progress=False
         )
+    # --overwrite starts over with the new settings; the same settings again return the finished dataset
+    redone = synthesize(
+        tiny_model,
+        tokenizer,
+        corpus,
+        out,
+        SynthesisConfig(**{**CONFIG, "top_k": 3}),
+        progress=False,
+        overwrite=True,
+    )
+    assert len(redone[0]["topk_token_ids"][0]) == 3
+    shard = (out / "data" / "train-00000.parquet").read_bytes()
+    again = synthesize(
+        tiny_model, tokenizer, corpus, out, SynthesisConfig(**{**CONFIG, "top_k": 3}), progress=False
+    )
+    assert (
+        again.to_list() == redone.to_list() and (out / "data" / "train-00000.parquet").read_bytes() == shard
+    )
     with pytest.raises(FileNotFoundError, match="no synthesized shards"):
         load_synthesis(tmp_path / "elsewhere")
 

@@ -410,6 +410,13 @@ class SynthesizeArguments(CorpusArguments):
     hub_repo_id: str | None = field(
         default=None, metadata={"help": "Dataset repo id to upload the result (card included) to."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over when SYNTHESIS_DIR holds a synthesis made with other settings (without it: "
+            "refused, naming them). The same settings return a finished synthesis and resume an unfinished one."
+        },
+    )
 
 
 @dataclass

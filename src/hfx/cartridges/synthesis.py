@@ -27,10 +27,8 @@ from pathlib import Path
 
 import datasets
 import torch
-from tqdm.auto import tqdm
 
 from hfx.artifacts import (
-    check_or_write_manifest,
     check_parquet_columns,
     load_parquet_shards,
     require_finite,
@@ -38,12 +36,19 @@ from hfx.artifacts import (
     shard_path,
     write_parquet_atomic,
 )
+from hfx.atomic import write_text_atomic
 from hfx.batching import padded
 from hfx.cartridges.corpus import Corpus, document_prefix_ids, document_system_prompt, user_turn_ids
 from hfx.cartridges.prefix import PrefixKV, forward_with_prefix
 from hfx.models import process_state, seeded
+from hfx.stages import Stage, fingerprint, run_shards
 
 logger = logging.getLogger(__name__)
+
+#: The stage (hfx.stages) of a synthesis in its folder.
+SYNTHESIS_STAGE = "synthesis"
+#: The synthesis's settings as the dataset card and a Hub upload carry them.
+SETTINGS_FILE = "synthesis_config.json"
 
 #: Seed prompts, given to agent A to make it write the user's message. Five kinds, as in self-study.
 SEED_PROMPTS: dict[str, list[str]] = {
@@ -198,12 +203,12 @@ def resolve_conversations_per_chunk(
     if config.conversations_per_chunk is not None:
         return config
     size = None
-    manifest = Path(output_dir) / "synthesis_config.json" if output_dir is not None else None
+    manifest = Path(output_dir) / SETTINGS_FILE if output_dir is not None else None
     if manifest is not None and manifest.is_file():
         try:
             size = json.loads(manifest.read_text()).get("conversations_per_chunk")
         except json.JSONDecodeError:
-            size = None  # check_or_write_manifest names the broken file
+            size = None  # the stage's check names a broken folder
     if size is None and model is not None and (server is None or not server.server_url):
         from hfx.generation import sequences_in_flight
 
@@ -688,8 +693,13 @@ def synthesize(
     progress: bool = True,
     server=None,
     ready: dict[int, list[dict]] | None = None,
+    overwrite: bool = False,
 ) -> datasets.Dataset:
     """Synthesize ``config.num_conversations`` conversations into ``output_dir`` (resumable); return the dataset.
+
+    The folder is a stage (:mod:`hfx.stages`): a finished synthesis of the same settings and corpus is returned as
+    it is, an unfinished one resumed shard by shard; other settings are refused, naming them (``overwrite``
+    starts over), another corpus synthesizes again.
 
     ``server`` (:class:`~hfx.cartridges.server.ServerArguments` with a ``server_url``) generates with an
     OpenAI-compatible server; ``model`` is then the local teacher that re-scores answers the server gave no
@@ -704,11 +714,19 @@ def synthesize(
             raise ValueError(f"Batch {batch_idx} given as ready is not a whole batch of this synthesis.")
     with batch_generator(model, tokenizer, server, model_name) as generator:
         return _synthesize(
-            tokenizer, corpus, Path(output_dir), config, model_name, progress, generator, dict(ready or {})
+            tokenizer,
+            corpus,
+            Path(output_dir),
+            config,
+            model_name,
+            progress,
+            generator,
+            dict(ready or {}),
+            overwrite,
         )
 
 
-def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, generator, ready):
+def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, generator, ready, overwrite):
     manifest = {
         "corpus": corpus.name,
         "corpus_tokens": corpus.num_tokens,
@@ -726,11 +744,19 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
         }
     # Under `accelerate launch --num_processes N` each process synthesizes every N-th shard on its own device.
     state = process_state()
-    # Every process checks an existing manifest (so a mismatch stops them all, none left waiting at the barrier);
-    # only the main process writes a new one.
-    if state.is_main_process or (output_dir / "synthesis_config.json").exists():
-        check_or_write_manifest(output_dir, manifest, "synthesis_config.json", "synthesis")
-    state.wait_for_everyone()
+    # The folder is a stage (hfx.stages): these settings and the corpus's tokens make it. The main process checks
+    # and prepares it first (so a mismatch stops it before the others wait for it); `synthesis_config.json` is the
+    # record of the settings that the dataset card and a Hub upload carry.
+    stage = Stage(output_dir, SYNTHESIS_STAGE, manifest, {"corpus": fingerprint(corpus.token_ids)})
+    with state.main_process_first():
+        if state.is_main_process:
+            status = stage.begin(overwrite=overwrite)
+            if status == "new":
+                write_text_atomic(output_dir / SETTINGS_FILE, json.dumps(manifest, indent=2))
+        else:
+            status = stage.status()
+    if status == "done":
+        return load_synthesis(output_dir)
 
     batch_sizes = [
         min(config.conversations_per_chunk, config.num_conversations - b * config.conversations_per_chunk)
@@ -742,38 +768,35 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
         for s in range(num_shards)
     ]
     mine = range(state.process_index, num_shards, state.num_processes)
-    done = {s for s in mine if shard_path(output_dir, "train", s).exists()}
-    if isinstance(generator, LocalBatches) and config.continuation_fraction < 1 and len(done) < len(mine):
+    left = [s for s in mine if not shard_path(output_dir, "train", s).exists()]
+    if isinstance(generator, LocalBatches) and config.continuation_fraction < 1 and left:
         if generator.decoder.cuda_graphs:  # a graph per bucket now, not one at a time during the run
             logger.info("Decode steps built for %d buckets", generator.warm_up(corpus, config))
-    if done:
-        logger.info(
-            "Resuming synthesis in %s: %d of this process's %d shards already written",
-            output_dir,
-            len(done),
-            len(mine),
-        )
-    bar = tqdm(
-        total=sum(batch_sizes[b] for s in mine for b in shard_batches[s]),
-        initial=sum(batch_sizes[b] for s in done for b in shard_batches[s]),
-        desc="synthesize" if state.num_processes == 1 else f"synthesize (process {state.process_index})",
-        unit="conv",
-        disable=not progress,
-    )
-    for shard_idx in mine:
-        if shard_idx in done:
-            continue
+
+    def write_shard(shard: int, bar) -> None:
         rows = []
-        for batch_idx in shard_batches[shard_idx]:
+        for batch_idx in shard_batches[shard]:
             made = ready.pop(batch_idx, None)
             rows.extend(made if made is not None else generator(corpus, config, batch_idx))
             bar.update(batch_sizes[batch_idx])
-        write_parquet_atomic(rows, FEATURES, shard_path(output_dir, "train", shard_idx))
-    bar.close()
+        write_parquet_atomic(rows, FEATURES, shard_path(output_dir, "train", shard))
+
+    run_shards(
+        num_shards,
+        lambda shard: shard_path(output_dir, "train", shard),
+        write_shard,
+        lambda shard: sum(batch_sizes[b] for b in shard_batches[shard]),
+        state.process_index,
+        state.num_processes,
+        desc="synthesize" if state.num_processes == 1 else f"synthesize (process {state.process_index})",
+        unit="conv",
+        progress=progress,
+    )
     state.wait_for_everyone()
     dataset = load_synthesis(output_dir)
     if state.is_main_process:
         write_dataset_card(output_dir, manifest, dataset)
+        stage.finish()
     state.wait_for_everyone()
     return dataset
 

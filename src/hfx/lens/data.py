@@ -21,7 +21,6 @@ from pathlib import Path
 
 import datasets
 import torch
-from tqdm.auto import tqdm
 
 from hfx.artifacts import (
     load_parquet_shards,
@@ -32,7 +31,7 @@ from hfx.artifacts import (
 )
 from hfx.batching import left_padded
 from hfx.hub import render_card
-from hfx.stages import Stage, fingerprint
+from hfx.stages import Stage, fingerprint, run_shards
 
 from .activations import decoder_layer, hidden_states_of
 
@@ -163,25 +162,33 @@ def dump_activations(
             raise ValueError(f"no window has more than min_position={config.min_position} tokens.")
         if process_index == 0:
             write_parquet_atomic(examples, EXAMPLE_FEATURES, examples_path)
-    num_shards = math.ceil(len(examples) / config.examples_per_shard)
-    mine = [i for i in range(process_index, num_shards, num_processes) if not _shard(out, i).exists()]
-    with tqdm(total=len(examples), desc=f"activations (layer {config.layer})", unit="ex") as bar:
-        bar.update(len(examples) - sum(len(_slice(examples, i, config)) for i in mine))
-        for shard in mine:
-            rows = _slice(examples, shard, config)
-            for start in range(0, len(rows), config.batch_size):
-                batch = rows[start : start + config.batch_size]
-                captured = capture_batch(model, config.layer, [r["input_ids"] for r in batch], config.topk)
-                for i, row in enumerate(batch):
-                    row.update(
-                        position=len(row["input_ids"]) - 1,
-                        layer=config.layer,
-                        activation=captured["activation"][i].tolist(),
-                        reference_topk_ids=captured["reference_topk_ids"][i].tolist(),
-                        reference_topk_logprobs=captured["reference_topk_logprobs"][i].tolist(),
-                    )
-                bar.update(len(batch))
-            write_parquet_atomic(rows, FEATURES, _shard(out, shard))
+
+    def write_shard(shard: int, bar) -> None:
+        rows = _slice(examples, shard, config)
+        for start in range(0, len(rows), config.batch_size):
+            batch = rows[start : start + config.batch_size]
+            captured = capture_batch(model, config.layer, [r["input_ids"] for r in batch], config.topk)
+            for i, row in enumerate(batch):
+                row.update(
+                    position=len(row["input_ids"]) - 1,
+                    layer=config.layer,
+                    activation=captured["activation"][i].tolist(),
+                    reference_topk_ids=captured["reference_topk_ids"][i].tolist(),
+                    reference_topk_logprobs=captured["reference_topk_logprobs"][i].tolist(),
+                )
+            bar.update(len(batch))
+        write_parquet_atomic(rows, FEATURES, _shard(out, shard))
+
+    run_shards(
+        math.ceil(len(examples) / config.examples_per_shard),
+        lambda shard: _shard(out, shard),
+        write_shard,
+        lambda shard: len(_slice(examples, shard, config)),
+        process_index,
+        num_processes,
+        desc=f"activations (layer {config.layer})",
+        unit="ex",
+    )
     if process_index == 0:
         render_card(
             "lens_activations_card.md",

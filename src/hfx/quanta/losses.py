@@ -15,7 +15,6 @@ from pathlib import Path
 
 import datasets
 import torch
-from tqdm.auto import tqdm
 
 from hfx.artifacts import (
     check_or_write_manifest,
@@ -26,6 +25,7 @@ from hfx.artifacts import (
     write_parquet_atomic,
 )
 from hfx.batching import padded
+from hfx.stages import run_shards
 
 logger = logging.getLogger(__name__)
 
@@ -113,27 +113,29 @@ def compute_losses(
     out = Path(output_dir) / LOSSES_DIR
     check_or_write_manifest(out, {**manifest, **asdict(config)}, "losses_config.json", "per-token losses")
     windows = make_windows(tokenizer, documents, config)
-    num_shards = math.ceil(len(windows) / config.windows_per_shard)
-    mine = range(process_index, num_shards, num_processes)
-    todo = [i for i in mine if not _shard(out, i).exists()]
-    if len(todo) < len(mine):
-        logger.info("resuming: %d of %d loss shards already written", len(mine) - len(todo), len(mine))
 
-    def shard_tokens(shards) -> int:
-        return sum(len(w["input_ids"]) for i in shards for w in _shard_windows(windows, i, config))
+    def tokens(shard: int) -> int:
+        return sum(len(w["input_ids"]) for w in _shard_windows(windows, shard, config))
 
-    with tqdm(total=shard_tokens(mine), desc="per-token losses", unit="tok") as bar:
-        bar.update(shard_tokens(set(mine) - set(todo)))
-        for shard in todo:
-            rows = _shard_windows(windows, shard, config)
-            for start in range(0, len(rows), config.batch_size):
-                batch = rows[start : start + config.batch_size]
-                for row, losses in zip(
-                    batch, window_losses(model, [r["input_ids"] for r in batch]), strict=True
-                ):
-                    row["losses_nats"] = losses
-                bar.update(sum(len(r["input_ids"]) for r in batch))
-            write_parquet_atomic(rows, FEATURES, _shard(out, shard))
+    def write_shard(shard: int, bar) -> None:
+        rows = _shard_windows(windows, shard, config)
+        for start in range(0, len(rows), config.batch_size):
+            batch = rows[start : start + config.batch_size]
+            for row, losses in zip(batch, window_losses(model, [r["input_ids"] for r in batch]), strict=True):
+                row["losses_nats"] = losses
+            bar.update(sum(len(r["input_ids"]) for r in batch))
+        write_parquet_atomic(rows, FEATURES, _shard(out, shard))
+
+    run_shards(
+        math.ceil(len(windows) / config.windows_per_shard),
+        lambda shard: _shard(out, shard),
+        write_shard,
+        tokens,
+        process_index,
+        num_processes,
+        desc="per-token losses",
+        unit="tok",
+    )
     return load_losses(output_dir) if num_processes == 1 else None
 
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from hfx.artifacts import check_or_write_manifest, require_finite, save_safetensors_atomic
+from hfx.stages import run_shards
 
 from .gradients import PerTokenGradients
 
@@ -73,41 +74,41 @@ def compute_gradients(
         "gradients_config.json",
         "per-token gradients",
     )
-    num_shards = math.ceil(len(tokens) / config.tokens_per_shard)
-    mine = range(process_index, num_shards, num_processes)
-    done = [i for i in mine if _shard(out, i).exists()]
-    if done:
-        logger.info("resuming: %d of %d gradient shards already written", len(done), len(mine))
 
-    def shard_size(i: int) -> int:
-        return min(config.tokens_per_shard, len(tokens) - i * config.tokens_per_shard)
+    def shard_size(shard: int) -> int:
+        return min(config.tokens_per_shard, len(tokens) - shard * config.tokens_per_shard)
 
-    with tqdm(total=sum(shard_size(i) for i in mine), desc="per-token gradients", unit="tok") as bar:
-        bar.update(sum(shard_size(i) for i in done))
-        for shard in mine:
-            if shard in done:
-                continue
-            rows = tokens.select(
-                range(
-                    shard * config.tokens_per_shard, min(len(tokens), (shard + 1) * config.tokens_per_shard)
-                )
-            )
-            contexts, targets = rows["context_ids"], rows["token_id"]
-            # Batches of similar context length waste little on padding; rows go back to canonical order after.
-            order = sorted(range(len(rows)), key=lambda i: len(contexts[i]))
-            result = None
-            for start in range(0, len(order), config.batch_size):
-                picked = order[start : start + config.batch_size]
-                grads = gradients([contexts[i] for i in picked], [targets[i] for i in picked])
-                if result is None:
-                    result = torch.empty(len(rows), grads.shape[1])
-                # Rows are written from the CPU whatever device computed them.
-                result[picked] = torch.nn.functional.normalize(grads, dim=1).cpu()
-                bar.update(len(picked))
-            require_finite(result, f"per-token gradients of shard {shard}")
-            save_safetensors_atomic(
-                {"token_index": torch.tensor(rows["token_index"]), "gradients": result}, _shard(out, shard)
-            )
+    def write_shard(shard: int, bar) -> None:
+        rows = tokens.select(
+            range(shard * config.tokens_per_shard, shard * config.tokens_per_shard + shard_size(shard))
+        )
+        contexts, targets = rows["context_ids"], rows["token_id"]
+        # Batches of similar context length waste little on padding; rows go back to canonical order after.
+        order = sorted(range(len(rows)), key=lambda i: len(contexts[i]))
+        result = None
+        for start in range(0, len(order), config.batch_size):
+            picked = order[start : start + config.batch_size]
+            grads = gradients([contexts[i] for i in picked], [targets[i] for i in picked])
+            if result is None:
+                result = torch.empty(len(rows), grads.shape[1])
+            # Rows are written from the CPU whatever device computed them.
+            result[picked] = torch.nn.functional.normalize(grads, dim=1).cpu()
+            bar.update(len(picked))
+        require_finite(result, f"per-token gradients of shard {shard}")
+        save_safetensors_atomic(
+            {"token_index": torch.tensor(rows["token_index"]), "gradients": result}, _shard(out, shard)
+        )
+
+    run_shards(
+        math.ceil(len(tokens) / config.tokens_per_shard),
+        lambda shard: _shard(out, shard),
+        write_shard,
+        shard_size,
+        process_index,
+        num_processes,
+        desc="per-token gradients",
+        unit="tok",
+    )
     return out
 
 
