@@ -303,6 +303,23 @@ def run_shards(
     return todo
 
 
+def begin_stage(stage: Stage, overwrite: bool = False, process_index: int = 0, num_processes: int = 1) -> str:
+    """:meth:`Stage.begin` on the main process (index 0) before the other processes read the folder: under
+    ``accelerate launch`` they wait for it, so none writes into a folder that is being checked or cleared."""
+    if num_processes == 1:
+        return stage.begin(overwrite=overwrite)
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        return stage.begin(overwrite=overwrite) if process_index == 0 else stage.status()
+
+
+def stage_manifest(directory: str | Path, name: str) -> dict | None:
+    """The manifest (settings, inputs) of stage ``name`` in ``directory``, or None when there is none."""
+    path = Path(directory) / f"{MANIFEST_PREFIX}{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def stage_fingerprint(directory: str | Path, name: str) -> str | None:
     """The fingerprint a finished stage left in ``directory`` (its marker's content), or None when unfinished."""
     marker = Path(directory) / f"{MANIFEST_PREFIX}{name}.done"

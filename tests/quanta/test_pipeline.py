@@ -71,7 +71,7 @@ def test_window_losses_match_a_direct_forward_and_resume(tmp_path):
     shards[1].unlink()  # killed before the last shard
     again = compute_losses(model, ToyTokenizer(), documents, tmp_path, config, {"model": "toy"})
     assert shards[0].read_bytes() == kept and len(again) == 4
-    with pytest.raises(ValueError, match="different settings.*context_length"):
+    with pytest.raises(ValueError, match=r"other settings:\n  settings.context_length: 8 -> 16"):
         compute_losses(
             model, ToyTokenizer(), documents, tmp_path, LossesConfig(16, 1000, 2, 2), {"model": "toy"}
         )
@@ -158,8 +158,8 @@ def test_each_stage_runs_on_the_resolved_device_and_dtype(tmp_path, tiny_model_d
     main(["quanta", "run", "--output_dir", str(out), *model, *losses, *kept, *gradients, "--n_clusters", "3"])
     (default,) = loaded
     assert {(p.device.type, p.dtype) for p in default.parameters()} == {("cpu", torch.float32)}
-    for manifest in ("losses/losses_config.json", "gradients/gradients_config.json"):
-        assert json.loads((out / manifest).read_text())["dtype"] == "float32"  # never "auto"
+    for manifest in ("losses/hfx_stage_quanta-losses.json", "gradients/hfx_stage_quanta-gradients.json"):
+        assert json.loads((out / manifest).read_text())["settings"]["dtype"] == "float32"  # never "auto"
     summary = json.loads((out / "run.json").read_text())
     assert summary["device"] == "cpu" and summary["dtype"] == "float32"
 
@@ -170,8 +170,8 @@ def test_each_stage_runs_on_the_resolved_device_and_dtype(tmp_path, tiny_model_d
     main(["quanta", "filter", *run, *kept])
     main(["quanta", "gradients", *run, *gradients])
     assert [(m.device.type, m.dtype) for m in loaded[1:]] == [("cpu", torch.bfloat16)] * 2
-    for manifest in ("losses/losses_config.json", "gradients/gradients_config.json"):
-        assert json.loads((out / manifest).read_text())["dtype"] == "bfloat16"
+    for manifest in ("losses/hfx_stage_quanta-losses.json", "gradients/hfx_stage_quanta-gradients.json"):
+        assert json.loads((out / manifest).read_text())["settings"]["dtype"] == "bfloat16"
     from hfx.quanta.pipeline import RunArguments, run_similarity
     from hfx.quanta.similarity import load_similarity
 

@@ -17,7 +17,6 @@ import datasets
 import torch
 
 from hfx.artifacts import (
-    check_or_write_manifest,
     load_parquet_shards,
     require_finite,
     shard_path,
@@ -25,9 +24,12 @@ from hfx.artifacts import (
     write_parquet_atomic,
 )
 from hfx.batching import padded
-from hfx.stages import run_shards
+from hfx.stages import Stage, begin_stage, fingerprint, run_shards
 
 logger = logging.getLogger(__name__)
+
+#: The stage (hfx.stages) of the per-token losses, in ``<run>/losses``.
+LOSSES_STAGE = "quanta-losses"
 
 FEATURES = datasets.Features(
     {
@@ -105,13 +107,16 @@ def compute_losses(
     manifest: dict,
     process_index: int = 0,
     num_processes: int = 1,
+    overwrite: bool = False,
 ) -> datasets.Dataset | None:
     """Write `output_dir/losses/data/losses-*.parquet`, skipping shards already written; return them.
 
     With several processes (`accelerate launch`), process i writes shards i, i + n, ... and returns None: read
     the dataset with `load_losses` once all processes are done."""
     out = Path(output_dir) / LOSSES_DIR
-    check_or_write_manifest(out, {**manifest, **asdict(config)}, "losses_config.json", "per-token losses")
+    # The folder is a stage (hfx.stages): the model, dataset and these settings make it, the documents are its input.
+    stage = losses_stage(output_dir, config, manifest, documents)
+    begin_stage(stage, overwrite, process_index, num_processes)
     windows = make_windows(tokenizer, documents, config)
 
     def tokens(shard: int) -> int:
@@ -136,7 +141,20 @@ def compute_losses(
         desc="per-token losses",
         unit="tok",
     )
-    return load_losses(output_dir) if num_processes == 1 else None
+    if num_processes > 1:
+        return None  # the main process marks the stage done once every process's shards are written
+    stage.finish()
+    return load_losses(output_dir)
+
+
+def losses_stage(output_dir: str | Path, config: LossesConfig, manifest: dict, documents) -> Stage:
+    """The per-token losses' stage in ``output_dir/losses``."""
+    return Stage(
+        Path(output_dir) / LOSSES_DIR,
+        LOSSES_STAGE,
+        {**manifest, **asdict(config)},
+        {"documents": fingerprint(documents)},
+    )
 
 
 def _shard_windows(windows: list[dict], shard: int, config: LossesConfig) -> list[dict]:

@@ -26,15 +26,16 @@ from pathlib import Path
 
 import torch
 
-from hfx import embedded, models
+from hfx import models
 from hfx.atomic import write_text_atomic
 from hfx.documents import DEFAULT_DATASET, load_documents
+from hfx.stages import Stage, stage_manifest
 
 from .clustering import ClusterConfig, cluster_tokens
 from .filters import FilterConfig, load_tokens, select_tokens, write_tokens
 from .gradients import DEFAULT_PARAMETERS
-from .losses import LossesConfig, compute_losses, load_losses
-from .similarity import GradientConfig, compute_gradients, similarity_matrix
+from .losses import LOSSES_STAGE, LossesConfig, compute_losses, load_losses, losses_stage
+from .similarity import GRADIENTS_STAGE, GradientConfig, compute_gradients, gradient_shards, similarity_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,13 @@ class RunArguments(models.DeviceArguments):
     )
     model_name_or_path: str = field(
         default="embedded", metadata={"help": "any causal LM; 'embedded' = SmolLM2-135M-Instruct"}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute a stage again when its folder holds one made with other settings (without it: "
+            "refused, naming them). The same settings reuse a finished stage and resume an unfinished one."
+        },
     )
 
 
@@ -156,16 +164,19 @@ def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=N
         manifest,
         state.process_index,
         state.num_processes,
+        overwrite=run.overwrite,
     )
+    state.wait_for_everyone()
+    stage = losses_stage(run.output_dir, config, manifest, documents)
+    if state.is_main_process and not stage.done:  # several processes: each one's shards are written now
+        stage.finish()
     state.wait_for_everyone()
     return load_losses(run.output_dir)
 
 
 def run_filter(run: RunArguments, args: FilterArguments, tokenizer=None) -> Path:
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(embedded.resolve_model_path(run.model_name_or_path))
+        tokenizer = models.load_tokenizer(run.model_name_or_path)
     losses = load_losses(run.output_dir)
     config = FilterConfig(args.loss_threshold_bits, args.skip, args.num_tokens, args.drop_induction)
     rows = select_tokens(losses, tokenizer, config)
@@ -188,8 +199,19 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
     )
     manifest = _model_manifest(run, model)
     out = compute_gradients(
-        model, tokens, run.output_dir, config, manifest, state.process_index, state.num_processes
+        model,
+        tokens,
+        run.output_dir,
+        config,
+        manifest,
+        state.process_index,
+        state.num_processes,
+        overwrite=run.overwrite,
     )
+    state.wait_for_everyone()
+    if state.num_processes > 1 and state.is_main_process:  # each process's shards are written now
+        gradient_shards(run.output_dir)  # all of them: refused (naming the missing ones) otherwise
+        Stage(out, GRADIENTS_STAGE, **_manifest_parts(stage_manifest(out, GRADIENTS_STAGE))).finish()
     state.wait_for_everyone()
     return out
 
@@ -199,17 +221,23 @@ def run_similarity(run: RunArguments, device: str | torch.device | None = None) 
     return similarity_matrix(run.output_dir, run.device if device is None else device)
 
 
+def _manifest_parts(manifest: dict) -> dict:
+    return {"settings": manifest["settings"], "inputs": manifest["inputs"], "version": manifest["version"]}
+
+
 def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
     out = Path(run.output_dir)
     tokens = load_tokens(out)
     # The card describes the whole run: merge the settings each earlier stage recorded.
     meta = {}
-    for path in (out / "losses" / "losses_config.json", out / "tokens" / "filter_config.json"):
-        if path.exists():
-            meta.update(json.loads(path.read_text()))
-    gradients = out / "gradients" / "gradients_config.json"
-    if gradients.exists():
-        settings = json.loads(gradients.read_text())
+    losses = stage_manifest(out / "losses", LOSSES_STAGE)
+    if losses is not None:
+        meta.update(losses["settings"])
+    if (out / "tokens" / "filter_config.json").exists():
+        meta.update(json.loads((out / "tokens" / "filter_config.json").read_text()))
+    gradients = stage_manifest(out / "gradients", GRADIENTS_STAGE)
+    if gradients is not None:
+        settings = dict(gradients["settings"], tokens=gradients["inputs"]["tokens"])
         settings.pop("layers")
         meta.update(settings, gradient_width=settings["width"])
         meta["gradient_parameters"] = settings["parameters"] or DEFAULT_PARAMETERS

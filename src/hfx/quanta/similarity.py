@@ -10,7 +10,6 @@ the angular one, 1 - arccos(C) / pi (in [0, 1], 1 for identical directions).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -20,12 +19,15 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from hfx.artifacts import check_or_write_manifest, require_finite, save_safetensors_atomic
-from hfx.stages import run_shards
+from hfx.artifacts import require_finite, save_safetensors_atomic
+from hfx.stages import Stage, begin_stage, run_shards, stage_manifest
 
 from .gradients import PerTokenGradients
 
 logger = logging.getLogger(__name__)
+
+#: The stage (hfx.stages) of the per-token gradients, in ``<run>/gradients``.
+GRADIENTS_STAGE = "quanta-gradients"
 
 GRADIENTS_DIR = "gradients"
 SIMILARITY_DIR = "similarity"
@@ -54,26 +56,27 @@ def compute_gradients(
     manifest: dict,
     process_index: int = 0,
     num_processes: int = 1,
+    overwrite: bool = False,
 ) -> Path:
     """Unit-norm per-token gradient rows of the kept tokens, in shards (skipping those already written); returns
     the gradients directory. With several processes, process i writes shards i, i + n, ..."""
     out = Path(output_dir) / GRADIENTS_DIR
     gradients = PerTokenGradients(model, config.projection_dim, config.seed, config.parameters)
-    check_or_write_manifest(
+    # The folder is a stage (hfx.stages): the model and these settings make it; the kept tokens are its input (a
+    # re-filtered set, even of the same size, computes the gradients again).
+    stage = Stage(
         out,
+        GRADIENTS_STAGE,
         {
             **manifest,
             **asdict(config),
             "layers": gradients.spec.layers,
             "width": gradients.spec.width,
             "projection_device": gradients.spec.projection_device,
-            "tokens": len(tokens),
-            # Which tokens: a re-filtered set of the same size is other work, not a run to resume.
-            "token_index_sha256": token_index_digest(tokens["token_index"]),
         },
-        "gradients_config.json",
-        "per-token gradients",
+        {"tokens": len(tokens), "token_index_sha256": token_index_digest(tokens["token_index"])},
     )
+    begin_stage(stage, overwrite, process_index, num_processes)
 
     def shard_size(shard: int) -> int:
         return min(config.tokens_per_shard, len(tokens) - shard * config.tokens_per_shard)
@@ -109,6 +112,8 @@ def compute_gradients(
         desc="per-token gradients",
         unit="tok",
     )
+    if num_processes == 1:  # else the main process, once every process's shards are written
+        stage.finish()
     return out
 
 
@@ -123,11 +128,10 @@ def _shard(out: Path, index: int) -> Path:
 
 def gradient_shards(output_dir: str | Path) -> list[Path]:
     out = Path(output_dir) / GRADIENTS_DIR
-    config = out / "gradients_config.json"
-    if not config.exists():
+    manifest = stage_manifest(out, GRADIENTS_STAGE)
+    if manifest is None:
         raise FileNotFoundError(f"{out}: no gradients; run `hfx quanta gradients` first.")
-    settings = json.loads(config.read_text())
-    expected = math.ceil(settings["tokens"] / settings["tokens_per_shard"])
+    expected = math.ceil(manifest["inputs"]["tokens"] / manifest["settings"]["tokens_per_shard"])
     shards = [_shard(out, i) for i in range(expected)]
     missing = [p.name for p in shards if not p.exists()]
     if missing:
