@@ -1,9 +1,8 @@
-"""On-disk pieces shared by the pipelines: atomic Parquet shards, atomic safetensors files, and the run manifest
-that makes a resumed job refuse an output directory written with other settings."""
+"""On-disk pieces shared by the pipelines: atomic Parquet shards and safetensors files, shard names, and the
+refusal of non-finite results. What makes a folder, and what a rerun does with it, is :mod:`hfx.stages`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from hfx.atomic import atomic_file, write_text_atomic
@@ -40,23 +39,6 @@ def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str,
 
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def check_or_write_manifest(output_dir: str | Path, manifest: dict, filename: str, what: str) -> None:
-    """Record the settings of a run in `output_dir/filename`; on resume, refuse if they differ."""
-    output_dir = Path(output_dir)
-    path = output_dir / filename
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing != manifest:
-            changed = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
-            raise ValueError(
-                f"{output_dir} holds a {what} run with different settings ({', '.join(changed)}); "
-                "use another output directory or delete it to start over."
-            )
-        return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(manifest, indent=2))
 
 
 def save_figure_atomic(fig, path: str | Path, dpi: int = 120) -> Path:
