@@ -170,6 +170,10 @@ def test_synthesis_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_mod
     assert resumed == first
     ids = [r["conversation_id"] for r in resumed]
     assert len(ids) == len(set(ids))
+    # a shard of a finished synthesis deleted since: made again, never a partial dataset returned as finished
+    (out / "data" / "train-00001.parquet").unlink()
+    assert synthesize(tiny_model, tokenizer, corpus, out, config, progress=False).to_list() == first
+    assert (out / "hfx_stage_synthesis.done").is_file()
 
 
 def test_synthesis_refuses_a_directory_made_with_other_settings(tmp_path, tiny_model, tokenizer, corpus):

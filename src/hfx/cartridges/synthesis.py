@@ -755,9 +755,6 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
                 write_text_atomic(output_dir / SETTINGS_FILE, json.dumps(manifest, indent=2))
         else:
             status = stage.status()
-    if status == "done":
-        return load_synthesis(output_dir)
-
     batch_sizes = [
         min(config.conversations_per_chunk, config.num_conversations - b * config.conversations_per_chunk)
         for b in range(config.num_batches)
@@ -769,6 +766,17 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
     ]
     mine = range(state.process_index, num_shards, state.num_processes)
     left = [s for s in mine if not shard_path(output_dir, "train", s).exists()]
+    if status == "done":
+        missing = [s for s in range(num_shards) if not shard_path(output_dir, "train", s).exists()]
+        if not missing:
+            return load_synthesis(output_dir)
+        # a shard of the finished synthesis was deleted since: it is made again before the dataset counts as done
+        logger.warning(
+            "%s: shards %s of the finished synthesis are missing; making them again", output_dir, missing
+        )
+        state.wait_for_everyone()  # every process has seen the marker before it goes
+        if state.is_main_process:
+            stage.reopen()
     if isinstance(generator, LocalBatches) and config.continuation_fraction < 1 and left:
         if generator.decoder.cuda_graphs:  # a graph per bucket now, not one at a time during the run
             logger.info("Decode steps built for %d buckets", generator.warm_up(corpus, config))
