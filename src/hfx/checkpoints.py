@@ -141,6 +141,27 @@ def finished_state(checkpoint: str | Path | None, max_steps: int):
     return state if state.global_step >= max_steps > 0 else None
 
 
+def train_or_restore(trainer, restore) -> tuple[float | None, float | None]:
+    """Train ``trainer`` to its end, from the last complete checkpoint of its output folder when there is one.
+
+    A run killed after its last checkpoint has finished training: it is not trained a step further (Trainer would
+    take one more), ``restore(checkpoint)`` loads that checkpoint's weights into the model and Trainer's state is
+    the checkpoint's. Returns the training loss and runtime (for a restored run: the mean logged loss, no runtime).
+    """
+    last = last_complete_checkpoint(trainer.args.output_dir)
+    done = finished_state(last, planned_steps(trainer))
+    if done is not None:
+        logger.info("Training had finished in %s; restoring it", last)
+        restore(last)
+        trainer.state = done
+        losses = [entry["loss"] for entry in done.log_history if "loss" in entry]
+        return (sum(losses) / len(losses) if losses else None), None
+    if last:
+        logger.info("Resuming training from %s", last)
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    return result.training_loss, result.metrics.get("train_runtime")
+
+
 def remove_checkpoints(output_dir: str | Path) -> None:
     """Delete the checkpoints of a finished run, each one's marker first: a kill half way through a deletion leaves
     a folder no later run will resume from."""

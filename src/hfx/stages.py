@@ -137,6 +137,15 @@ class Stage:
             "inputs": json.loads(_canonical(inputs or {})),
         }
 
+    @classmethod
+    def recorded(cls, directory: str | Path, name: str) -> Stage:
+        """The stage as its folder's manifest records it (to mark done, once every process's part is written, a
+        stage that each process began with the same settings)."""
+        manifest = stage_manifest(directory, name)
+        if manifest is None:
+            raise FileNotFoundError(f"{directory}: no {MANIFEST_PREFIX}{name}.json.")
+        return cls(directory, name, manifest["settings"], manifest["inputs"], manifest["version"])
+
     # -- files ---------------------------------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:

@@ -66,7 +66,7 @@ def test_training_resumes_from_the_last_checkpoint_after_a_kill(tmp_path, tiny_m
     ).train()
     assert (tmp_path / "cart" / "checkpoint-2").is_dir()
 
-    with caplog.at_level(logging.INFO, logger="hfx.cartridges.pipeline"):
+    with caplog.at_level(logging.INFO, logger="hfx.checkpoints"):
         train_cartridge(str(doc), dataset, args(4), model_name_or_path=str(tiny_model_dir))
     assert "Resuming training from" in caplog.text and "checkpoint-2" in caplog.text
     meta = read_metadata(tmp_path / "cart")

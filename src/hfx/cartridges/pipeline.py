@@ -40,7 +40,7 @@ from hfx.cartridges.training import (
     read_metadata,
     write_metadata,
 )
-from hfx.checkpoints import finished_state, last_complete_checkpoint, planned_steps, remove_checkpoints
+from hfx.checkpoints import remove_checkpoints, train_or_restore
 from hfx.models import (
     DeviceArguments,
     dtype_name,
@@ -111,18 +111,12 @@ def train_cartridge(
         data_collator=CartridgeCollator(tokenizer.pad_token_id),
         callbacks=callbacks,
     )
-    last = last_complete_checkpoint(args.output_dir)
-    done = finished_state(last, planned_steps(trainer))
-    if done is not None:  # killed after its last step: the cartridge is that checkpoint's
-        logger.info("Training had finished in %s; restoring it", last)
-        set_peft_model_state_dict(peft_model, load_file(last / SAFETENSORS_WEIGHTS_NAME))
-        trainer.state = done
-        train_loss, train_runtime = _logged_train_loss(done), None
-    else:
-        if last:
-            logger.info("Resuming training from %s", last)
-        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        train_loss, train_runtime = result.training_loss, result.metrics.get("train_runtime")
+    train_loss, train_runtime = train_or_restore(
+        trainer,
+        lambda checkpoint: set_peft_model_state_dict(
+            peft_model, load_file(checkpoint / SAFETENSORS_WEIGHTS_NAME)
+        ),
+    )
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve (log_history), written by the main process
     trainer.accelerator.wait_for_everyone()
@@ -153,13 +147,6 @@ def train_cartridge(
     stage.finish()
     remove_checkpoints(args.output_dir)
     return Path(args.output_dir)
-
-
-def _logged_train_loss(state) -> float | None:
-    """The mean of the training losses a Trainer logged (a run restored from its last checkpoint has no
-    ``train()`` result to take its loss from)."""
-    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-    return sum(losses) / len(losses) if losses else None
 
 
 def evaluate_cartridge(

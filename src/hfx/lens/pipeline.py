@@ -169,7 +169,7 @@ def run_train(args: LensArguments, training_args) -> Path:
     finished lens of the same settings and dump is reused, other settings refused (``--overwrite`` starts over)."""
     from accelerate import PartialState
 
-    from hfx.checkpoints import finished_state, last_complete_checkpoint, planned_steps, remove_checkpoints
+    from hfx.checkpoints import remove_checkpoints, train_or_restore
     from hfx.stages import Stage, stage_fingerprint, trainer_settings
 
     from .modeling_lens import ConsistencyLens
@@ -230,14 +230,12 @@ def run_train(args: LensArguments, training_args) -> Path:
         processing_class=tokenizer,
         topk=topk,
     )
-    last = last_complete_checkpoint(training_args.output_dir)
-    done = finished_state(last, planned_steps(trainer))
-    if done is not None:  # killed after its last step: the lens is that checkpoint's
-        logger.info("Training had finished in %s; restoring it", last)
-        lens.load_state_dict(ConsistencyLens.from_pretrained(last, dtype=lens.dtype).state_dict())
-        trainer.state = done
-    else:
-        trainer.train(resume_from_checkpoint=str(last) if last else None)
+    train_or_restore(
+        trainer,
+        lambda checkpoint: lens.load_state_dict(
+            ConsistencyLens.from_pretrained(checkpoint, dtype=lens.dtype).state_dict()
+        ),
+    )
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve beside the lens
     # Under `accelerate launch`, one process writes the rest of the folder, marks the lens done, and only then

@@ -115,7 +115,7 @@ def compute_losses(
     the dataset with `load_losses` once all processes are done."""
     out = Path(output_dir) / LOSSES_DIR
     # The folder is a stage (hfx.stages): the model, dataset and these settings make it, the documents are its input.
-    stage = losses_stage(output_dir, config, manifest, documents)
+    stage = Stage(out, LOSSES_STAGE, {**manifest, **asdict(config)}, {"documents": fingerprint(documents)})
     begin_stage(stage, overwrite, process_index, num_processes)
     windows = make_windows(tokenizer, documents, config)
 
@@ -145,16 +145,6 @@ def compute_losses(
         return None  # the main process marks the stage done once every process's shards are written
     stage.finish()
     return load_losses(output_dir)
-
-
-def losses_stage(output_dir: str | Path, config: LossesConfig, manifest: dict, documents) -> Stage:
-    """The per-token losses' stage in ``output_dir/losses``."""
-    return Stage(
-        Path(output_dir) / LOSSES_DIR,
-        LOSSES_STAGE,
-        {**manifest, **asdict(config)},
-        {"documents": fingerprint(documents)},
-    )
 
 
 def _shard_windows(windows: list[dict], shard: int, config: LossesConfig) -> list[dict]:

@@ -34,7 +34,7 @@ from hfx.stages import Stage, stage_manifest
 from .clustering import ClusterConfig, cluster_tokens
 from .filters import FilterConfig, load_tokens, select_tokens, write_tokens
 from .gradients import DEFAULT_PARAMETERS
-from .losses import LOSSES_STAGE, LossesConfig, compute_losses, load_losses, losses_stage
+from .losses import LOSSES_STAGE, LossesConfig, compute_losses, load_losses
 from .similarity import GRADIENTS_STAGE, GradientConfig, compute_gradients, gradient_shards, similarity_matrix
 
 logger = logging.getLogger(__name__)
@@ -167,9 +167,8 @@ def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=N
         overwrite=run.overwrite,
     )
     state.wait_for_everyone()
-    stage = losses_stage(run.output_dir, config, manifest, documents)
-    if state.is_main_process and not stage.done:  # several processes: each one's shards are written now
-        stage.finish()
+    if state.num_processes > 1 and state.is_main_process:  # each process's shards are written now
+        Stage.recorded(Path(run.output_dir) / "losses", LOSSES_STAGE).finish()
     state.wait_for_everyone()
     return load_losses(run.output_dir)
 
@@ -211,7 +210,7 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
     state.wait_for_everyone()
     if state.num_processes > 1 and state.is_main_process:  # each process's shards are written now
         gradient_shards(run.output_dir)  # all of them: refused (naming the missing ones) otherwise
-        Stage(out, GRADIENTS_STAGE, **_manifest_parts(stage_manifest(out, GRADIENTS_STAGE))).finish()
+        Stage.recorded(out, GRADIENTS_STAGE).finish()
     state.wait_for_everyone()
     return out
 
@@ -219,10 +218,6 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
 def run_similarity(run: RunArguments, device: str | torch.device | None = None) -> Path:
     """The similarity matrix of the gradients, its blocks computed on the run's device (or `device`)."""
     return similarity_matrix(run.output_dir, run.device if device is None else device)
-
-
-def _manifest_parts(manifest: dict) -> dict:
-    return {"settings": manifest["settings"], "inputs": manifest["inputs"], "version": manifest["version"]}
 
 
 def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
