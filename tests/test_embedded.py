@@ -7,12 +7,12 @@ from hfx import embedded
 def test_named_corpora_are_the_sklearn_descriptions(tokenizer):
     names = embedded.corpus_names()
     assert embedded.DEFAULT_CORPUS in names and embedded.ALL_DESCRIPTIONS in names
-    default_tokens = len(tokenizer(embedded.load_corpus(embedded.DEFAULT_CORPUS))["input_ids"])
+    default_tokens = len(tokenizer(embedded.corpus_text(embedded.DEFAULT_CORPUS))["input_ids"])
     assert 500 <= default_tokens <= 1500
-    everything = len(tokenizer(embedded.load_corpus(embedded.ALL_DESCRIPTIONS))["input_ids"])
+    everything = len(tokenizer(embedded.corpus_text(embedded.ALL_DESCRIPTIONS))["input_ids"])
     assert everything > 8192  # the long-corpus case exceeds the model's window
     with pytest.raises(ValueError, match="Unknown corpus"):
-        embedded.load_corpus("no_such_corpus")
+        embedded.corpus_text("no_such_corpus")
 
 
 def test_kernels_is_inside_the_window_transformers_accepts():
@@ -62,7 +62,7 @@ def test_python_stdlib_is_one_collection_for_every_system():
 
     files = embedded.stdlib_files()
     root = Path(files[0]).parent
-    documents = embedded.load_documents("python_stdlib")
+    documents = embedded.collection_documents("python_stdlib")
     # The same files, in the same order, for the corpus-level jobs and for PEER-MLA's pretraining mixture.
     assert [name for name, _ in documents] == [p.relative_to(root).as_posix() for p in files]
     assert builtin_source("python_stdlib").path_or_files == [str(p) for p in files]

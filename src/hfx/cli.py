@@ -210,7 +210,7 @@ def _corpora(argv: list[str]) -> None:
     _argparser("hfx corpora").parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(embedded.embedded_model_path())
     for name in embedded.corpus_names():
-        tokens = len(tokenizer(embedded.load_corpus(name), add_special_tokens=False)["input_ids"])
+        tokens = len(tokenizer(embedded.corpus_text(name), add_special_tokens=False)["input_ids"])
         default = "  (default)" if name == embedded.DEFAULT_CORPUS else ""
         print(f"{name:24s} {tokens:6d} tokens{default}")
 

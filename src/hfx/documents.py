@@ -38,7 +38,7 @@ def load_documents(spec: str, text_column: str = "text") -> list[tuple[str, str]
                 f"({', '.join(embedded.DOCUMENT_COLLECTIONS)}, comma-separated)."
             )
         collections = [
-            [(f"{name}/{doc}", text) for doc, text in embedded.load_documents(name)] for name in names
+            [(f"{name}/{doc}", text) for doc, text in embedded.collection_documents(name)] for name in names
         ]
         documents = [doc for group in itertools.zip_longest(*collections) for doc in group if doc is not None]
     documents = [(name, text) for name, text in documents if text.strip()]

@@ -4,8 +4,8 @@
   (slow: it dequantizes every tensor), so the first call converts it once into a safetensors checkpoint under
   ``$HFX_CACHE`` (default ``~/.cache/hfx``) and every later call loads that directory (fast).
 * Corpora: scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``), real prose that ships with a
-  dependency. ``load_corpus("wine_data")`` is one description; ``load_corpus("sklearn_descr")`` is all of them.
-* Document collections (many documents, for corpus-level analyses): ``load_documents("sklearn_descr")`` (one per
+  dependency. ``corpus_text("wine_data")`` is one description; ``corpus_text("sklearn_descr")`` is all of them.
+* Document collections (many documents, for corpus-level analyses): ``collection_documents("sklearn_descr")`` (one per
   description), ``"pydoc_topics"`` (the Python reference topics in ``pydoc_data.topics``) and ``"python_stdlib"``
   (the modules of CPython's standard library source, without its test suites).
 """
@@ -137,7 +137,7 @@ def corpus_files(name: str) -> list[Path]:
     return [path]
 
 
-def load_corpus(name: str) -> str:
+def corpus_text(name: str) -> str:
     """Text of a named corpus (several files are joined with blank lines)."""
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in corpus_files(name))
 
@@ -166,7 +166,7 @@ def stdlib_files() -> tuple[Path, ...]:
     return tuple(sorted(files, key=lambda p: (len(p.relative_to(root).parts), p)))
 
 
-def load_documents(name: str) -> list[tuple[str, str]]:
+def collection_documents(name: str) -> list[tuple[str, str]]:
     """(document name, text) pairs of a named document collection, in a fixed order."""
     if name == "sklearn_descr":
         return [(p.stem, p.read_text(encoding="utf-8").strip()) for p in corpus_files(ALL_DESCRIPTIONS)]

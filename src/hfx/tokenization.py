@@ -42,7 +42,7 @@ def small_chat_tokenizer(vocab_size: int = 1024):
     from hfx import embedded
 
     tokenizer = train_bpe(
-        (text for _, text in embedded.load_documents("sklearn_descr")),
+        (text for _, text in embedded.collection_documents("sklearn_descr")),
         vocab_size,
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         bos_token="<|im_start|>",

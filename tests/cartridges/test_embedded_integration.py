@@ -21,7 +21,7 @@ def test_the_document_in_context_beats_no_context_on_the_default_corpus(embedded
 
     use_grouped_sdpa(embedded_model)
     questions = load_questions(DATA / "questions" / f"{embedded.DEFAULT_CORPUS}.jsonl")
-    icl = icl_condition(embedded_model, tokenizer, embedded.load_corpus(embedded.DEFAULT_CORPUS))
+    icl = icl_condition(embedded_model, tokenizer, embedded.corpus_text(embedded.DEFAULT_CORPUS))
     none, with_doc = evaluate_conditions(
         embedded_model,
         tokenizer,

@@ -39,7 +39,7 @@ def read_document(source: str | Path) -> tuple[str, str]:
     path = Path(source)
     if not path.exists():
         if isinstance(source, str) and "/" not in source and not path.suffix:
-            return source, embedded.load_corpus(source)
+            return source, embedded.corpus_text(source)
         raise FileNotFoundError(
             f"{source}: no such file or folder, and not a corpus name ({embedded.corpus_names()})."
         )

@@ -264,7 +264,7 @@ def _pydoc_topics_file() -> str:
     """JSONL of the pydoc reference topics, written once per Python version (atomic: temp file, then rename)."""
     import sys
 
-    from hfx.embedded import cache_dir, load_documents
+    from hfx.embedded import cache_dir, collection_documents
 
     target = (
         cache_dir() / "corpora" / f"pydoc_topics-py{sys.version_info.major}.{sys.version_info.minor}.jsonl"
@@ -272,7 +272,7 @@ def _pydoc_topics_file() -> str:
     if target.is_file():
         return str(target)
     with atomic_file(target) as staging, staging.open("w", encoding="utf-8") as out:
-        for topic, text in load_documents("pydoc_topics"):
+        for topic, text in collection_documents("pydoc_topics"):
             out.write(json.dumps({"topic": topic, "text": text}) + "\n")
     return str(target)
 
