@@ -203,12 +203,11 @@ def _cartridge_push(argv: list[str]) -> None:
 
 
 def _corpora(argv: list[str]) -> None:
-    from transformers import AutoTokenizer
-
     from hfx import embedded
+    from hfx.models import load_tokenizer
 
     _argparser("hfx corpora").parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(embedded.embedded_model_path())
+    tokenizer = load_tokenizer("embedded")
     for name in embedded.corpus_names():
         tokens = len(tokenizer(embedded.corpus_text(name), add_special_tokens=False)["input_ids"])
         default = "  (default)" if name == embedded.DEFAULT_CORPUS else ""
