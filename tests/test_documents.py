@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from hfx.cartridges.corpus import read_document
-from hfx.documents import load_documents, read_text_file
+from hfx.documents import load_documents, read_document, read_text_file
 from tests.documents import encrypted_pdf, image_only_pdf, text_pdf
 from tests.servers import static_files
 
@@ -112,3 +111,19 @@ def test_a_cartridge_from_a_pdf(tmp_path, tiny_model_dir, capsys):
     metadata = json.loads((tmp_path / "run" / "cartridge" / "hfx_cartridge.json").read_text())
     assert metadata["corpus"] == "zorblat"
     assert "next: hfx cartridge push" in out
+
+
+def test_one_reader_for_corpora_collections_files_and_datasets(tmp_path):
+    """--corpus and --dataset take the same inputs: a cartridge's document is the reader's documents joined."""
+    from hfx import embedded
+
+    assert load_documents("iris") == [("iris", embedded.corpus_text("iris"))]
+    assert [name for name, _ in load_documents("iris,wine_data")] == ["iris", "wine_data"]
+    assert read_document("sklearn_descr") == ("sklearn_descr", embedded.corpus_text("sklearn_descr"))
+    rows = tmp_path / "notes.jsonl"
+    rows.write_text(json.dumps({"text": "first note"}) + "\n" + json.dumps({"text": "second note"}) + "\n")
+    assert read_document(rows) == ("notes", "first note\n\nsecond note")
+    with pytest.raises(FileNotFoundError, match="missing/doc.txt: no such file or folder"):
+        read_document("missing/doc.txt")
+    with pytest.raises(ValueError, match="neither an existing path nor bundled collection names"):
+        load_documents("no_such_name")

@@ -1,13 +1,16 @@
-"""Documents for corpus-level jobs (quanta discovery, lens activation datasets): a bundled collection or any
-text dataset.
+"""The one document reader of hfx: what ``--corpus`` and ``--dataset`` take.
 
-`load_documents(spec)` accepts
-  * bundled collection names, comma-separated: `pydoc_topics`, `python_stdlib`, `sklearn_descr` (interleaved
-    document by document, so a token budget samples all of them);
+`load_documents(spec)` returns (name, text) pairs for
+  * bundled names, comma-separated: the collections `pydoc_topics`, `python_stdlib`, `sklearn_descr` (interleaved
+    document by document, so a token budget samples all of them) and the named corpora of :mod:`hfx.embedded`
+    (one scikit-learn dataset description each: `rcv1`, `iris`, ...);
+  * a URL (http/https: a web page's text, or a PDF's);
   * a document file (.txt, .md, .rst, .py text; .pdf, whose text is extracted; .html/.htm, whose text without the
     markup is kept: one document), or a directory of such files (one document each);
   * a `datasets` dataset: a .parquet / .jsonl / .json / .csv file, or a directory written by `save_to_disk`,
     with a text column (`--text_column`, default "text").
+
+`read_document(spec)` is the same input as one document (a cartridge studies one text): its documents joined.
 """
 
 from __future__ import annotations
@@ -22,29 +25,67 @@ DATASET_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".
 DEFAULT_DATASET = "pydoc_topics,python_stdlib"
 
 
-def load_documents(spec: str, text_column: str = "text") -> list[tuple[str, str]]:
-    """(name, text) pairs; empty documents are dropped. Raises with the path/column when the input is unusable."""
+def load_documents(spec: str | Path, text_column: str = "text") -> list[tuple[str, str]]:
+    """(name, text) pairs; empty documents are dropped. Raises with the path/column when the input is unusable:
+    ``FileNotFoundError`` for a path that does not exist, ``ValueError`` for unknown names or unusable files."""
     from hfx import embedded
 
-    path = Path(spec)
-    if path.exists():
-        documents = _from_path(path, text_column)
+    spec = str(spec)
+    if spec.lower().startswith(("http://", "https://")):
+        documents = [fetch_document(spec)]
+    elif Path(spec).exists():
+        documents = _from_path(Path(spec), text_column)
+    elif "/" in spec or Path(spec).suffix:
+        raise FileNotFoundError(f"{spec}: no such file or folder.")
     else:
         names = [name.strip() for name in spec.split(",") if name.strip()]
-        unknown = [name for name in names if name not in embedded.DOCUMENT_COLLECTIONS]
+        corpora = embedded.corpus_names()
+        unknown = [n for n in names if n not in embedded.DOCUMENT_COLLECTIONS and n not in corpora]
         if unknown or not names:
             raise ValueError(
                 f"{spec!r} is neither an existing path nor bundled collection names "
-                f"({', '.join(embedded.DOCUMENT_COLLECTIONS)}, comma-separated)."
+                f"({', '.join(embedded.DOCUMENT_COLLECTIONS)}) or corpus names ({', '.join(corpora)}), "
+                "comma-separated."
             )
-        collections = [
-            [(f"{name}/{doc}", text) for doc, text in embedded.collection_documents(name)] for name in names
-        ]
+        collections = [_bundled(name) for name in names]
         documents = [doc for group in itertools.zip_longest(*collections) for doc in group if doc is not None]
     documents = [(name, text) for name, text in documents if text.strip()]
     if not documents:
         raise ValueError(f"{spec}: no non-empty documents.")
     return documents
+
+
+def _bundled(name: str) -> list[tuple[str, str]]:
+    from hfx import embedded
+
+    if name in embedded.DOCUMENT_COLLECTIONS:
+        return [(f"{name}/{doc}", text) for doc, text in embedded.collection_documents(name)]
+    return [(name, embedded.corpus_text(name))]
+
+
+def read_document(spec: str | Path) -> tuple[str, str]:
+    """``(name, text)``: what :func:`load_documents` reads from ``spec``, as one document (its documents joined
+    with blank lines). The name is the corpus name, the file's stem, the folder's or the page's name.
+
+    Raises ``ValueError`` naming the file for empty or binary input and ``FileNotFoundError`` for missing paths.
+    """
+    source = str(spec)
+    try:
+        documents = load_documents(source)
+    except ValueError as error:
+        if "no non-empty documents" in str(error):
+            raise ValueError(f"{source}: the document is empty; a cartridge needs text to study.") from None
+        raise
+    path = Path(source)
+    if source.lower().startswith(("http://", "https://")):
+        name = documents[0][0]
+    elif path.is_file():
+        name = path.stem
+    elif path.is_dir():
+        name = path.name
+    else:
+        name = source
+    return name, "\n\n".join(text.strip() for _, text in documents)
 
 
 def _from_path(path: Path, text_column: str) -> list[tuple[str, str]]:

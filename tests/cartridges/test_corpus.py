@@ -4,9 +4,9 @@ from hfx.cartridges.corpus import (
     document_prefix_ids,
     document_prefix_ids_within,
     load_corpus,
-    read_document,
     user_turn_ids,
 )
+from hfx.documents import read_document
 
 
 def test_named_corpus_and_files(tmp_path, tokenizer):

@@ -30,11 +30,11 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from hfx import embedded
 from hfx.cartridges.composition import composed_prefix
-from hfx.cartridges.corpus import chat_ids, document_prefix_ids_within, read_document
+from hfx.cartridges.corpus import chat_ids, document_prefix_ids_within
 from hfx.cartridges.evaluation import format_bytes
 from hfx.cartridges.prefix import PrefixKV, generate_after_prefix
 from hfx.cartridges.training import METADATA_FILE
-from hfx.documents import TEXT_SUFFIXES
+from hfx.documents import TEXT_SUFFIXES, read_document
 from hfx.models import load_causal_lm, model_id, resolve
 
 logger = logging.getLogger(__name__)

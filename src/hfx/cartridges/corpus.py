@@ -1,7 +1,8 @@
 """Stage 1: the document a cartridge is made from, as text and tokens.
 
-A corpus is a named bundled corpus (see :mod:`hfx.embedded`), a document file (:data:`hfx.documents.TEXT_SUFFIXES`:
-text, PDF, HTML), a folder of them, or an http(s) URL of one.
+A corpus is whatever hfx's one document reader takes (:func:`hfx.documents.read_document`): a named bundled
+corpus or collection, a document file (text, PDF, HTML), a folder of them, an http(s) URL of one, or a text
+dataset; several documents are joined into one.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hfx import embedded
-from hfx.documents import TEXT_SUFFIXES, fetch_document, read_text_file, text_files
+from hfx.documents import read_document
 
 
 @dataclass
@@ -24,36 +24,6 @@ class Corpus:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-
-def read_document(source: str | Path) -> tuple[str, str]:
-    """Return ``(name, text)`` for a corpus name, a document file (text, PDF, HTML), a folder of them or a URL.
-
-    Raises ``ValueError`` naming the file for empty or binary input and ``FileNotFoundError`` for missing paths.
-    """
-    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):
-        name, text = fetch_document(source)
-        if not text.strip():
-            raise ValueError(f"{source}: the document is empty; a cartridge needs text to study.")
-        return name, text.strip()
-    path = Path(source)
-    if not path.exists():
-        if isinstance(source, str) and "/" not in source and not path.suffix:
-            return source, embedded.corpus_text(source)
-        raise FileNotFoundError(
-            f"{source}: no such file or folder, and not a corpus name ({embedded.corpus_names()})."
-        )
-    if path.is_dir():
-        files = text_files(path)
-        if not files:
-            raise ValueError(f"{path}: folder has no {'/'.join(TEXT_SUFFIXES)} files to use as a corpus.")
-        parts = [read_text_file(p).strip() for p in files]
-        text = "\n\n".join(t for t in parts if t)
-    else:
-        text = read_text_file(path).strip()
-    if not text:
-        raise ValueError(f"{path}: the document is empty; a cartridge needs text to study.")
-    return path.stem if path.is_file() else path.name, text
 
 
 def load_corpus(source: str | Path, tokenizer) -> Corpus:

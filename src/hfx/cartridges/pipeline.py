@@ -597,7 +597,7 @@ def compose_and_evaluate(args: ComposeArguments) -> dict | None:
         evaluate_composition,
         format_composition_table,
     )
-    from hfx.cartridges.corpus import read_document
+    from hfx.documents import read_document
 
     if len(args.cartridges) < 2:
         raise ValueError(
