@@ -83,7 +83,7 @@ def train(out: Path, activations: Path, model_dir: Path, device: str, dtype: str
         ]
         + (["--use_cpu", "true"] if device == "cpu" else [])
     )
-    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())  # the finished lens keeps its loss curve
     return [entry for entry in state["log_history"] if "loss" in entry]
 
 
