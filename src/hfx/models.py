@@ -197,6 +197,16 @@ def load_causal_lm(
     Device and dtype are checked before the weights are read. Attention goes through hfx's grouped SDPA, which
     skips transformers' per-head KV copy on the CPU and calls transformers' own SDPA on every other device.
     """
+    return load_model(name_or_path, device=device, dtype=dtype), load_tokenizer(name_or_path)
+
+
+def load_model(
+    name_or_path: str | None = "embedded",
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "auto",
+):
+    """The model of :func:`load_causal_lm` alone (for a caller that has its tokenizer already)."""
     from transformers import AutoModelForCausalLM
 
     from hfx.attention import use_grouped_sdpa
@@ -205,9 +215,8 @@ def load_causal_lm(
     path = embedded.resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype).to(resolved_device).eval()
     use_grouped_sdpa(model)
-    tokenizer = load_tokenizer(name_or_path)
     logger.info("Loaded %s on %s in %s", model_id(name_or_path), resolved_device, dtype_name(resolved_dtype))
-    return model, tokenizer
+    return model
 
 
 def load_tokenizer(name_or_path: str | None = "embedded"):

@@ -45,6 +45,7 @@ from hfx.models import (
     DeviceArguments,
     dtype_name,
     load_causal_lm,
+    load_model,
     load_tokenizer,
     model_id,
     resolve_dtype,
@@ -90,7 +91,7 @@ def train_cartridge(
         return Path(args.output_dir)
 
     # The frozen base goes where Trainer trains (its device), in the training dtype; the cartridge stays float32.
-    model, tokenizer = load_causal_lm(
+    model = load_model(
         model_name_or_path, device=args.device, dtype=resolve_training_dtype(args.model_dtype, args.device)
     )
     for param in model.parameters():

@@ -148,10 +148,11 @@ def dump_activations(
     stage = dump_stage(out, manifest, config, documents)
     status = stage.begin(overwrite=overwrite) if process_index == 0 else stage.status()
     if status == "done":
-        if not _missing_shards(out, stage):
+        missing = _missing_shards(out, stage)
+        if not missing:
             return out
         if process_index == 0:  # a shard of the finished dump was deleted since: the dump is made whole again
-            logger.warning("%s: shards %s are missing; writing them again", out, _missing_shards(out, stage))
+            logger.warning("%s: shards %s are missing; writing them again", out, missing)
             stage.reopen()
     examples_path = out / "examples.parquet"
     if examples_path.exists():
