@@ -12,7 +12,8 @@ import torch
 from hfx.artifacts import save_safetensors_atomic
 from hfx.quanta.clustering import ClusterConfig, cluster_tokens, power_law_fit, spectral_labels
 from hfx.quanta.filters import FEATURES
-from hfx.quanta.similarity import angular_affinity
+from hfx.quanta.similarity import SIMILARITY_STAGE, angular_affinity
+from hfx.stages import Stage, StageMismatch
 
 
 def planted_similarity(sizes=(12, 7, 4), dim=32, noise=0.3, seed=0):
@@ -81,10 +82,7 @@ def test_cluster_artifact(tmp_path):
         ],
         features=FEATURES,
     )
-    save_safetensors_atomic(
-        {"token_index": torch.arange(n) * 10, "similarity": similarity},
-        tmp_path / "similarity" / "similarity.safetensors",
-    )
+    write_similarity(tmp_path, torch.arange(n) * 10, similarity)
     out = cluster_tokens(tmp_path, tokens, ClusterConfig(3, 5, 0), {"model": "tiny", "dataset": "planted"})
     summary = json.loads((out / "clusters.json").read_text())
     assert summary["sizes"] == [12, 7, 4] and summary["n_tokens"] == n and summary["random_state"] == 0
@@ -98,9 +96,58 @@ def test_cluster_artifact(tmp_path):
         and "data/clusters.parquet" in card
     )
 
-    save_safetensors_atomic(
-        {"token_index": torch.arange(n), "similarity": similarity},
-        tmp_path / "similarity" / "similarity.safetensors",
-    )
+    write_similarity(tmp_path, torch.arange(n), similarity, gradients="other")
     with pytest.raises(ValueError, match="does not match the kept tokens"):
         cluster_tokens(tmp_path, tokens, ClusterConfig(3, 5, 0), {})
+
+
+def write_similarity(run, token_index, similarity, gradients="planted"):
+    """A finished similarity stage in ``run``, as if made from gradients whose fingerprint is ``gradients``."""
+    stage = Stage(run / "similarity", SIMILARITY_STAGE, {}, {"gradients": gradients})
+    stage.begin()
+    save_safetensors_atomic({"token_index": token_index, "similarity": similarity}, run / "similarity" / "similarity.safetensors")
+    stage.finish()
+
+
+def planted_tokens(truth):
+    return datasets.Dataset.from_list(
+        [
+            {"token_index": 10 * i, "window_id": i, "doc_id": 0, "position": 3, "token_id": int(g),
+             "token": f" tok{g}", "context": "context", "context_ids": [1, 2, 3], "loss_bits": 0.01}
+            for i, g in enumerate(truth)
+        ],
+        features=FEATURES,
+    )
+
+
+def test_the_clustering_is_a_stage(tmp_path, monkeypatch):
+    """Reused for the same settings and inputs, refused for others (naming them), made again from a new matrix."""
+    import hfx.quanta.clustering as clustering
+
+    similarity, truth = planted_similarity()
+    tokens = planted_tokens(truth)
+    write_similarity(tmp_path, torch.arange(len(truth)) * 10, similarity)
+    with pytest.raises(FileNotFoundError, match="no finished similarity"):
+        (tmp_path / "similarity" / "hfx_stage_quanta-similarity.done").rename(tmp_path / "away")
+        cluster_tokens(tmp_path, tokens, ClusterConfig(3, 5, 0), {})
+    (tmp_path / "away").rename(tmp_path / "similarity" / "hfx_stage_quanta-similarity.done")
+
+    calls = []
+    real = clustering.spectral_labels
+    monkeypatch.setattr(clustering, "spectral_labels", lambda *a: calls.append(a) or real(*a))
+    out = cluster_tokens(tmp_path, tokens, ClusterConfig(3, 5, 0), {})
+    first = (out / "data" / "clusters.parquet").read_bytes()
+    assert cluster_tokens(tmp_path, tokens, ClusterConfig(3, 5, 0), {}) == out and len(calls) == 1  # reused
+    with pytest.raises(StageMismatch, match=r"settings.n_clusters: 3 -> 4"):
+        cluster_tokens(tmp_path, tokens, ClusterConfig(4, 5, 0), {})
+    assert (out / "data" / "clusters.parquet").read_bytes() == first and len(calls) == 1
+    cluster_tokens(tmp_path, tokens, ClusterConfig(4, 5, 0), {}, overwrite=True)
+    assert len(calls) == 2 and json.loads((out / "clusters.json").read_text())["n_clusters"] == 4
+
+    # the similarity made again (from other gradients): the clustering is made again, without --overwrite
+    write_similarity(tmp_path, torch.arange(len(truth)) * 10, similarity, gradients="recomputed")
+    cluster_tokens(tmp_path, tokens, ClusterConfig(4, 5, 0), {})
+    assert len(calls) == 3
+    # other kept tokens (same indices, other token ids): made again too
+    cluster_tokens(tmp_path, tokens.map(lambda row: {"token_id": row["token_id"] + 1}), ClusterConfig(4, 5, 0), {})
+    assert len(calls) == 4

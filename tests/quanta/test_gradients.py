@@ -10,7 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hfx.quanta.gradients import PerTokenGradients, reference_gradients, select_layers
-from hfx.quanta.similarity import GradientConfig, compute_gradients, similarity_matrix
+from hfx.quanta.similarity import GRADIENTS_STAGE, GradientConfig, compute_gradients, similarity_matrix
+from hfx.stages import Stage
 
 VOCAB = 97
 
@@ -183,6 +184,14 @@ def test_gradient_shards_resume_and_similarity_blocks_equal_the_full_product(tmp
     result = load_file(path)
     assert result["token_index"].tolist() == list(range(100, 111))
     torch.testing.assert_close(result["similarity"], (gradients @ gradients.t()).clamp(-1, 1))
+    # the similarity is a stage: reused for the same gradients, made again from new ones, refused from unfinished
+    made = path.stat().st_mtime_ns
+    assert similarity_matrix(tmp_path) == path and path.stat().st_mtime_ns == made
+    compute_gradients(model, other, tmp_path, config, {"model": "tiny"})
+    assert load_file(similarity_matrix(tmp_path))["token_index"].tolist() == list(range(1100, 1111))
+    Stage.recorded(tmp_path / "gradients", GRADIENTS_STAGE).reopen()
+    with pytest.raises(FileNotFoundError, match="gradients are not finished"):
+        similarity_matrix(tmp_path)
 
 
 def test_non_finite_gradients_are_refused_before_a_shard_is_written(tmp_path):

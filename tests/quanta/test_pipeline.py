@@ -113,9 +113,19 @@ def test_quanta_job_end_to_end_on_the_embedded_model(tmp_path, capsys):
     card = (out / "clusters" / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" in card and "pydoc_topics" in card
 
-    # stages re-run alone: clustering again with the same seed gives the same labels
-    labels = clusters["cluster"]
+    # stages re-run alone: the same settings reuse each finished stage; clustering made again (--overwrite) with
+    # the same seed gives the same labels
+    made = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
+    main(["quanta", "filter", *common, "--num_tokens", "40", "--loss_threshold_bits", "0.2"])
+    main(["quanta", "similarity", *common])
     main(["quanta", "cluster", *common, "--n_clusters", "4"])
+    main(["quanta", "view", *common])
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()} == made
+    with pytest.raises(SystemExit, match=r"settings.num_tokens: 40 -> 30\n"):
+        main(["quanta", "filter", *common, "--num_tokens", "30", "--loss_threshold_bits", "0.2"])
+    labels = clusters["cluster"]
+    main(["quanta", "cluster", *common, "--n_clusters", "5", "--overwrite"])
+    main(["quanta", "cluster", *common, "--n_clusters", "4", "--overwrite"])
     again = datasets.Dataset.from_parquet(str(out / "clusters" / "data" / "clusters.parquet"))
     assert again["cluster"] == labels
 
@@ -130,7 +140,7 @@ def test_quanta_job_end_to_end_on_the_embedded_model(tmp_path, capsys):
     with pytest.raises(
         SystemExit, match=r"n_clusters=40 must be smaller than the number of tokens kept \(40\)"
     ):
-        main(["quanta", "cluster", *common, "--n_clusters", "40"])
+        main(["quanta", "cluster", *common, "--n_clusters", "40", "--overwrite"])
 
 
 def loaded_models(monkeypatch) -> list:

@@ -19,12 +19,15 @@ import numpy as np
 from hfx.artifacts import save_figure_atomic, write_parquet_atomic
 from hfx.atomic import write_text_atomic
 from hfx.hub import render_card
+from hfx.stages import Stage, dataset_fingerprint, stage_fingerprint
 
-from .similarity import angular_affinity, load_similarity
+from .similarity import SIMILARITY_DIR, SIMILARITY_STAGE, angular_affinity, load_similarity
 
 logger = logging.getLogger(__name__)
 
 CLUSTERS_DIR = "clusters"
+#: The stage (hfx.stages) of the clustering artifact, in ``<run>/clusters``.
+CLUSTERS_STAGE = "quanta-clusters"
 FEATURES = datasets.Features(
     {
         "token_index": datasets.Value("int64"),
@@ -116,19 +119,39 @@ def plot_sizes(sizes, fit: dict, output: Path, title: str) -> None:
 
 
 def cluster_tokens(
-    output_dir: str | Path, tokens: datasets.Dataset, config: ClusterConfig, meta: dict
+    output_dir: str | Path,
+    tokens: datasets.Dataset,
+    config: ClusterConfig,
+    meta: dict,
+    overwrite: bool = False,
 ) -> Path:
-    """Cluster the tokens of `output_dir` and write the clustering artifact to `output_dir/clusters`."""
+    """Cluster the tokens of `output_dir` and write the clustering artifact to `output_dir/clusters`.
+
+    A stage (hfx.stages): the same settings on the same similarity matrix and tokens reuse the artifact; other
+    settings are refused (``overwrite`` clusters again); a new matrix or other tokens cluster again."""
     token_index, similarity = load_similarity(output_dir)
     if token_index.tolist() != tokens["token_index"]:
         raise ValueError(
             f"{output_dir}: the similarity matrix does not match the kept tokens (different token_index); "
             "rerun `hfx quanta gradients` and `hfx quanta similarity` after `hfx quanta filter`."
         )
+    out = Path(output_dir) / CLUSTERS_DIR
+    stage = Stage(
+        out,
+        CLUSTERS_STAGE,
+        asdict(config),
+        {
+            "similarity": stage_fingerprint(Path(output_dir) / SIMILARITY_DIR, SIMILARITY_STAGE),
+            "tokens": dataset_fingerprint(tokens),
+        },
+    )
+    if stage.begin(overwrite) == "done":
+        if (out / "clusters.json").exists():
+            return out
+        stage.reopen()
     labels = spectral_labels(similarity, config)
     sizes = np.bincount(labels, minlength=config.n_clusters).tolist()
     fit = power_law_fit(sizes)
-    out = Path(output_dir) / CLUSTERS_DIR
     rows = [
         {key: row[key] for key in FEATURES if key != "cluster"} | {"cluster": int(label)}
         for row, label in zip(tokens, labels, strict=True)
@@ -154,6 +177,7 @@ def cluster_tokens(
         },
         summary=summary,
     )
+    stage.finish()
     logger.info(
         "%d clusters; size power law exponent %.2f (r2 %.2f)", config.n_clusters, fit["exponent"], fit["r2"]
     )

@@ -17,10 +17,13 @@ import datasets
 
 from hfx.artifacts import write_parquet_atomic
 from hfx.atomic import write_text_atomic
+from hfx.stages import Stage, stage_fingerprint
 
 logger = logging.getLogger(__name__)
 
 TOKENS_DIR = "tokens"
+#: The stage (hfx.stages) of the kept tokens, in ``<run>/tokens``: the filter's settings make it, from the losses.
+TOKENS_STAGE = "quanta-tokens"
 FEATURES = datasets.Features(
     {
         "token_index": datasets.Value("int64"),
@@ -121,6 +124,20 @@ def select_tokens(losses: datasets.Dataset, tokenizer, config: FilterConfig) -> 
     return rows
 
 
+def tokens_stage(output_dir: str | Path, config: FilterConfig) -> Stage:
+    """The kept-tokens stage of a run: made by ``config`` from the run's finished losses (refused without them)."""
+    from dataclasses import asdict
+
+    from .losses import LOSSES_DIR, LOSSES_STAGE
+
+    losses = stage_fingerprint(Path(output_dir) / LOSSES_DIR, LOSSES_STAGE)
+    if losses is None:
+        raise FileNotFoundError(
+            f"{Path(output_dir) / LOSSES_DIR}: the losses are not finished; run `hfx quanta losses` first."
+        )
+    return Stage(Path(output_dir) / TOKENS_DIR, TOKENS_STAGE, asdict(config), {"losses": losses})
+
+
 def write_tokens(
     rows: list[dict], output_dir: str | Path, config: FilterConfig, extra: dict | None = None
 ) -> Path:
@@ -137,7 +154,8 @@ def write_tokens(
 
 
 def load_tokens(output_dir: str | Path) -> datasets.Dataset:
+    """The kept tokens of a run (refused while the filter is not finished)."""
     path = Path(output_dir) / TOKENS_DIR / "data" / "tokens.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; run `hfx quanta filter` first.")
+    if stage_fingerprint(path.parent.parent, TOKENS_STAGE) is None or not path.exists():
+        raise FileNotFoundError(f"{path.parent.parent}: no finished kept tokens; run `hfx quanta filter` first.")
     return datasets.Dataset.from_parquet(str(path), features=FEATURES)

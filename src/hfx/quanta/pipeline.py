@@ -8,7 +8,9 @@
     viewer/      index.html, a static cluster browser                         `hfx quanta view`
 
 Each stage reads the previous stage's files, so any stage can be re-run alone; the long ones (losses, gradients)
-resume after a kill. `hfx quanta run` chains them. Under `accelerate launch` the long stages split their shards
+resume after a kill. Every folder is a stage of `hfx.stages`: a rerun with the same settings reuses a finished one,
+other settings are refused by name (`--overwrite` makes it again), and a stage whose upstream stage was made again
+is made again too. `hfx quanta run` chains them. Under `accelerate launch` the long stages split their shards
 over the processes (each on its own GPU: the loader places every process's model on accelerate's device of that
 process) and the main process does the rest. Device and dtype are checked before a stage writes anything; the
 manifests record the resolved dtype ("float32", "bfloat16"), never "auto", and not the device: a run resumed on
@@ -29,10 +31,10 @@ import torch
 from hfx import models
 from hfx.atomic import write_text_atomic
 from hfx.documents import DEFAULT_DATASET, load_documents
-from hfx.stages import Stage, stage_manifest
+from hfx.stages import Stage, stage_fingerprint, stage_manifest
 
-from .clustering import ClusterConfig, cluster_tokens
-from .filters import FilterConfig, load_tokens, select_tokens, write_tokens
+from .clustering import CLUSTERS_DIR, CLUSTERS_STAGE, ClusterConfig, cluster_tokens
+from .filters import FilterConfig, load_tokens, select_tokens, tokens_stage, write_tokens
 from .gradients import DEFAULT_PARAMETERS
 from .losses import LOSSES_STAGE, LossesConfig, compute_losses, load_losses
 from .similarity import GRADIENTS_STAGE, GradientConfig, compute_gradients, gradient_shards, similarity_matrix
@@ -174,13 +176,19 @@ def run_losses(run: RunArguments, args: LossesArguments, model=None, tokenizer=N
 
 
 def run_filter(run: RunArguments, args: FilterArguments, tokenizer=None) -> Path:
+    """The kept tokens (a stage: reused for the same settings and losses, refused for other settings)."""
+    config = FilterConfig(args.loss_threshold_bits, args.skip, args.num_tokens, args.drop_induction)
+    stage = tokens_stage(run.output_dir, config)
+    if stage.begin(run.overwrite) == "done":
+        return stage.directory
     if tokenizer is None:
         tokenizer = models.load_tokenizer(run.model_name_or_path)
     losses = load_losses(run.output_dir)
-    config = FilterConfig(args.loss_threshold_bits, args.skip, args.num_tokens, args.drop_induction)
     rows = select_tokens(losses, tokenizer, config)
     corpus_tokens = sum(len(ids) for ids in losses["input_ids"])
-    return write_tokens(rows, run.output_dir, config, {"corpus_tokens": corpus_tokens})
+    out = write_tokens(rows, run.output_dir, config, {"corpus_tokens": corpus_tokens})
+    stage.finish()
+    return out
 
 
 def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Path:
@@ -217,7 +225,7 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
 
 def run_similarity(run: RunArguments, device: str | torch.device | None = None) -> Path:
     """The similarity matrix of the gradients, its blocks computed on the run's device (or `device`)."""
-    return similarity_matrix(run.output_dir, run.device if device is None else device)
+    return similarity_matrix(run.output_dir, run.device if device is None else device, overwrite=run.overwrite)
 
 
 def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
@@ -238,7 +246,7 @@ def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
         meta["gradient_parameters"] = settings["parameters"] or DEFAULT_PARAMETERS
     meta["model"] = _model_name(run)
     clusters = cluster_tokens(
-        out, tokens, ClusterConfig(args.n_clusters, args.n_init, args.random_state), meta
+        out, tokens, ClusterConfig(args.n_clusters, args.n_init, args.random_state), meta, run.overwrite
     )
     if args.hub_repo_id:
         from hfx.hub import push_folder
@@ -251,7 +259,17 @@ def run_view(run: RunArguments, args: ViewArguments) -> Path:
     from .viewer import write_html
 
     out = Path(run.output_dir)
-    return write_html(out / "clusters", out / "viewer" / "index.html", args.max_examples, args.context_chars)
+    clusters = stage_fingerprint(out / CLUSTERS_DIR, CLUSTERS_STAGE)
+    if clusters is None:
+        raise FileNotFoundError(f"{out / CLUSTERS_DIR}: no finished clustering; run `hfx quanta cluster` first.")
+    stage = Stage(out / "viewer", "quanta-view", asdict(args), {"clusters": clusters})
+    page = stage.directory / "index.html"
+    if stage.begin(run.overwrite) == "done" and page.exists():
+        return page
+    stage.reopen()
+    write_html(out / CLUSTERS_DIR, page, args.max_examples, args.context_chars)
+    stage.finish()
+    return page
 
 
 def run_discovery(

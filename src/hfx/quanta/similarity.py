@@ -20,7 +20,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from hfx.artifacts import require_finite, save_safetensors_atomic
-from hfx.stages import Stage, begin_stage, run_shards, stage_manifest
+from hfx.stages import Stage, begin_stage, run_shards, stage_fingerprint, stage_manifest
 
 from .gradients import PerTokenGradients
 
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: The stage (hfx.stages) of the per-token gradients, in ``<run>/gradients``.
 GRADIENTS_STAGE = "quanta-gradients"
+#: The stage of the similarity matrix, in ``<run>/similarity``: made from the finished gradients alone.
+SIMILARITY_STAGE = "quanta-similarity"
 
 GRADIENTS_DIR = "gradients"
 SIMILARITY_DIR = "similarity"
@@ -146,14 +148,28 @@ def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return handle.get_tensor("token_index"), handle.get_tensor("gradients")
 
 
-def similarity_matrix(output_dir: str | Path, device: str | torch.device | None = None) -> Path:
+def similarity_matrix(
+    output_dir: str | Path, device: str | torch.device | None = None, overwrite: bool = False
+) -> Path:
     """Cosine similarities between all token gradients, assembled shard pair by shard pair.
 
     Blocks are multiplied on `device` (default: this process's device, as `hfx.models.resolve_device` picks it)
-    in float32, and gathered into the matrix on the CPU."""
+    in float32, and gathered into the matrix on the CPU. A stage (hfx.stages): the matrix of the same finished
+    gradients is reused; new gradients make it again."""
     from hfx.models import resolve_device
 
     device = resolve_device(device)
+    gradients = stage_fingerprint(Path(output_dir) / GRADIENTS_DIR, GRADIENTS_STAGE)
+    if gradients is None:
+        raise FileNotFoundError(
+            f"{Path(output_dir) / GRADIENTS_DIR}: the gradients are not finished; run `hfx quanta gradients` first."
+        )
+    out = Path(output_dir) / SIMILARITY_DIR / "similarity.safetensors"
+    stage = Stage(out.parent, SIMILARITY_STAGE, {}, {"gradients": gradients})
+    if stage.begin(overwrite) == "done":
+        if out.exists():
+            return out
+        stage.reopen()  # marked done, but its file is gone: made again
     shards = gradient_shards(output_dir)
     sizes, indices = [], []
     for path in shards:
@@ -170,15 +186,15 @@ def similarity_matrix(output_dir: str | Path, device: str | torch.device | None 
         block = (left @ right.t()).clamp_(-1.0, 1.0).cpu()
         similarity[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]] = block
         similarity[offsets[j] : offsets[j + 1], offsets[i] : offsets[i + 1]] = block.t()
-    out = Path(output_dir) / SIMILARITY_DIR / "similarity.safetensors"
     save_safetensors_atomic({"token_index": torch.cat(indices), "similarity": similarity}, out)
+    stage.finish()
     return out
 
 
 def load_similarity(output_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(output_dir) / SIMILARITY_DIR / "similarity.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; run `hfx quanta similarity` first.")
+    if stage_fingerprint(path.parent, SIMILARITY_STAGE) is None or not path.exists():
+        raise FileNotFoundError(f"{path.parent}: no finished similarity matrix; run `hfx quanta similarity` first.")
     with safe_open(str(path), "pt") as handle:
         return handle.get_tensor("token_index"), handle.get_tensor("similarity")
 
