@@ -15,6 +15,7 @@ from hfx.peer_mla.data import (
     load_source,
     pack,
     split_documents,
+    tokenizer_fingerprint,
 )
 
 
@@ -224,3 +225,33 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tokenizer):
     args = DataArguments(mixture=[json_entry("notes", wrong_field, 1.0, text_field="body")])
     with pytest.raises(ValueError, match=r"'notes'.*'body'.*wrong\.jsonl"):
         build_datasets(args, tokenizer)
+
+
+def test_documents_builder_streams_what_the_one_document_reader_reads(tmp_path, tokenizer):
+    """PDFs, HTML and bundled corpora go into a mixture through hfx.documents, one document each."""
+    from hfx.documents import load_documents
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.html").write_text("<html><body><p>First <b>note</b>.</p><script>x()</script></body></html>")
+    (folder / "b.md").write_text("# Second\n\nnote text.\n")
+    source = MixtureSource("notes", [str(folder), "iris"], builder="documents")
+    docs = [row["text"] for row in load_source(source)]
+    assert docs == [text for spec in (str(folder), "iris") for _, text in load_documents(spec)]
+    assert "First note." in docs[0] and "x()" not in docs[0] and "Iris" in docs[2]
+
+    args = DataArguments(
+        mixture=[json.dumps({"name": "notes", "path_or_files": str(folder), "builder": "documents"})],
+        block_size=8,
+        eval_fraction=0.0,
+        shuffle_buffer_size=0,
+        pack_batch_size=4,
+    )
+    train, _ = build_datasets(args, tokenizer)
+    packed = [token for block in take(train, 100) for token in block["input_ids"]]
+    assert packed and tokenizer.decode(packed).startswith(docs[0][:5])
+    fingerprint = tokenizer_fingerprint(args)
+    (folder / "b.md").write_text("# Second\n\nother text.\n")
+    assert tokenizer_fingerprint(args) != fingerprint  # the trained tokenizer follows the documents' text
+    with pytest.raises(FileNotFoundError, match="missing.pdf: no such file"):
+        list(load_source(MixtureSource("gone", str(tmp_path / "missing.pdf"), builder="documents")))

@@ -55,7 +55,7 @@ from hfx.atomic import atomic_file, atomic_folder
 
 logger = logging.getLogger(__name__)
 
-BUILDERS = ("text", "json", "hub")
+BUILDERS = ("text", "json", "hub", "documents")
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
 #: Built-in offline sources; their default probabilities make up :data:`DEFAULT_MIXTURE`.
 BUILTIN_SOURCES = ("python_stdlib", "pydoc_topics", "sklearn_descr")
@@ -67,8 +67,9 @@ PROBABILITY_TOLERANCE = 1e-6
 class MixtureSource:
     """One source of documents in the mixture.
 
-    ``path_or_files``: local files or glob patterns (``text``/``json`` builders), or a Hub dataset id
-    (``hub``). ``text_field``: the column holding a document (the ``text`` builder always calls it ``text``).
+    ``path_or_files``: local files or glob patterns (``text``/``json`` builders), a Hub dataset id (``hub``), or
+    what ``--corpus`` takes (``documents``: files of any kind hfx reads — text, PDF, HTML —, folders of them, URLs,
+    bundled names; read by :func:`hfx.documents.load_documents`, one document each). ``text_field``: the column holding a document (the ``text`` builder always calls it ``text``).
     ``sample_by``: what one document is for the ``text`` builder (``"document"``: a whole file; ``"paragraph"``;
     ``"line"``). ``split``/``config_name``: which split and configuration of a Hub dataset.
     """
@@ -321,6 +322,13 @@ def load_source(source: MixtureSource):
     """A streaming ``IterableDataset`` of the source's documents, with the single column ``text``."""
     from datasets import load_dataset
 
+    if source.builder == "documents":
+        from datasets import IterableDataset
+
+        specs = [source.path_or_files] if isinstance(source.path_or_files, str) else list(source.path_or_files)
+        if not specs:
+            raise ValueError(f"Source {source.name!r} lists no documents.")
+        return IterableDataset.from_generator(_documents, gen_kwargs={"specs": specs})
     if source.builder == "hub":
         dataset = load_dataset(
             str(source.path_or_files), source.config_name, split=source.split, streaming=True
@@ -348,6 +356,15 @@ def load_source(source: MixtureSource):
     if source.text_field != "text":
         dataset = dataset.rename_column(source.text_field, "text")
     return dataset
+
+
+def _documents(specs: list[str]):
+    """Rows ``{"text": ...}`` of the documents hfx's one reader finds in each spec, read one spec at a time."""
+    from hfx.documents import load_documents
+
+    for spec in specs:
+        for _, text in load_documents(spec):
+            yield {"text": text}
 
 
 def document_hash_fraction(text: str) -> float:
@@ -444,6 +461,10 @@ def tokenizer_fingerprint(args: DataArguments) -> str:
         entry = {k: getattr(source, k) for k in ("name", "builder", "text_field", "sample_by", "probability")}
         if source.builder == "hub":
             entry["dataset"] = [str(source.path_or_files), source.config_name, source.split]
+        elif source.builder == "documents":  # names, folders and URLs: what is read is what counts
+            from hfx.stages import fingerprint
+
+            entry["documents"] = fingerprint([row["text"] for row in load_source(source)])
         else:
             entry["files"] = [
                 [f, os.path.getsize(f), int(os.path.getmtime(f))] for f in resolve_files(source)
@@ -512,18 +533,17 @@ def train_tokenizer(args: DataArguments, output_dir: str | os.PathLike | None = 
     return AutoTokenizer.from_pretrained(output_dir)
 
 
-def load_tokenizer(name_or_path: str | None = None, args: DataArguments | None = None):
-    """The tokenizer to pack with: the embedded SmolLM2 tokenizer for ``None``/``"embedded"``, a trained BPE for
-    ``"train"`` (needs ``args``), else a tokenizer folder or Hub id."""
-    from transformers import AutoTokenizer
-
-    from hfx.embedded import resolve_model_path
+def mixture_tokenizer(name_or_path: str | None = None, args: DataArguments | None = None):
+    """The tokenizer to pack with: a BPE trained on the mixture for ``"train"`` (needs ``args``), else hfx's one
+    tokenizer loader (:func:`hfx.models.load_tokenizer`: the embedded SmolLM2 tokenizer for ``None``/``"embedded"``,
+    or a tokenizer folder or Hub id)."""
+    from hfx.models import load_tokenizer
 
     if name_or_path == "train":
         if args is None:
             raise ValueError("tokenizer 'train' needs the DataArguments whose mixture it is trained on.")
         return train_tokenizer(args)
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    return load_tokenizer(name_or_path)
 
 
 def build_datasets(args: DataArguments, tokenizer=None):
@@ -534,7 +554,7 @@ def build_datasets(args: DataArguments, tokenizer=None):
     every call. Both are ``IterableDataset`` with :func:`block_features`; ``datasets.Dataset.from_generator``
     turns eval into a map-style dataset when a length is needed.
     """
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer_name_or_path, args)
+    tokenizer = tokenizer if tokenizer is not None else mixture_tokenizer(args.tokenizer_name_or_path, args)
     sources = args.sources()
     train_parts = []
     for index, source in enumerate(sources):

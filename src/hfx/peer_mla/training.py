@@ -702,7 +702,7 @@ def pretrain(
     from datasets import Dataset
     from transformers import default_data_collator, set_seed
 
-    from .data import build_datasets, load_tokenizer
+    from .data import build_datasets, mixture_tokenizer
     from .modeling_peer_mla import PeerMlaForCausalLM
 
     # Device, precision and kernel are settled (or refused) before anything is read or written.
@@ -715,7 +715,7 @@ def pretrain(
 
     output_dir = Path(training_args.output_dir)
     with training_args.main_process_first(desc="tokenizer"):
-        tokenizer = load_tokenizer(data_args.tokenizer_name_or_path, data_args)
+        tokenizer = mixture_tokenizer(data_args.tokenizer_name_or_path, data_args)
     config = build_config(model_args, tokenizer)
     step_tokens = tokens_per_step(data_args, training_args)
     if training_args.max_tokens is not None:
