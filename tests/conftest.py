@@ -88,3 +88,48 @@ def embedded_model(embedded_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+
+
+#: The tiny study's document: one made-up fact, repeated, so that a tiny model has something to learn from it.
+ZORBLAT = "The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10
+ZORBLAT_QUESTIONS = [
+    {"question": "Who designed the Zorblat protocol?", "choices": ["Mara Quell", "Ivo Brand"], "answer": 0},
+    {"question": "When was it designed?", "choices": ["1987", "1991", "2003"], "answer": 0},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, tiny_model_dir) -> dict:
+    """One tiny self-study, run once for the session through ``hfx cartridge run`` (synthesis -> cartridge ->
+    evaluation on a tiny random Llama), for the tests that only read what it made: its folders and what it
+    printed. A test that changes files copies the folder first (``shutil.copytree``)."""
+    import contextlib
+    import io
+    import json
+
+    from hfx.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-study")
+    doc = root / "zorblat.txt"
+    doc.write_text(ZORBLAT)
+    questions = root / "q.jsonl"
+    questions.write_text("".join(json.dumps(row) + "\n" for row in ZORBLAT_QUESTIONS))
+    argv = [
+        "cartridge", "run", "--corpus", str(doc), "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(root / "run"), "--questions", str(questions), "--num_conversations", "4",
+        "--conversations_per_chunk", "2", "--chunk_min_tokens", "20", "--chunk_max_tokens", "40",
+        "--max_question_tokens", "4", "--max_answer_tokens", "4", "--num_virtual_tokens", "8",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "2",
+    ]  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(argv)
+    return {
+        "root": root,
+        "doc": doc,
+        "questions": questions,
+        "synthesis": root / "run" / "synthesis",
+        "cartridge": root / "run" / "cartridge",
+        "printed": printed.getvalue(),
+        "argv": argv,
+    }

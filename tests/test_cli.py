@@ -127,64 +127,22 @@ def test_unknown_command_and_bad_input_exit_with_a_message(tmp_path, tiny_model_
     assert not (tmp_path / "cart").exists()
 
 
-def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
-    doc = tmp_path / "doc.txt"
-    doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
-    questions = tmp_path / "q.jsonl"
-    questions.write_text(
-        "\n".join(
-            json.dumps(r)
-            for r in [
-                {
-                    "question": "Who designed the Zorblat protocol?",
-                    "choices": ["Mara Quell", "Ivo Brand"],
-                    "answer": 0,
-                },
-                {"question": "When was it designed?", "choices": ["1987", "1991", "2003"], "answer": 0},
-            ]
-        )
-        + "\n"
-    )
-    argv = [
-        "cartridge",
-        "run",
-        "--corpus",
-        str(doc),
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--questions",
-        str(questions),
-        "--num_conversations",
-        "4",
-        "--conversations_per_chunk",
-        "2",
-        "--chunk_min_tokens",
-        "20",
-        "--chunk_max_tokens",
-        "40",
-        "--max_question_tokens",
-        "4",
-        "--max_answer_tokens",
-        "4",
-        "--num_virtual_tokens",
-        "8",
-        "--num_train_epochs",
-        "1",
-        "--per_device_train_batch_size",
-        "2",
-    ]
-    main(argv)
-    out = capsys.readouterr().out
+def test_run_end_to_end_on_a_tiny_model(tiny_study, tiny_model_dir, tmp_path, capsys):
+    """`hfx cartridge run` (the session's tiny study) prints the table and writes the card, the evaluation and the
+    dataset card; `hfx cartridge eval` of its cartridge gives the same accuracies."""
+    doc, questions, out = tiny_study["doc"], tiny_study["questions"], tiny_study["printed"]
     assert "| no context |" in out and "| ICL |" in out and "| cartridge (p=8) |" in out
-    cartridge = tmp_path / "run" / "cartridge"
+    cartridge = tiny_study["cartridge"]
     card = (cartridge / "README.md").read_text()
-    assert "library_name: peft" in card and "| cartridge (p=8) |" in card and "doc" in card
+    assert "library_name: peft" in card and "| cartridge (p=8) |" in card and "zorblat" in card
     assert json.loads((cartridge / "eval_results.json").read_text())["num_questions"] == 2
-    assert (tmp_path / "run" / "synthesis" / "README.md").is_file()
+    assert (tiny_study["synthesis"] / "README.md").is_file()
 
-    # Evaluating again with the eval subcommand gives the same accuracy numbers.
+    # Evaluating again with the eval subcommand (of a copy: it writes its evaluation) gives the same accuracies.
+    import shutil
+    from pathlib import Path
+
+    cartridge = Path(shutil.copytree(cartridge, tmp_path / "cartridge"))
     main(
         [
             "cartridge",

@@ -14,19 +14,14 @@ import torch
 from huggingface_hub import DatasetCard, ModelCard
 from peft import PeftModel
 
-from hfx.cartridges.corpus import load_corpus
 from hfx.cartridges.hub import push_cartridge_to_hub
 from hfx.cartridges.pipeline import (
     TrainArguments,
-    evaluate_cartridge,
     train_and_report,
-    train_cartridge,
-    write_cartridge_card,
 )
-from hfx.cartridges.synthesis import FEATURES, SynthesisConfig, load_synthesis, synthesize
+from hfx.cartridges.synthesis import FEATURES, load_synthesis
 from hfx.cartridges.training import CartridgeTrainingArguments, read_metadata
 from hfx.cli import main
-from hfx.models import load_causal_lm, model_id
 from tests.conftest import make_tiny_llama
 
 REPO = "hfx-test/zorblat-cartridge"
@@ -54,49 +49,12 @@ def _tree(folder: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir):
-    """A real synthesis folder and a trained, evaluated cartridge, plus the leftovers training can leave."""
-    root = tmp_path_factory.mktemp("push-run")
-    doc = root / "zorblat.txt"
-    doc.write_text("The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 10)
-    questions = root / "q.jsonl"
-    questions.write_text(
-        json.dumps({"question": "Who designed it?", "choices": ["Mara Quell", "Ivo Brand"], "answer": 0})
-        + "\n"
-    )
-    model, tokenizer = load_causal_lm(str(tiny_model_dir))
-    config = SynthesisConfig(
-        num_conversations=4,
-        conversations_per_chunk=2,
-        chunk_min_tokens=20,
-        chunk_max_tokens=40,
-        max_question_tokens=4,
-        max_answer_tokens=4,
-    )
-    synthesis = root / "synthesis"
-    dataset = synthesize(
-        model,
-        tokenizer,
-        load_corpus(doc, tokenizer),
-        synthesis,
-        config,
-        model_name=model_id(str(tiny_model_dir)),
-        progress=False,
-    )
-    cartridge = root / "cartridge"
-    args = CartridgeTrainingArguments(
-        output_dir=str(cartridge),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        num_virtual_tokens=8,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    train_cartridge(str(doc), dataset, args, model_name_or_path=str(tiny_model_dir))
-    report = evaluate_cartridge(
-        cartridge, str(doc), questions, model_name_or_path=str(tiny_model_dir), throughput_batch=0
-    )
-    write_cartridge_card(cartridge, report)
+def run(tmp_path_factory, tiny_study):
+    """A copy of the session's tiny study (a real synthesis folder and a trained, evaluated cartridge), plus the
+    leftovers training can leave."""
+    root = Path(shutil.copytree(tiny_study["root"], tmp_path_factory.mktemp("push-run") / "study"))
+    doc, synthesis, cartridge = root / "zorblat.txt", root / "run" / "synthesis", root / "run" / "cartridge"
+    report = json.loads((cartridge / "eval_results.json").read_text())
     # What must never be shared: a resume checkpoint, pickles, a temp file, logs, a hidden file.
     (cartridge / "checkpoint-1").mkdir()
     (cartridge / "checkpoint-1" / "optimizer.pt").write_bytes(b"pickle")

@@ -105,15 +105,26 @@ def write_similarity(run, token_index, similarity, gradients="planted"):
     """A finished similarity stage in ``run``, as if made from gradients whose fingerprint is ``gradients``."""
     stage = Stage(run / "similarity", SIMILARITY_STAGE, {}, {"gradients": gradients})
     stage.begin()
-    save_safetensors_atomic({"token_index": token_index, "similarity": similarity}, run / "similarity" / "similarity.safetensors")
+    save_safetensors_atomic(
+        {"token_index": token_index, "similarity": similarity}, run / "similarity" / "similarity.safetensors"
+    )
     stage.finish()
 
 
 def planted_tokens(truth):
     return datasets.Dataset.from_list(
         [
-            {"token_index": 10 * i, "window_id": i, "doc_id": 0, "position": 3, "token_id": int(g),
-             "token": f" tok{g}", "context": "context", "context_ids": [1, 2, 3], "loss_bits": 0.01}
+            {
+                "token_index": 10 * i,
+                "window_id": i,
+                "doc_id": 0,
+                "position": 3,
+                "token_id": int(g),
+                "token": f" tok{g}",
+                "context": "context",
+                "context_ids": [1, 2, 3],
+                "loss_bits": 0.01,
+            }
             for i, g in enumerate(truth)
         ],
         features=FEATURES,
@@ -149,5 +160,7 @@ def test_the_clustering_is_a_stage(tmp_path, monkeypatch):
     cluster_tokens(tmp_path, tokens, ClusterConfig(4, 5, 0), {})
     assert len(calls) == 3
     # other kept tokens (same indices, other token ids): made again too
-    cluster_tokens(tmp_path, tokens.map(lambda row: {"token_id": row["token_id"] + 1}), ClusterConfig(4, 5, 0), {})
+    cluster_tokens(
+        tmp_path, tokens.map(lambda row: {"token_id": row["token_id"] + 1}), ClusterConfig(4, 5, 0), {}
+    )
     assert len(calls) == 4

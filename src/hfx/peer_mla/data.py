@@ -325,7 +325,9 @@ def load_source(source: MixtureSource):
     if source.builder == "documents":
         from datasets import IterableDataset
 
-        specs = [source.path_or_files] if isinstance(source.path_or_files, str) else list(source.path_or_files)
+        specs = (
+            [source.path_or_files] if isinstance(source.path_or_files, str) else list(source.path_or_files)
+        )
         if not specs:
             raise ValueError(f"Source {source.name!r} lists no documents.")
         return IterableDataset.from_generator(_documents, gen_kwargs={"specs": specs})

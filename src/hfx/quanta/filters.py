@@ -157,5 +157,7 @@ def load_tokens(output_dir: str | Path) -> datasets.Dataset:
     """The kept tokens of a run (refused while the filter is not finished)."""
     path = Path(output_dir) / TOKENS_DIR / "data" / "tokens.parquet"
     if stage_fingerprint(path.parent.parent, TOKENS_STAGE) is None or not path.exists():
-        raise FileNotFoundError(f"{path.parent.parent}: no finished kept tokens; run `hfx quanta filter` first.")
+        raise FileNotFoundError(
+            f"{path.parent.parent}: no finished kept tokens; run `hfx quanta filter` first."
+        )
     return datasets.Dataset.from_parquet(str(path), features=FEATURES)

@@ -225,7 +225,9 @@ def run_gradients(run: RunArguments, args: GradientArguments, model=None) -> Pat
 
 def run_similarity(run: RunArguments, device: str | torch.device | None = None) -> Path:
     """The similarity matrix of the gradients, its blocks computed on the run's device (or `device`)."""
-    return similarity_matrix(run.output_dir, run.device if device is None else device, overwrite=run.overwrite)
+    return similarity_matrix(
+        run.output_dir, run.device if device is None else device, overwrite=run.overwrite
+    )
 
 
 def run_cluster(run: RunArguments, args: ClusterArguments) -> Path:
@@ -261,7 +263,9 @@ def run_view(run: RunArguments, args: ViewArguments) -> Path:
     out = Path(run.output_dir)
     clusters = stage_fingerprint(out / CLUSTERS_DIR, CLUSTERS_STAGE)
     if clusters is None:
-        raise FileNotFoundError(f"{out / CLUSTERS_DIR}: no finished clustering; run `hfx quanta cluster` first.")
+        raise FileNotFoundError(
+            f"{out / CLUSTERS_DIR}: no finished clustering; run `hfx quanta cluster` first."
+        )
     stage = Stage(out / "viewer", "quanta-view", asdict(args), {"clusters": clusters})
     page = stage.directory / "index.html"
     if stage.begin(run.overwrite) == "done" and page.exists():

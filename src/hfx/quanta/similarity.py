@@ -194,7 +194,9 @@ def similarity_matrix(
 def load_similarity(output_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(output_dir) / SIMILARITY_DIR / "similarity.safetensors"
     if stage_fingerprint(path.parent, SIMILARITY_STAGE) is None or not path.exists():
-        raise FileNotFoundError(f"{path.parent}: no finished similarity matrix; run `hfx quanta similarity` first.")
+        raise FileNotFoundError(
+            f"{path.parent}: no finished similarity matrix; run `hfx quanta similarity` first."
+        )
     with safe_open(str(path), "pt") as handle:
         return handle.get_tensor("token_index"), handle.get_tensor("similarity")
 
