@@ -5,8 +5,10 @@ import torch
 
 from hfx.cartridges.evaluation import (
     Condition,
+    ConditionResult,
     evaluate_conditions,
     format_table,
+    gap_shares,
     icl_condition,
     load_questions,
     score_multiple_choice,
@@ -32,6 +34,10 @@ def _write(tmp_path, rows):
         ({"question": "q", "choices": ["a", "b"], "answer": 2}, "'answer'"),
         ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "not one of the choices"),
         ([1, 2], "expected an object"),
+        (
+            {"question": "q", "choices": ["a", "b"], "answer": 0, "kind": "trivia"},
+            "'kind' must be one of recall",
+        ),
     ],
 )
 def test_malformed_question_rows_are_named_by_line(tmp_path, bad, message):
@@ -94,6 +100,10 @@ def test_three_conditions_table(tiny_model, tokenizer):
     assert results[0].decode_tokens_per_s is None and results[2].decode_tokens_per_s > 0
     table = format_table(results, num_questions=3)
     assert table.count("\n| ") == 3 and "cartridge" in table  # one row per condition after the header
+    for result in results:  # per-question results, and the accuracy's Wilson interval from them
+        assert len(result.correct) == 3 and sum(result.correct) / 3 == result.accuracy
+        low, high = result.accuracy_interval
+        assert low <= result.accuracy <= high and f"{result.accuracy:.3f} ({low:.2f}–{high:.2f})" in table
 
 
 def test_an_evaluation_with_non_finite_scores_is_refused(tiny_model, tokenizer):
@@ -109,3 +119,60 @@ def test_an_evaluation_with_non_finite_scores_is_refused(tiny_model, tokenizer):
             throughput_batch=0,
             progress=False,
         )
+
+
+SETS = sorted((DATA / "questions").glob("*.jsonl"))
+#: The documents' own sets (the main job's and the others'): how many questions each needs at least.
+DOCUMENT_SETS = {"rcv1": 100, "breast_cancer": 60, "covtype": 60, "digits": 60, "iris": 60, "kddcup99": 60,
+                 "lfw": 60, "wine_data": 60, "sklearn_descr": 60}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", SETS, ids=[p.stem for p in SETS])
+def test_every_question_set_is_well_formed(path):
+    """Four distinct choices, an answer among them, no question asked twice, a known kind, positions balanced."""
+    questions = load_questions(path)
+    assert len({q.question.lower() for q in questions}) == len(questions), "a question is asked twice"
+    for number, q in enumerate(questions, start=1):
+        assert len(q.choices) == 4 and len(set(q.choices)) == 4, f"{path.name} question {number}: {q.choices}"
+        assert 0 <= q.answer < 4
+    positions = [sum(q.answer == i for q in questions) for i in range(4)]
+    assert max(positions) <= 2 * min(positions) + 2, f"{path.name}: answers by position {positions}"
+    if path.stem in DOCUMENT_SETS:
+        assert len(questions) >= DOCUMENT_SETS[path.stem]
+    if path.stem == "rcv1":  # the main job's set also asks what no single sentence answers
+        assert sum(q.kind == "combine" for q in questions) >= 30
+
+
+def test_the_table_gives_intervals_kinds_and_the_share_of_the_gap():
+    from hfx.statistics import gap_share, wilson_interval
+
+    kinds = ["recall"] * 6 + ["combine"] * 4
+    rows = {"no context": [0, 1, 0, 0, 0, 1, 0, 0, 0, 0], "ICL": [1, 1, 1, 1, 1, 1, 1, 0, 1, 0],
+            "cartridge (p=4)": [1, 1, 1, 0, 1, 1, 0, 0, 1, 0]}  # fmt: skip
+    from hfx.cartridges.evaluation import MCQuestion, _by_kind, _interval
+
+    questions = [MCQuestion("q", ["a", "b", "c", "d"], 0, kind) for kind in kinds]
+    results = [
+        ConditionResult(name, sum(c) / 10, 1.0, 0, 0, correct=c, accuracy_interval=_interval(c),
+                        by_kind=_by_kind(c, questions))
+        for name, c in rows.items()
+    ]  # fmt: skip
+    table = format_table(results, num_questions=10)
+    cartridge = wilson_interval(6, 10)
+    assert f"| cartridge (p=4) | 0.600 ({cartridge.low:.2f}–{cartridge.high:.2f}) |" in table
+    assert "| condition | recall (6 questions) | combine (4 questions) |" in table
+    combine = wilson_interval(1, 4)
+    assert (
+        f"| cartridge (p=4) | 0.833 " in table and f"0.250 ({combine.low:.2f}–{combine.high:.2f}) |" in table
+    )
+    share = gap_share(rows["no context"], rows["ICL"], rows["cartridge (p=4)"])
+    assert share.share == pytest.approx((0.6 - 0.2) / (0.8 - 0.2))
+    assert gap_shares(results) == {"cartridge (p=4)": share.to_dict()}
+    assert (
+        f"cartridge (p=4) closes 67% of the no context → ICL gap (95% bootstrap interval "
+        f"{share.interval.low:.0%} to {share.interval.high:.0%})" in table
+    )
+    # one kind only: no table of kinds; no ICL: no share
+    single = [ConditionResult(r.condition, r.accuracy, 1.0, 0, 0, correct=r.correct) for r in results]
+    assert "recall (" not in format_table(single) and "closes" in format_table(single)
+    assert "closes" not in format_table(single[::2])

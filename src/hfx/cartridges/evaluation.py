@@ -11,9 +11,17 @@ the KV-cache bytes of what stands in for the document, and batched greedy decode
 
 Questions file format (JSONL, one object per line)::
 
-    {"question": "How many classes does the wine dataset have?", "choices": ["2", "3", "4", "5"], "answer": 1}
+    {"question": "How many classes does the wine dataset have?", "choices": ["2", "3", "4", "5"], "answer": 1,
+     "kind": "recall"}
 
-``answer`` is the 0-based index of the correct choice (the choice's text is accepted too).
+``answer`` is the 0-based index of the correct choice (the choice's text is accepted too). ``kind`` (optional,
+default ``recall``) is ``recall`` for a question one sentence of the document answers and ``combine`` for one that
+needs two or more places of it; the table gives each kind's accuracy when a set has both. Other fields (``where``:
+the passage the answer comes from) are kept for readers and ignored.
+
+Every accuracy comes with its 95% Wilson interval, and each condition between no context and ICL with the share of
+that gap it closes and a bootstrap interval over questions (:mod:`hfx.statistics`): with a few dozen questions one
+question moves an accuracy by several points, and the intervals say how far a figure could move by chance.
 """
 
 from __future__ import annotations
@@ -37,11 +45,16 @@ from hfx.models import synchronize
 logger = logging.getLogger(__name__)
 
 
+#: What a question asks of the document: one place of it (``recall``) or several combined (``combine``).
+QUESTION_KINDS = ("recall", "combine")
+
+
 @dataclass
 class MCQuestion:
     question: str
     choices: list[str]
     answer: int
+    kind: str = "recall"
 
 
 def load_questions(path: str | Path) -> list[MCQuestion]:
@@ -81,7 +94,12 @@ def load_questions(path: str | Path) -> list[MCQuestion]:
                 raise ValueError(
                     f"{where}: field 'answer' must be a choice index in [0, {len(choices) - 1}]."
                 )
-            questions.append(MCQuestion(question.strip(), choices, answer))
+            kind = row.get("kind", "recall")
+            if kind not in QUESTION_KINDS:
+                raise ValueError(
+                    f"{where}: field 'kind' must be one of {', '.join(QUESTION_KINDS)}, got {kind!r}."
+                )
+            questions.append(MCQuestion(question.strip(), choices, answer, kind))
     if not questions:
         raise ValueError(f"{path}: no questions.")
     return questions
@@ -106,9 +124,31 @@ class ConditionResult:
     kv_bytes: int
     decode_tokens_per_s: float | None = None
     extra: dict = field(default_factory=dict)
+    #: 1/0 per question, in the set's order (what the intervals are computed from).
+    correct: list[int] = field(default_factory=list)
+    #: The 95% Wilson interval of the accuracy, [low, high].
+    accuracy_interval: list[float] | None = None
+    #: Accuracy per question kind, with its question count and interval, when the set has several kinds.
+    by_kind: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
+@dataclass
+class QuestionScores:
+    """Per question: whether the best-scored choice is the answer, and the answer's log-likelihood and tokens."""
+
+    correct: list[bool]
+    answer_logprob: list[float]
+    answer_tokens: list[int]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    @property
+    def answer_log_ppl(self) -> float:
+        return -sum(self.answer_logprob) / sum(self.answer_tokens)
+
+
 def score_multiple_choice(
     model,
     tokenizer,
@@ -118,6 +158,21 @@ def score_multiple_choice(
     progress: bool = True,
 ) -> tuple[float, float]:
     """Accuracy (choice with the highest mean token log-likelihood) and the reference answers' log-perplexity."""
+    scores = score_questions(model, tokenizer, condition, questions, batch_size, progress)
+    return scores.accuracy, scores.answer_log_ppl
+
+
+@torch.no_grad()
+def score_questions(
+    model,
+    tokenizer,
+    condition: Condition,
+    questions: list[MCQuestion],
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> QuestionScores:
+    """Each question scored under the condition: the choice with the highest mean token log-likelihood is the
+    model's answer; the reference answer's summed log-likelihood and length give the log-perplexity."""
     if batch_size is None:  # the prefix is copied per row: fewer rows per batch for long documents
         prefix_tokens = condition.prefix.num_tokens if condition.prefix is not None else 0
         batch_size = max(2, min(16, 16384 // max(1, prefix_tokens)))
@@ -144,13 +199,14 @@ def score_multiple_choice(
             sum_logprob[q_idx, c_idx] = logprobs.gather(-1, targets[:, None]).sum().item()
             num_tokens[q_idx, c_idx] = len(targets)
     mean_logprob = sum_logprob / num_tokens
-    correct, ref_logprob, ref_tokens = 0, 0.0, 0
-    for q_idx, q in enumerate(questions):
-        scores = mean_logprob[q_idx, : len(q.choices)]
-        correct += int(scores.argmax().item() == q.answer)
-        ref_logprob += sum_logprob[q_idx, q.answer].item()
-        ref_tokens += int(num_tokens[q_idx, q.answer].item())
-    return correct / len(questions), -ref_logprob / ref_tokens
+    return QuestionScores(
+        [
+            bool(mean_logprob[i, : len(q.choices)].argmax().item() == q.answer)
+            for i, q in enumerate(questions)
+        ],
+        [sum_logprob[i, q.answer].item() for i, q in enumerate(questions)],
+        [int(num_tokens[i, q.answer].item()) for i, q in enumerate(questions)],
+    )
 
 
 @torch.no_grad()
@@ -258,7 +314,8 @@ def evaluate_conditions(
     results = []
     prompts = [q.question for q in questions[:throughput_batch]]
     for condition in conditions:
-        accuracy, log_ppl = score_multiple_choice(model, tokenizer, condition, questions, progress=progress)
+        scores = score_questions(model, tokenizer, condition, questions, progress=progress)
+        accuracy, log_ppl = scores.accuracy, scores.answer_log_ppl
         throughput = None
         if condition.prefix is not None and throughput_batch > 0:
             throughput = decode_throughput(model, tokenizer, condition, prompts, new_tokens=throughput_tokens)
@@ -275,6 +332,9 @@ def evaluate_conditions(
                 kv_tokens=prefix.num_tokens if prefix is not None else 0,
                 kv_bytes=prefix.nbytes if prefix is not None else 0,
                 decode_tokens_per_s=throughput,
+                correct=[int(c) for c in scores.correct],
+                accuracy_interval=_interval(scores.correct),
+                by_kind=_by_kind(scores.correct, questions),
             )
         )
         logger.info("%s: accuracy %.3f, answer log-ppl %.3f", condition.name, accuracy, log_ppl)
@@ -290,17 +350,92 @@ def format_bytes(n: int) -> str:
     return f"{n / 1024**power:.1f} {units[power]}"
 
 
+def _interval(correct) -> list[float] | None:
+    from hfx.statistics import wilson_interval
+
+    if not correct:
+        return None
+    interval = wilson_interval(sum(bool(c) for c in correct), len(correct))
+    return [interval.low, interval.high]
+
+
+def _by_kind(correct, questions: list[MCQuestion]) -> dict:
+    kinds = sorted({q.kind for q in questions}, key=QUESTION_KINDS.index)
+    if len(kinds) < 2:
+        return {}
+    found = {}
+    for kind in kinds:
+        picked = [int(c) for c, q in zip(correct, questions, strict=True) if q.kind == kind]
+        found[kind] = {
+            "accuracy": sum(picked) / len(picked),
+            "questions": len(picked),
+            "interval": _interval(picked),
+        }
+    return found
+
+
+def _accuracy(accuracy: float, interval) -> str:
+    return f"{accuracy:.3f} ({interval[0]:.2f}–{interval[1]:.2f})" if interval else f"{accuracy:.3f}"
+
+
+def gap_shares(results: list[ConditionResult], seed: int = 0) -> dict:
+    """For each condition besides no context and ICL (a cartridge): the share of the no context -> ICL accuracy
+    gap it closes, with its 95% paired bootstrap interval over questions (``{}`` without both ends or per-question
+    results). Keyed by condition name; each value is :meth:`hfx.statistics.GapShare.to_dict`."""
+    from hfx.statistics import gap_share
+
+    lower = next((r for r in results if r.condition == "no context"), None)
+    upper = next((r for r in results if r.condition.startswith("ICL")), None)
+    if lower is None or upper is None or not lower.correct or len(upper.correct) != len(lower.correct):
+        return {}
+    return {
+        r.condition: gap_share(lower.correct, upper.correct, r.correct, seed=seed).to_dict()
+        for r in results
+        if r is not lower and r is not upper and len(r.correct) == len(lower.correct)
+    }
+
+
 def format_table(results: list[ConditionResult], num_questions: int | None = None) -> str:
-    """A markdown table of the results (the same table the CLI prints and the model card embeds)."""
+    """A markdown table of the results (the same table the CLI prints and the model card embeds): each accuracy
+    with its 95% Wilson interval, accuracies per question kind when the set has several, and the share of the no
+    context -> ICL gap that each other condition closes, with its bootstrap interval."""
     lines = [
-        "| condition | MC accuracy | answer log-ppl | KV tokens | KV bytes | decode tok/s |",
+        "| condition | MC accuracy (95% CI) | answer log-ppl | KV tokens | KV bytes | decode tok/s |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         tput = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s is not None else "—"
         lines.append(
-            f"| {r.condition} | {r.accuracy:.3f} | {r.answer_log_ppl:.3f} | {r.kv_tokens} | {format_bytes(r.kv_bytes)} | {tput} |"
+            f"| {r.condition} | {_accuracy(r.accuracy, r.accuracy_interval)} | {r.answer_log_ppl:.3f} | "
+            f"{r.kv_tokens} | {format_bytes(r.kv_bytes)} | {tput} |"
         )
+    kinds = [kind for kind in QUESTION_KINDS if any(kind in r.by_kind for r in results)]
+    if kinds:
+        counts = {
+            kind: next(r.by_kind[kind]["questions"] for r in results if kind in r.by_kind) for kind in kinds
+        }
+        lines += [
+            "",
+            "| condition | " + " | ".join(f"{kind} ({counts[kind]} questions)" for kind in kinds) + " |",
+            "|---" * (len(kinds) + 1) + "|",
+        ]
+        for r in results:
+            cells = [
+                _accuracy(r.by_kind[kind]["accuracy"], r.by_kind[kind]["interval"])
+                if kind in r.by_kind
+                else "—"
+                for kind in kinds
+            ]
+            lines.append(f"| {r.condition} | " + " | ".join(cells) + " |")
+    for name, gap in gap_shares(results).items():
+        if gap["share"] is None:
+            lines.append(f"\n{name}: no share of the gap (ICL is not above no context on these questions).")
+            continue
+        interval = gap["interval"]
+        bounds = (
+            f" (95% bootstrap interval {interval['low']:.0%} to {interval['high']:.0%})" if interval else ""
+        )
+        lines.append(f"\n{name} closes {gap['share']:.0%} of the no context → ICL gap{bounds}.")
     if num_questions is not None:
         lines.append(f"\n{num_questions} multiple-choice questions.")
     return "\n".join(lines)

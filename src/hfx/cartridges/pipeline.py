@@ -23,6 +23,7 @@ from hfx.cartridges.evaluation import (
     default_context_tokens,
     evaluate_conditions,
     format_table,
+    gap_shares,
     icl_condition,
     load_questions,
     results_to_json,
@@ -193,6 +194,7 @@ def evaluate_cartridge(
         "device": str(model.device),
         "dtype": dtype_name(model.dtype),
         "results": results_to_json(results),
+        "gap": gap_shares(results),
         "table": format_table(results, num_questions=len(questions)),
     }
     write_text_atomic(Path(cartridge_dir) / "eval_results.json", json.dumps(report, indent=2))
