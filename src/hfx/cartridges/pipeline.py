@@ -486,6 +486,7 @@ class RunArguments(CorpusArguments):
     )
     per_device_train_batch_size: int = _training_field("per_device_train_batch_size")
     initialization: str = _training_field("initialization")
+    model_dtype: str = _training_field("model_dtype")
     overwrite: bool = field(
         default=False,
         metadata={
@@ -542,6 +543,7 @@ def run_training_settings(args: RunArguments) -> dict:
         "lr_scheduler_type": args.lr_scheduler_type,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "initialization": args.initialization,
+        "model_dtype": args.model_dtype,
     }
 
 
