@@ -383,7 +383,8 @@ class CorpusArguments(DeviceArguments):
     corpus: str = field(
         default=embedded.DEFAULT_CORPUS,
         metadata={
-            "help": "A bundled corpus name (see `hfx corpora`), a .txt/.md/.rst file, or a folder of them."
+            "help": "The document: a bundled corpus name (see `hfx corpora`), a text, PDF or HTML file, a folder "
+            "of them (joined), or a URL (hfx.documents)."
         },
     )
     model_name_or_path: str = field(
