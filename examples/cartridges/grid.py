@@ -3,6 +3,7 @@
     .venv/bin/python examples/cartridges/grid.py seeds         # rcv1, 3 seeds x bfloat16/float32 training, 18 min
     .venv/bin/python examples/cartridges/grid.py compression   # rcv1 and lfw, p = 1/32, 1/16, 1/8, 1/4 of the tokens
     .venv/bin/python examples/cartridges/grid.py generated     # rcv1, 0 / 25 / 50% generated conversations, 18 and 60 min
+    .venv/bin/python examples/cartridges/grid.py long          # all 14 descriptions (12k tokens), 55 min
     .venv/bin/python examples/cartridges/grid.py seeds --table # only the table of the finished runs
     .venv/bin/python examples/cartridges/grid.py compression --plot docs/figures/compression.png
 
@@ -66,8 +67,13 @@ def grid(name: str) -> dict[str, dict]:
                     "args": ["--corpus", "rcv1", "--budget_minutes", str(budget),
                              "--continuation_fraction", str(1.0 - generated)],
                 }  # fmt: skip
+    elif name == "long":  # all descriptions, beyond the model's window, against ICL truncated to it
+        runs["sklearn_descr"] = {
+            "group": "sklearn_descr",
+            "args": ["--corpus", "sklearn_descr", "--budget_minutes", "55"],
+        }
     else:
-        raise SystemExit(f"unknown grid {name!r}: seeds, compression or generated")
+        raise SystemExit(f"unknown grid {name!r}: seeds, compression, generated or long")
     for run in runs.values():
         corpus = run["args"][run["args"].index("--corpus") + 1]
         run["args"] += ["--questions", QUESTIONS.format(corpus=corpus)]
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("grid", choices=["seeds", "compression", "generated"])
+    parser.add_argument("grid", choices=["seeds", "compression", "generated", "long"])
     parser.add_argument("--runs", nargs="+", help="only these runs of the grid (default: all, in order)")
     parser.add_argument("--output_root", default="outputs")
     parser.add_argument("--table", action="store_true", help="only print the table of the finished runs")

@@ -30,7 +30,8 @@ def test_the_grids_name_their_runs_and_settings(grid_module):
     generated = grid_module.grid("generated")
     args = generated["b60-gen25"]["args"]
     assert args[args.index("--continuation_fraction") + 1] == "0.75" and "60" in args
-    with pytest.raises(SystemExit, match="unknown grid 'other'"):
+    assert grid_module.grid("long")["sklearn_descr"]["args"][-1] == "tests/data/questions/sklearn_descr.jsonl"
+    with pytest.raises(SystemExit, match="unknown grid .other."):
         grid_module.grid("other")
 
 
