@@ -163,7 +163,7 @@ def test_the_table_gives_intervals_kinds_and_the_share_of_the_gap():
     assert "| condition | recall (6 questions) | combine (4 questions) |" in table
     combine = wilson_interval(1, 4)
     assert (
-        f"| cartridge (p=4) | 0.833 " in table and f"0.250 ({combine.low:.2f}–{combine.high:.2f}) |" in table
+        "| cartridge (p=4) | 0.833 " in table and f"0.250 ({combine.low:.2f}–{combine.high:.2f}) |" in table
     )
     share = gap_share(rows["no context"], rows["ICL"], rows["cartridge (p=4)"])
     assert share.share == pytest.approx((0.6 - 0.2) / (0.8 - 0.2))
@@ -176,3 +176,5 @@ def test_the_table_gives_intervals_kinds_and_the_share_of_the_gap():
     single = [ConditionResult(r.condition, r.accuracy, 1.0, 0, 0, correct=r.correct) for r in results]
     assert "recall (" not in format_table(single) and "closes" in format_table(single)
     assert "closes" not in format_table(single[::2])
+    one = [ConditionResult(r.condition, r.accuracy, 1.0, 0, 0, correct=r.correct[:1]) for r in results]
+    assert gap_shares(one) == {} and "closes" not in format_table(one)  # one question: no share, no error

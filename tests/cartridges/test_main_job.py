@@ -22,9 +22,11 @@ MAIN_JOB_BUDGET_MINUTES = 18
 #: The seeds the main job is run with: the bar is on their mean, not on one draw (one question of 103 moves a run's
 #: share of the gap by about 3 points). HFX_MAIN_JOB_SEEDS=0 runs one seed (18 minutes instead of 54).
 SEEDS = [int(seed) for seed in os.environ.get("HFX_MAIN_JOB_SEEDS", "0,1,2").split(",")]
-#: Mean share of the no-context -> ICL accuracy gap the default cartridge closes on rcv1 over the seeds; chosen from
-#: the six runs of `examples/cartridges/grid.py seeds` (docs/cartridges.md, "Seeds and dtypes").
-GAP_SHARE_BAR = 0.80
+#: Mean share of the no-context -> ICL accuracy gap the default cartridge closes on rcv1 over the seeds, chosen from
+#: the six runs of `examples/cartridges/grid.py seeds` (docs/cartridges.md, "Seeds and dtypes"): they closed 70-103%,
+#: mean 84%, 12 points from seed to seed, so a mean of three seeds has a spread of about 7 points and falls
+#: below 70% about once in fifty runs by chance. The goal, 80%, holds on the six runs' mean, not on every three.
+GAP_SHARE_BAR = 0.70
 
 
 def test_the_main_job_closes_the_gap_to_icl_with_8x_fewer_kv_bytes_within_20_minutes(tmp_path):

@@ -386,8 +386,8 @@ def gap_shares(results: list[ConditionResult], seed: int = 0) -> dict:
 
     lower = next((r for r in results if r.condition == "no context"), None)
     upper = next((r for r in results if r.condition.startswith("ICL")), None)
-    if lower is None or upper is None or not lower.correct or len(upper.correct) != len(lower.correct):
-        return {}
+    if lower is None or upper is None or len(lower.correct) < 2 or len(upper.correct) != len(lower.correct):
+        return {}  # no interval from one question
     return {
         r.condition: gap_share(lower.correct, upper.correct, r.correct, seed=seed).to_dict()
         for r in results
