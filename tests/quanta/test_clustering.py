@@ -65,23 +65,7 @@ def test_power_law_fit_recovers_the_exponent():
 def test_cluster_artifact(tmp_path):
     similarity, truth = planted_similarity()
     n = len(truth)
-    tokens = datasets.Dataset.from_list(
-        [
-            {
-                "token_index": 10 * i,
-                "window_id": i,
-                "doc_id": 0,
-                "position": 3,
-                "token_id": int(g),
-                "token": f" tok{g}",
-                "context": "some <b>context</b>",
-                "context_ids": [1, 2, 3],
-                "loss_bits": 0.01,
-            }
-            for i, g in enumerate(truth)
-        ],
-        features=FEATURES,
-    )
+    tokens = planted_tokens(truth, context="some <b>context</b>")
     write_similarity(tmp_path, torch.arange(n) * 10, similarity)
     out = cluster_tokens(tmp_path, tokens, ClusterConfig(3, 5, 0), {"model": "tiny", "dataset": "planted"})
     summary = json.loads((out / "clusters.json").read_text())
@@ -111,7 +95,7 @@ def write_similarity(run, token_index, similarity, gradients="planted"):
     stage.finish()
 
 
-def planted_tokens(truth):
+def planted_tokens(truth, context="context"):
     return datasets.Dataset.from_list(
         [
             {
@@ -121,7 +105,7 @@ def planted_tokens(truth):
                 "position": 3,
                 "token_id": int(g),
                 "token": f" tok{g}",
-                "context": "context",
+                "context": context,
                 "context_ids": [1, 2, 3],
                 "loss_bits": 0.01,
             }
