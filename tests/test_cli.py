@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from hfx import __version__
-from hfx.cli import COMMANDS, GROUPS, main
+from hfx.cli import COMMANDS, GROUPS, SUBGROUPS, main
 
 
 def test_console_script_help_lists_the_groups_and_version():
@@ -20,7 +20,9 @@ def test_console_script_help_lists_the_groups_and_version():
     assert version.strip() == f"hfx {__version__}"
 
 
-@pytest.mark.parametrize("key", [(group,) for group in GROUPS] + list(COMMANDS), ids=" ".join)
+@pytest.mark.parametrize(
+    "key", [(group,) for group in GROUPS] + list(SUBGROUPS) + list(COMMANDS), ids=" ".join
+)
 def test_every_group_and_command_answers_help(key, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*key, "--help"])
@@ -31,8 +33,17 @@ def test_every_group_and_command_answers_help(key, capsys):
         command = COMMANDS[key]
         assert command.example in out
         assert "example:" in out
-    else:
-        assert all(name in out for group, name in (k for k in COMMANDS if len(k) == 2) if group == key[0])
+    else:  # a group lists its commands (and its groups' names)
+        depth = len(key) + 1
+        assert all(k[len(key)] in out for k in COMMANDS if len(k) >= depth and k[: len(key)] == key)
+
+
+def test_a_group_inside_a_group_without_its_command_shows_its_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cartridge", "library"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: hfx cartridge library" in out and "build" in out and "ask" in out
 
 
 class _Parsed(Exception):

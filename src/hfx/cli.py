@@ -176,6 +176,55 @@ def _cartridge_run(argv: list[str]) -> None:
     print(f"cartridge saved in {result.cartridge_dir} ({result.seconds / 60:.1f} min)")
 
 
+def _cartridge_library_build(argv: list[str]) -> None:
+    from hfx.cartridges.library import LibraryBuildArguments, build_from_arguments
+    from hfx.cartridges.synthesis import SynthesisConfig
+
+    args, config = _parser(
+        "hfx cartridge library build", LibraryBuildArguments, SynthesisConfig
+    ).parse_args_and_config(argv)
+    report = build_from_arguments(args, config)
+    for doc_id, reason in report.trained.items():
+        print(f"trained {doc_id} ({reason})")
+    if report.kept:
+        print(f"kept {len(report.kept)} up-to-date cartridges: {', '.join(report.kept)}")
+    if report.removed:
+        print(f"removed {', '.join(report.removed)} (no longer among the documents)")
+    print(f"library in {report.library} ({report.library / 'library.json'})")
+
+
+def _cartridge_library_ask(argv: list[str]) -> None:
+    from hfx.cartridges.library import ROUTERS, CartridgeLibrary
+    from hfx.models import load_causal_lm
+
+    parser = _argparser("hfx cartridge library ask")
+    parser.add_argument("library", help="A library's folder (made by `hfx cartridge library build`).")
+    parser.add_argument("question", nargs="+", help="The question (one or more; each is routed on its own).")
+    parser.add_argument("--k", type=int, default=2, help="How many cartridges to compose per question.")
+    parser.add_argument("--router", choices=ROUTERS, default="bm25", help="How to pick the cartridges.")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the library's).")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object per answer.")
+    args = parser.parse_args(argv)
+    library = CartridgeLibrary(args.library)
+    model, tokenizer = load_causal_lm(
+        args.model_name_or_path or library.model_name_or_path, device=args.device, dtype=args.dtype
+    )
+    for question in args.question:
+        answer = library.answer(
+            question, model, tokenizer, k=args.k, router=args.router, max_new_tokens=args.max_new_tokens
+        )
+        if args.json:
+            import dataclasses
+
+            print(json.dumps(dataclasses.asdict(answer)))
+            continue
+        used = ", ".join(f"{c} ({s:.2f})" for c, s in zip(answer.cartridges, answer.scores, strict=True))
+        print(f"Q: {question}\ncartridges [{answer.router}]: {used}\nA: {answer.text}\n")
+
+
 def _cartridge_push(argv: list[str]) -> None:
     from hfx.cartridges.hub import PushArguments, push_cartridge_to_hub
 
@@ -432,6 +481,13 @@ GROUPS = {
     "trained so the model's behaviour is kept.",
 }
 
+#: Groups inside a group (their commands are keyed by three words).
+LIBRARY_GROUP = (
+    "A cartridge library: many documents, one cartridge each, trained to be mixed, kept in one folder with a "
+    "manifest, and routed per question (BM25 over the documents, or the cartridges themselves)."
+)
+SUBGROUPS = {("cartridge", "library"): LIBRARY_GROUP}
+
 COMMANDS: dict[tuple[str, ...], Command] = {
     ("cartridge", "run"): Command(
         _cartridge_run,
@@ -442,6 +498,24 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "multiple-choice questions for the final table), --budget_minutes (plan the run to fit), --output_dir.",
         "hfx cartridge run --corpus rcv1 --questions tests/data/questions/rcv1.jsonl --budget_minutes 18",
         "hfx cartridge push --cartridge OUTPUT_DIR/cartridge --repo_id you/my-cartridge   (share it)",
+    ),
+    ("cartridge", "library", "build"): Command(
+        _cartridge_library_build,
+        "many documents -> a library of cartridges trained to be mixed (library.json)",
+        "Train one cartridge per document (the main job, --budget_minutes per document) into one folder with a "
+        "manifest, each beside a changing mix of the others' so that they compose (--distractors). A rerun trains "
+        "only new documents and those whose text or settings changed, resumes an interrupted one and removes those "
+        "no longer given. Under `accelerate launch` the processes share the documents. Main options: --documents, "
+        "--output_dir, --budget_minutes, --distractors.",
+        "hfx cartridge library build --documents sklearn_descr --output_dir outputs/library --budget_minutes 6",
+        'hfx cartridge library ask OUTPUT_DIR "How many samples does the iris dataset have?"',
+    ),
+    ("cartridge", "library", "ask"): Command(
+        _cartridge_library_ask,
+        "route a question to a library's cartridges and answer with them composed",
+        "Pick the top-k cartridges of a library for each question (BM25 over the documents, or the question's "
+        "likelihood under each cartridge) and answer with them composed; prints which cartridges each answer used.",
+        'hfx cartridge library ask outputs/library "How many samples does the iris dataset have?" --k 2',
     ),
     ("cartridge", "synthesize"): Command(
         _cartridge_synthesize,
@@ -644,7 +718,27 @@ def _top_parser() -> argparse.ArgumentParser:
         sub = group_parser.add_subparsers(
             dest="command", title="commands", metavar="COMMAND", parser_class=_SuggestingParser
         )
+        nested: dict[str, dict[str, Command]] = {}
+        for key, command in COMMANDS.items():
+            if key[0] == group and len(key) == 3:
+                nested.setdefault(key[1], {})[key[2]] = command
         for name, command in commands.items():
+            if name in nested:  # a group inside the group (`hfx cartridge library build`)
+                if name in sub.choices:
+                    continue
+                inner = sub.add_parser(
+                    name,
+                    help=f"{name} commands: {', '.join(nested[name])}",
+                    description=textwrap.fill(SUBGROUPS[(group, name)], 100),
+                    epilog=f"example:\n  {next(iter(nested[name].values())).example}",
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                )
+                inner_sub = inner.add_subparsers(
+                    dest="subcommand", title="commands", metavar="COMMAND", parser_class=_SuggestingParser
+                )
+                for inner_name, inner_command in nested[name].items():
+                    inner_sub.add_parser(inner_name, help=inner_command.summary, add_help=False)
+                continue
             sub.add_parser(name, help=command.summary, add_help=False)
     groups.add_parser("corpora", help=COMMANDS[("corpora",)].summary, add_help=False)
     return parser
@@ -666,8 +760,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)  # --help, --version and unknown groups or commands end here
     if args.group is None:
         parser.print_help()
-    else:  # a group without a command
+    elif args.command is None:  # a group without a command
         parser.parse_args([args.group, "--help"])
+    else:  # a group inside a group, without its command
+        parser.parse_args([args.group, args.command, "--help"])
 
 
 if __name__ == "__main__":

@@ -77,6 +77,43 @@ def load_prefix(
     return PrefixKV(keys, values)
 
 
+def save_prefix(
+    prefix: PrefixKV, folder: str | Path, base_model: str | None = None, metadata: dict | None = None
+) -> Path:
+    """Write a KV prefix into ``folder`` as a CARTRIDGE adapter (PEFT's config and weights, hfx's metadata), each
+    file atomically: the inverse of :func:`load_prefix`, for prefixes made without training (a library's initial
+    cartridges)."""
+    from peft import CartridgeConfig
+    from safetensors.torch import save_file
+
+    from hfx.atomic import atomic_file, write_text_atomic
+
+    folder = Path(folder)
+    heads, p, head_dim = prefix.keys[0].shape[1:]
+    config = CartridgeConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=p,
+        num_layers=len(prefix.keys),
+        token_dim=heads * head_dim,
+        num_attention_heads=heads,
+        num_transformer_submodules=1,
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    # PEFT's layout (load_prefix's, reversed): per layer [1, heads, p, head_dim] -> [p, layers * 2 * heads * head_dim]
+    kv = torch.stack([t[0] for pair in zip(prefix.keys, prefix.values, strict=True) for t in pair])
+    embeddings = kv.permute(2, 0, 1, 3).reshape(p, -1).float().cpu().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / SAFETENSORS_WEIGHTS_NAME) as tmp:
+        save_file({"prompt_embeddings": embeddings}, str(tmp))
+    write_text_atomic(folder / "adapter_config.json", json.dumps(config.to_dict(), indent=2, default=list))
+    write_text_atomic(
+        folder / METADATA_FILE,
+        json.dumps({"base_model": base_model, "num_virtual_tokens": p, **(metadata or {})}, indent=2),
+    )
+    return folder
+
+
 def composed_prefix(
     adapter_dirs: list[str | Path],
     model_config=None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from hfx import embedded
 from hfx.atomic import write_text_atomic
 from hfx.cartridges.budget import read_plan
+from hfx.cartridges.composition import check_same_base, load_prefix
 from hfx.cartridges.corpus import Corpus, load_corpus
 from hfx.cartridges.evaluation import (
     Condition,
@@ -106,12 +107,17 @@ def train_cartridge(
         initialization=args.initialization,
         seed=args.seed,
     )
+    distractors = None
+    if args.distractors:
+        check_same_base(args.distractors, model.config, model_id(model_name_or_path))
+        distractors = [load_prefix(d, dtype=model.dtype, device=model.device) for d in args.distractors]
     trainer = CartridgeTrainer(
         model=peft_model,
         args=args,
         train_dataset=dataset,
         data_collator=CartridgeCollator(tokenizer.pad_token_id),
         callbacks=callbacks,
+        distractors=distractors,
     )
     train_loss, train_runtime = train_or_restore(
         trainer,

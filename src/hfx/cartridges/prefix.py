@@ -32,13 +32,15 @@ class PrefixKV:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     @classmethod
-    def from_cache(cls, cache) -> PrefixKV:
+    def from_cache(cls, cache, detach: bool = True) -> PrefixKV:
+        """The first sequence's keys and values of a cache (or of legacy ``(key, value)`` pairs); ``detach=False``
+        keeps them in the autograd graph (a cartridge being trained)."""
         layers = cache.layers if hasattr(cache, "layers") else cache
         keys, values = [], []
         for layer in layers:
             k, v = (layer.keys, layer.values) if hasattr(layer, "keys") else (layer[0], layer[1])
-            keys.append(k[:1].detach())
-            values.append(v[:1].detach())
+            keys.append(k[:1].detach() if detach else k[:1])
+            values.append(v[:1].detach() if detach else v[:1])
         return cls(keys, values)
 
     @classmethod

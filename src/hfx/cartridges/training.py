@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from peft import (
     initialize_kv_prefix_from_text,
 )
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
-from transformers import Trainer, TrainingArguments
+from transformers import DynamicCache, Trainer, TrainingArguments
 from transformers.models.llama.modeling_llama import rotate_half
 
 from hfx.artifacts import replace_pickled_training_args
@@ -34,7 +35,14 @@ from hfx.cartridges.prefix import PrefixKV
 from hfx.checkpoints import use_checkpoint_protocol
 from hfx.losses import topk_distillation_loss
 from hfx.models import seeded
-from hfx.stages import MANIFEST_PREFIX, Stage, dataset_fingerprint, fingerprint, trainer_settings
+from hfx.stages import (
+    MANIFEST_PREFIX,
+    Stage,
+    dataset_fingerprint,
+    file_fingerprint,
+    fingerprint,
+    trainer_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +88,18 @@ class CartridgeTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="steps")
     save_steps: float = field(default=25)
     save_total_limit: int | None = field(default=2)
+    distractors: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Cartridge folders whose prefixes are mixed beside the one being trained, a changing set each "
+            "step, so that the trained cartridge keeps its answers when composed with others (a library's "
+            "distractor mixing)."
+        },
+    )
+    max_distractors: int = field(
+        default=7,
+        metadata={"help": "The most distractor prefixes in one step (each step draws 0 to this many)."},
+    )
     report_to: None | str | list[str] = field(default="none")
     remove_unused_columns: bool = field(default=False)
     dataloader_drop_last: bool = field(default=False)
@@ -92,6 +112,8 @@ class CartridgeTrainingArguments(TrainingArguments):
             raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}.")
         if not 0 <= self.num_frozen_tokens <= self.num_virtual_tokens:
             raise ValueError("num_frozen_tokens must be between 0 and num_virtual_tokens.")
+        if self.max_distractors < 0:
+            raise ValueError(f"max_distractors must be >= 0, got {self.max_distractors}.")
 
 
 class CartridgeCollator:
@@ -140,10 +162,11 @@ class CartridgeTrainer(Trainer):
     micro-batches, all processes), so 2 processes with half the per-device batch take the same step as one.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, distractors: list[PrefixKV] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count itself
         use_checkpoint_protocol(self)  # after the callbacks passed in
+        self.distractors = DistractorMixer(self.model, distractors) if distractors else None
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The optimizer step's micro-batches, and its number of answer tokens (the loss's normalizer): across
@@ -156,13 +179,21 @@ class CartridgeTrainer(Trainer):
         return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            output_hidden_states=True,
-            logits_to_keep=1,  # the loss projects only the labelled positions itself
-            use_cache=False,
-        )
+        if self.distractors is not None:  # the same mix for every micro-batch of a step, and again on resume
+            self.distractors.layout = distractor_layout(
+                len(self.distractors.prefixes), self.args.max_distractors, self.args.seed, self.state.global_step
+            )
+        try:
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                output_hidden_states=True,
+                logits_to_keep=1,  # the loss projects only the labelled positions itself
+                use_cache=False,
+            )
+        finally:
+            if self.distractors is not None:
+                self.distractors.layout = None
         loss = topk_distillation_loss(
             outputs.hidden_states[-1],
             self.accelerator.unwrap_model(model).get_output_embeddings(),
@@ -185,6 +216,57 @@ class CartridgeTrainer(Trainer):
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
+
+
+def distractor_layout(num_distractors: int, max_distractors: int, seed: int, step: int) -> tuple[list[int], int]:
+    """The distractors of one training step and the trained cartridge's place among them: ``(indices, place)``,
+    the prefix being ``indices[:place] + [trained] + indices[place:]``. Between 0 and ``max_distractors`` of them,
+    drawn from ``(seed, step)`` alone, so a resumed run mixes as the uninterrupted one did."""
+    rng = random.Random(f"hfx-distractors-{seed}-{step}")
+    count = rng.randint(0, min(max_distractors, num_distractors))
+    return rng.sample(range(num_distractors), count), rng.randint(0, count)
+
+
+class DistractorMixer:
+    """Puts other cartridges' prefixes beside a PEFT cartridge's own, in the base model's cache.
+
+    PEFT's forward hands the base model the trained cartridge as ``past_key_values`` (and ones for it in the
+    attention mask); a forward pre-hook on the base model concatenates the step's distractors before and after it
+    along the token axis, as a composition of cartridges does, and widens the mask. The question then sits after
+    all of them, at the positions it has in a composition. The forward still goes through the Trainer's (DDP)
+    wrapper, so gradients reach the trained cartridge as without distractors. ``layout`` is set per step
+    (:func:`distractor_layout`); ``None`` leaves the forward as PEFT made it.
+    """
+
+    def __init__(self, peft_model, prefixes: list[PrefixKV]):
+        self.prefixes = prefixes
+        self.layout: tuple[list[int], int] | None = None
+        unwrapped = peft_model.module if hasattr(peft_model, "module") else peft_model
+        self.handle = unwrapped.get_base_model().register_forward_pre_hook(self._mix, with_kwargs=True)
+
+    def order(self) -> list[int | None]:
+        """This step's prefix order: distractor indices, ``None`` for the trained cartridge."""
+        indices, place = self.layout
+        return [*indices[:place], None, *indices[place:]]
+
+    def _mix(self, module, args, kwargs):
+        if not self.layout or not self.layout[0]:
+            return None
+        own = PrefixKV.from_cache(kwargs["past_key_values"], detach=False)
+        batch = kwargs["attention_mask"].shape[0]
+        parts = [own if i is None else self.prefixes[i] for i in self.order()]
+        mixed = PrefixKV.concat(parts)
+        cache = DynamicCache(config=module.config)
+        for layer_idx, (k, v) in enumerate(zip(mixed.keys, mixed.values, strict=True)):
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer_idx)
+        mask = kwargs["attention_mask"]
+        extra = mixed.num_tokens - own.num_tokens
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, extra), mask], dim=1)
+        kwargs["past_key_values"] = cache
+        return args, kwargs
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def create_cartridge(
@@ -413,6 +495,11 @@ def cartridge_stage(args: CartridgeTrainingArguments, base_model: str, corpus, d
         "corpus": f"{corpus.name} ({corpus.num_tokens} tokens, {fingerprint(corpus.token_ids)})",
         "dataset": dataset_fingerprint(dataset),
     }
+    if args.distractors:  # (recorded only when there are some: a cartridge trained alone keeps its manifest)
+        settings["max_distractors"] = args.max_distractors
+        inputs["distractors"] = [
+            file_fingerprint(Path(d) / SAFETENSORS_WEIGHTS_NAME) for d in args.distractors
+        ]
     return Stage(args.output_dir, CARTRIDGE_STAGE, settings, inputs)
 
 

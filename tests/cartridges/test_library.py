@@ -1,0 +1,382 @@
+"""A cartridge library on a tiny random Llama: the manifest, rebuilds, a killed build, distractor mixing, routing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from hfx.cartridges import library as library_module
+from hfx.cartridges.composition import load_prefix, save_prefix
+from hfx.cartridges.library import (
+    LIBRARY_FILE,
+    CartridgeLibrary,
+    LibrarySettings,
+    build_library,
+    document_slug,
+    document_title,
+    leave_launch,
+)
+from hfx.cartridges.prefix import PrefixKV
+from hfx.cartridges.training import DistractorMixer, distractor_layout
+
+DOCUMENTS = {
+    "zorblat.txt": "The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 6,
+    "kelvara.md": "# Kelvara moss\n\nKelvara moss grows only on basalt cliffs above the northern fjords of Tarsk. "
+    * 6,
+    "quintessa.txt": "Quintessa is a harbour town whose lighthouse burns whale oil every winter solstice. "
+    * 6,
+}
+TINY = {
+    "synthesis": {
+        "num_conversations": 4,
+        "conversations_per_chunk": 2,
+        "chunk_min_tokens": 20,
+        "chunk_max_tokens": 40,
+        "max_question_tokens": 4,
+        "max_answer_tokens": 4,
+    },
+    "training": {"num_virtual_tokens": 8, "num_train_epochs": 1, "per_device_train_batch_size": 2},
+}
+
+
+def tiny_settings(model_dir: Path, distractors: str = "initial") -> LibrarySettings:
+    return LibrarySettings(
+        model_name_or_path=str(model_dir),
+        synthesis=dict(TINY["synthesis"]),
+        training=dict(TINY["training"]),
+        distractors=distractors,
+    )
+
+
+def write_documents(folder: Path, documents: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in documents.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")  # the build's lock file
+    }
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model_dir):
+    """A library of the three documents, built once for the module's reading tests."""
+    root = tmp_path_factory.mktemp("library")
+    docs = write_documents(root / "docs", DOCUMENTS)
+    report = build_library([str(docs)], root / "lib", tiny_settings(tiny_model_dir))
+    return {"root": root, "docs": docs, "lib": root / "lib", "report": report}
+
+
+def test_build_writes_a_manifest_of_every_document(built):
+    report, lib = built["report"], built["lib"]
+    assert report.trained == {"kelvara.md": "new", "quintessa.txt": "new", "zorblat.txt": "new"}
+    manifest = json.loads((lib / LIBRARY_FILE).read_text())
+    assert manifest["pending"] == [] and manifest["num_documents"] == 3
+    by_id = {d["id"]: d for d in manifest["documents"]}
+    assert set(by_id) == set(DOCUMENTS)
+    kelvara = by_id["kelvara.md"]
+    assert kelvara["title"] == "Kelvara moss"
+    assert kelvara["num_virtual_tokens"] == 8 and kelvara["num_tokens"] > 60
+    assert (lib / kelvara["document"]).read_text() == DOCUMENTS["kelvara.md"].strip()
+    assert (lib / kelvara["cartridge"] / "adapter_model.safetensors").is_file()
+    assert (lib / kelvara["initial"] / "adapter_model.safetensors").is_file()
+    assert len({d["settings_fingerprint"] for d in by_id.values()}) == 1  # one p for all: the same settings
+    assert len({d["text_sha256"] for d in by_id.values()}) == 3
+    # each cartridge was trained beside the other two documents' initial cartridges
+    stage = json.loads((lib / kelvara["cartridge"] / "hfx_stage_cartridge.json").read_text())
+    assert len(stage["inputs"]["distractors"]) == 2 and stage["settings"]["max_distractors"] == 7
+
+
+def test_rebuild_trains_only_changed_documents_and_removes_the_missing(built, tmp_path, tiny_model_dir):
+    lib = tmp_path / "lib"
+    shutil.copytree(built["lib"], lib)
+    docs = write_documents(tmp_path / "docs", DOCUMENTS)
+    before = mtimes(lib)
+
+    unchanged = build_library([str(docs)], lib, tiny_settings(tiny_model_dir))
+    assert unchanged.trained == {} and sorted(unchanged.kept) == sorted(DOCUMENTS) and unchanged.removed == []
+    assert {k: v for k, v in mtimes(lib).items() if k != LIBRARY_FILE} == {
+        k: v for k, v in before.items() if k != LIBRARY_FILE
+    }
+
+    (docs / "kelvara.md").write_text(DOCUMENTS["kelvara.md"] + "It was first described in 1911.")
+    (docs / "quintessa.txt").unlink()
+    zorblat_before = {k: v for k, v in mtimes(lib).items() if k.startswith("cartridges/zorblat.txt/")}
+    changed = build_library([str(docs)], lib, tiny_settings(tiny_model_dir))
+    assert changed.trained == {"kelvara.md": "its text changed"}
+    assert changed.kept == ["zorblat.txt"] and changed.removed == ["quintessa.txt"]
+    assert not (lib / "cartridges" / "quintessa.txt").exists()
+    assert not (lib / "initial" / "quintessa.txt").exists()
+    assert not (lib / "documents" / "quintessa.txt.txt").exists()
+    assert {k: v for k, v in mtimes(lib).items() if k.startswith("cartridges/zorblat.txt/")} == zorblat_before
+    manifest = json.loads((lib / LIBRARY_FILE).read_text())
+    assert sorted(d["id"] for d in manifest["documents"]) == ["kelvara.md", "zorblat.txt"]
+    kelvara = next(d for d in manifest["documents"] if d["id"] == "kelvara.md")
+    assert "1911" in (lib / kelvara["document"]).read_text()
+
+    other = tiny_settings(tiny_model_dir)
+    other.training["learning_rate"] = 1e-2
+    retrained = build_library([str(docs)], lib, other)
+    assert retrained.trained == {"kelvara.md": "its settings changed", "zorblat.txt": "its settings changed"}
+
+
+def test_a_killed_build_keeps_what_finished_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    docs = write_documents(tmp_path / "docs", DOCUMENTS)
+    lib = tmp_path / "lib"
+    from hfx.cartridges import pipeline
+
+    real_run = pipeline.run_self_study
+    calls = []
+
+    def killed_on_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill in the middle of the second document
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_self_study", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_library([str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"))
+    manifest = json.loads((lib / LIBRARY_FILE).read_text())
+    assert [d["id"] for d in manifest["documents"]] == ["kelvara.md"]
+    assert manifest["pending"] == ["quintessa.txt", "zorblat.txt"]
+    assert CartridgeLibrary(lib).ids == ["kelvara.md"]  # usable with what finished
+
+    monkeypatch.setattr(pipeline, "run_self_study", real_run)
+    resumed = build_library([str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"))
+    assert resumed.trained == {"quintessa.txt": "unfinished", "zorblat.txt": "new"}
+    assert resumed.kept == ["kelvara.md"]
+    assert json.loads((lib / LIBRARY_FILE).read_text())["pending"] == []
+
+
+def test_processes_share_the_documents(tmp_path, tiny_model_dir):
+    docs = write_documents(tmp_path / "docs", DOCUMENTS)
+    lib = tmp_path / "lib"
+    settings = tiny_settings(tiny_model_dir, distractors="none")
+    second = build_library([str(docs)], lib, settings, process_index=1, num_processes=2)
+    assert list(second.trained) == ["quintessa.txt"]  # documents 1, 3, ... of the sorted folder
+    assert json.loads((lib / LIBRARY_FILE).read_text())["pending"] == ["kelvara.md", "zorblat.txt"]
+    first = build_library([str(docs)], lib, settings, process_index=0, num_processes=2)
+    assert sorted(first.trained) == ["kelvara.md", "zorblat.txt"]
+    assert json.loads((lib / LIBRARY_FILE).read_text())["pending"] == []
+
+
+def test_leave_launch_takes_the_launchers_variables():
+    environ = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "PATH": "/bin"}
+    assert leave_launch(environ) == (3, 4, 1)
+    assert environ == {"PATH": "/bin"}
+    assert leave_launch({}) == (0, 1, 0)
+
+
+def test_slugs_titles_and_duplicate_ids(tmp_path):
+    assert document_slug("rcv1") == "rcv1"
+    assert document_slug("a/b c.txt") != document_slug("a_b c.txt")
+    assert "/" not in document_slug("a/b c.txt")
+    assert document_title("x", ".. _iris_dataset:\n\nIris plants dataset\n--------------------\n") == (
+        "Iris plants dataset"
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_documents(one, {"same.txt": "first text"})
+    write_documents(two, {"same.txt": "second text"})
+    with pytest.raises(ValueError, match="same.txt"):
+        library_module.collect_documents([str(one), str(two)])
+
+
+# -- distractor mixing --------------------------------------------------------------------------------------------
+
+
+def test_distractor_layout_is_a_function_of_seed_and_step():
+    layouts = [distractor_layout(5, 3, seed=0, step=step) for step in range(200)]
+    assert layouts == [distractor_layout(5, 3, seed=0, step=step) for step in range(200)]
+    assert layouts != [distractor_layout(5, 3, seed=1, step=step) for step in range(200)]
+    counts = {len(indices) for indices, _ in layouts}
+    assert counts == {0, 1, 2, 3}  # 0 to max_distractors, all of them drawn
+    for indices, place in layouts:
+        assert len(set(indices)) == len(indices) and all(0 <= i < 5 for i in indices)
+        assert 0 <= place <= len(indices)
+    assert {place for indices, place in layouts if len(indices) == 3} == {0, 1, 2, 3}
+
+
+def random_prefix(model, tokens: int, seed: int) -> PrefixKV:
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    shape = (1, config.num_key_value_heads, tokens, config.hidden_size // config.num_attention_heads)
+    layers = range(config.num_hidden_layers)
+    return PrefixKV(
+        [torch.randn(shape, generator=generator) for _ in layers],
+        [torch.randn(shape, generator=generator) for _ in layers],
+    )
+
+
+def test_save_prefix_round_trips_as_a_peft_cartridge(tiny_model, tmp_path):
+    from peft import PeftModel
+
+    prefix = random_prefix(tiny_model, 5, seed=0)
+    save_prefix(prefix, tmp_path / "c", base_model="tiny")
+    loaded = load_prefix(tmp_path / "c")
+    for a, b in zip(prefix.keys + prefix.values, loaded.keys + loaded.values, strict=True):
+        torch.testing.assert_close(a, b)
+    peft_model = PeftModel.from_pretrained(tiny_model, str(tmp_path / "c"))
+    from_peft = PrefixKV.from_peft_model(peft_model)
+    torch.testing.assert_close(from_peft.keys[1], prefix.keys[1])
+    torch.testing.assert_close(from_peft.values[0], prefix.values[0])
+
+
+def test_the_training_batch_holds_the_expected_prefixes(tiny_model, tokenizer, tmp_path):
+    """Each step's forward sees the step's distractors before and after the trained cartridge, in the drawn order,
+    with the attention mask widened to all of them; gradients reach the trained cartridge."""
+    from datasets import Dataset
+
+    from hfx.cartridges.corpus import Corpus
+    from hfx.cartridges.training import (
+        CartridgeCollator,
+        CartridgeTrainer,
+        CartridgeTrainingArguments,
+        create_cartridge,
+    )
+
+    text = DOCUMENTS["zorblat.txt"]
+    corpus = Corpus("zorblat", text, tokenizer(text, add_special_tokens=False)["input_ids"])
+    peft_model = create_cartridge(tiny_model, tokenizer, corpus, 6, initialization="first_tokens")
+    distractors = [random_prefix(tiny_model, n, seed=n) for n in (3, 4, 5)]
+    rows = []
+    for i in range(8):
+        ids = tokenizer(f"question {i} about zorblat answer", add_special_tokens=False)["input_ids"]
+        k = 4
+        rows.append(
+            {
+                "input_ids": ids,
+                "answer_start": len(ids) - 2,
+                "topk_token_ids": [[(i + j) % 100 for j in range(k)] for _ in range(2)],
+                "topk_logprobs": [[-1.0 - j for j in range(k)] for _ in range(2)],
+            }
+        )
+    args = CartridgeTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        num_virtual_tokens=6,
+        per_device_train_batch_size=2,
+        max_steps=6,
+        save_strategy="no",
+        use_cpu=True,
+        max_distractors=3,
+        seed=3,
+    )
+    trainer = CartridgeTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=CartridgeCollator(tokenizer.pad_token_id),
+        distractors=distractors,
+    )
+    seen = []
+
+    def capture(module, call_args, kwargs):
+        own = PrefixKV.from_peft_model(peft_model)
+        cache = PrefixKV.from_cache(kwargs["past_key_values"])
+        seen.append((trainer.state.global_step, own, cache, kwargs["attention_mask"].clone()))
+
+    handle = peft_model.get_base_model().register_forward_pre_hook(capture, with_kwargs=True)
+    start = PrefixKV.from_peft_model(peft_model).values[0].clone()
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert len(seen) == 6
+    mixed_steps = 0
+    for step, own, cache, mask in seen:
+        indices, place = distractor_layout(3, 3, seed=3, step=step)
+        order = [*indices[:place], None, *indices[place:]]
+        expected = PrefixKV.concat([own if i is None else distractors[i] for i in order])
+        assert cache.num_tokens == expected.num_tokens
+        for layer in range(len(expected.keys)):
+            torch.testing.assert_close(cache.keys[layer], expected.keys[layer])
+            torch.testing.assert_close(cache.values[layer], expected.values[layer])
+        assert mask.shape[1] - cache.num_tokens > 0 and bool(mask[:, : cache.num_tokens].all())
+        mixed_steps += bool(indices)
+    assert mixed_steps >= 2
+    assert not torch.equal(
+        PrefixKV.from_peft_model(peft_model).values[0], start
+    )  # it learned through the mix
+
+
+# -- routing and answering ----------------------------------------------------------------------------------------
+
+
+def test_bm25_routes_a_quoting_question_to_its_document(built):
+    library = CartridgeLibrary(built["lib"])
+    routed = library.route(
+        ["Where does Kelvara moss grow?", "What does the lighthouse of Quintessa burn?"], k=2
+    )
+    assert [r[0][0] for r in routed] == ["kelvara.md", "quintessa.txt"]
+    assert all(len(r) == 2 and r[0][1] >= r[1][1] for r in routed)
+
+
+def test_likelihood_router_ranks_by_the_questions_likelihood_after_each_cartridge(built, tiny_model_dir):
+    from hfx.cartridges.corpus import user_turn_ids
+    from hfx.cartridges.prefix import forward_with_prefix
+    from hfx.models import load_causal_lm
+
+    library = CartridgeLibrary(built["lib"])
+    model, tokenizer = load_causal_lm(str(tiny_model_dir), device="cpu", dtype="float32")
+    question = "Who designed the Zorblat protocol?"
+    scores = library.likelihoods([question], model, tokenizer)[0]
+    ids = torch.tensor([user_turn_ids(tokenizer, question, after_system=False)])
+    for j, doc_id in enumerate(library.ids):
+        prefix = load_prefix(library.cartridge_dir(doc_id))
+        logits = forward_with_prefix(model, prefix, ids, torch.ones_like(ids)).logits
+        expected = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).mean().item()
+        assert scores[j] == pytest.approx(expected, abs=1e-4)
+    ranked = library.route([question], k=3, router="likelihood", model=model, tokenizer=tokenizer)[0]
+    assert [doc for doc, _ in ranked] == [library.ids[j] for j in sorted(range(3), key=lambda j: -scores[j])]
+
+
+def test_ask_answers_with_the_routed_cartridges(built, tiny_model_dir, capsys):
+    from hfx.cli import main
+
+    main(
+        [
+            "cartridge", "library", "ask", str(built["lib"]), "Where does Kelvara moss grow?",
+            "--k", "2", "--max_new_tokens", "4", "--json", "--model_name_or_path", str(tiny_model_dir),
+        ]
+    )  # fmt: skip
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert answer["cartridges"][0] == "kelvara.md" and len(answer["cartridges"]) == 2
+    assert answer["prefix_tokens"] == 16 and answer["router"] == "bm25"
+    assert isinstance(answer["text"], str)
+
+
+def test_a_library_without_a_manifest_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="library build"):
+        CartridgeLibrary(tmp_path)
+    os.makedirs(tmp_path / "x")
+    (tmp_path / "x" / LIBRARY_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CartridgeLibrary(tmp_path / "x")
+
+
+def test_a_distractor_mixer_leaves_the_forward_alone_without_a_layout(tiny_model, tokenizer):
+    from hfx.cartridges.corpus import Corpus
+    from hfx.cartridges.training import create_cartridge
+
+    text = DOCUMENTS["quintessa.txt"]
+    corpus = Corpus("q", text, tokenizer(text, add_special_tokens=False)["input_ids"])
+    peft_model = create_cartridge(tiny_model, tokenizer, corpus, 4, initialization="first_tokens")
+    ids = torch.tensor([tokenizer("a question", add_special_tokens=False)["input_ids"]])
+    before = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    mixer = DistractorMixer(peft_model, [random_prefix(tiny_model, 3, seed=1)])
+    same = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    mixer.layout = ([0], 1)
+    mixed = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    mixer.remove()
+    torch.testing.assert_close(before, same)
+    assert not torch.allclose(before, mixed)
