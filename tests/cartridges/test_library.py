@@ -380,3 +380,80 @@ def test_a_distractor_mixer_leaves_the_forward_alone_without_a_layout(tiny_model
     mixer.remove()
     torch.testing.assert_close(before, same)
     assert not torch.allclose(before, mixed)
+
+
+# -- the evaluation table -----------------------------------------------------------------------------------------
+
+QUESTIONS = {
+    "zorblat.txt": [
+        {
+            "question": "Who designed the Zorblat protocol?",
+            "choices": ["Mara Quell", "Ivo Brand"],
+            "answer": 0,
+        },
+        {"question": "When was the Zorblat protocol designed?", "choices": ["1987", "1991"], "answer": 0},
+    ],
+    "kelvara.md": [
+        {
+            "question": "Where does Kelvara moss grow?",
+            "choices": ["on basalt cliffs", "in deserts"],
+            "answer": 0,
+        },
+    ],
+    "quintessa.txt": [
+        {
+            "question": "What does the Quintessa lighthouse burn?",
+            "choices": ["whale oil", "coal"],
+            "answer": 0,
+        },
+    ],
+}
+
+
+def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_dir):
+    from hfx.cartridges.library_evaluation import evaluate_library, format_library_table, mixed_questions
+    from hfx.models import load_causal_lm
+
+    alone = build_library(
+        [str(built["docs"])], tmp_path / "alone", tiny_settings(tiny_model_dir, distractors="none")
+    )
+    questions_dir = tmp_path / "questions"
+    questions_dir.mkdir()
+    for doc_id, rows in QUESTIONS.items():
+        (questions_dir / f"{doc_id}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    libraries = {
+        "trained alone": CartridgeLibrary(alone.library),
+        "with distractors": CartridgeLibrary(built["lib"]),
+    }
+    tagged = mixed_questions(libraries["with distractors"], questions_dir, seed=0)
+    assert sorted(t.document for t in tagged) == sorted(d for d, rows in QUESTIONS.items() for _ in rows)
+    model, tokenizer = load_causal_lm(str(tiny_model_dir), device="cpu", dtype="float32")
+    report = evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
+                              progress=False)  # fmt: skip
+    rows = {row["condition"]: row for row in report["rows"]}
+    assert len(rows) == 3 + 2 + 2 * (1 + 2 * 2 + 1)
+    assert rows["no context"]["kv_tokens"] == 0 and rows["no context"]["decode_tokens_per_s"] is None
+    assert (
+        rows["ICL, 3 of 3 documents that fit"]["kv_tokens"]
+        > rows["oracle ICL (the question's document)"]["kv_tokens"]
+    )
+    for label in libraries:
+        assert rows[f"oracle cartridge ({label})"]["kv_tokens"] == 8
+        assert rows[f"all 3 cartridges composed ({label})"]["kv_tokens"] == 24
+        top1 = rows[f"routed top-1, bm25 ({label})"]
+        assert top1["routing_accuracy"] == 1.0 and top1["kv_tokens"] == 8  # the questions name their document
+        assert rows[f"routed top-2, likelihood ({label})"]["kv_tokens"] == 16
+    rag, rag3 = (
+        rows["RAG, BM25 chunks at the routed top-2 KV tokens"],
+        rows["RAG, BM25 chunks at the routed top-2 KV tokens x3"],
+    )
+    assert 0 < rag["context_tokens"] < rag3["context_tokens"]
+    for row in rows.values():
+        low, high = row["accuracy_interval"]
+        assert low <= row["accuracy"] <= high and len(row["correct"]) == len(tagged)
+    assert set(report["routing_with_names_masked"]) == {
+        "bm25 top-1, names masked",
+        "bm25 top-2, names masked",
+    }
+    table = format_library_table(report)
+    assert table.count("\n| ") == len(rows) and "4 multiple-choice questions" in table  # after the header

@@ -1,0 +1,335 @@
+"""A cartridge library against ICL and RAG on one mixed question set (each question tagged with its document).
+
+Every condition gives each question a prefix (or none) and scores the question's choices after it
+(:func:`hfx.cartridges.evaluation.score_questions`); questions that get the same prefix are scored together. The
+conditions: no context; oracle ICL (the question's document in context); ICL of as many whole documents as fit the
+model's window; RAG (BM25 chunks in context) at the KV tokens of the routed cartridges and at a multiple of them;
+the composition of all cartridges; the routed top-k cartridges per router; the oracle cartridge. Each for the
+cartridges trained alone and trained with distractors, when both libraries are given.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from hfx.cartridges.evaluation import (
+    Condition,
+    MCQuestion,
+    decode_throughput,
+    default_context_tokens,
+    format_bytes,
+    load_questions,
+    score_questions,
+)
+from hfx.cartridges.library import CartridgeLibrary
+from hfx.cartridges.prefix import PrefixKV
+from hfx.statistics import wilson_interval
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaggedQuestion:
+    """A multiple-choice question and the id of the document it is about."""
+
+    question: MCQuestion
+    document: str
+
+
+def mixed_questions(
+    library: CartridgeLibrary, questions_dir: str | Path, seed: int = 0
+) -> list[TaggedQuestion]:
+    """The question sets of the library's documents (``questions_dir/<id>.jsonl``, where one exists), shuffled
+    together with ``seed``, each tagged with its document. At least two documents must have a set."""
+    questions_dir = Path(questions_dir)
+    tagged = []
+    for doc_id in library.ids:
+        path = questions_dir / f"{doc_id}.jsonl"
+        if path.is_file():
+            tagged += [TaggedQuestion(q, doc_id) for q in load_questions(path)]
+    documents = {t.document for t in tagged}
+    if len(documents) < 2:
+        raise ValueError(
+            f"{questions_dir}: question sets for {sorted(documents) or 'none'} of the library's documents "
+            f"({', '.join(library.ids)}); a mixed set needs at least two (files named <document id>.jsonl)."
+        )
+    random.Random(seed).shuffle(tagged)
+    return tagged
+
+
+@dataclass
+class PerQuestionCondition:
+    """A condition whose prefix depends on the question: ``keys[i]`` names question ``i``'s prefix, which
+    ``make(key)`` builds (``None``: no prefix). ``routed[i]`` are the documents a router gave question ``i``."""
+
+    name: str
+    keys: list[tuple]
+    make: Callable[[tuple], PrefixKV | None]
+    prompt_after_system: bool
+    context_tokens: list[int] = field(default_factory=list)
+    routed: list[tuple[str, ...]] | None = None
+
+
+def score_per_question(
+    model, tokenizer, condition: PerQuestionCondition, tagged: list[TaggedQuestion], throughput_batch: int = 8,
+    throughput_tokens: int = 32, progress: bool = True,
+) -> dict:  # fmt: skip
+    """Score a per-question condition: one row of the table (accuracy with its interval, routing accuracy, context
+    and KV tokens per question, KV bytes, decode tokens/s after the most used prefix)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(condition.keys):
+        groups.setdefault(key, []).append(i)
+    correct = [False] * len(tagged)
+    kv_tokens = [0] * len(tagged)
+    kv_bytes = [0] * len(tagged)
+    common_key = max(groups, key=lambda k: len(groups[k]))
+    throughput = None
+    for key, indices in tqdm(groups.items(), desc=f"score [{condition.name}]", disable=not progress):
+        prefix = condition.make(key)
+        scores = score_questions(
+            model,
+            tokenizer,
+            Condition(condition.name, prefix, condition.prompt_after_system),
+            [tagged[i].question for i in indices],
+            progress=False,
+        )
+        for i, ok in zip(indices, scores.correct, strict=True):
+            correct[i] = ok
+            kv_tokens[i] = prefix.num_tokens if prefix is not None else 0
+            kv_bytes[i] = prefix.nbytes if prefix is not None else 0
+        if key == common_key and prefix is not None and throughput_batch > 0:
+            prompts = [tagged[i].question.question for i in indices[:throughput_batch]]
+            throughput = decode_throughput(
+                model,
+                tokenizer,
+                Condition(condition.name, prefix, condition.prompt_after_system),
+                prompts,
+                new_tokens=throughput_tokens,
+            )
+    n = len(tagged)
+    interval = wilson_interval(sum(correct), n)
+    row = {
+        "condition": condition.name,
+        "accuracy": sum(correct) / n,
+        "accuracy_interval": [interval.low, interval.high],
+        "correct": [int(c) for c in correct],
+        "context_tokens": sum(condition.context_tokens) / n if condition.context_tokens else 0.0,
+        "kv_tokens": sum(kv_tokens) / n,
+        "kv_bytes": sum(kv_bytes) / n,
+        "decode_tokens_per_s": throughput,
+        "routing_accuracy": None,
+    }
+    if condition.routed is not None:
+        hits = [t.document in routed for t, routed in zip(tagged, condition.routed, strict=True)]
+        row["routing_accuracy"] = sum(hits) / n
+    by_document = {}
+    for doc in sorted({t.document for t in tagged}):
+        subset = [c for c, t in zip(correct, tagged, strict=True) if t.document == doc]
+        by_document[doc] = sum(subset) / len(subset)
+    row["by_document"] = by_document
+    logger.info("%s: accuracy %.3f", condition.name, row["accuracy"])
+    return row
+
+
+def documents_that_fit(library: CartridgeLibrary, tokenizer, max_tokens: int) -> list[str]:
+    """The library's documents, in order, as many whole ones as fit one system turn of ``max_tokens`` tokens."""
+    from hfx.cartridges.corpus import document_prefix_ids
+
+    kept: list[str] = []
+    for doc_id in library.ids:
+        text = "\n\n".join(library.text(d) for d in [*kept, doc_id])
+        if len(document_prefix_ids(tokenizer, text)) > max_tokens:
+            break
+        kept.append(doc_id)
+    return kept
+
+
+def library_conditions(
+    model,
+    tokenizer,
+    tagged: list[TaggedQuestion],
+    libraries: dict[str, CartridgeLibrary],
+    routers: tuple[str, ...] = ("bm25", "likelihood"),
+    ks: tuple[int, ...] = (1, 2),
+    rag_multiples: tuple[int, ...] = (1, 3),
+    rag_chunk_tokens: int = 128,
+    max_context_tokens: int | None = None,
+) -> list[PerQuestionCondition]:
+    """The conditions of the table. ``libraries`` maps a label ("trained alone", "with distractors") to a library
+    of the same documents; RAG's budget follows the routed cartridges of the last library at the largest k."""
+    from hfx.cartridges.corpus import document_prefix_ids, document_prefix_ids_within
+    from hfx.cartridges.routing import ChunkRetriever
+
+    first = next(iter(libraries.values()))
+    texts = {doc_id: first.text(doc_id) for doc_id in first.ids}
+    for label, library in libraries.items():
+        if library.ids != first.ids:
+            raise ValueError(f"The {label!r} library has other documents ({library.ids}) than {first.ids}.")
+    questions = [t.question.question for t in tagged]
+    n = len(tagged)
+    icl_cache: dict[tuple, PrefixKV] = {}
+
+    def icl(key: tuple) -> PrefixKV:
+        if key not in icl_cache:
+            icl_cache.clear()  # one at a time: long documents' KV is large
+            ids = document_prefix_ids(tokenizer, "\n\n".join(key[1:]) if key[0] == "text" else "")
+            icl_cache[key] = PrefixKV.prefill(model, ids)
+        return icl_cache[key]
+
+    def icl_tokens(text: str) -> int:
+        return len(document_prefix_ids(tokenizer, text))
+
+    conditions = [PerQuestionCondition("no context", [()] * n, lambda key: None, False, [0] * n)]
+    conditions.append(
+        PerQuestionCondition(
+            "oracle ICL (the question's document)",
+            [("text", texts[t.document]) for t in tagged],
+            icl,
+            True,
+            [icl_tokens(texts[t.document]) for t in tagged],
+        )
+    )
+    window = max_context_tokens or default_context_tokens(model)
+    fitting = documents_that_fit(first, tokenizer, window) if window else list(first.ids)
+    if fitting:
+        all_text = "\n\n".join(texts[d] for d in fitting)
+        ids, _ = (
+            document_prefix_ids_within(tokenizer, all_text, window)
+            if window
+            else (document_prefix_ids(tokenizer, all_text), False)
+        )
+        prefix = PrefixKV.prefill(model, ids)
+        conditions.append(
+            PerQuestionCondition(
+                f"ICL, {len(fitting)} of {len(first.ids)} documents that fit",
+                [("all",)] * n,
+                lambda key, prefix=prefix: prefix,
+                True,
+                [len(ids)] * n,
+            )
+        )
+
+    routed_by = {}  # (label, router, k) -> per question routed ids
+    for label, library in libraries.items():
+        for router in routers:
+            ranked = library.route(questions, k=max(ks), router=router, model=model, tokenizer=tokenizer)
+            for k in ks:
+                routed_by[(label, router, k)] = [tuple(doc for doc, _ in r[:k]) for r in ranked]
+
+    # RAG: BM25 chunks in context, at the routed cartridges' KV tokens (and multiples of them)
+    last_label = list(libraries)[-1]
+    budget_library = libraries[last_label]
+    budget_route = routed_by[(last_label, routers[0], max(ks))]
+    budgets = [sum(budget_library.document(d).num_virtual_tokens for d in routed) for routed in budget_route]
+    retriever = ChunkRetriever.from_documents(
+        list(texts.items()),
+        lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+        chunk_tokens=rag_chunk_tokens,
+    )
+    for multiple in rag_multiples:
+        keys, context = [], []
+        for question, budget in zip(questions, budgets, strict=True):
+            chunks = retriever.retrieve(question, budget * multiple)
+            text = "\n\n".join(c.text for c in chunks)
+            keys.append(("text", text))
+            context.append(icl_tokens(text))
+        label = "" if multiple == 1 else f" x{multiple}"
+        conditions.append(
+            PerQuestionCondition(
+                f"RAG, BM25 chunks at the routed top-{max(ks)} KV tokens{label}", keys, icl, True, context
+            )
+        )
+
+    for label, library in libraries.items():
+
+        def composed(key: tuple, library=library) -> PrefixKV:
+            return library.prefix(list(key), model)
+
+        everything = tuple(library.ids)
+        conditions.append(
+            PerQuestionCondition(f"all {len(everything)} cartridges composed ({label})", [everything] * n,
+                                 composed, False, [0] * n)
+        )  # fmt: skip
+        for router in routers:
+            for k in ks:
+                routed = routed_by[(label, router, k)]
+                conditions.append(
+                    PerQuestionCondition(
+                        f"routed top-{k}, {router} ({label})", list(routed), composed, False, [0] * n, routed
+                    )
+                )
+        conditions.append(
+            PerQuestionCondition(
+                f"oracle cartridge ({label})", [(t.document,) for t in tagged], composed, False, [0] * n
+            )
+        )
+    return conditions
+
+
+def evaluate_library(
+    model,
+    tokenizer,
+    tagged: list[TaggedQuestion],
+    libraries: dict[str, CartridgeLibrary],
+    throughput_batch: int = 8,
+    throughput_tokens: int = 32,
+    progress: bool = True,
+    **condition_kwargs,
+) -> dict:
+    """Every condition of :func:`library_conditions` scored on the mixed questions, plus BM25's routing accuracy
+    on the questions with their document's name masked (how much the names in the questions carry)."""
+    from hfx.cartridges.routing import mask_document_names
+
+    conditions = library_conditions(model, tokenizer, tagged, libraries, **condition_kwargs)
+    rows = [
+        score_per_question(model, tokenizer, c, tagged, throughput_batch, throughput_tokens, progress)
+        for c in conditions
+    ]
+    first = next(iter(libraries.values()))
+    names = list(first.ids)
+    masked = [mask_document_names(t.question.question, names) for t in tagged]
+    routing_masked = {}
+    for k in (1, 2):
+        routed = first.route(masked, k=k)
+        hits = [t.document in {d for d, _ in r} for t, r in zip(tagged, routed, strict=True)]
+        routing_masked[f"bm25 top-{k}, names masked"] = sum(hits) / len(hits)
+    counts: dict[str, int] = {}
+    for t in tagged:
+        counts[t.document] = counts.get(t.document, 0) + 1
+    return {
+        "rows": rows,
+        "num_questions": len(tagged),
+        "questions_per_document": counts,
+        "routing_with_names_masked": routing_masked,
+        "libraries": {label: str(library.folder) for label, library in libraries.items()},
+    }
+
+
+def format_library_table(report: dict) -> str:
+    """Markdown: one row per condition (accuracy with its 95% interval, routing accuracy, context and KV tokens per
+    question, KV bytes, decode tokens/s)."""
+    lines = [
+        "| condition | accuracy (95% CI) | routing accuracy | context tokens | KV tokens | KV bytes | decode tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        low, high = row["accuracy_interval"] or (float("nan"), float("nan"))
+        routing = "—" if row["routing_accuracy"] is None else f"{row['routing_accuracy']:.3f}"
+        decode = "—" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']:.0f}"
+        lines.append(
+            f"| {row['condition']} | {row['accuracy']:.3f} ({low:.2f}–{high:.2f}) | {routing} | "
+            f"{row['context_tokens']:.0f} | {row['kv_tokens']:.0f} | {format_bytes(int(row['kv_bytes']))} | "
+            f"{decode} |"
+        )
+    counts = ", ".join(f"{doc}: {n}" for doc, n in sorted(report["questions_per_document"].items()))
+    masked = ", ".join(f"{name} {value:.3f}" for name, value in report["routing_with_names_masked"].items())
+    lines.append(
+        f"\n{report['num_questions']} multiple-choice questions ({counts}). Routing accuracy: {masked}."
+    )
+    return "\n".join(lines)
