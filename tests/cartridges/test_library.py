@@ -457,3 +457,29 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     }
     table = format_library_table(report)
     assert table.count("\n| ") == len(rows) and "4 multiple-choice questions" in table  # after the header
+
+
+@pytest.mark.integration
+def test_accelerate_launch_shares_the_documents_between_processes(tmp_path, tiny_model_dir):
+    """Under `accelerate launch` each process trains its own documents alone (one process per cartridge), and the
+    manifest ends complete."""
+    from tests.launching import ROOT, accelerate_cpu, finish, start
+
+    docs = write_documents(tmp_path / "docs", DOCUMENTS)
+    lib = tmp_path / "lib"
+    synthesis = [f"--{name}={value}" for name, value in TINY["synthesis"].items()]
+    arguments = [
+        "cartridge", "library", "build", "--documents", str(docs), "--output_dir", str(lib),
+        "--model_name_or_path", str(tiny_model_dir), "--num_virtual_tokens", "8", "--num_train_epochs", "1",
+        *synthesis,
+    ]  # fmt: skip
+    log = tmp_path / "build.log"
+    finish(start(accelerate_cpu(ROOT / "src" / "hfx" / "cli.py", 2, arguments), log), log)
+    printed = log.read_text()
+    trained = sorted(line.split()[1] for line in printed.splitlines() if line.startswith("trained "))
+    assert trained == sorted(DOCUMENTS)  # each document once, by one of the two processes
+    manifest = json.loads((lib / LIBRARY_FILE).read_text())
+    assert manifest["pending"] == [] and len(manifest["documents"]) == 3
+    for document in manifest["documents"]:
+        metadata = json.loads((lib / document["cartridge"] / "hfx_cartridge.json").read_text())
+        assert metadata["num_processes"] == 1  # trained alone, not in one data-parallel job with the other

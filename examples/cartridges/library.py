@@ -1,0 +1,115 @@
+"""A cartridge library of the documents that have question sets, against RAG and ICL on their mixed questions.
+
+    .venv/bin/python examples/cartridges/library.py --budget_minutes 6
+    accelerate launch examples/cartridges/library.py --budget_minutes 6     # processes share the documents
+    .venv/bin/python examples/cartridges/library.py --table                 # only the table of a finished run
+
+Builds two libraries of the same documents (``hfx cartridge library build``) into ``OUTPUT_ROOT/alone`` (each
+cartridge trained alone) and ``OUTPUT_ROOT/distractors`` (trained beside the others' initial cartridges), then scores
+every condition of :mod:`hfx.cartridges.library_evaluation` on the documents' questions shuffled together, and
+writes ``OUTPUT_ROOT/library_eval.json`` and the markdown table ``OUTPUT_ROOT/library_table.md``. Both builds are
+resumable; a rerun reuses what is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+#: The documents with a question set in tests/data/questions/ (at least 60 questions each).
+DOCUMENTS = ["rcv1", "breast_cancer", "covtype", "digits", "iris", "kddcup99", "lfw", "wine_data"]
+
+
+def _pending(folder: Path) -> list[str]:
+    manifest = json.loads((folder / "library.json").read_text())
+    return manifest["pending"]
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--documents", nargs="+", default=DOCUMENTS)
+    parser.add_argument("--questions_dir", default="tests/data/questions")
+    parser.add_argument("--output_root", default="outputs/library")
+    parser.add_argument("--budget_minutes", type=float, default=6.0, help="Minutes per document and library.")
+    parser.add_argument("--model_name_or_path", default="embedded")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--table", action="store_true", help="Only print the table of a finished evaluation.")
+    args = parser.parse_args(argv)
+    root = Path(args.output_root)
+    if args.table:
+        print((root / "library_table.md").read_text())
+        return None
+
+    from hfx.atomic import write_text_atomic
+    from hfx.cartridges.library import (
+        CartridgeLibrary,
+        LibrarySettings,
+        build_library,
+        leave_launch,
+    )
+    from hfx.cartridges.library_evaluation import evaluate_library, format_library_table, mixed_questions
+    from hfx.models import load_causal_lm
+
+    process_index, num_processes, local_index = leave_launch()
+    device = args.device
+    if device is None and num_processes > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{local_index % torch.cuda.device_count()}"
+    minutes = {}
+    for label, distractors in (("alone", "none"), ("distractors", "initial")):
+        start = time.time()
+        report = build_library(
+            args.documents,
+            root / label,
+            LibrarySettings(args.model_name_or_path, args.budget_minutes, distractors=distractors),
+            device=device,
+            dtype=args.dtype,
+            process_index=process_index,
+            num_processes=num_processes,
+        )
+        minutes[label] = (time.time() - start) / 60
+        print(
+            f"{label}: trained {sorted(report.trained) or 'nothing'}, kept {report.kept} ({minutes[label]:.1f} min)"
+        )
+    if process_index != 0:
+        return None
+    deadline = time.time() + 60 * (2 * args.budget_minutes * len(args.documents) + 30)
+    while any(_pending(root / label) for label in ("alone", "distractors")):  # the other processes' documents
+        if time.time() > deadline:
+            raise SystemExit(
+                f"{root}: other processes' documents are still unfinished: {_pending(root / 'alone')}, "
+                f"{_pending(root / 'distractors')}; run this again once they are."
+            )
+        time.sleep(10)
+    libraries = {
+        "trained alone": CartridgeLibrary(root / "alone"),
+        "with distractors": CartridgeLibrary(root / "distractors"),
+    }
+    model, tokenizer = load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
+    tagged = mixed_questions(libraries["with distractors"], args.questions_dir)
+    start = time.time()
+    report = evaluate_library(model, tokenizer, tagged, libraries)
+    report["evaluation_minutes"] = (time.time() - start) / 60
+    report["build_minutes"] = minutes
+    report["budget_minutes_per_document"] = args.budget_minutes
+    report["num_processes"] = num_processes
+    report["device"] = str(model.device)
+    report["dtype"] = str(model.dtype).removeprefix("torch.")
+    table = format_library_table(report)
+    write_text_atomic(root / "library_eval.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(root / "library_table.md", table + "\n")
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
