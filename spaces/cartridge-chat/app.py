@@ -1,9 +1,11 @@
 """Cartridge chat: talk to a base model through one or more cartridges, next to the document in context (ICL).
 
-Run locally with ``python app.py [--base-model embedded] [--cartridge DIR ...] [--document FILE] [--port N]``.
+Run locally with ``python app.py [--base-model embedded] [--cartridge DIR ...] [--document FILE] [--library DIR]
+[--port N]``.
 A cartridge is a trained KV prefix (``hfx.cartridges``): several compose by concatenation, and each answer is
 streamed after that prefix. With "ICL" on, the same question is also answered with the whole document prefilled
-in the system turn, and the page shows what each costs in KV memory.
+in the system turn, and the page shows what each costs in KV memory. With ``--library`` (a cartridge library), each
+question can instead be routed to the library's cartridges, and the page lists which ones each answer used.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from hfx.cartridges.chat import (  # noqa: E402
     history_messages,
     new_session,
 )
+from hfx.cartridges.library import ROUTERS  # noqa: E402
 from hfx.cartridges.training import METADATA_FILE  # noqa: E402
 from hfx.models import model_id  # noqa: E402
 
@@ -98,16 +101,39 @@ class ChatUI:
     # -- answering -------------------------------------------------------------------------------------------
 
     def respond(
-        self, message, cartridge_chat, icl_chat, base_name, keys, choice, with_icl, max_new_tokens, session
+        self,
+        message,
+        cartridge_chat,
+        icl_chat,
+        base_name,
+        keys,
+        choice,
+        with_icl,
+        max_new_tokens,
+        library_mode,
+        router,
+        library_k,
+        routed_log,
+        session,
     ):
-        """Stream the cartridge answer (and the ICL one) into the two chats, word by word."""
+        """Stream the cartridge answer (and the ICL one) into the two chats, word by word. In library mode the
+        cartridges are the library's, routed for this message, and the page lists them under the answer's number."""
         cartridge_chat = list(cartridge_chat or [])
         icl_chat = list(icl_chat or [])
+        routed_log = routed_log or ""
         start = time.perf_counter()
         try:
             base = self.engine.base(base_name)
             cartridges = self.engine.selected(keys, session)
             document = self.engine.document_for(choice, keys, session) if with_icl else None
+            if library_mode and self.engine.library is not None:
+                routed = self.engine.route(base, message, library_k, router)
+                cartridges = [cartridge for cartridge, _ in routed]
+                used = ", ".join(f"{c.label} ({score:.2f})" for c, score in routed)
+                turn = len([m for m in cartridge_chat if m.get("role") == "assistant"]) + 1
+                routed_log = (
+                    routed_log or "**Cartridges each answer used**"
+                ) + f"\n- answer {turn} ({router}): {used}"
             sides = self.engine.sides(
                 base,
                 cartridges,
@@ -117,27 +143,28 @@ class ChatUI:
                 message,
                 max_new_tokens,
             )
-            memory = self.engine.memory(base_name, keys, choice, session)
+            routed_cartridges = cartridges if library_mode and self.engine.library is not None else None
+            memory = self.engine.memory(base_name, keys, choice, session, routed_cartridges)
         except ChatError as err:
             gr.Warning(str(err))
-            yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), f"⚠️ {err}"
+            yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), f"⚠️ {err}", gr.skip()
             return
         cartridge_chat += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         if document is not None:
             icl_chat += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        yield cartridge_chat, icl_chat, "", memory, "Answering…"
+        yield cartridge_chat, icl_chat, "", memory, "Answering…", routed_log
         try:
             for texts in self.engine.stream(base, sides, max_new_tokens):
                 cartridge_chat[-1] = {"role": "assistant", "content": texts["cartridge"]}
                 if "icl" in texts:
                     icl_chat[-1] = {"role": "assistant", "content": texts["icl"]}
-                yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), gr.skip()
+                yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), gr.skip(), gr.skip()
         except RuntimeError as err:
             gr.Warning(str(err))
-            yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), f"⚠️ {err}"
+            yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), f"⚠️ {err}", gr.skip()
             return
         elapsed = f"Answered in {time.perf_counter() - start:.1f} s."
-        yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), elapsed
+        yield cartridge_chat, icl_chat, gr.skip(), gr.skip(), elapsed, gr.skip()
 
     def ask(
         self,
@@ -157,6 +184,21 @@ class ChatUI:
         try:
             yield from self.engine.answer(message, cartridges, with_icl, max_new_tokens, document, base_model)
         except (ValueError, RuntimeError) as err:  # ChatError is a ValueError
+            raise gr.Error(str(err)) from None
+
+    def ask_library(
+        self,
+        message: str,
+        k: int = 2,
+        router: str = "bm25",
+        max_new_tokens: int = 64,
+        base_model: str | None = None,
+    ) -> Iterator[tuple[str, list[str]]]:
+        """Answer one message through the server's library: the top-``k`` cartridges by ``router`` ("bm25" or
+        "likelihood"), composed; streams (answer, labels of the cartridges used)."""
+        try:
+            yield from self.engine.answer_library(message, k, router, max_new_tokens, base_model)
+        except (ValueError, RuntimeError) as err:
             raise gr.Error(str(err)) from None
 
 
@@ -212,6 +254,23 @@ def build_app(engine: ChatEngine) -> gr.Blocks:
                     elem_id="document-upload",
                     height=110,
                 )
+                library = engine.library
+                with gr.Group(visible=library is not None):
+                    library_mode = gr.Checkbox(
+                        value=library is not None,
+                        label=f"route each question through the library ({len(library.ids) if library else 0} "
+                        "documents) instead of the cartridges above",
+                        elem_id="library-mode",
+                    )
+                    router = gr.Radio(list(ROUTERS), value="bm25", label="router", elem_id="router")
+                    library_k = gr.Slider(
+                        1,
+                        max(2, min(4, len(library.ids) if library else 2)),
+                        value=2 if library is None or len(library.ids) > 1 else 1,
+                        step=1,
+                        label="cartridges per question",
+                        elem_id="library-k",
+                    )
                 max_new_tokens = gr.Slider(
                     1,
                     engine.max_new_tokens,
@@ -223,6 +282,7 @@ def build_app(engine: ChatEngine) -> gr.Blocks:
             with gr.Column(scale=3):
                 memory = gr.Markdown(first_memory, elem_id="memory")
                 status = gr.Markdown("", elem_id="status")
+                routed = gr.Markdown("", elem_id="routed")
                 with gr.Row(equal_height=True):
                     cartridge_chat = gr.Chatbot(
                         label="through the cartridges", elem_id="cartridge-chat", height=480
@@ -265,16 +325,21 @@ def build_app(engine: ChatEngine) -> gr.Blocks:
             document,
             with_icl,
             max_new_tokens,
+            library_mode,
+            router,
+            library_k,
+            routed,
         ]
-        chat_outputs = [cartridge_chat, icl_chat, message, memory, status]
+        chat_outputs = [cartridge_chat, icl_chat, message, memory, status, routed]
         answering = [
             trigger(ui.respond, [*chat_inputs, session], chat_outputs, concurrency_id="generate", **private)
             for trigger in (send.click, message.submit)
         ]
         # Cancelling closes the answer's stream, which stops its generate threads at the next token.
         stop.click(lambda: "Stopped.", None, status, cancels=answering, **private)
-        clear.click(lambda: ([], [], ""), None, [cartridge_chat, icl_chat, status], **private)
+        clear.click(lambda: ([], [], "", ""), None, [cartridge_chat, icl_chat, status, routed], **private)
         gr.api(ui.ask, api_name="ask", concurrency_id="generate")
+        gr.api(ui.ask_library, api_name="ask_library", concurrency_id="generate")
     return demo
 
 

@@ -467,3 +467,57 @@ def test_eight_concurrent_users_all_get_an_answer(server):
         f"\n{users} concurrent users: latency min {latencies[0]:.2f} s, "
         f"median {statistics.median(latencies):.2f} s, max {latencies[-1]:.2f} s"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Library mode: a library of a tiny model, each question routed to its cartridges
+
+
+@pytest.fixture(scope="module")
+def library_server(tmp_path_factory, tiny_model_dir):
+    """``python app.py --library LIB`` over a three-document library of a tiny random Llama."""
+    from hfx.cartridges.library import build_library
+    from tests.cartridges.test_library import DOCUMENTS, tiny_settings, write_documents
+
+    directory = tmp_path_factory.mktemp("library-chat")
+    docs = write_documents(directory / "docs", DOCUMENTS)
+    build_library([str(docs)], directory / "lib", tiny_settings(tiny_model_dir, distractors="none"))
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [sys.executable, str(APP), "--port", str(port), "--base-model", str(tiny_model_dir)]
+    command += ["--library", str(directory / "lib"), "--max-new-tokens", "6"]
+    url = f"http://127.0.0.1:{port}/"
+    with serving(command, url, directory / "server.log", env, STARTUP_SECONDS):
+        yield url
+
+
+@pytest.mark.integration
+def test_library_mode_routes_each_question_and_shows_the_cartridges_used(library_server):
+    with chromium_page(timeout_ms=60_000) as page:
+        from playwright.sync_api import expect
+
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(library_server)
+        expect(page.locator("#library-mode input")).to_be_checked()
+        page.fill("#message textarea", "Where does Kelvara moss grow?")
+        page.click("#send")
+        status, routed, memory = page.locator("#status"), page.locator("#routed"), page.locator("#memory")
+        expect(status).to_contain_text("Answered in", timeout=ANSWER_MS)
+        expect(routed).to_contain_text("answer 1 (bm25): kelvara.md (p=8)")
+        expect(memory).to_contain_text("cartridge: 2 parts, 16 tokens")
+
+        page.locator("#router label", has_text="likelihood").click()
+        page.fill("#message textarea", "What does the Quintessa lighthouse burn?")
+        page.keyboard.press("Enter")
+        expect(routed).to_contain_text("answer 2 (likelihood):", timeout=ANSWER_MS)
+        expect(status).to_contain_text("Answered in", timeout=ANSWER_MS)
+        expect(page.locator("#cartridge-chat [data-testid=bot]")).to_have_count(2)
+        assert errors == []
+
+    from gradio_client import Client
+
+    answer, used = Client(library_server, verbose=False).predict(
+        "What does the Quintessa lighthouse burn?", 1, "bm25", 4, api_name="/ask_library"
+    )
+    assert used == ["quintessa.txt (p=8)"] and isinstance(answer, str)

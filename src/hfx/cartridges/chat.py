@@ -323,6 +323,7 @@ class ChatEngine:
         dtype: str = "auto",
         loader: Callable[[str], tuple] | None = None,
         device: str | None = None,
+        library: str | Path | None = None,
     ):
         self.base_names = list(dict.fromkeys(base_models or ["embedded"]))
         self.max_new_tokens = max_new_tokens
@@ -342,6 +343,61 @@ class ChatEngine:
                 self.document = read_document(document)
             except (OSError, ValueError) as err:
                 raise ValueError(f"--document {document}: {err}") from None
+        self.library = None
+        self.library_cartridges: dict[str, Cartridge] = {}
+        self._route_lock = threading.Lock()
+        if library:
+            self.load_library(library)
+
+    def load_library(self, folder: str | Path) -> None:
+        """Serve a cartridge library (:mod:`hfx.cartridges.library`): each question can be routed to its cartridges."""
+        from hfx.cartridges.library import CartridgeLibrary
+
+        try:
+            self.library = CartridgeLibrary(folder)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--library {folder}: {err}") from None
+        self.library_cartridges = {
+            doc_id: Cartridge(
+                f"library-{i}",
+                f"{doc_id} (p={self.library.document(doc_id).num_virtual_tokens})",
+                self.library.cartridge_dir(doc_id),
+            )
+            for i, doc_id in enumerate(self.library.ids)
+        }
+
+    def route(self, base: BaseModel, message: str, k: int, router: str) -> list[tuple[Cartridge, float]]:
+        """The library's top-``k`` cartridges for ``message`` by ``router``, with the router's scores."""
+        if self.library is None:
+            raise ChatError("This server has no cartridge library (start it with --library DIR).")
+        message = (message or "").strip()
+        if not message:
+            raise ChatError("Type a message first.")
+        k = max(1, min(int(k), len(self.library_cartridges)))
+        try:
+            with self._route_lock, base.tokenizer_lock:  # the library's cartridge cache is not thread-safe
+                (routed,) = self.library.route(
+                    [message], k=k, router=router, model=base.model, tokenizer=base.tokenizer
+                )
+        except (KeyError, ValueError) as err:
+            raise ChatError(str(err)) from None
+        return [(self.library_cartridges[doc_id], score) for doc_id, score in routed]
+
+    def answer_library(
+        self,
+        message: str,
+        k: int = 2,
+        router: str = "bm25",
+        max_new_tokens: int = 64,
+        base_model: str | None = None,
+    ) -> Iterator[tuple[str, list[str]]]:
+        """Answer one message through the library's cartridges routed for it; streams (answer, cartridges used)."""
+        base = self.base(base_model)
+        chosen = [cartridge for cartridge, _ in self.route(base, message, k, router)]
+        used = [cartridge.label for cartridge in chosen]
+        sides = self.sides(base, chosen, [], None, [], message, max_new_tokens)
+        for texts in self.stream(base, sides, max_new_tokens):
+            yield texts["cartridge"], used
 
     def add_server_cartridge(self, source: str | Path) -> Cartridge:
         path = resolve_cartridge(source)
@@ -519,14 +575,18 @@ class ChatEngine:
     def default_document(self) -> str:
         return DOC_FROM_ARGUMENT if self.document is not None else DOC_FROM_CARTRIDGES
 
-    def memory(self, base_name: str | None, keys, choice, session) -> str:
-        """The KV memory summary of a selection; the ICL line is left out while no document can be found."""
+    def memory(
+        self, base_name: str | None, keys, choice, session, cartridges: list[Cartridge] | None = None
+    ) -> str:
+        """The KV memory summary of a selection (or of ``cartridges``, a library's routed ones); the ICL line is left
+        out while no document can be found."""
         base = self.base(base_name)
         try:
             document = self.document_for(choice, keys, session)
         except ChatError:
             document = None
-        return self.memory_summary(base, self.selected(keys, session), document)
+        chosen = self.selected(keys, session) if cartridges is None else cartridges
+        return self.memory_summary(base, chosen, document)
 
     def add_uploads(
         self, paths: list[str], base_name: str | None, keys: list[str] | None, session: dict
@@ -580,6 +640,11 @@ class ChatEngine:
                 self.compose(self.base(), [cartridge])
             except ChatError as err:
                 raise ChatError(f"--cartridge {cartridge.path}: {err}") from None
+        for cartridge in self.library_cartridges.values():
+            try:
+                self.compose(self.base(), [cartridge])
+            except ChatError as err:
+                raise ChatError(f"--library: {cartridge.label}: {err}") from None
 
     def answer(
         self,
@@ -862,6 +927,13 @@ def add_engine_arguments(parser) -> None:
         "(default: the cartridges' own corpora; $CARTRIDGE_CHAT_DOCUMENT)",
     )
     parser.add_argument(
+        "--library",
+        default=os.environ.get("CARTRIDGE_CHAT_LIBRARY"),
+        metavar="DIR",
+        help="a cartridge library (hfx cartridge library build): each question is routed to its cartridges "
+        "($CARTRIDGE_CHAT_LIBRARY)",
+    )
+    parser.add_argument(
         "--max-new-tokens", type=int, default=256, help="the most tokens one answer may have (default: 256)"
     )
     parser.add_argument(
@@ -893,6 +965,7 @@ def engine_from_arguments(args) -> ChatEngine:
         args.max_new_tokens,
         dtype=args.dtype,
         device=args.device,
+        library=args.library,
     )
     engine.check_cartridges()
     return engine
