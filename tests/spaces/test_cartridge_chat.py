@@ -290,6 +290,10 @@ def test_answers_stream_word_by_word_for_the_cartridge_and_icl(engine):
     assert last.strip()
 
 
+#: The library controls of ``respond`` when the server has no library: (library mode, router, k, routed log).
+NO_LIBRARY = (False, "bm25", 2, "")
+
+
 @pytest.mark.integration
 def test_ui_handlers_report_problems_and_keep_working(app, engine, cartridges):
     ui = app.ChatUI(engine)
@@ -297,8 +301,10 @@ def test_ui_handlers_report_problems_and_keep_working(app, engine, cartridges):
     keys = list(engine.cartridges)
 
     with pytest.warns(UserWarning, match="Type a message first"):
-        (only,) = list(ui.respond("  ", [], [], None, keys, chat.DOC_FROM_ARGUMENT, True, 8, session))
-    assert only[-1].startswith("⚠️ Type a message first")
+        (only,) = list(
+            ui.respond("  ", [], [], None, keys, chat.DOC_FROM_ARGUMENT, True, 8, *NO_LIBRARY, session)
+        )
+    assert only[4].startswith("⚠️ Type a message first")
 
     for upload, expected in (
         (files_of(cartridges["other_base"]), "trained on 'someone/Other-7B'"),
@@ -316,9 +322,11 @@ def test_ui_handlers_report_problems_and_keep_working(app, engine, cartridges):
     assert status == "Added covtype (p=12)."
     assert len(group.value) == 3 and "cartridge: 3 parts, 32 tokens" in memory
 
-    updates = list(ui.respond("Hello?", [], [], None, group.value, chat.DOC_FROM_ARGUMENT, True, 6, session))
+    updates = list(
+        ui.respond("Hello?", [], [], None, group.value, chat.DOC_FROM_ARGUMENT, True, 6, *NO_LIBRARY, session)
+    )
     assert updates[0][2] == ""  # the message box is emptied as soon as the answer starts
-    cartridge_chat, icl_chat, _, memory, status = updates[-1]
+    cartridge_chat, icl_chat, _, memory, status, _ = updates[-1]
     assert status.startswith("Answered in")
     assert cartridge_chat[-1]["role"] == "assistant" and cartridge_chat[-1]["content"].strip()
     assert icl_chat[-1]["content"].strip()
