@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     model, tokenizer = load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
     tagged = mixed_questions(libraries["with distractors"], args.questions_dir)
     start = time.time()
-    report = evaluate_library(model, tokenizer, tagged, libraries)
+    aliases_file = Path(args.questions_dir) / "aliases.json"
+    aliases = json.loads(aliases_file.read_text()) if aliases_file.is_file() else None
+    report = evaluate_library(model, tokenizer, tagged, libraries, aliases=aliases)
     report["evaluation_minutes"] = (time.time() - start) / 60
     report["build_minutes"] = minutes
     report["budget_minutes_per_document"] = args.budget_minutes

@@ -456,7 +456,11 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
         "bm25 top-2, names masked",
     }
     table = format_library_table(report)
-    assert table.count("\n| ") == len(rows) and "4 multiple-choice questions" in table  # after the header
+    assert (
+        table.count("\n| ") == len(rows)
+        and "4 multiple-choice questions" in table
+        and "name their document" in table
+    )  # after the header
 
 
 @pytest.mark.integration

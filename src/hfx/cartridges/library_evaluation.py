@@ -280,10 +280,12 @@ def evaluate_library(
     throughput_batch: int = 8,
     throughput_tokens: int = 32,
     progress: bool = True,
+    aliases: dict[str, list[str]] | None = None,
     **condition_kwargs,
 ) -> dict:
     """Every condition of :func:`library_conditions` scored on the mixed questions, plus BM25's routing accuracy
-    on the questions with their document's name masked (how much the names in the questions carry)."""
+    on the questions with their document's names masked (the ids, and the names in ``aliases``: id -> the names the
+    questions call it by), which says how much routing owes to questions that name their document."""
     from hfx.cartridges.routing import mask_document_names
 
     conditions = library_conditions(model, tokenizer, tagged, libraries, **condition_kwargs)
@@ -292,8 +294,9 @@ def evaluate_library(
         for c in conditions
     ]
     first = next(iter(libraries.values()))
-    names = list(first.ids)
+    names = list(first.ids) + [name for doc in first.ids for name in (aliases or {}).get(doc, [])]
     masked = [mask_document_names(t.question.question, names) for t in tagged]
+    named = sum(m != t.question.question for m, t in zip(masked, tagged, strict=True))
     routing_masked = {}
     for k in (1, 2):
         routed = first.route(masked, k=k)
@@ -307,6 +310,7 @@ def evaluate_library(
         "num_questions": len(tagged),
         "questions_per_document": counts,
         "routing_with_names_masked": routing_masked,
+        "questions_naming_their_document": named,
         "libraries": {label: str(library.folder) for label, library in libraries.items()},
     }
 
@@ -330,6 +334,7 @@ def format_library_table(report: dict) -> str:
     counts = ", ".join(f"{doc}: {n}" for doc, n in sorted(report["questions_per_document"].items()))
     masked = ", ".join(f"{name} {value:.3f}" for name, value in report["routing_with_names_masked"].items())
     lines.append(
-        f"\n{report['num_questions']} multiple-choice questions ({counts}). Routing accuracy: {masked}."
+        f"\n{report['num_questions']} multiple-choice questions ({counts}); "
+        f"{report['questions_naming_their_document']} name their document. Routing accuracy: {masked}."
     )
     return "\n".join(lines)
