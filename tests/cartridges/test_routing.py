@@ -279,3 +279,28 @@ def test_a_cartridge_larger_than_the_cache_is_returned_but_not_kept():
     assert cache.hit_rate == pytest.approx(0.25)
     with pytest.raises(ValueError, match="capacity_bytes=-1"):
         CartridgeCache(capacity_bytes=-1, load=str, size_of=len)
+
+
+def test_lru_cache_builds_a_missing_value_once_for_concurrent_callers_and_counts_entries():
+    import threading
+    import time
+
+    from hfx.cartridges.routing import LRUCache
+
+    cache = LRUCache(2)  # entries
+    builds = []
+
+    def make():
+        builds.append(1)
+        time.sleep(0.05)  # the other callers arrive while it is being built
+        return "value"
+
+    threads = [threading.Thread(target=cache.get_or_make, args=("k", make)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == [1] and (cache.hits, cache.misses) == (5, 1)
+    cache.get_or_make("a", lambda: 1)
+    cache.get_or_make("b", lambda: 2)
+    assert "k" not in cache and len(cache) == 2 and cache.evictions == 1

@@ -20,7 +20,6 @@ import tempfile
 import threading
 import uuid
 import zipfile
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from hfx.cartridges.composition import composed_prefix
 from hfx.cartridges.corpus import chat_ids, document_prefix_ids_within
 from hfx.cartridges.evaluation import format_bytes
 from hfx.cartridges.prefix import PrefixKV, generate_after_prefix
+from hfx.cartridges.routing import LRUCache
 from hfx.cartridges.training import METADATA_FILE
 from hfx.documents import TEXT_SUFFIXES, read_document
 from hfx.models import load_causal_lm, model_id, resolve
@@ -144,35 +144,6 @@ def weights_signature(path: Path) -> tuple:
             stat = file.stat()
             signature.append((name, stat.st_size, stat.st_mtime_ns))
     return tuple(signature)
-
-
-class LRUCache:
-    """A small thread-safe least-recently-used map; ``get_or_make`` builds a missing value once per key."""
-
-    def __init__(self, size: int = CACHE_ENTRIES):
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self._key_locks: dict = {}
-
-    def get_or_make(self, key, make: Callable[[], object]):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:  # two users asking for the same new prefix build it once
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            value = make()
-            with self._lock:
-                self._items[key] = value
-                self._items.move_to_end(key)
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
-                self._key_locks.pop(key, None)
-            return value
 
 
 def resolve_cartridge(source: str | Path) -> Path:
@@ -332,8 +303,8 @@ class ChatEngine:
         self._loader = loader or (lambda name: load_causal_lm(name, device=self.device, dtype=self.dtype))
         self._models: dict[str, BaseModel] = {}
         self._models_lock = threading.Lock()
-        self._prefixes = LRUCache()
-        self._icl = LRUCache()
+        self._prefixes = LRUCache(CACHE_ENTRIES)
+        self._icl = LRUCache(CACHE_ENTRIES)
         self.cartridges: dict[str, Cartridge] = {}
         for source in cartridges or []:
             self.add_server_cartridge(source)

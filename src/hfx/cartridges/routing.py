@@ -4,7 +4,8 @@
   hides the documents' names in questions, to measure routing when a question does not name its document.
 * :func:`chunk_documents` and :class:`ChunkRetriever` are the RAG baseline: BM25 over chunks of the documents,
   as many of the best chunks as fit a token budget.
-* :class:`CartridgeCache` keeps the most recently used cartridges in memory within a byte budget.
+* :class:`LRUCache` keeps the most recently used values within a capacity (entries or bytes), thread-safe;
+  :class:`CartridgeCache` is one of loaded cartridges within a byte budget (a library's, the chat's prefixes).
 
 BM25 comes from the ``bm25s`` library (numpy only). Its index is rebuilt from the texts rather than saved: building it
 takes milliseconds for a library's documents, and nothing has to be kept in sync on disk.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 #: Stopwords argument of ``bm25s.tokenize``: a language code ("en"), a list of words, or None for none.
 Stopwords = str | list[str] | None
@@ -303,53 +307,60 @@ class ChunkRetriever:
         return selections
 
 
-class CartridgeCache(Generic[T]):
-    """Loaded cartridges by id, least recently used evicted first, within ``capacity_bytes``.
+class LRUCache(Generic[K, V]):
+    """A least-recently-used map within a capacity: a number of entries, or of bytes with ``size_of``.
 
-    ``load(id)`` makes a cartridge on a miss and ``size_of(cartridge)`` gives its bytes. A cartridge larger than
-    the whole capacity is returned but not kept (and evicts nothing), so serving it costs a load each time.
-    Not thread-safe: one caller (e.g. one serving loop) uses it at a time.
+    :meth:`get_or_make` returns the value of ``key``, built by ``make()`` on a miss (once: concurrent callers asking
+    for the same new key wait for the first one's value) and then the most recently used; the least recently used
+    entries go until the new one fits. A value larger than the whole capacity is returned but not kept (and evicts
+    nothing). Thread-safe; counts hits, misses and evictions.
     """
 
-    def __init__(self, capacity_bytes: int, load: Callable[[str], T], size_of: Callable[[T], int]) -> None:
-        if capacity_bytes < 0:
-            raise ValueError(f"capacity_bytes={capacity_bytes}: give a size in bytes >= 0.")
-        self.capacity_bytes = capacity_bytes
-        self._load = load
-        self._size_of = size_of
-        self._entries: OrderedDict[str, tuple[T, int]] = OrderedDict()
-        self.bytes_in_use = 0
+    def __init__(self, capacity: int, size_of: Callable[[V], int] | None = None) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity={capacity}: give a size >= 0.")
+        self.capacity = capacity
+        self._size_of = size_of or (lambda value: 1)
+        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[K, threading.Lock] = {}
+        self.size_in_use = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
 
-    def get(self, cartridge_id: str) -> T:
-        """The cartridge ``cartridge_id``, loaded on a miss and then the most recently used."""
-        if cartridge_id in self._entries:
-            self.hits += 1
-            self._entries.move_to_end(cartridge_id)
-            return self._entries[cartridge_id][0]
-        self.misses += 1
-        cartridge = self._load(cartridge_id)
-        size = self._size_of(cartridge)
-        if size < 0:
-            raise ValueError(f"size_of gave {size} bytes for cartridge {cartridge_id!r}; sizes must be >= 0.")
-        if size > self.capacity_bytes:
-            logger.warning(
-                "Cartridge %r (%d bytes) is larger than the cache (%d bytes): returned, not kept.",
-                cartridge_id,
-                size,
-                self.capacity_bytes,
-            )
-            return cartridge
-        while self.bytes_in_use + size > self.capacity_bytes:
-            evicted_id, (_, evicted_size) = self._entries.popitem(last=False)
-            self.bytes_in_use -= evicted_size
-            self.evictions += 1
-            logger.debug("Evicted cartridge %r (%d bytes)", evicted_id, evicted_size)
-        self._entries[cartridge_id] = (cartridge, size)
-        self.bytes_in_use += size
-        return cartridge
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._entries:
+                self.hits += 1
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:  # made by another caller while this one waited
+                if key in self._entries:
+                    self.hits += 1
+                    self._entries.move_to_end(key)
+                    return self._entries[key][0]
+                self.misses += 1
+            value = make()
+            size = self._size_of(value)
+            if size < 0:
+                raise ValueError(f"size_of gave {size} for {key!r}; sizes must be >= 0.")
+            with self._lock:
+                self._key_locks.pop(key, None)
+                if size > self.capacity:
+                    logger.warning("%r (size %d) is larger than the cache (%d): returned, not kept.", key, size,
+                                   self.capacity)  # fmt: skip
+                    return value
+                while self.size_in_use + size > self.capacity:
+                    evicted, (_, evicted_size) = self._entries.popitem(last=False)
+                    self.size_in_use -= evicted_size
+                    self.evictions += 1
+                    logger.debug("Evicted %r (size %d)", evicted, evicted_size)
+                self._entries[key] = (value, size)
+                self.size_in_use += size
+            return value
 
     @property
     def hit_rate(self) -> float:
@@ -365,12 +376,41 @@ class CartridgeCache(Generic[T]):
             "evictions": self.evictions,
             "hit_rate": self.hit_rate,
             "entries": len(self),
-            "bytes_in_use": self.bytes_in_use,
-            "capacity_bytes": self.capacity_bytes,
+            "in_use": self.size_in_use,
+            "capacity": self.capacity,
         }
 
-    def __contains__(self, cartridge_id: object) -> bool:
-        return cartridge_id in self._entries
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class CartridgeCache(LRUCache[str, T]):
+    """Loaded cartridges by id within ``capacity_bytes`` (an :class:`LRUCache` sized by ``size_of``, in bytes):
+    ``get(id)`` loads a missing one with ``load(id)``."""
+
+    def __init__(self, capacity_bytes: int, load: Callable[[str], T], size_of: Callable[[T], int]) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes={capacity_bytes}: give a size in bytes >= 0.")
+        super().__init__(capacity_bytes, size_of)
+        self._load = load
+
+    def get(self, cartridge_id: str) -> T:
+        """The cartridge ``cartridge_id``, loaded on a miss and then the most recently used."""
+        return self.get_or_make(cartridge_id, lambda: self._load(cartridge_id))
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.size_in_use
+
+    def stats(self) -> dict[str, float | int]:
+        stats = super().stats()
+        stats["bytes_in_use"] = stats.pop("in_use")
+        stats["capacity_bytes"] = stats.pop("capacity")
+        return stats
