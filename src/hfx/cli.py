@@ -225,6 +225,31 @@ def _cartridge_library_ask(argv: list[str]) -> None:
         print(f"Q: {question}\ncartridges [{answer.router}]: {used}\nA: {answer.text}\n")
 
 
+def _cartridge_library_push(argv: list[str]) -> None:
+    from hfx.cartridges.library import push_library_to_hub
+
+    parser = _argparser("hfx cartridge library push")
+    parser.add_argument("library", help="A library's folder (made by `hfx cartridge library build`).")
+    parser.add_argument("--repo_id", required=True, help="The model repo to upload it to (USER/NAME).")
+    parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    parser.add_argument(
+        "--dry-run", dest="dry_run", metavar="DIR", help="Write the upload folder to DIR; upload nothing."
+    )
+    parser.add_argument("--commit_message", default=None)
+    args = parser.parse_args(argv)
+    result = push_library_to_hub(
+        args.library,
+        args.repo_id,
+        private=args.private,
+        dry_run_dir=args.dry_run,
+        commit_message=args.commit_message,
+    )
+    if result["dry_run"]:
+        print(f"library for {result['url']}: {result['folder']} ({len(result['files'])} files)")
+    else:
+        print(f"library uploaded to {result['url']}: {result['commit_url']}")
+
+
 def _cartridge_push(argv: list[str]) -> None:
     from hfx.cartridges.hub import PushArguments, push_cartridge_to_hub
 
@@ -516,6 +541,14 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "Pick the top-k cartridges of a library for each question (BM25 over the documents, or the question's "
         "likelihood under each cartridge) and answer with them composed; prints which cartridges each answer used.",
         'hfx cartridge library ask outputs/library "How many samples does the iris dataset have?" --k 2',
+    ),
+    ("cartridge", "library", "push"): Command(
+        _cartridge_library_push,
+        "a library (cartridges, texts, manifest) to a Hub model repo with a card",
+        "Upload a library's finished cartridges (adapter, metadata, card), the documents' text and library.json to "
+        "one model repo, with a card listing the documents; CartridgeLibrary.from_pretrained(REPO) loads it back. "
+        "--dry-run DIR writes the upload folder and uploads nothing.",
+        "hfx cartridge library push outputs/library --repo_id you/my-library --dry-run outputs/library-upload",
     ),
     ("cartridge", "synthesize"): Command(
         _cartridge_synthesize,

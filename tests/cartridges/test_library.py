@@ -487,3 +487,60 @@ def test_accelerate_launch_shares_the_documents_between_processes(tmp_path, tiny
     for document in manifest["documents"]:
         metadata = json.loads((lib / document["cartridge"] / "hfx_cartridge.json").read_text())
         assert metadata["num_processes"] == 1  # trained alone, not in one data-parallel job with the other
+
+
+# -- sharing ------------------------------------------------------------------------------------------------------
+
+
+def test_push_dry_run_writes_a_library_that_loads_and_routes(built, tmp_path, capsys):
+    from hfx.cli import main
+
+    main(["cartridge", "library", "push", str(built["lib"]), "--repo_id", "someone/zorblat-library",
+          "--dry-run", str(tmp_path / "upload")])  # fmt: skip
+    assert "library for https://huggingface.co/someone/zorblat-library" in capsys.readouterr().out
+    upload = tmp_path / "upload"
+    files = sorted(str(p.relative_to(upload)) for p in upload.rglob("*") if p.is_file())
+    assert "library.json" in files and "README.md" in files
+    assert not any("synthesis" in f or "checkpoint" in f or f.startswith("initial/") for f in files)
+    shared = CartridgeLibrary.from_pretrained(upload)
+    assert shared.ids == CartridgeLibrary(built["lib"]).ids
+    assert shared.route(["Where does Kelvara moss grow?"], k=1)[0][0][0] == "kelvara.md"
+    torch.testing.assert_close(
+        load_prefix(shared.cartridge_dir("zorblat.txt")).keys[0],
+        load_prefix(CartridgeLibrary(built["lib"]).cartridge_dir("zorblat.txt")).keys[0],
+    )
+    card = (upload / "README.md").read_text()
+    assert "| kelvara.md | Kelvara moss |" in card and "someone/zorblat-library" in card
+    assert "cartridge-library" in card
+    with pytest.raises(SystemExit, match="not empty"):
+        main(
+            ["cartridge", "library", "push", str(built["lib"]), "--repo_id", "a/b", "--dry-run", str(upload)]
+        )
+
+
+def test_push_uploads_one_model_repo(built, monkeypatch):
+    import huggingface_hub
+
+    from hfx.cartridges.library import push_library_to_hub
+
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(repo_id)
+    )
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls.append(
+            sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        )
+        return f"https://huggingface.co/{repo_id}/commit/1"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    result = push_library_to_hub(built["lib"], "someone/lib", private=True)
+    assert result["commit_url"].endswith("/commit/1") and calls[0] == "someone/lib"
+    assert "library.json" in calls[1] and any(f.endswith("adapter_model.safetensors") for f in calls[1])
+
+
+def test_from_pretrained_names_a_missing_library_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="neither a library folder nor a downloadable Hub repo"):
+        CartridgeLibrary.from_pretrained("nobody/no-such-library")

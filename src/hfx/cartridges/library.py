@@ -452,6 +452,26 @@ class CartridgeLibrary:
     ``cache_bytes`` bounds the loaded cartridges kept in the model's device memory (least recently used go first).
     """
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, cache_bytes: int = 2 << 30) -> CartridgeLibrary:
+        """A library from a local folder or a Hub model repo (downloaded to the Hub cache), as
+        :func:`push_library_to_hub` uploads it."""
+        path = Path(name_or_path).expanduser()
+        if (
+            not path.exists()
+            and str(name_or_path).count("/") == 1
+            and not str(name_or_path).startswith((".", "/"))
+        ):
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = Path(snapshot_download(repo_id=str(name_or_path)))
+            except (OSError, ValueError) as err:  # offline, a missing or private repo
+                raise FileNotFoundError(
+                    f"{name_or_path}: neither a library folder nor a downloadable Hub repo ({type(err).__name__}: {err})."
+                ) from err
+        return cls(path, cache_bytes=cache_bytes)
+
     def __init__(self, folder: str | Path, cache_bytes: int = 2 << 30):
         self.folder = Path(folder)
         manifest = read_library_manifest(self.folder)
@@ -728,3 +748,100 @@ def build_from_arguments(args: LibraryBuildArguments, synthesis) -> BuildReport:
         process_index=process_index,
         num_processes=num_processes,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharing a library on the Hub.
+
+#: The files of a cartridge folder that a shared library carries (no checkpoints, no synthesis).
+SHARED_CARTRIDGE_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "hfx_cartridge.json",
+    "README.md",
+)
+
+
+def stage_library(library: CartridgeLibrary, target: Path, repo_id: str | None = None) -> list[str]:
+    """Write the upload folder of ``library`` into ``target``: ``library.json``, the documents' text, each finished
+    cartridge (adapter, metadata, card) and its entry, and a card listing the documents. Returns the file list."""
+    from hfx.cartridges.hub import MODEL_TAGS, hub_model_id
+    from hfx.hub import render_card
+
+    target.mkdir(parents=True)
+    for document in library.documents:
+        source_text = library.folder / document.document
+        (target / document.document).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source_text, target / document.document)
+        cartridge = Path(document.cartridge)
+        (target / cartridge).mkdir(parents=True, exist_ok=True)
+        for name in SHARED_CARTRIDGE_FILES:
+            if (library.folder / cartridge / name).is_file():
+                shutil.copy2(library.folder / cartridge / name, target / cartridge / name)
+        entry = library.folder / cartridge.parent / ENTRY_FILE
+        if entry.is_file():
+            shutil.copy2(entry, target / cartridge.parent / ENTRY_FILE)
+    manifest = {**library.manifest, "documents": [asdict(d) for d in library.documents], "pending": []}
+    write_text_atomic(target / LIBRARY_FILE, json.dumps(manifest, indent=2) + "\n")
+    hub_base = hub_model_id(library.base_model)
+    render_card(
+        "library_card.md",
+        target / "README.md",
+        card_data={
+            "library_name": "peft",
+            "base_model": hub_base,
+            "pipeline_tag": "text-generation",
+            "tags": [*MODEL_TAGS, "cartridge-library"],
+        },
+        manifest=library.manifest,
+        documents=library.documents,
+        repo_id=repo_id,
+        base_model=hub_base,
+    )
+    return sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+
+
+def push_library_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    dry_run_dir: str | Path | None = None,
+    commit_message: str | None = None,
+) -> dict:
+    """Upload a library's finished cartridges, texts and manifest to the model repo ``repo_id`` with a card
+    (:meth:`CartridgeLibrary.from_pretrained` loads it back). ``dry_run_dir``: write the upload folder there instead
+    and upload nothing. Returns the repo id, URL, files, and the dry-run folder or the commit URL."""
+    import tempfile
+
+    from hfx.atomic import atomic_folder
+    from hfx.cartridges.hub import HUB_URL, _check_repo_id
+    from hfx.hub import push_folder
+
+    library = CartridgeLibrary(folder)
+    _check_repo_id(repo_id, "repo_id")
+    if library.manifest.get("pending"):
+        logger.warning(
+            "%s: %s not finished; the upload leaves them out", folder, ", ".join(library.manifest["pending"])
+        )
+    result = {"repo_id": repo_id, "url": f"{HUB_URL}/{repo_id}"}
+    if dry_run_dir is not None:
+        dry_run_dir = Path(dry_run_dir)
+        if dry_run_dir.exists() and any(dry_run_dir.iterdir()):
+            raise FileExistsError(f"{dry_run_dir} exists and is not empty; choose another --dry-run folder.")
+        with atomic_folder(dry_run_dir) as tmp:
+            result["files"] = stage_library(library, tmp / "library", repo_id)
+            for path in (tmp / "library").iterdir():
+                path.rename(tmp / path.name)
+            (tmp / "library").rmdir()
+        return {**result, "dry_run": True, "folder": str(dry_run_dir)}
+    with tempfile.TemporaryDirectory(prefix="hfx-push-library-") as tmp:
+        result["files"] = stage_library(library, Path(tmp) / "library", repo_id)
+        result["commit_url"] = push_folder(
+            Path(tmp) / "library",
+            repo_id,
+            private=private,
+            commit_message=commit_message
+            or f"Upload a cartridge library of {len(library.ids)} documents with hfx",
+            delete_patterns=["*"],
+        )
+    return {**result, "dry_run": False}
