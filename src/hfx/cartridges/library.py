@@ -29,6 +29,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from hfx.atomic import write_text_atomic
+from hfx.models import DeviceArguments
 from hfx.stages import Stage, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -657,7 +658,7 @@ def leave_launch(environ=None) -> tuple[int, int, int]:
 
 
 @dataclass
-class LibraryBuildArguments:
+class LibraryBuildArguments(DeviceArguments):
     documents: list[str] = field(
         default_factory=list,
         metadata={
@@ -694,16 +695,6 @@ class LibraryBuildArguments:
     model_dtype: str | None = field(
         default=None,
         metadata={"help": "dtype of the frozen base in training; default: the main job's (auto)."},
-    )
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": "Device of this process (default: its accelerator; under `accelerate launch` each process "
-            "its own GPU), else the CPU."
-        },
-    )
-    dtype: str = field(
-        default="auto", metadata={"help": "dtype of synthesis and evaluation (auto, float32, ...)."}
     )
 
 
