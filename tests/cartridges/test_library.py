@@ -544,3 +544,21 @@ def test_from_pretrained_names_a_missing_library_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="neither a library folder nor a downloadable Hub repo"):
         CartridgeLibrary.from_pretrained("nobody/no-such-library")
+
+
+def test_a_run_of_other_settings_without_its_entry_is_started_over(tmp_path, tiny_model_dir):
+    docs = write_documents(tmp_path / "docs", {"zorblat.txt": DOCUMENTS["zorblat.txt"]})
+    lib = tmp_path / "lib"
+    build_library([str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"))
+    (
+        lib / "cartridges" / "zorblat.txt" / "library_entry.json"
+    ).unlink()  # killed before its entry was written
+    other = tiny_settings(tiny_model_dir, distractors="none")
+    other.training["learning_rate"] = 1e-2
+    report = build_library([str(docs)], lib, other)
+    assert report.trained == {"zorblat.txt": "unfinished"}
+    stage = json.loads(
+        (lib / "cartridges" / "zorblat.txt" / "cartridge" / "hfx_stage_cartridge.json").read_text()
+    )
+    assert stage["settings"]["learning_rate"] == 1e-2
+    assert CartridgeLibrary(lib).ids == ["zorblat.txt"]

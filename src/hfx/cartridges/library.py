@@ -30,7 +30,7 @@ from filelock import FileLock
 
 from hfx.atomic import write_text_atomic
 from hfx.models import DeviceArguments
-from hfx.stages import Stage, fingerprint
+from hfx.stages import Stage, StageMismatch, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -318,16 +318,29 @@ def _train_document(
             use_trained = settings.distractors == "trained" and is_trained_cartridge(trained)
             others.append(str(trained if use_trained else output_dir / other.initial))
         training["distractors"] = others
-    result = run_self_study(
-        run,
-        corpus_source=str(output_dir / entry.document),
-        synthesis=SynthesisConfig(**settings.synthesis),
-        training=training,
-        model_name_or_path=settings.model_name_or_path,
-        device=device,
-        dtype=dtype,
-        budget_minutes=settings.budget_minutes,
-    )
+
+    def run_study():
+        return run_self_study(
+            run,
+            corpus_source=str(output_dir / entry.document),
+            synthesis=SynthesisConfig(**settings.synthesis),
+            training=training,
+            model_name_or_path=settings.model_name_or_path,
+            device=device,
+            dtype=dtype,
+            budget_minutes=settings.budget_minutes,
+        )
+
+    try:
+        result = run_study()
+    except (
+        StageMismatch
+    ) as err:  # a folder left by a build of other settings, killed before its entry was written
+        logger.warning("library: %s holds a run of other settings (%s); starting it over", run, err)
+        shutil.rmtree(run)
+        run.mkdir(parents=True)
+        write_text_atomic(run / ENTRY_FILE, json.dumps({**asdict(entry), "complete": False}, indent=2))
+        result = run_study()
     entry.report = {"minutes": round(result.seconds / 60, 2)}
     write_text_atomic(run / ENTRY_FILE, json.dumps({**asdict(entry), "complete": True}, indent=2))
 
