@@ -454,14 +454,10 @@ def _lens_eval(argv: list[str]) -> None:
     from hfx.lens.pipeline import LensArguments, run_eval
 
     args, extra = _parser("hfx lens eval", LensArguments, _LensEvalArguments).parse_args_and_config(argv)
+    from hfx.lens.evaluation import format_lens_table
+
     results = run_eval(args, extra.lens, extra.output, extra.eval_batch_size)
-    kl = results["kl"]
-    print(
-        f"{results['examples']} held-out activations of layer {results['layer']}: KL lens {kl['lens']:.4f}, "
-        f"mean ablation {kl['mean_ablation']:.4f}, zero ablation {kl['zero_ablation']:.4f}; FVE {results['fve']:.3f}"
-        f" (encoder reading the true context: KL {kl['encoder_reading_context']:.4f}, "
-        f"FVE {results['fve_encoder_reading_context']:.3f})"
-    )
+    print(format_lens_table(results))
     for sample in results["samples"]:
         print(f"  ...{sample['context']!r} -> {sample['explanation']!r}")
     print(f"results saved in {extra.output or Path(extra.lens) / 'eval_results.json'} (and the lens's card)")
@@ -704,9 +700,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ),
     ("lens", "eval"): Command(
         _lens_eval,
-        "KL of the lens vs mean/zero ablation, FVE and samples -> JSON",
-        "Score a trained lens on held-out activations: KL against mean and zero ablation, fraction of variance "
-        "explained, and sample explanations.",
+        "KL and FVE of the lens vs ablations, empty/random explanations; copy rate, faithfulness -> JSON",
+        "Score a trained lens on held-out activations, one table: KL, fraction of variance explained and cosine for "
+        "the lens, mean and zero ablation, an empty explanation, a random one and the true last tokens of the "
+        "context (diagnostic); the copy rate of its explanations; how much swapping two explanations or editing one "
+        "token changes the result; sample explanations.",
         "hfx lens eval --lens outputs/lens",
     ),
     ("corpora",): Command(

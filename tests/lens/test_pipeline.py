@@ -35,10 +35,15 @@ def test_dump_train_eval_on_the_embedded_model(tmp_path, capsys):
     assert samples and len(samples[-1]["original_top"]) == 3
 
     main(["lens", "eval", *common, "--lens", str(lens_dir)])
-    assert "KL lens" in capsys.readouterr().out
+    assert "| lens (its explanation read back) |" in capsys.readouterr().out
     results = json.loads((lens_dir / "eval_results.json").read_text())
     assert results["examples"] == 8 and results["layer"] == 2
-    assert set(results["kl"]) == {"lens", "mean_ablation", "zero_ablation", "encoder_reading_context"}
+    assert set(results["kl"]) == {
+        "lens", "mean_ablation", "zero_ablation", "empty_explanation", "random_explanation", "encoder_reading_context"
+    }  # fmt: skip
+    assert 0.0 <= results["copy_rate"] <= 1.0 and set(results["faithfulness"]) == {
+        "swap_kl", "swap_kl_increase", "edit_kl_increase", "edit_move"
+    }  # fmt: skip
     kl = results["kl"]
     assert all(math.isfinite(value) for value in kl.values())
     # The baselines bracket what a lens must beat: the mean activation keeps the residual stream's large constant

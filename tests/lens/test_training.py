@@ -249,3 +249,49 @@ def test_lens_card_carries_the_evaluation(tmp_path):
     assert "| lens reconstruction | 0.1250 |" in card and "| mean ablation | 1.5000 |" in card
     assert "variance explained: 0.500" in card and "custom_code" in card
     assert "| «a \\| b⏎c» | « x y» | « x» «⏎» | «\\|» |" in card
+
+
+def test_copy_rate_counts_explanation_tokens_found_in_the_recent_context():
+    from hfx.lens.evaluation import copy_rate
+
+    context = list(range(100, 140))  # the last 16 are 124..139
+    assert copy_rate([[130, 139, 5, 6]], [context]) == 0.5
+    assert copy_rate([[100, 101]], [context]) == 0.0  # too far back
+    assert copy_rate([[124, 125], [1, 2]], [context, context]) == 0.5
+    assert copy_rate([[7, 7]], [[7]], window=16) == 1.0
+
+
+def test_evaluation_has_every_condition_and_its_faithfulness_checks(tmp_path):
+    from hfx.lens.evaluation import CONDITIONS, format_lens_table
+
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    mean = torch.tensor(data["activation"]).mean(0)
+    # a lens that reads its explanation with an identity encoder (the base's first layers): explanations matter
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=2, identity_output=True
+    )
+    results = evaluate_lens(lens, base, data, mean, batch_size=5)
+    assert set(results["conditions"]) == set(CONDITIONS)
+    for values in results["conditions"].values():
+        assert -1.0 <= values["cosine"] <= 1.0 and values["kl"] >= 0
+    assert results["conditions"]["mean_ablation"]["fve"] == 0.0
+    assert 0.0 <= results["copy_rate"] <= 1.0
+    faith = results["faithfulness"]
+    assert faith["edit_move"] > 0 and abs(faith["swap_kl_increase"]) > 0
+    lens_fve, empty_fve = results["fve"], results["conditions"]["empty_explanation"]["fve"]
+    assert (
+        abs(results["fve_vs_empty"] - (1 - (1 - lens_fve) / (1 - empty_fve))) < 1e-6
+    )  # errors are (1 - FVE) x SSD
+    table = format_lens_table(results)
+    assert "| empty explanation |" in table and "Copy rate" in table and "swapping" in table
+
+    # a lens that writes the mean whatever it reads: no condition read through it explains anything
+    flat = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=2, decoder_num_layers=1, encoder_num_layers=1, mean_activation=mean
+    )
+    flat_results = evaluate_lens(flat, base, data, mean, batch_size=5)
+    for name in ("lens", "empty_explanation", "random_explanation", "encoder_reading_context"):
+        assert abs(flat_results["conditions"][name]["fve"]) < 1e-5
+    assert abs(flat_results["faithfulness"]["edit_move"]) < 1e-5
+    assert abs(flat_results["faithfulness"]["swap_kl_increase"]) < 1e-5
