@@ -40,3 +40,23 @@ def test_topk_loss_with_no_labels_is_zero_and_differentiable():
     assert loss.item() == 0.0
     loss.backward()
     assert hidden.grad is not None
+
+
+def test_cosine_regression_loss_is_zero_for_parallel_vectors_and_grows_with_the_angle():
+    import math
+
+    from hfx.losses import cosine_regression_loss
+
+    target = torch.tensor([[3.0, 0.0]])
+    assert cosine_regression_loss(torch.tensor([[0.5, 0.0]]), target).item() == 0.0  # length does not count
+    losses = []
+    for degrees in (0, 30, 60, 90, 135, 180):
+        angle = math.radians(degrees)
+        losses.append(
+            cosine_regression_loss(torch.tensor([[math.cos(angle), math.sin(angle)]]), target).item()
+        )
+    assert losses == sorted(losses) and len(set(losses)) == len(losses)
+    assert abs(losses[3] - 2.0) < 1e-6 and abs(losses[5] - 4.0) < 1e-6
+    prediction = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    cosine_regression_loss(prediction, target).backward()
+    assert prediction.grad[0, 1] > 0  # the gradient turns the prediction toward the target

@@ -95,3 +95,11 @@ def topk_kl_divergence(
     rest = (1 - logprobs.exp().sum(-1)).clamp(min=eps)
     kept = (reference.exp() * (reference - logprobs)).sum(-1)
     return (kept + reference_rest * (reference_rest.log() - rest.log())).mean()
+
+
+def cosine_regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``2 (1 - cos(prediction, target))`` (fp32): the squared distance between the two vectors
+    normalised to unit length, the regression loss of a reconstructor that must point where the activation points
+    (the Natural Language Autoencoders' reconstructor). 0 for parallel vectors, 2 for orthogonal, 4 for opposite."""
+    cosine = torch.nn.functional.cosine_similarity(prediction.float(), target.float(), dim=-1)
+    return (2 * (1 - cosine)).mean()

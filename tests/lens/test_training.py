@@ -295,3 +295,22 @@ def test_evaluation_has_every_condition_and_its_faithfulness_checks(tmp_path):
         assert abs(flat_results["conditions"][name]["fve"]) < 1e-5
     assert abs(flat_results["faithfulness"]["edit_move"]) < 1e-5
     assert abs(flat_results["faithfulness"]["swap_kl_increase"]) < 1e-5
+
+
+def test_the_cosine_regression_loss_is_logged_and_trained(tmp_path):
+    base = tiny_base()
+    data = dumped(tmp_path, base)
+    trainer = make_trainer(
+        tmp_path,
+        base,
+        data,
+        cosine_weight=1.0,
+        kl_weight=0.0,
+        max_steps=10,
+        logging_steps=1,
+        learning_rate=3e-2,
+    )
+    trainer.train()
+    cosines = [entry["cosine"] for entry in trainer.state.log_history if "cosine" in entry]
+    assert len(cosines) == 10
+    assert sum(cosines[-3:]) < sum(cosines[:3])  # the reconstruction turns toward the activation

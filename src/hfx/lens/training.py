@@ -3,6 +3,7 @@
 Loss per batch (`compute_loss`, pieces from `hfx.losses`):
   kl_weight * KL(frozen model's next-token distribution with its own activation || with the reconstruction
   patched in at the same layer and position)
+  + cosine_weight * 2 (1 - cos(activation, reconstruction)) (optional: the reconstructor's regression loss)
   + alpha(step) * LM loss of the explanation under the frozen model (fluency; alpha ramps from 0)
   + entropy_weight * entropy of the decoder's token distributions
   + context_weight * the context cross-entropy below (optional: keeps explanations anchored to real text),
@@ -29,7 +30,7 @@ from transformers import Trainer, TrainingArguments
 
 from hfx.artifacts import replace_pickled_training_args
 from hfx.checkpoints import use_checkpoint_protocol
-from hfx.losses import entropy, topk_kl_divergence
+from hfx.losses import cosine_regression_loss, entropy, topk_kl_divergence
 
 from .activations import patched_next_token_logits
 from .data import capture_batch
@@ -49,6 +50,13 @@ class LensTrainingArguments(TrainingArguments):
         },
     )
     kl_weight: float = field(default=1.0, metadata={"help": "weight of the behavioural KL"})
+    cosine_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the reconstruction's regression loss 2 (1 - cos(activation, reconstruction)) on unit-"
+            "normalised vectors (the Natural Language Autoencoders' reconstructor loss)"
+        },
+    )
     context_warmup_steps: int = field(
         default=0,
         metadata={
@@ -200,6 +208,7 @@ class LensTrainer(Trainer):
         return {
             "kl": kl,
             "lm": lm,
+            "cosine": cosine_regression_loss(out.reconstruction, activation),
             "entropy": entropy(out.logits),
             "out": out,
             "logits": logits,
@@ -254,11 +263,13 @@ class LensTrainer(Trainer):
         parts = self.lens_batch(model, inputs, with_context=bool(args.context_weight))
         alpha = args.lm_weight(self.kl_step)
         loss = args.kl_weight * parts["kl"] + alpha * parts["lm"] + args.entropy_weight * parts["entropy"]
+        if args.cosine_weight:
+            loss = loss + args.cosine_weight * parts["cosine"]
         if args.context_weight:
             out = parts["out"]
             loss = loss + args.context_weight * out.context_loss
             self._accumulate({"context_ce": out.context_loss, "context_accuracy": out.context_accuracy})
-        self._accumulate({key: parts[key] for key in ("kl", "lm", "entropy")})
+        self._accumulate({key: parts[key] for key in ("kl", "lm", "cosine", "entropy")})
         if args.verbose_samples and self.state.global_step % max(1, args.logging_steps) == 0:
             self._samples = self.describe(parts, args.verbose_samples)
         return (loss, parts["out"]) if return_outputs else loss
