@@ -336,7 +336,11 @@ def test_likelihood_router_ranks_by_the_questions_likelihood_after_each_cartridg
         logits = forward_with_prefix(model, prefix, ids, torch.ones_like(ids)).logits
         expected = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).mean().item()
         assert scores[j] == pytest.approx(expected, abs=1e-4)
+    assert (
+        library.cache_stats()["misses"] == 3 and library.cache_stats()["hits"] == 0
+    )  # each cartridge read once
     ranked = library.route([question], k=3, router="likelihood", model=model, tokenizer=tokenizer)[0]
+    assert library.cache_stats()["hits"] == 3
     assert [doc for doc, _ in ranked] == [library.ids[j] for j in sorted(range(3), key=lambda j: -scores[j])]
 
 

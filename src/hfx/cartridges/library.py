@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from filelock import FileLock
+from tqdm.auto import tqdm
 
 from hfx.atomic import write_text_atomic
 from hfx.models import DeviceArguments
@@ -252,7 +253,7 @@ def build_library(
         with lock:  # one process makes the missing ones; the others find them made
             _make_initial_cartridges(output_dir, entries, settings, device, dtype)
     mine = [entry for i, entry in enumerate(entries) if i % num_processes == process_index]
-    for entry in mine:
+    for entry in tqdm(mine, desc=f"library (process {process_index})", unit="document"):
         reason = _train_reason(output_dir, entry)
         if reason is None:
             report.kept.append(entry.id)
@@ -586,6 +587,10 @@ class CartridgeLibrary:
         return scores
 
     # -- answering -------------------------------------------------------------------------------------------
+
+    def cache_stats(self) -> dict:
+        """The counters of the cache of loaded cartridges (hits, misses, evictions, bytes); empty before first use."""
+        return self._prefixes[1].stats() if self._prefixes is not None else {}
 
     def prefix(self, doc_ids: list[str], model):
         """The composed KV prefix of ``doc_ids``' cartridges in that order, in ``model``'s dtype and device; each
