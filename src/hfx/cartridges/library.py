@@ -777,7 +777,7 @@ def stage_library(library: CartridgeLibrary, target: Path, repo_id: str | None =
     from hfx.cartridges.hub import MODEL_TAGS, hub_model_id
     from hfx.hub import render_card
 
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
     for document in library.documents:
         source_text = library.folder / document.document
         (target / document.document).parent.mkdir(parents=True, exist_ok=True)
@@ -838,10 +838,7 @@ def push_library_to_hub(
         if dry_run_dir.exists() and any(dry_run_dir.iterdir()):
             raise FileExistsError(f"{dry_run_dir} exists and is not empty; choose another --dry-run folder.")
         with atomic_folder(dry_run_dir) as tmp:
-            result["files"] = stage_library(library, tmp / "library", repo_id)
-            for path in (tmp / "library").iterdir():
-                path.rename(tmp / path.name)
-            (tmp / "library").rmdir()
+            result["files"] = stage_library(library, tmp, repo_id)
         return {**result, "dry_run": True, "folder": str(dry_run_dir)}
     with tempfile.TemporaryDirectory(prefix="hfx-push-library-") as tmp:
         result["files"] = stage_library(library, Path(tmp) / "library", repo_id)
