@@ -441,6 +441,22 @@ def _lens_train(argv: list[str]) -> None:
     print(f"lens saved in {run_train(args, training_args)}")
 
 
+def _lens_sft(argv: list[str]) -> None:
+    from hfx.lens.nla_pipeline import NLAArguments, VerbalizerSFTConfig, run_sft
+
+    args, sft_config = _parser("hfx lens sft", NLAArguments, VerbalizerSFTConfig).parse_args_and_config(argv)
+    print(f"verbaliser and reconstructor saved in {run_sft(args, sft_config)}")
+
+
+def _lens_grpo(argv: list[str]) -> None:
+    from hfx.lens.nla_pipeline import NLAArguments, VerbalizerGRPOConfig, run_grpo
+
+    args, grpo_config = _parser("hfx lens grpo", NLAArguments, VerbalizerGRPOConfig).parse_args_and_config(
+        argv
+    )
+    print(f"verbaliser and reconstructor saved in {run_grpo(args, grpo_config)}")
+
+
 @dataclass
 class _LensEvalArguments:
     lens: str = field(default="outputs/lens", metadata={"help": "a trained lens directory"})
@@ -696,6 +712,26 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "encoder reads them back, and the loss is the KL between the model's next-token distributions with the "
         "original and the reconstructed activation.",
         "hfx lens train --activations_dir outputs/lens-activations --output_dir outputs/lens",
+        "hfx lens eval --lens OUTPUT_DIR",
+    ),
+    ("lens", "sft"): Command(
+        _lens_sft,
+        "natural-language autoencoder, phase 1: SFT of a verbaliser (TRL SFTTrainer) and its reconstructor",
+        "Write explanation targets for dumped activations (the base model's continuation, its top predictions or "
+        "the context's last tokens), train a verbaliser (a copy of the base model reading the activation at a "
+        "placeholder token) to write them with TRL's SFTTrainer, and fit a reconstructor (the base's first "
+        "layer + 1 layers and a linear head, cosine regression) to read them back.",
+        "hfx lens sft --activations_dir outputs/lens-activations --output_dir outputs/lens-sft",
+        "hfx lens grpo --sft_dir OUTPUT_DIR --output_dir outputs/lens-grpo",
+    ),
+    ("lens", "grpo"): Command(
+        _lens_grpo,
+        "natural-language autoencoder, phase 2: GRPO of the verbaliser (TRL GRPOTrainer), reconstruction reward",
+        "Train the SFT verbaliser with TRL's GRPOTrainer: it samples explanations of each activation, rewarded by "
+        "the cosine between the activation and the reconstructor's reading of the explanation (optionally minus "
+        "the KL of the model's next-token distribution with it patched in) and a length penalty, with a KL "
+        "penalty to the SFT verbaliser.",
+        "hfx lens grpo --sft_dir outputs/lens-sft --output_dir outputs/lens-grpo",
         "hfx lens eval --lens OUTPUT_DIR",
     ),
     ("lens", "eval"): Command(

@@ -174,18 +174,37 @@ class ConsistencyLens(PreTrainedModel):
     def reconstruct(self, explanation: torch.Tensor) -> torch.Tensor:
         """(B, k, V) one-hot (or soft) tokens -> (B, d) activations."""
         embeddings = self.encoder.get_input_embeddings().weight
-        inputs = explanation.to(embeddings.dtype) @ embeddings
-        if self.read_embedding is not None:
-            read = self.read_embedding.to(inputs.dtype).expand(inputs.shape[0], 1, -1)
-            inputs = torch.cat([inputs, read], dim=1)
+        return self._read(explanation.to(embeddings.dtype) @ embeddings)
+
+    def read(self, explanation_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, k) token ids -> (B, d) activations; with `lengths` (B,), row b's explanation is its first
+        `lengths[b]` tokens (at least one) and the rest is padding: explanations of any length, as a verbaliser
+        that stops on its own writes them."""
+        inputs = self.encoder.get_input_embeddings()(explanation_ids)
+        return self._read(inputs, lengths)
+
+    def _read(self, inputs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        batch, width = inputs.shape[:2]
+        rows = torch.arange(batch, device=inputs.device)
+        if lengths is None:
+            lengths = torch.full((batch,), width, device=inputs.device)
+        lengths = lengths.to(inputs.device).clamp(1, width)
+        if self.read_embedding is not None:  # the read token goes right after each row's explanation
+            inputs = torch.cat([inputs, inputs.new_zeros(batch, 1, inputs.shape[-1])], dim=1)
+            read = self.read_embedding.to(inputs.dtype).expand(batch, -1)
+            inputs = inputs.index_put((rows, lengths), read)
+            last = lengths
+        else:
+            last = lengths - 1
         index = self.config.encoder_output_layer % (self.config.backbone_num_layers("encoder") + 1)
         if index == 0:
-            return self.activation_out(inputs[:, -1])
-        # The output of encoder layer `index - 1` as the residual stream carries it (no final norm).
+            return self.activation_out(inputs[rows, last])
+        # The output of encoder layer `index - 1` as the residual stream carries it (no final norm), at each row's
+        # last real position: causal attention keeps the padding after it out of its reading.
         captured = {}
 
         def hook(module, args, output):
-            captured["hidden"] = (output[0] if isinstance(output, tuple) else output)[:, -1]
+            captured["hidden"] = (output[0] if isinstance(output, tuple) else output)[rows, last]
 
         handle = decoder_layers(self.encoder)[index - 1].register_forward_hook(hook)
         try:

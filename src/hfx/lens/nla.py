@@ -1,0 +1,448 @@
+"""A natural-language autoencoder trained through TRL: a verbaliser writes an activation as text, a reconstructor
+reads the text back into the activation.
+
+    activation --ActivationVerbalizer (a copy of the base model reading it at a placeholder token)--> explanation
+    explanation --reconstructor (a ConsistencyLens encoder: the base's first layer + 1 layers, Linear(d, d) head,
+                 trained by regression on unit-normalised vectors, 2 (1 - cos))--> reconstructed activation
+
+Training, each phase a TRL or transformers trainer on its public interface:
+
+1. **targets** (:func:`explanation_targets`): explanations the project can write offline for each activation:
+   ``continuation`` (the base model's greedy next tokens from the position), ``top_predictions`` (its most likely
+   next tokens at the position, from the dump) or ``context`` (the last tokens of the context: the copying
+   baseline);
+2. **SFT** (TRL's ``SFTTrainer``): the verbaliser learns to write the targets from the activation;
+   :class:`ReconstructorTrainer` fits the reconstructor to read them;
+3. **GRPO** (TRL's ``GRPOTrainer``): the verbaliser samples explanations, rewarded by the reconstruction's cosine
+   with the activation (:class:`ReconstructionReward`, optionally minus the KL of the base model's next-token
+   distribution with the reconstruction patched in) and a length penalty, with a KL penalty to the SFT model.
+
+The activation travels as TRL's trainers carry an image: the dataset's ``images`` column holds it, and
+:class:`ActivationProcessor` (a ``ProcessorMixin``, as a vision-language model's processor is) renders the
+placeholder token into the prompt and returns the activation as ``pixel_values``, which reach every forward of the
+verbaliser (prompt, sampled completions, reference model).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BatchFeature,
+    ProcessorMixin,
+    Trainer,
+    TrainingArguments,
+)
+
+from hfx.batching import left_padded
+from hfx.losses import cosine_regression_loss
+
+from .activations import next_token_logits
+from .configuration_verbalizer import ActivationVerbalizerConfig
+from .modeling_verbalizer import ActivationVerbalizer
+
+logger = logging.getLogger(__name__)
+
+#: The placeholder token the verbaliser reads the activation at.
+ACTIVATION_TOKEN = "<|activation|>"
+#: The kinds of explanation targets :func:`explanation_targets` writes.
+TARGET_KINDS = ("continuation", "top_predictions", "context")
+
+AutoConfig.register(ActivationVerbalizerConfig.model_type, ActivationVerbalizerConfig, exist_ok=True)
+AutoModelForCausalLM.register(ActivationVerbalizerConfig, ActivationVerbalizer, exist_ok=True)
+
+
+def with_activation_token(tokenizer):
+    """A copy of `tokenizer` whose vocabulary holds :data:`ACTIVATION_TOKEN` (the caller's is left as it was)."""
+    if ACTIVATION_TOKEN in tokenizer.get_vocab():
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": [ACTIVATION_TOKEN]})
+    return tokenizer
+
+
+def _activation_list(images) -> list:
+    """The activations in `images`, however nested (TRL gives one list of images per example)."""
+    if images is None:
+        return []
+    if isinstance(images, torch.Tensor):
+        return list(images) if images.ndim == 2 else [images]
+    if images and isinstance(images[0], (int, float)):
+        return [images]
+    return [activation for item in images for activation in _activation_list(item)]
+
+
+class ActivationProcessor(ProcessorMixin):
+    """Tokenizer and activations, in the shape TRL's trainers expect a vision-language model's processor to have:
+    a message part ``{"type": "image", "image": activation}`` renders as the placeholder token, and the
+    activations come back as ``pixel_values`` (N, d), float32."""
+
+    def __init__(self, tokenizer, chat_template=None):
+        super().__init__(tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> ActivationProcessor:
+        """A processor over a copy of `tokenizer` that knows the placeholder token."""
+        return cls(with_activation_token(tokenizer))
+
+    @property
+    def activation_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(ACTIVATION_TOKEN)
+
+    def _flatten(self, conversation: list[dict]) -> tuple[list[dict], list]:
+        messages, activations = [], []
+        for message in conversation:
+            content = message.get("content")
+            if isinstance(content, list):
+                text = ""
+                for part in content:
+                    if part["type"] == "image":
+                        text += ACTIVATION_TOKEN
+                        if part.get("image") is not None:
+                            activations.append(part["image"])
+                    elif part["type"] == "text":
+                        text += part["text"]
+                message = {**message, "content": text}
+            messages.append(message)
+        return messages, activations
+
+    def apply_chat_template(
+        self,
+        conversation,
+        chat_template=None,
+        tools=None,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        **kwargs,
+    ):
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        texts, activations = [], []
+        for one in conversations:
+            messages, found = self._flatten(one)
+            texts.append(
+                self.tokenizer.apply_chat_template(
+                    messages,
+                    tools=tools,
+                    chat_template=chat_template or self.chat_template,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                )
+            )
+            activations += found
+        if not tokenize:
+            return texts if batched else texts[0]
+        encoded = self(text=texts, images=activations or None)
+        return encoded if return_dict else encoded["input_ids"]
+
+    def __call__(self, images=None, text=None, padding=False, return_tensors=None, **kwargs) -> BatchFeature:
+        encoded = self.tokenizer(
+            text, padding=padding, return_tensors=return_tensors, add_special_tokens=False
+        )
+        data = dict(encoded)
+        activations = _activation_list(images)
+        if activations:
+            data["pixel_values"] = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in activations])
+        return BatchFeature(data, tensor_type=return_tensors if return_tensors != "pt" else None)
+
+
+def build_verbalizer(
+    base, tokenizer, layer: int, activation_norm: float | None = None, base_model_name_or_path=None
+) -> tuple[ActivationVerbalizer, ActivationProcessor]:
+    """A verbaliser copied from `base` and its processor (over a copy of `tokenizer` with the placeholder)."""
+    processor = ActivationProcessor.from_tokenizer(tokenizer)
+    verbalizer = ActivationVerbalizer.from_base(
+        base,
+        layer=layer,
+        activation_norm=activation_norm,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    if len(processor.tokenizer) > verbalizer.config.vocab_size:
+        verbalizer.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    verbalizer.config.image_token_id = processor.activation_token_id
+    verbalizer.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return verbalizer, processor
+
+
+def prompt_of(instruction: str = "") -> list[dict]:
+    """The verbaliser's conversational prompt: one user turn, the activation then `instruction`."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+
+
+# ---------------------------------------------------------------------------------------------- explanation targets
+
+
+@torch.no_grad()
+def explanation_targets(
+    kind: str, rows: dict, length: int, base=None, batch_size: int = 32
+) -> list[list[int]]:
+    """Explanations of `length` tokens for the examples in `rows` (columns of an activation dump):
+    ``continuation`` (the base model's greedy next tokens after the position; needs `base`), ``top_predictions``
+    (its `length` most likely next tokens at the position, in order) or ``context`` (the last tokens up to and
+    including the position)."""
+    if kind == "context":
+        return [list(ids[-length:]) for ids in rows["input_ids"]]
+    if kind == "top_predictions":
+        return [list(ids[:length]) for ids in rows["reference_topk_ids"]]
+    if kind != "continuation":
+        raise ValueError(f"explanation target kind must be one of {TARGET_KINDS}, got {kind!r}.")
+    if base is None:
+        raise ValueError("continuation targets need the base model.")
+    targets = []
+    contexts = [list(ids) for ids in rows["input_ids"]]
+    for start in range(0, len(contexts), batch_size):
+        ids, mask, _ = left_padded(contexts[start : start + batch_size], base.device)
+        out = base.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            do_sample=False,
+            pad_token_id=base.generation_config.pad_token_id or 0,
+        )
+        targets += out[:, ids.shape[1] :].tolist()
+    return targets
+
+
+def sft_examples(
+    processor: ActivationProcessor, activations, targets: list[list[int]], instruction: str = ""
+) -> datasets.Dataset:
+    """A tokenized SFT dataset: the prompt (labels -100) then each target and the end-of-text token."""
+    prompt_ids = processor.apply_chat_template(
+        [prompt_of(instruction)], add_generation_prompt=True, tokenize=True
+    )[0]
+    end = processor.tokenizer.eos_token_id
+    rows = {"input_ids": [], "labels": [], "activation": []}
+    for activation, target in zip(activations, targets, strict=True):
+        completion = list(target) + [end]
+        rows["input_ids"].append(list(prompt_ids) + completion)
+        rows["labels"].append([-100] * len(prompt_ids) + completion)
+        rows["activation"].append(list(activation))
+    return datasets.Dataset.from_dict(rows)
+
+
+@dataclass
+class ActivationCollator:
+    """Pads SFT rows on the right; the activations become ``pixel_values``."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(row["input_ids"]) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.as_tensor(row["input_ids"])
+            labels[i, :n] = torch.as_tensor(row["labels"])
+            mask[i, :n] = 1
+        pixel_values = torch.tensor([row["activation"] for row in rows], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+
+
+def grpo_examples(activations, input_ids, instruction: str = "") -> datasets.Dataset:
+    """The GRPO dataset: a conversational prompt per activation, the activation as its one image, and the context
+    (for a KL reward)."""
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [prompt_of(instruction) for _ in activations],
+            "images": [[list(a)] for a in activations],
+            "context_ids": [list(ids) for ids in input_ids],
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ reconstructor
+
+
+def explanation_batch(
+    explanations: list[list[int]], stop_ids, pad_id: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, k) right-padded, lengths (B,)) of explanations cut at their first stop token; an explanation
+    with no token left is read as one stop token (the empty explanation)."""
+    stop_ids = set(stop_ids)
+    cut = []
+    for ids in explanations:
+        kept = []
+        for token in ids:
+            if token in stop_ids:
+                break
+            kept.append(int(token))
+        cut.append(kept or [min(stop_ids)])
+    width = max(len(ids) for ids in cut)
+    batch = torch.full((len(cut), width), pad_id, dtype=torch.long)
+    for i, ids in enumerate(cut):
+        batch[i, : len(ids)] = torch.as_tensor(ids)
+    lengths = torch.tensor([len(ids) for ids in cut])
+    return batch.to(device), lengths.to(device)
+
+
+class ReconstructionReward:
+    """GRPO reward: the cosine between each activation and the reconstructor's reading of its explanation, minus
+    ``kl_weight`` times the KL of the base model's next-token distribution with the reconstruction patched in
+    (needs `base` and the dataset's ``context_ids``). `stop_ids` end an explanation (the verbaliser's end-of-text
+    tokens)."""
+
+    __name__ = "reconstruction"
+
+    def __init__(self, reconstructor, stop_ids, pad_id: int, base=None, kl_weight: float = 0.0):
+        if kl_weight and base is None:
+            raise ValueError("a KL reward needs the base model.")
+        self.reconstructor = reconstructor
+        self.stop_ids = list(stop_ids)
+        self.pad_id = pad_id
+        self.base = base
+        self.kl_weight = kl_weight
+
+    @torch.no_grad()
+    def scores(self, explanations: list[list[int]], activations, context_ids=None) -> dict[str, torch.Tensor]:
+        """Per example: ``cosine``, ``kl`` (with `context_ids` and a base model) and the ``reward``."""
+        device = self.reconstructor.device
+        ids, lengths = explanation_batch(explanations, self.stop_ids, self.pad_id, device)
+        target = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in activations]).to(device)
+        reconstruction = self.reconstructor.read(ids, lengths).float()
+        cosine = F.cosine_similarity(reconstruction, target, dim=-1)
+        result = {"cosine": cosine, "reward": cosine.clone()}
+        if self.kl_weight:
+            logits = next_token_logits(
+                self.base,
+                self.reconstructor.config.layer,
+                context_ids,
+                {"reference": None, "reconstruction": reconstruction},
+            )
+            reference = torch.log_softmax(logits["reference"].float(), dim=-1)
+            patched = torch.log_softmax(logits["reconstruction"].float(), dim=-1)
+            result["kl"] = (reference.exp() * (reference - patched)).sum(-1).to(device)
+            result["reward"] = cosine - self.kl_weight * result["kl"]
+        return result
+
+    def __call__(
+        self, prompts, completions, completion_ids, images, context_ids=None, **kwargs
+    ) -> list[float]:
+        activations = [image_list[0] for image_list in images]
+        scores = self.scores(completion_ids, activations, context_ids)
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            log_metric("reconstruction_cosine", float(scores["cosine"].mean()))
+            if "kl" in scores:
+                log_metric("reconstruction_kl", float(scores["kl"].mean()))
+        return scores["reward"].tolist()
+
+
+class LengthPenalty:
+    """GRPO reward: minus the explanation's length over `max_length` (weighted by GRPO's ``reward_weights``)."""
+
+    __name__ = "length_penalty"
+
+    def __init__(self, stop_ids, max_length: int):
+        self.stop_ids = set(stop_ids)
+        self.max_length = max_length
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        lengths = []
+        for ids in completion_ids:
+            n = 0
+            for token in ids:
+                if token in self.stop_ids:
+                    break
+                n += 1
+            lengths.append(-n / self.max_length)
+        return lengths
+
+
+def reconstructor_examples(explanations: list[list[int]], activations) -> datasets.Dataset:
+    return datasets.Dataset.from_dict(
+        {"explanation_ids": [list(e) for e in explanations], "activation": [list(a) for a in activations]}
+    )
+
+
+@dataclass
+class ReconstructorCollator:
+    stop_ids: list[int]
+    pad_id: int
+
+    def __call__(self, rows: list[dict]) -> dict:
+        ids, lengths = explanation_batch([row["explanation_ids"] for row in rows], self.stop_ids, self.pad_id)
+        activations = torch.tensor([row["activation"] for row in rows], dtype=torch.float32)
+        return {"explanation_ids": ids, "lengths": lengths, "activations": activations}
+
+
+class ReconstructorTrainer(Trainer):
+    """Fits a reconstructor (a ConsistencyLens read through :meth:`~ConsistencyLens.read`) to explanations given
+    as text: loss 2 (1 - cos(activation, reconstruction))."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        reconstruction = model.read(inputs["explanation_ids"], inputs["lengths"])
+        loss = cosine_regression_loss(reconstruction, inputs["activations"])
+        return (loss, {"reconstruction": reconstruction}) if return_outputs else loss
+
+
+@dataclass
+class ReconstructorTrainingArguments(TrainingArguments):
+    remove_unused_columns: bool = field(default=False)
+
+
+def explain(
+    verbalizer,
+    processor: ActivationProcessor,
+    activations: torch.Tensor,
+    max_new_tokens: int,
+    instruction: str = "",
+    do_sample: bool = False,
+) -> list[list[int]]:
+    """The verbaliser's explanations (token ids, end-of-text tokens removed) of `activations` (B, d)."""
+    prompt = processor.apply_chat_template(
+        [prompt_of(instruction)], add_generation_prompt=True, tokenize=True
+    )[0]
+    ids = torch.tensor([prompt] * len(activations), device=verbalizer.device)
+    out = verbalizer.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=activations.to(verbalizer.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        suppress_tokens=[processor.activation_token_id],
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    stop = set(_stop_ids(verbalizer, processor))
+    explanations = []
+    for row in out[:, ids.shape[1] :].tolist():
+        kept = []
+        for token in row:
+            if token in stop:
+                break
+            kept.append(token)
+        explanations.append(kept)
+    return explanations
+
+
+def _stop_ids(verbalizer, processor) -> list[int]:
+    stop = verbalizer.generation_config.eos_token_id
+    stop = [stop] if isinstance(stop, int) else list(stop or [])
+    eos = processor.tokenizer.eos_token_id
+    return sorted({*stop, eos, processor.tokenizer.pad_token_id} - {None})
+
+
+def stop_ids_of(verbalizer, processor) -> list[int]:
+    """The tokens that end an explanation: the verbaliser's end-of-text tokens and the pad token."""
+    return _stop_ids(verbalizer, processor)
+
+
+def save_nla(folder: str | Path, verbalizer, processor, reconstructor) -> None:
+    """An autoencoder folder: ``verbalizer/`` (with its tokenizer) and ``reconstructor/``."""
+    folder = Path(folder)
+    verbalizer.save_pretrained(folder / "verbalizer")
+    processor.tokenizer.save_pretrained(folder / "verbalizer")
+    reconstructor.save_pretrained(folder / "reconstructor")

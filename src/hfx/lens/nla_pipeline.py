@@ -1,0 +1,346 @@
+"""`hfx lens sft` and `hfx lens grpo`: the natural-language autoencoder's two training phases (see `hfx.lens.nla`),
+each a stage (hfx.stages) in its output folder, resumable from its checkpoints.
+
+An autoencoder folder holds ``verbalizer/`` (an `ActivationVerbalizer` with its tokenizer, loadable with
+`AutoModelForCausalLM` once hfx is imported) and ``reconstructor/`` (a `ConsistencyLens` read through
+`ConsistencyLens.read`); `hfx lens eval --lens FOLDER` evaluates it like a lens.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from trl import GRPOConfig, SFTConfig
+
+from hfx import models
+
+from .data import DUMP_STAGE, load_activations
+
+logger = logging.getLogger(__name__)
+
+#: The stages (hfx.stages) of the two phases in their folders.
+SFT_STAGE = "lens-sft"
+GRPO_STAGE = "lens-grpo"
+#: Arguments that do not change what a phase makes.
+NOT_SETTINGS = ("activations_dir", "sft_dir", "device", "overwrite")
+#: GRPO's own arguments that change the verbaliser (beside hfx.stages.TRAINER_SETTINGS).
+GRPO_SETTINGS = (
+    "beta",
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "loss_type",
+    "scale_rewards",
+    "epsilon",
+    "num_iterations",
+)
+
+
+_MIXED_PRECISION = {
+    "help": "bf16 mixed precision (off by default: the weights train in --dtype, as every hfx trainer's do)"
+}
+
+
+@dataclass
+class VerbalizerSFTConfig(SFTConfig):
+    """TRL's SFTConfig with hfx's default of no mixed precision (the weights' dtype is `--dtype`)."""
+
+    bf16: bool | None = field(default=False, metadata=_MIXED_PRECISION)
+
+
+@dataclass
+class VerbalizerGRPOConfig(GRPOConfig):
+    """TRL's GRPOConfig with hfx's default of no mixed precision (the weights' dtype is `--dtype`)."""
+
+    bf16: bool | None = field(default=False, metadata=_MIXED_PRECISION)
+
+
+@dataclass
+class NLAArguments(models.DeviceArguments):
+    """The autoencoder and its frozen model; `--dtype` is that of both."""
+
+    activations_dir: str = field(
+        default="outputs/lens-activations", metadata={"help": "`hfx lens dump` output"}
+    )
+    model_name_or_path: str = field(default="embedded", metadata={"help": "the frozen model (as dumped)"})
+    explanation_length: int = field(
+        default=8, metadata={"help": "tokens of an SFT target, and the most a GRPO explanation may have"}
+    )
+    target: str = field(
+        default="continuation",
+        metadata={
+            "help": "SFT targets: continuation (the base model's greedy next tokens), top_predictions (its most "
+            "likely next tokens at the position) or context (the last tokens of the context: the copying baseline)"
+        },
+    )
+    instruction: str = field(
+        default="", metadata={"help": "text after the activation in the verbaliser's prompt"}
+    )
+    reconstructor_learning_rate: float = field(
+        default=1e-4, metadata={"help": "SFT: learning rate of the reconstructor's regression"}
+    )
+    reconstructor_epochs: float = field(
+        default=1.0, metadata={"help": "SFT: epochs of the reconstructor's regression"}
+    )
+    sft_dir: str = field(
+        default="outputs/lens-sft", metadata={"help": "GRPO: the `hfx lens sft` folder it starts from"}
+    )
+    kl_reward_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "GRPO: reward = cosine - this x KL of the base model's next-token distribution with the "
+            "reconstruction patched in"
+        },
+    )
+    length_penalty: float = field(
+        default=0.1,
+        metadata={"help": "GRPO: weight of the length penalty (minus the explanation's length / the most)"},
+    )
+    eval_examples: int = field(
+        default=256, metadata={"help": "held-out examples (the last ones), never trained on"}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "start over when the output folder holds other settings"}
+    )
+
+
+def _settings(args: NLAArguments, training_args, own: tuple[str, ...] = ()) -> dict:
+    from hfx.stages import trainer_settings
+
+    return {
+        "autoencoder": {f.name: getattr(args, f.name) for f in fields(args) if f.name not in NOT_SETTINGS},
+        "training": trainer_settings(training_args, own),
+    }
+
+
+def _begin(stage, overwrite: bool) -> str:
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        return stage.begin(overwrite=overwrite) if state.is_main_process else stage.status()
+
+
+def _train_split(args: NLAArguments):
+    from .pipeline import _split
+
+    return _split(load_activations(args.activations_dir), args.eval_examples)[0]
+
+
+def _phase_args(training_args, output_dir: Path):
+    """The caller's training arguments for one part of a phase, writing into its own folder."""
+    phase = copy.copy(training_args)
+    phase.output_dir = str(output_dir)
+    return phase
+
+
+def run_sft(args: NLAArguments, sft_config) -> Path:
+    """SFT warm start: write the targets, train the verbaliser on them (TRL's SFTTrainer), fit the reconstructor
+    to read them (ReconstructorTrainer); a finished folder of the same settings is reused."""
+    import datasets
+    from trl import SFTTrainer
+
+    from hfx.artifacts import replace_pickled_training_args, write_parquet_atomic
+    from hfx.checkpoints import remove_checkpoints, train_or_restore, use_checkpoint_protocol
+    from hfx.stages import Stage, stage_fingerprint
+
+    from . import nla
+    from .modeling_lens import ConsistencyLens
+    from .modeling_verbalizer import ActivationVerbalizer
+
+    if args.target not in nla.TARGET_KINDS:
+        raise ValueError(f"--target must be one of {nla.TARGET_KINDS}, got {args.target!r}.")
+    out = Path(sft_config.output_dir)
+    dump = stage_fingerprint(args.activations_dir, DUMP_STAGE)
+    if dump is None:
+        raise FileNotFoundError(
+            f"{args.activations_dir}: no finished activation dump; run `hfx lens dump` to the end first."
+        )
+    stage = Stage(out, SFT_STAGE, _settings(args, sft_config), {"activations": dump})
+    if _begin(stage, args.overwrite) == "done":
+        return out
+    device = models.training_device(args.device, sft_config)
+    base, tokenizer = models.load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
+    train = _train_split(args)
+    layer = train[0]["layer"]
+    activations = torch.tensor(train["activation"])
+
+    targets_path = out / "targets.parquet"
+    if targets_path.is_file():
+        targets = datasets.Dataset.from_parquet(str(targets_path))["target_ids"]
+    else:
+        logger.info("Writing %d %s targets of %d tokens", len(train), args.target, args.explanation_length)
+        rows = train.select_columns(["input_ids", "reference_topk_ids"])[:]
+        targets = nla.explanation_targets(args.target, rows, args.explanation_length, base)
+        features = datasets.Features({"target_ids": datasets.Sequence(datasets.Value("int32"))})
+        write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
+
+    # the verbaliser
+    verbalizer_dir = out / "verbalizer"
+    verbalizer, processor = nla.build_verbalizer(
+        base,
+        tokenizer,
+        layer,
+        activation_norm=float(activations.norm(dim=-1).mean()),
+        base_model_name_or_path=models.model_id(args.model_name_or_path),
+    )
+    examples = nla.sft_examples(processor, activations.tolist(), targets, args.instruction)
+    phase = _phase_args(sft_config, verbalizer_dir)
+    phase.remove_unused_columns = False
+    phase.dataset_kwargs = {**(phase.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    trainer = SFTTrainer(
+        model=verbalizer,
+        args=phase,
+        train_dataset=examples,
+        processing_class=processor.tokenizer,
+        data_collator=nla.ActivationCollator(processor.tokenizer.pad_token_id),
+    )
+    use_checkpoint_protocol(trainer)
+    train_or_restore(
+        trainer,
+        lambda checkpoint: verbalizer.load_state_dict(
+            ActivationVerbalizer.from_pretrained(checkpoint, dtype=verbalizer.dtype).state_dict()
+        ),
+    )
+    trainer.save_model(str(verbalizer_dir))
+    if trainer.is_world_process_zero():
+        replace_pickled_training_args(verbalizer_dir, phase)
+
+    # the reconstructor, fitted to read the same targets
+    reconstructor = ConsistencyLens.from_base(
+        base,
+        layer=layer,
+        explanation_length=args.explanation_length,
+        decoder_num_layers=1,
+        encoder_num_layers=layer + 1,
+        identity_output=True,
+        base_model_name_or_path=models.model_id(args.model_name_or_path),
+    )
+    stop_ids = nla.stop_ids_of(verbalizer, processor)
+    reconstructor_trainer = _reconstructor_trainer(
+        reconstructor,
+        sft_config,
+        out / "reconstructor",
+        args,
+        nla.reconstructor_examples(targets, activations.tolist()),
+        nla.ReconstructorCollator(stop_ids, processor.tokenizer.pad_token_id),
+    )
+    train_or_restore(
+        reconstructor_trainer,
+        lambda checkpoint: reconstructor.load_state_dict(
+            ConsistencyLens.from_pretrained(checkpoint, dtype=reconstructor.dtype).state_dict()
+        ),
+    )
+    reconstructor_trainer.save_model(str(out / "reconstructor"))
+    if reconstructor_trainer.is_world_process_zero():
+        replace_pickled_training_args(out / "reconstructor", reconstructor_trainer.args)
+        stage.finish()
+        remove_checkpoints(verbalizer_dir)
+        remove_checkpoints(out / "reconstructor")
+    reconstructor_trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def _reconstructor_trainer(
+    reconstructor, training_args, output_dir: Path, args: NLAArguments, dataset, collator
+):
+    from transformers import TrainingArguments
+
+    from hfx.checkpoints import use_checkpoint_protocol
+
+    from .nla import ReconstructorTrainer
+
+    reconstructor_args = TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=args.reconstructor_learning_rate,
+        num_train_epochs=args.reconstructor_epochs,
+        per_device_train_batch_size=training_args.per_device_train_batch_size,
+        save_steps=training_args.save_steps,
+        save_total_limit=training_args.save_total_limit,
+        logging_steps=training_args.logging_steps,
+        seed=training_args.seed,
+        bf16=training_args.bf16,
+        use_cpu=training_args.use_cpu,
+        report_to=training_args.report_to,
+        disable_tqdm=training_args.disable_tqdm,
+        remove_unused_columns=False,
+        save_only_model=False,
+    )
+    trainer = ReconstructorTrainer(
+        model=reconstructor, args=reconstructor_args, train_dataset=dataset, data_collator=collator
+    )
+    use_checkpoint_protocol(trainer)
+    return trainer
+
+
+def run_grpo(args: NLAArguments, grpo_config) -> Path:
+    """GRPO from an SFT folder: the verbaliser samples `num_generations` explanations per activation, rewarded by
+    the reconstruction's cosine (minus `kl_reward_weight` x its KL) and the length penalty, with GRPO's KL penalty
+    (`beta`) to the SFT verbaliser; the reconstructor stays as SFT fitted it and is saved beside the result."""
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer
+
+    from hfx.artifacts import replace_pickled_training_args
+    from hfx.checkpoints import remove_checkpoints, train_or_restore, use_checkpoint_protocol
+    from hfx.stages import Stage, stage_fingerprint
+
+    from . import nla
+    from .modeling_lens import ConsistencyLens
+    from .modeling_verbalizer import ActivationVerbalizer
+
+    sft = stage_fingerprint(args.sft_dir, SFT_STAGE)
+    if sft is None:
+        raise FileNotFoundError(
+            f"{args.sft_dir}: no finished `hfx lens sft` folder; run it to the end first."
+        )
+    out = Path(grpo_config.output_dir)
+    stage = Stage(out, GRPO_STAGE, _settings(args, grpo_config, GRPO_SETTINGS), {"sft": sft})
+    if _begin(stage, args.overwrite) == "done":
+        return out
+    device = models.training_device(args.device, grpo_config)
+    dtype = models.resolve_training_dtype(args.dtype, device)
+    sft_dir = Path(args.sft_dir)
+    verbalizer = ActivationVerbalizer.from_pretrained(sft_dir / "verbalizer", dtype=dtype)
+    processor = nla.ActivationProcessor(AutoTokenizer.from_pretrained(sft_dir / "verbalizer"))
+    reconstructor = ConsistencyLens.from_pretrained(sft_dir / "reconstructor", dtype=dtype).to(device).eval()
+    reconstructor.requires_grad_(False)
+    base = None
+    if args.kl_reward_weight:
+        base = models.load_model(args.model_name_or_path, device=device, dtype=args.dtype)
+    train = _train_split(args)
+    dataset = nla.grpo_examples(train["activation"], train["input_ids"], args.instruction)
+    stop_ids = nla.stop_ids_of(verbalizer, processor)
+    rewards = [
+        nla.ReconstructionReward(
+            reconstructor, stop_ids, processor.tokenizer.pad_token_id, base, args.kl_reward_weight
+        ),
+        nla.LengthPenalty(stop_ids, args.explanation_length),
+    ]
+    verbalizer_dir = out / "verbalizer"
+    phase = _phase_args(grpo_config, verbalizer_dir)
+    phase.reward_weights = [1.0, args.length_penalty]
+    phase.max_completion_length = args.explanation_length
+    phase.log_multimodal = False
+    trainer = GRPOTrainer(
+        model=verbalizer, reward_funcs=rewards, args=phase, train_dataset=dataset, processing_class=processor
+    )
+    use_checkpoint_protocol(trainer)
+    train_or_restore(
+        trainer,
+        lambda checkpoint: verbalizer.load_state_dict(
+            ActivationVerbalizer.from_pretrained(checkpoint, dtype=verbalizer.dtype).state_dict()
+        ),
+    )
+    trainer.save_model(str(verbalizer_dir))
+    if trainer.is_world_process_zero():
+        processor.tokenizer.save_pretrained(verbalizer_dir)
+        replace_pickled_training_args(verbalizer_dir, phase)
+        reconstructor.save_pretrained(out / "reconstructor")
+        stage.finish()
+        remove_checkpoints(verbalizer_dir)
+    trainer.accelerator.wait_for_everyone()
+    return out
