@@ -105,15 +105,19 @@ def evaluate_lens(
         activation = torch.tensor(rows["activation"], device=device)
         batch = len(activation)
         out = lens(activation, sample=False)
+        # explanations that stop on their own (a verbaliser's) are their first `lengths` tokens
+        lengths = out.explanation_lengths
+        if lengths is None:
+            lengths = torch.full((batch,), out.explanation_ids.shape[1], device=device)
         # rows shorter than the explanation are padded with token 0
         context = context_targets(rows["input_ids"], length, device).clamp(min=0)
         random_ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
         edited_ids = out.explanation_ids.clone()
-        edit_at = torch.randint(0, length, (batch,), generator=generator).to(device)
+        edit_at = (torch.rand(batch, generator=generator).to(device) * lengths).long()
         edited_ids[torch.arange(batch, device=device), edit_at] = random_ids[:, 0]
 
-        def read(ids: torch.Tensor) -> torch.Tensor:
-            return lens.reconstruct(F.one_hot(ids, vocab).float())
+        def read(ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+            return lens.read(ids, lengths)
 
         replacements = {
             "reference": None,
@@ -125,7 +129,7 @@ def evaluate_lens(
             "encoder_reading_context": read(context),
             # each example gets its neighbour's explanation (a batch of one keeps its own)
             "swapped": out.reconstruction.roll(1, dims=0),
-            "edited": read(edited_ids),
+            "edited": read(edited_ids, lengths),
         }
         patched_logits = next_token_logits(base, layer, rows["input_ids"], replacements)
         reference = patched_logits.pop("reference")
@@ -146,14 +150,14 @@ def evaluate_lens(
         reconstruction = out.reconstruction.float()
         distance = (reconstruction - mean_activation).norm(dim=-1).clamp(min=1e-12)
         edit_move += float(((replacements["edited"].float() - reconstruction).norm(dim=-1) / distance).sum())
-        explanations += out.explanation_ids.tolist()
+        explanations += [ids[:n] for ids, n in zip(out.explanation_ids.tolist(), lengths.tolist())]
         contexts += [list(ids) for ids in rows["input_ids"]]
         if tokenizer is not None and len(shown) < samples:
             for i in range(min(samples - len(shown), batch)):
                 shown.append(
                     {
                         "context": tokenizer.decode(rows["input_ids"][i][-24:]),
-                        "explanation": tokenizer.decode(out.explanation_ids[i]),
+                        "explanation": tokenizer.decode(explanations[-batch + i]),
                         "original_top": decode_each(tokenizer, reference[i].topk(3).indices.tolist()),
                         "reconstructed_top": decode_each(
                             tokenizer, patched_logits["lens"][i].topk(3).indices.tolist()

@@ -34,7 +34,8 @@ from .configuration_lens import ConsistencyLensConfig
 class LensOutput(ModelOutput):
     """reconstruction (B, d); explanation_ids (B, k); explanation (B, k, V) one-hot rows carrying the
     straight-through gradient; logits (B, k, V) of the decoder at each step; with context targets, the decoder's
-    teacher-forced context_loss and context_accuracy (see `context_loss`)."""
+    teacher-forced context_loss and context_accuracy (see `context_loss`); explanation_lengths (B,) where
+    explanations stop on their own (the rest of each row of explanation_ids is padding)."""
 
     reconstruction: torch.Tensor | None = None
     explanation_ids: torch.Tensor | None = None
@@ -42,6 +43,7 @@ class LensOutput(ModelOutput):
     logits: torch.Tensor | None = None
     context_loss: torch.Tensor | None = None
     context_accuracy: torch.Tensor | None = None
+    explanation_lengths: torch.Tensor | None = None
 
 
 class ConsistencyLens(PreTrainedModel):

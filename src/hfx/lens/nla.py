@@ -446,3 +446,74 @@ def save_nla(folder: str | Path, verbalizer, processor, reconstructor) -> None:
     verbalizer.save_pretrained(folder / "verbalizer")
     processor.tokenizer.save_pretrained(folder / "verbalizer")
     reconstructor.save_pretrained(folder / "reconstructor")
+
+
+class AutoencoderLens(torch.nn.Module):
+    """A verbaliser and its reconstructor behind the interface of a `ConsistencyLens` that
+    `hfx.lens.evaluation.evaluate_lens` reads: ``lens(activations, sample=False)`` explains (greedily, at most
+    ``config.explanation_length`` tokens) and reads back; ``read``/``reconstruct`` are the reconstructor's."""
+
+    def __init__(self, verbalizer, processor: ActivationProcessor, reconstructor, instruction: str = ""):
+        super().__init__()
+        self.verbalizer = verbalizer
+        self.processor = processor
+        self.reconstructor = reconstructor
+        self.instruction = instruction
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype=None, instruction: str = "") -> AutoencoderLens:
+        """The autoencoder saved in `folder` (``verbalizer/`` and ``reconstructor/``)."""
+        from transformers import AutoTokenizer
+
+        from .modeling_lens import ConsistencyLens
+
+        folder = Path(folder)
+        verbalizer = ActivationVerbalizer.from_pretrained(folder / "verbalizer", dtype=dtype)
+        processor = ActivationProcessor(AutoTokenizer.from_pretrained(folder / "verbalizer"))
+        reconstructor = ConsistencyLens.from_pretrained(folder / "reconstructor", dtype=dtype)
+        return cls(verbalizer, processor, reconstructor, instruction)
+
+    @property
+    def config(self):
+        return self.reconstructor.config
+
+    @property
+    def encoder(self):
+        return self.reconstructor.encoder
+
+    @property
+    def read_embedding(self):
+        return self.reconstructor.read_embedding
+
+    @property
+    def device(self):
+        return self.reconstructor.device
+
+    def reconstruct(self, explanation: torch.Tensor) -> torch.Tensor:
+        return self.reconstructor.reconstruct(explanation)
+
+    def read(self, explanation_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.reconstructor.read(explanation_ids, lengths)
+
+    @torch.no_grad()
+    def forward(self, activations: torch.Tensor, sample: bool = False, **kwargs):
+        from .modeling_lens import LensOutput
+
+        explanations = explain(
+            self.verbalizer,
+            self.processor,
+            activations,
+            self.config.explanation_length,
+            self.instruction,
+            do_sample=sample,
+        )
+        stop = stop_ids_of(self.verbalizer, self.processor)
+        ids, lengths = explanation_batch(explanations, stop, self.processor.tokenizer.pad_token_id, self.device)
+        width = self.config.explanation_length
+        if ids.shape[1] < width:  # every explanation stopped early: pad to the full width
+            ids = F.pad(ids, (0, width - ids.shape[1]), value=self.processor.tokenizer.pad_token_id)
+        return LensOutput(
+            explanation_ids=ids,
+            explanation_lengths=lengths,
+            reconstruction=self.reconstructor.read(ids, lengths),
+        )

@@ -138,6 +138,28 @@ def _phase_args(training_args, output_dir: Path):
     return phase
 
 
+def write_autoencoder_card(folder: str | Path, phase: str, target: str | None = None, results=None) -> None:
+    """Render model_cards/autoencoder_card.md into an autoencoder folder (with its evaluation when there is one)."""
+    from hfx.hub import render_card
+
+    from .modeling_lens import ConsistencyLens
+
+    from hfx.stages import stage_manifest
+
+    config = ConsistencyLens.config_class.from_pretrained(Path(folder) / "reconstructor")
+    if target is None and (manifest := stage_manifest(folder, SFT_STAGE)) is not None:
+        target = manifest["settings"]["autoencoder"]["target"]
+    render_card(
+        "autoencoder_card.md",
+        Path(folder) / "README.md",
+        card_data={"library_name": "transformers", "tags": ["hfx", "natural-language-autoencoder", "trl"]},
+        config=config,
+        phase=phase,
+        target=target,
+        results=results,
+    )
+
+
 def run_sft(args: NLAArguments, sft_config) -> Path:
     """SFT warm start: write the targets, train the verbaliser on them (TRL's SFTTrainer), fit the reconstructor
     to read them (ReconstructorTrainer); a finished folder of the same settings is reused."""
@@ -238,6 +260,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     reconstructor_trainer.save_model(str(out / "reconstructor"))
     if reconstructor_trainer.is_world_process_zero():
         replace_pickled_training_args(out / "reconstructor", reconstructor_trainer.args)
+        write_autoencoder_card(out, "sft", args.target)
         stage.finish()
         remove_checkpoints(verbalizer_dir)
         remove_checkpoints(out / "reconstructor")
@@ -340,6 +363,7 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
         processor.tokenizer.save_pretrained(verbalizer_dir)
         replace_pickled_training_args(verbalizer_dir, phase)
         reconstructor.save_pretrained(out / "reconstructor")
+        write_autoencoder_card(out, "grpo")
         stage.finish()
         remove_checkpoints(verbalizer_dir)
     trainer.accelerator.wait_for_everyone()

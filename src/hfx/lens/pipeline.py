@@ -275,10 +275,21 @@ def run_eval(args: LensArguments, lens_dir: str, output: str | None = None, batc
     from .modeling_lens import ConsistencyLens
 
     base, tokenizer = models.load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
-    lens = ConsistencyLens.from_pretrained(lens_dir, dtype=base.dtype).to(base.device)
+    if (Path(lens_dir) / "verbalizer" / "config.json").is_file():  # an `hfx lens sft` / `grpo` autoencoder
+        from .nla import AutoencoderLens
+
+        lens = AutoencoderLens.from_pretrained(lens_dir, dtype=base.dtype).to(base.device)
+    else:
+        lens = ConsistencyLens.from_pretrained(lens_dir, dtype=base.dtype).to(base.device)
     train, held_out = _split(load_activations(args.activations_dir), args.eval_examples)
     mean = torch.tensor(train["activation"]).mean(0)
     results = evaluate_lens(lens, base, held_out, mean, tokenizer, batch_size)
     write_text_atomic(output or Path(lens_dir) / "eval_results.json", json.dumps(results, indent=2) + "\n")
-    write_lens_card(lens_dir, lens.config, results)
+    if isinstance(lens, ConsistencyLens):
+        write_lens_card(lens_dir, lens.config, results)
+    else:
+        from .nla_pipeline import GRPO_STAGE, write_autoencoder_card
+
+        phase = "grpo" if (Path(lens_dir) / f"hfx_stage_{GRPO_STAGE}.json").is_file() else "sft"
+        write_autoencoder_card(lens_dir, phase, results=results)
     return results
