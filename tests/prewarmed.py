@@ -24,6 +24,7 @@ PRELOAD = [
     "datasets",
     "hfx.cartridges.pipeline",
     "hfx.lens.pipeline",
+    "hfx.lens.nla_pipeline",
     "hfx.peer_mla.training",
     "hfx.cli",
 ]

@@ -198,6 +198,33 @@ def test_a_lens_run_killed_at_its_end_finishes_when_run_again(tmp_path, tiny_mod
     assert state["global_step"] == 6 and (lens / "model.safetensors").is_file()
 
 
+def test_a_grpo_run_killed_at_a_checkpoint_resumes_from_the_one_before(tmp_path, tiny_model_dir):
+    activations, sft, grpo = tmp_path / "acts", tmp_path / "sft", tmp_path / "grpo"
+    common = [
+        "--model_name_or_path", tiny_model_dir, "--activations_dir", activations, "--eval_examples", "4",
+        "--explanation_length", "2", "--per_device_train_batch_size", "4", "--disable_tqdm", "true",
+        "--report_to", "none",
+    ]  # fmt: skip
+    dump = [
+        "lens", "dump", "--model_name_or_path", tiny_model_dir, "--dataset", "sklearn_descr", "--layer", "1",
+        "--max_examples", "20", "--context_length", "16", "--output_dir", activations,
+    ]  # fmt: skip
+    finished(run(LENS_RUN, dump))
+    finished(run(LENS_RUN, ["lens", "sft", *common, "--output_dir", sft, "--max_steps", "2"]))
+    train = [
+        "lens", "grpo", *common, "--sft_dir", sft, "--output_dir", grpo, "--max_steps", "6", "--save_steps", "2",
+        "--num_generations", "4", "--beta", "0.1",
+    ]  # fmt: skip
+    killed(run(LENS_RUN, train, "checkpoint-4"))
+    verbalizer = grpo / "verbalizer"
+    assert (verbalizer / "checkpoint-4").is_dir() and not (verbalizer / "config.json").exists()
+    log = finished(run(LENS_RUN, train))
+    assert "checkpoint-4: incomplete" in log and "Resuming training from" in log and "checkpoint-2" in log
+    state = json.loads((verbalizer / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and (grpo / "hfx_stage_lens-grpo.done").is_file()
+    assert not list(verbalizer.glob("checkpoint-*"))
+
+
 PEER_RUN = KILL_POINTS + textwrap.dedent(
     """
     import sys

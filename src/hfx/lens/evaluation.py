@@ -150,7 +150,9 @@ def evaluate_lens(
         reconstruction = out.reconstruction.float()
         distance = (reconstruction - mean_activation).norm(dim=-1).clamp(min=1e-12)
         edit_move += float(((replacements["edited"].float() - reconstruction).norm(dim=-1) / distance).sum())
-        explanations += [ids[:n] for ids, n in zip(out.explanation_ids.tolist(), lengths.tolist())]
+        explanations += [
+            ids[:n] for ids, n in zip(out.explanation_ids.tolist(), lengths.tolist(), strict=True)
+        ]
         contexts += [list(ids) for ids in rows["input_ids"]]
         if tokenizer is not None and len(shown) < samples:
             for i in range(min(samples - len(shown), batch)):

@@ -508,7 +508,9 @@ class AutoencoderLens(torch.nn.Module):
             do_sample=sample,
         )
         stop = stop_ids_of(self.verbalizer, self.processor)
-        ids, lengths = explanation_batch(explanations, stop, self.processor.tokenizer.pad_token_id, self.device)
+        ids, lengths = explanation_batch(
+            explanations, stop, self.processor.tokenizer.pad_token_id, self.device
+        )
         width = self.config.explanation_length
         if ids.shape[1] < width:  # every explanation stopped early: pad to the full width
             ids = F.pad(ids, (0, width - ids.shape[1]), value=self.processor.tokenizer.pad_token_id)

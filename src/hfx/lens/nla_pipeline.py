@@ -141,10 +141,9 @@ def _phase_args(training_args, output_dir: Path):
 def write_autoencoder_card(folder: str | Path, phase: str, target: str | None = None, results=None) -> None:
     """Render model_cards/autoencoder_card.md into an autoencoder folder (with its evaluation when there is one)."""
     from hfx.hub import render_card
+    from hfx.stages import stage_manifest
 
     from .modeling_lens import ConsistencyLens
-
-    from hfx.stages import stage_manifest
 
     config = ConsistencyLens.config_class.from_pretrained(Path(folder) / "reconstructor")
     if target is None and (manifest := stage_manifest(folder, SFT_STAGE)) is not None:
@@ -229,6 +228,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         ),
     )
     trainer.save_model(str(verbalizer_dir))
+    trainer.save_state()  # trainer_state.json: the loss curve beside the weights
     if trainer.is_world_process_zero():
         replace_pickled_training_args(verbalizer_dir, phase)
 
@@ -258,6 +258,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         ),
     )
     reconstructor_trainer.save_model(str(out / "reconstructor"))
+    reconstructor_trainer.save_state()
     if reconstructor_trainer.is_world_process_zero():
         replace_pickled_training_args(out / "reconstructor", reconstructor_trainer.args)
         write_autoencoder_card(out, "sft", args.target)
@@ -359,6 +360,7 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
         ),
     )
     trainer.save_model(str(verbalizer_dir))
+    trainer.save_state()
     if trainer.is_world_process_zero():
         processor.tokenizer.save_pretrained(verbalizer_dir)
         replace_pickled_training_args(verbalizer_dir, phase)

@@ -1,0 +1,213 @@
+"""The natural-language autoencoder on tiny models: the verbaliser reads its activation at the placeholder, the
+processor carries it the way TRL's trainers carry an image, the reconstructor reads explanations of any length,
+the GRPO rewards are the scores they are built from, and `hfx lens sft` -> `grpo` -> `eval` runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from hfx.cli import main
+from hfx.lens import nla
+from hfx.lens.modeling_lens import ConsistencyLens
+from hfx.lens.modeling_verbalizer import ActivationVerbalizer, ActivationVerbalizerModel
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def parts(tokenizer):
+    base = make_tiny_llama(tokenizer, layers=2, hidden=32, init_std=0.2)
+    verbalizer, processor = nla.build_verbalizer(base, tokenizer, layer=1, activation_norm=4.0)
+    reconstructor = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=2, identity_output=True
+    ).eval()
+    return base, verbalizer.eval(), processor, reconstructor
+
+
+def prompt_ids(processor) -> torch.Tensor:
+    ids = processor.apply_chat_template([nla.prompt_of()], add_generation_prompt=True, tokenize=True)[0]
+    return torch.tensor([ids])
+
+
+def test_the_placeholder_token_is_added_to_a_copy_of_the_tokenizer(tokenizer, parts):
+    _, verbalizer, processor, _ = parts
+    assert nla.ACTIVATION_TOKEN not in tokenizer.get_vocab()  # the caller's tokenizer is left as it was
+    assert processor.activation_token_id == len(tokenizer)
+    assert verbalizer.config.image_token_id == processor.activation_token_id
+    assert verbalizer.config.vocab_size == len(processor.tokenizer)
+
+
+def test_the_verbalizer_reads_its_activation_at_the_placeholder_only(parts):
+    _, verbalizer, processor, _ = parts
+    ids = prompt_ids(processor)
+    assert (ids == processor.activation_token_id).sum() == 1
+    first, second = torch.randn(1, 32), torch.randn(1, 32)
+    with torch.no_grad():
+        a = verbalizer(input_ids=ids, pixel_values=first).logits
+        b = verbalizer(input_ids=ids, pixel_values=second).logits
+        again = verbalizer(input_ids=ids, pixel_values=first).logits
+        plain = ids.clone()
+        plain[plain == processor.activation_token_id] = 0
+        unread = [verbalizer(input_ids=plain, pixel_values=x).logits for x in (first, second)]
+    position = int((ids[0] == processor.activation_token_id).nonzero())
+    torch.testing.assert_close(a, again)
+    # tokens before the placeholder cannot see it; every token from it on does
+    torch.testing.assert_close(a[:, :position], b[:, :position])
+    assert not torch.allclose(a[:, position:], b[:, position:])
+    torch.testing.assert_close(unread[0], unread[1])  # no placeholder: pixel_values are not read
+    with pytest.raises(ValueError, match="one activation at one placeholder"):
+        verbalizer(input_ids=torch.cat([ids, ids], dim=1), pixel_values=first)
+
+
+def test_the_processor_returns_the_activation_as_pixel_values(parts):
+    _, _, processor, _ = parts
+    activation = [0.5, -1.0, 2.0]
+    prompt = [
+        {"role": "user", "content": [{"type": "image", "image": activation}, {"type": "text", "text": "x"}]}
+    ]
+    encoded = processor.apply_chat_template(
+        [prompt, prompt], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    assert [row.count(processor.activation_token_id) for row in encoded["input_ids"]] == [1, 1]
+    assert encoded["pixel_values"].tolist() == [activation, activation]
+    text = processor.apply_chat_template(prompt, add_generation_prompt=True)
+    assert nla.ACTIVATION_TOKEN + "x" in text
+    # TRL's forward pass: one list of images per example
+    batch = processor(
+        images=[[activation], [[1.0, 2.0, 3.0]]], text=[text, text], padding=True, return_tensors="pt"
+    )
+    assert batch["pixel_values"].shape == (2, 3) and batch["input_ids"].shape[0] == 2
+
+
+def test_a_saved_verbalizer_loads_with_the_auto_class(tmp_path, parts):
+    _, verbalizer, processor, _ = parts
+    verbalizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ActivationVerbalizer)
+    ids, activation = prompt_ids(processor), torch.randn(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids, pixel_values=activation).logits,
+            verbalizer(input_ids=ids, pixel_values=activation).logits,
+        )
+
+
+@pytest.mark.parametrize("read_token", [False, True])
+def test_the_reconstructor_reads_each_explanation_up_to_its_length(tokenizer, read_token):
+    base = make_tiny_llama(tokenizer, layers=2, hidden=32, init_std=0.2)
+    lens = ConsistencyLens.from_base(
+        base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=2, read_token=read_token
+    ).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    with torch.no_grad():
+        padded = lens.read(ids, torch.tensor([4, 2]))
+        alone = lens.read(torch.tensor([[9, 10]]))
+        full = lens.reconstruct(
+            F.one_hot(ids[:1], lens.encoder.get_input_embeddings().weight.shape[0]).float()
+        )
+    torch.testing.assert_close(padded[1], alone[0])  # the padding after an explanation is not read
+    torch.testing.assert_close(padded[0], full[0])  # ids and one-hot rows read the same
+
+
+def test_explanations_are_cut_at_their_first_stop_token():
+    ids, lengths = nla.explanation_batch([[5, 6, 2, 7], [2, 9], [3]], stop_ids=[2], pad_id=0)
+    assert ids.tolist() == [[5, 6], [2, 0], [3, 0]] and lengths.tolist() == [2, 1, 1]
+    penalty = nla.LengthPenalty(stop_ids=[2], max_length=4)
+    assert penalty(None, None, [[5, 6, 2, 7], [2, 9], [3, 4, 5, 6]]) == [-0.5, 0.0, -1.0]
+
+
+def test_the_reward_is_the_reconstruction_score_it_is_built_from(parts):
+    base, verbalizer, processor, reconstructor = parts
+    stop = nla.stop_ids_of(verbalizer, processor)
+    completions = [[11, 12, 13, stop[0]], [14, stop[0], 15], [16, 17, 18, 19]]
+    explanations = [[11, 12, 13], [14], [16, 17, 18, 19]]
+    activations = torch.randn(3, 32)
+    contexts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    images = [[a.tolist()] for a in activations]
+    with torch.no_grad():
+        read = torch.cat([reconstructor.read(torch.tensor([e])) for e in explanations])
+    cosine = F.cosine_similarity(read, activations, dim=-1)
+    reward = nla.ReconstructionReward(reconstructor, stop, processor.tokenizer.pad_token_id)
+    torch.testing.assert_close(torch.tensor(reward(None, None, completions, images)), cosine)
+
+    # with the KL term: cosine minus the weight times each row's KL of the patched next-token distribution
+    from hfx.lens.activations import next_token_logits
+    from hfx.losses import kl_divergence
+
+    with_kl = nla.ReconstructionReward(
+        reconstructor, stop, processor.tokenizer.pad_token_id, base, kl_weight=0.5
+    )
+    values = with_kl(None, None, completions, images, context_ids=contexts)
+    for i in range(3):
+        with torch.no_grad():
+            logits = next_token_logits(
+                base, 1, [contexts[i]], {"reference": None, "patched": read[i : i + 1]}
+            )
+        kl = float(kl_divergence(logits["reference"], logits["patched"]))
+        assert values[i] == pytest.approx(float(cosine[i]) - 0.5 * kl, abs=1e-5)
+
+
+def test_targets_of_each_kind(parts):
+    base = parts[0]
+    rows = {"input_ids": [[1, 2, 3, 4, 5], [6, 7]], "reference_topk_ids": [[9, 8, 7, 6], [5, 4, 3, 2]]}
+    assert nla.explanation_targets("context", rows, 3) == [[3, 4, 5], [6, 7]]
+    assert nla.explanation_targets("top_predictions", rows, 2) == [[9, 8], [5, 4]]
+    continuation = nla.explanation_targets("continuation", rows, 3, base)
+    expected = base.generate(torch.tensor([[6, 7]]), max_new_tokens=3, do_sample=False)[0, 2:].tolist()
+    assert [len(t) for t in continuation] == [3, 3] and continuation[1] == expected
+    with pytest.raises(ValueError, match="must be one of"):
+        nla.explanation_targets("summary", rows, 3)
+
+
+def test_sft_then_grpo_then_eval_end_to_end(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    reads = []
+    embed = ActivationVerbalizerModel.embed
+
+    def counted(self, input_ids, pixel_values=None):
+        if pixel_values is not None and (input_ids == self.config.image_token_id).any():
+            reads.append(len(input_ids))
+        return embed(self, input_ids, pixel_values)
+
+    monkeypatch.setattr(ActivationVerbalizerModel, "embed", counted)
+    acts, sft, grpo = tmp_path / "acts", tmp_path / "sft", tmp_path / "grpo"
+    model = ["--model_name_or_path", str(tiny_model_dir)]
+    main(
+        ["lens", "dump", "--output_dir", str(acts), *model, "--dataset", "sklearn_descr", "--layer", "1"]
+        + ["--context_length", "16", "--max_examples", "20", "--batch_size", "8"]
+    )
+    common = ["--activations_dir", str(acts), "--eval_examples", "4", *model, "--explanation_length", "3"]
+    common += ["--report_to", "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "4"]
+    main(
+        ["lens", "sft", *common, "--output_dir", str(sft), "--max_steps", "2", "--target", "top_predictions"]
+    )
+    assert (sft / "hfx_stage_lens-sft.done").is_file() and not list(sft.rglob("checkpoint-*"))
+    assert (sft / "verbalizer" / "training_args.json").is_file() and not list(sft.rglob("*.bin"))
+    assert "top_predictions" in (sft / "README.md").read_text()
+    sft_reads = len(reads)
+    assert sft_reads == 2  # each SFT step's forward read its batch's activations
+
+    main(
+        ["lens", "grpo", *common, "--sft_dir", str(sft), "--output_dir", str(grpo), "--max_steps", "2"]
+        + ["--num_generations", "4", "--beta", "0.1", "--logging_steps", "1"]
+    )
+    # each step: the prompt's prefill in generation, the policy's old log-probs... every forward read them
+    grpo_reads = reads[sft_reads:]
+    assert len(grpo_reads) >= 3 * 2 and all(n > 0 for n in grpo_reads)
+    state = json.loads((grpo / "verbalizer" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "reward" in entry]
+    assert len(logged) == 2 and {"reconstruction_cosine", "kl", "rewards/length_penalty/mean"} <= set(
+        logged[0]
+    )
+    assert (grpo / "reconstructor" / "model.safetensors").is_file()
+
+    main(
+        ["lens", "eval", "--activations_dir", str(acts), "--eval_examples", "4", *model, "--lens", str(grpo)]
+    )
+    assert "| lens (its explanation read back) |" in capsys.readouterr().out
+    results = json.loads((grpo / "eval_results.json").read_text())
+    assert results["examples"] == 4 and 0.0 <= results["copy_rate"] <= 1.0
+    assert "GRPOTrainer" in (grpo / "README.md").read_text()
