@@ -10,7 +10,8 @@
 #   tests     the `gpu` tests (fp32 against the CPU, and bf16)
 #   bench     synthesis at 16 conversations per chunk and at the device-sized batch (graph captures and compilations
 #             after warm-up), quanta gradients in bf16, cartridge vs ICL decode at a fixed and at the peak batch,
-#             the PEER kernel and a PEER-MLA vs dense training step
+#             the PEER kernel, a PEER-MLA vs dense training step, and GRPO steps of the lens's verbaliser
+#             (tokens/s beside sampling alone)
 #   main-job  `hfx cartridge run --budget_minutes 3` end to end on a random model of the embedded shape, with the
 #             default mix and with half generated conversations: each plan and its wall time against the budget
 #             (two 3-minute runs do not fit the 8 minutes beside the rest: a second call, with its own budget)
@@ -225,6 +226,7 @@ modules = (
     "hfx.models", "hfx.tokenization", "hfx.embedded", "hfx.losses", "hfx.artifacts", "hfx.generation",
     "hfx.cartridges.pipeline", "hfx.cartridges.synthesis", "hfx.cartridges.training", "hfx.cartridges.evaluation",
     "hfx.cartridges.prefix", "hfx.quanta.pipeline", "hfx.quanta.gradients", "hfx.lens.pipeline", "hfx.lens.training",
+    "hfx.lens.nla", "hfx.lens.nla_pipeline",
     "hfx.peer_mla.training", "hfx.peer_mla.modeling_peer_mla", "hfx.peer_mla.configuration_peer_mla",
     "benchmarks._random_models", "benchmarks._measure",
 )
@@ -357,6 +359,7 @@ if part bench; then
         --p 2048 --new-tokens 128 --repeats 3 --peak-memory-gib 60 --skip-fixed --device cuda
     bench peer-kernel 45 benchmarks/peer_kernel.py --device cuda
     bench peer-train-step 60 benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton
+    bench lens-grpo 75 benchmarks/lens_grpo.py --random-model smollm2-135m --device cuda --steps 6 --prompts 32
 fi
 if part main-job; then
     bench main-job-half 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --continuation-fraction 0.5 \
