@@ -183,12 +183,18 @@ def test_sft_then_grpo_then_eval_end_to_end(tmp_path, tiny_model_dir, monkeypatc
     common += ["--report_to", "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "4"]
     main(
         ["lens", "sft", *common, "--output_dir", str(sft), "--max_steps", "2", "--target", "top_predictions"]
+        + ["--fve_every", "1", "--fve_examples", "3"]
     )
     assert (sft / "hfx_stage_lens-sft.done").is_file() and not list(sft.rglob("checkpoint-*"))
     assert (sft / "verbalizer" / "training_args.json").is_file() and not list(sft.rglob("*.bin"))
     assert "top_predictions" in (sft / "README.md").read_text()
     sft_reads = len(reads)
-    assert sft_reads == 2  # each SFT step's forward read its batch's activations
+    # each SFT step's forward read its batch's activations, and each held-out measurement its 3
+    assert reads == [4, 3, 4, 3]
+    state = json.loads((sft / "verbalizer" / "trainer_state.json").read_text())
+    heldout = [entry for entry in state["log_history"] if "heldout_fve" in entry]
+    assert [entry["step"] for entry in heldout] == [1, 2]
+    assert all(0.0 <= entry["heldout_copy_rate"] <= 1.0 for entry in heldout)
 
     main(
         ["lens", "grpo", *common, "--sft_dir", str(sft), "--output_dir", str(grpo), "--max_steps", "2"]

@@ -39,6 +39,7 @@ from transformers import (
     BatchFeature,
     ProcessorMixin,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -176,8 +177,13 @@ def build_verbalizer(
 
 
 def prompt_of(instruction: str = "") -> list[dict]:
-    """The verbaliser's conversational prompt: one user turn, the activation then `instruction`."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    """The verbaliser's conversational prompt: an empty system turn (so that no default system prompt is
+    rendered: every token of the prompt is paid for in every forward of training), then one user turn, the
+    activation then `instruction`."""
+    return [
+        {"role": "system", "content": [{"type": "text", "text": ""}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]},
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- explanation targets
@@ -440,12 +446,87 @@ def stop_ids_of(verbalizer, processor) -> list[int]:
     return _stop_ids(verbalizer, processor)
 
 
-def save_nla(folder: str | Path, verbalizer, processor, reconstructor) -> None:
-    """An autoencoder folder: ``verbalizer/`` (with its tokenizer) and ``reconstructor/``."""
-    folder = Path(folder)
-    verbalizer.save_pretrained(folder / "verbalizer")
-    processor.tokenizer.save_pretrained(folder / "verbalizer")
-    reconstructor.save_pretrained(folder / "reconstructor")
+@torch.no_grad()
+def autoencoder_fve(
+    verbalizer,
+    processor: ActivationProcessor,
+    reconstructor,
+    activations: torch.Tensor,
+    mean: torch.Tensor,
+    contexts: list[list[int]] | None = None,
+    instruction: str = "",
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """FVE (against `mean`) and mean cosine of the reconstructions of the verbaliser's greedy explanations of
+    `activations`, their mean length and (with `contexts`) copy rate: the quick form of `hfx lens eval`'s
+    figures that :class:`FVECallback` logs during training."""
+    from .evaluation import copy_rate
+
+    stop = stop_ids_of(verbalizer, processor)
+    length = reconstructor.config.explanation_length
+    squared_error = squared_deviation = cosine = 0.0
+    explanations = []
+    for start in range(0, len(activations), batch_size):
+        batch = activations[start : start + batch_size].to(reconstructor.device)
+        written = explain(verbalizer, processor, batch, length, instruction)
+        ids, lengths = explanation_batch(
+            written, stop, processor.tokenizer.pad_token_id, reconstructor.device
+        )
+        reconstruction = reconstructor.read(ids, lengths).float()
+        target = batch.float()
+        squared_error += float(((target - reconstruction) ** 2).sum())
+        squared_deviation += float(((target - mean.to(target.device)) ** 2).sum())
+        cosine += float(F.cosine_similarity(target, reconstruction, dim=-1).sum())
+        explanations += written
+    result = {
+        "fve": 1.0 - squared_error / squared_deviation,
+        "cosine": cosine / len(activations),
+        "explanation_tokens": sum(map(len, explanations)) / len(explanations),
+    }
+    if contexts is not None:
+        result["copy_rate"] = copy_rate(explanations, contexts)
+    return result
+
+
+class FVECallback(TrainerCallback):
+    """Every `every` optimizer steps (and at the end), logs the autoencoder's FVE, cosine, explanation length and
+    copy rate on a few held-out activations (:func:`autoencoder_fve`) into the trainer's log history: the curve of
+    FVE against training steps."""
+
+    def __init__(
+        self, processor, reconstructor, activations, mean, contexts, every: int, instruction: str = ""
+    ):
+        self.processor = processor
+        self.reconstructor = reconstructor
+        self.activations = activations
+        self.mean = mean
+        self.contexts = contexts
+        self.every = every
+        self.instruction = instruction
+
+    def _measure(self, state, model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            values = autoencoder_fve(
+                model, self.processor, self.reconstructor, self.activations, self.mean, self.contexts,
+                self.instruction,
+            )  # fmt: skip
+        finally:
+            model.train(was_training)
+        entry = {f"heldout_{key}": value for key, value in values.items()} | {"step": state.global_step}
+        state.log_history.append(entry)
+        logger.info("step %d: held-out %s", state.global_step, values)
+        return values
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
+            self._measure(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        logged = [e["step"] for e in state.log_history if "heldout_fve" in e]
+        if state.is_world_process_zero and (not logged or logged[-1] != state.global_step):
+            self._measure(state, model)
 
 
 class AutoencoderLens(torch.nn.Module):

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SFT_STAGE = "lens-sft"
 GRPO_STAGE = "lens-grpo"
 #: Arguments that do not change what a phase makes.
-NOT_SETTINGS = ("activations_dir", "sft_dir", "device", "overwrite")
+NOT_SETTINGS = ("activations_dir", "sft_dir", "device", "overwrite", "fve_every", "fve_examples")
 #: GRPO's own arguments that change the verbaliser (beside hfx.stages.TRAINER_SETTINGS).
 GRPO_SETTINGS = (
     "beta",
@@ -103,6 +103,15 @@ class NLAArguments(models.DeviceArguments):
     eval_examples: int = field(
         default=256, metadata={"help": "held-out examples (the last ones), never trained on"}
     )
+    fve_every: int = field(
+        default=50,
+        metadata={
+            "help": "log the held-out FVE every n steps (and at the end) into trainer_state.json; 0: at the end"
+        },
+    )
+    fve_examples: int = field(
+        default=64, metadata={"help": "held-out activations the logged FVE is measured on"}
+    )
     overwrite: bool = field(
         default=False, metadata={"help": "start over when the output folder holds other settings"}
     )
@@ -160,8 +169,9 @@ def write_autoencoder_card(folder: str | Path, phase: str, target: str | None = 
 
 
 def run_sft(args: NLAArguments, sft_config) -> Path:
-    """SFT warm start: write the targets, train the verbaliser on them (TRL's SFTTrainer), fit the reconstructor
-    to read them (ReconstructorTrainer); a finished folder of the same settings is reused."""
+    """SFT warm start: write the targets, fit the reconstructor to read them (ReconstructorTrainer), train the
+    verbaliser to write them (TRL's SFTTrainer), logging the held-out FVE on the way; a finished folder of the
+    same settings is reused."""
     import datasets
     from trl import SFTTrainer
 
@@ -200,8 +210,6 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         features = datasets.Features({"target_ids": datasets.Sequence(datasets.Value("int32"))})
         write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
 
-    # the verbaliser
-    verbalizer_dir = out / "verbalizer"
     verbalizer, processor = nla.build_verbalizer(
         base,
         tokenizer,
@@ -209,30 +217,9 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         activation_norm=float(activations.norm(dim=-1).mean()),
         base_model_name_or_path=models.model_id(args.model_name_or_path),
     )
-    examples = nla.sft_examples(processor, activations.tolist(), targets, args.instruction)
-    phase = _phase_args(sft_config, verbalizer_dir)
-    phase.remove_unused_columns = False
-    phase.dataset_kwargs = {**(phase.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    trainer = SFTTrainer(
-        model=verbalizer,
-        args=phase,
-        train_dataset=examples,
-        processing_class=processor.tokenizer,
-        data_collator=nla.ActivationCollator(processor.tokenizer.pad_token_id),
-    )
-    use_checkpoint_protocol(trainer)
-    train_or_restore(
-        trainer,
-        lambda checkpoint: verbalizer.load_state_dict(
-            ActivationVerbalizer.from_pretrained(checkpoint, dtype=verbalizer.dtype).state_dict()
-        ),
-    )
-    trainer.save_model(str(verbalizer_dir))
-    trainer.save_state()  # trainer_state.json: the loss curve beside the weights
-    if trainer.is_world_process_zero():
-        replace_pickled_training_args(verbalizer_dir, phase)
+    stop_ids = nla.stop_ids_of(verbalizer, processor)
 
-    # the reconstructor, fitted to read the same targets
+    # the reconstructor, fitted first to read the targets (it needs nothing from the verbaliser)
     reconstructor = ConsistencyLens.from_base(
         base,
         layer=layer,
@@ -242,7 +229,6 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         identity_output=True,
         base_model_name_or_path=models.model_id(args.model_name_or_path),
     )
-    stop_ids = nla.stop_ids_of(verbalizer, processor)
     reconstructor_trainer = _reconstructor_trainer(
         reconstructor,
         sft_config,
@@ -261,12 +247,57 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     reconstructor_trainer.save_state()
     if reconstructor_trainer.is_world_process_zero():
         replace_pickled_training_args(out / "reconstructor", reconstructor_trainer.args)
+    reconstructor.eval()
+
+    # the verbaliser, with the held-out FVE on the way
+    verbalizer_dir = out / "verbalizer"
+    examples = nla.sft_examples(processor, activations.tolist(), targets, args.instruction)
+    phase = _phase_args(sft_config, verbalizer_dir)
+    phase.remove_unused_columns = False
+    phase.dataset_kwargs = {**(phase.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    trainer = SFTTrainer(
+        model=verbalizer,
+        args=phase,
+        train_dataset=examples,
+        processing_class=processor.tokenizer,
+        data_collator=nla.ActivationCollator(processor.tokenizer.pad_token_id),
+        callbacks=[_fve_callback(args, processor, reconstructor, activations)],
+    )
+    use_checkpoint_protocol(trainer)
+    train_or_restore(
+        trainer,
+        lambda checkpoint: verbalizer.load_state_dict(
+            ActivationVerbalizer.from_pretrained(checkpoint, dtype=verbalizer.dtype).state_dict()
+        ),
+    )
+    trainer.save_model(str(verbalizer_dir))
+    trainer.save_state()  # trainer_state.json: the loss and held-out FVE curves beside the weights
+    if trainer.is_world_process_zero():
+        replace_pickled_training_args(verbalizer_dir, phase)
         write_autoencoder_card(out, "sft", args.target)
         stage.finish()
         remove_checkpoints(verbalizer_dir)
         remove_checkpoints(out / "reconstructor")
-    reconstructor_trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()
     return out
+
+
+def _fve_callback(args: NLAArguments, processor, reconstructor, train_activations: torch.Tensor):
+    """The held-out FVE curve: the first `fve_examples` held-out activations, every `fve_every` steps."""
+    from .nla import FVECallback
+    from .pipeline import _split
+
+    _, held_out = _split(load_activations(args.activations_dir), args.eval_examples)
+    held_out = held_out.select(range(min(args.fve_examples, len(held_out))))
+    return FVECallback(
+        processor,
+        reconstructor,
+        torch.tensor(held_out["activation"]),
+        train_activations.mean(0),
+        [list(ids) for ids in held_out["input_ids"]],
+        args.fve_every,
+        args.instruction,
+    )
 
 
 def _reconstructor_trainer(
@@ -350,7 +381,12 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
     phase.max_completion_length = args.explanation_length
     phase.log_multimodal = False
     trainer = GRPOTrainer(
-        model=verbalizer, reward_funcs=rewards, args=phase, train_dataset=dataset, processing_class=processor
+        model=verbalizer,
+        reward_funcs=rewards,
+        args=phase,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=[_fve_callback(args, processor, reconstructor, torch.tensor(train["activation"]))],
     )
     use_checkpoint_protocol(trainer)
     train_or_restore(
