@@ -1,0 +1,164 @@
+"""The natural-language autoencoder's curves: SFT with each kind of target at each explanation length, each run
+evaluated with `hfx lens eval`; a table and a figure (held-out FVE against the length, and against the SFT steps).
+
+    hfx lens dump --output_dir outputs/lens-activations --layer 15 --context_length 32 --max_examples 8192 \\
+        --dataset pydoc_topics,sklearn_descr
+    python examples/lens/nla_curves.py --targets continuation top_predictions context --lengths 4 8 16 32
+    python examples/lens/nla_curves.py --table --plot docs/figures/lens_nla_curves.png
+
+Each run is `hfx lens sft --config examples/lens/configs/nla-sft.yaml --target T --explanation_length K` into
+`<output_root>/<T>-k<K>` (a stage: a finished run is reused, a killed one resumes), then `hfx lens eval`. Runs go
+one after another; `--table` only reads the finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hfx.atomic import write_text_atomic
+
+TARGETS = ("continuation", "top_predictions", "context")
+LENGTHS = (4, 8, 16, 32)
+
+
+def run_name(target: str, length: int) -> str:
+    return f"{target}-k{length}"
+
+
+def read_run(folder: Path) -> dict | None:
+    """The run's figures, once it has its evaluation."""
+    results = folder / "eval_results.json"
+    if not results.is_file():
+        return None
+    values = json.loads(results.read_text())
+    manifest = json.loads((folder / "hfx_stage_lens-sft.json").read_text())["settings"]["autoencoder"]
+    wall = folder / "wall.json"
+    state = folder / "verbalizer" / "trainer_state.json"
+    curve = []
+    if state.is_file():
+        history = json.loads(state.read_text())["log_history"]
+        curve = [(entry["step"], entry["heldout_fve"]) for entry in history if "heldout_fve" in entry]
+    return {
+        "run": folder.name,
+        "target": manifest["target"],
+        "length": manifest["explanation_length"],
+        "fve": values["fve"],
+        "fve_vs_empty": values["fve_vs_empty"],
+        "cosine": values["conditions"]["lens"]["cosine"],
+        "kl": values["kl"]["lens"],
+        "kl_mean_ablation": values["kl"]["mean_ablation"],
+        "copy_rate": values["copy_rate"],
+        "minutes": json.loads(wall.read_text())["minutes"] if wall.is_file() else None,
+        "curve": curve,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| target | k | FVE | FVE vs empty | cosine | KL (mean ablation) | copy rate | minutes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        minutes = f"{row['minutes']:.1f}" if row["minutes"] is not None else "–"
+        lines.append(
+            f"| {row['target']} | {row['length']} | {row['fve']:.3f} | {row['fve_vs_empty']:.3f} | "
+            f"{row['cosine']:.3f} | {row['kl']:.3f} ({row['kl_mean_ablation']:.3f}) | {row['copy_rate']:.1%} | "
+            f"{minutes} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hfx.artifacts import save_figure_atomic
+
+    fig, (by_length, by_step) = plt.subplots(1, 2, figsize=(10, 4))
+    for target in TARGETS:
+        mine = sorted((r for r in rows if r["target"] == target), key=lambda r: r["length"])
+        if not mine:
+            continue
+        by_length.plot([r["length"] for r in mine], [r["fve"] for r in mine], marker="o", label=target)
+        for r in mine:
+            if r["curve"] and r["length"] == 8:
+                steps, values = zip(*r["curve"], strict=True)
+                by_step.plot(steps, values, marker=".", label=f"{target}, k = 8")
+    by_length.set_xscale("log", base=2)
+    by_length.set_xlabel("explanation length k (tokens)")
+    by_length.set_ylabel("FVE, held out")
+    by_length.axhline(0.6, color="grey", linestyle="--", linewidth=0.8)
+    by_length.legend()
+    by_length.set_title("after SFT, by explanation length")
+    by_step.set_xlabel("SFT step")
+    by_step.set_ylabel("FVE, 64 held-out activations")
+    by_step.axhline(0.6, color="grey", linestyle="--", linewidth=0.8)
+    by_step.legend()
+    by_step.set_title("during SFT")
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
+    parser.add_argument("--config", default="examples/lens/configs/nla-sft.yaml")
+    parser.add_argument("--activations_dir", default="outputs/lens-activations")
+    parser.add_argument("--model_name_or_path", default="embedded", help="the frozen model (as dumped)")
+    parser.add_argument("--eval_examples", type=int, default=256, help="held-out examples (the last ones)")
+    parser.add_argument("--output_root", default="outputs/lens-nla")
+    parser.add_argument("--table", action="store_true", help="only print the table of the finished runs")
+    parser.add_argument("--plot", help="also draw the curves into this PNG")
+    parser.add_argument("extra", nargs="*", help="more `hfx lens sft` options, after --")
+    args = parser.parse_args(argv)
+    root = Path(args.output_root)
+    hfx = str(Path(sys.executable).with_name("hfx"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    names = [run_name(t, k) for t in args.targets for k in args.lengths]
+    if not args.table:
+        for target in args.targets:
+            for length in args.lengths:
+                out = root / run_name(target, length)
+                if read_run(out) is not None:
+                    continue
+                start, resumed = time.time(), out.exists()
+                common = [
+                    "--activations_dir",
+                    args.activations_dir,
+                    "--model_name_or_path",
+                    args.model_name_or_path,
+                ]
+                common += ["--eval_examples", str(args.eval_examples)]
+                subprocess.run(
+                    [hfx, "lens", "sft", "--config", args.config, *common, "--target", target]
+                    + ["--explanation_length", str(length), "--output_dir", str(out), *args.extra],
+                    check=True,
+                    env=env,
+                )
+                subprocess.run([hfx, "lens", "eval", *common, "--lens", str(out)], check=True, env=env)
+                write_text_atomic(
+                    out / "wall.json",
+                    json.dumps({"minutes": (time.time() - start) / 60, "resumed": resumed}) + "\n",
+                )
+    rows = [row for name in names if (row := read_run(root / name)) is not None]
+    print(table(rows))
+    if rows:
+        write_text_atomic(root / "curves.json", json.dumps(rows, indent=2) + "\n")
+    if args.plot and rows:
+        plot(rows, Path(args.plot))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
