@@ -273,20 +273,23 @@ def grpo_examples(activations, input_ids, instruction: str = "") -> datasets.Dat
 # ------------------------------------------------------------------------------------------------------ reconstructor
 
 
+def until_stop(ids, stop_ids) -> list[int]:
+    """The tokens of `ids` before the first one in `stop_ids`."""
+    kept = []
+    for token in ids:
+        if token in stop_ids:
+            break
+        kept.append(int(token))
+    return kept
+
+
 def explanation_batch(
     explanations: list[list[int]], stop_ids, pad_id: int, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, k) right-padded, lengths (B,)) of explanations cut at their first stop token; an explanation
     with no token left is read as one stop token (the empty explanation)."""
     stop_ids = set(stop_ids)
-    cut = []
-    for ids in explanations:
-        kept = []
-        for token in ids:
-            if token in stop_ids:
-                break
-            kept.append(int(token))
-        cut.append(kept or [min(stop_ids)])
+    cut = [until_stop(ids, stop_ids) or [min(stop_ids)] for ids in explanations]
     width = max(len(ids) for ids in cut)
     batch = torch.full((len(cut), width), pad_id, dtype=torch.long)
     for i, ids in enumerate(cut):
@@ -357,15 +360,7 @@ class LengthPenalty:
         self.max_length = max_length
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
-        lengths = []
-        for ids in completion_ids:
-            n = 0
-            for token in ids:
-                if token in self.stop_ids:
-                    break
-                n += 1
-            lengths.append(-n / self.max_length)
-        return lengths
+        return [-len(until_stop(ids, self.stop_ids)) / self.max_length for ids in completion_ids]
 
 
 def reconstructor_examples(explanations: list[list[int]], activations) -> datasets.Dataset:
@@ -422,28 +417,15 @@ def explain(
         suppress_tokens=[processor.activation_token_id],
         pad_token_id=processor.tokenizer.pad_token_id,
     )
-    stop = set(_stop_ids(verbalizer, processor))
-    explanations = []
-    for row in out[:, ids.shape[1] :].tolist():
-        kept = []
-        for token in row:
-            if token in stop:
-                break
-            kept.append(token)
-        explanations.append(kept)
-    return explanations
-
-
-def _stop_ids(verbalizer, processor) -> list[int]:
-    stop = verbalizer.generation_config.eos_token_id
-    stop = [stop] if isinstance(stop, int) else list(stop or [])
-    eos = processor.tokenizer.eos_token_id
-    return sorted({*stop, eos, processor.tokenizer.pad_token_id} - {None})
+    stop = set(stop_ids_of(verbalizer, processor))
+    return [until_stop(row, stop) for row in out[:, ids.shape[1] :].tolist()]
 
 
 def stop_ids_of(verbalizer, processor) -> list[int]:
     """The tokens that end an explanation: the verbaliser's end-of-text tokens and the pad token."""
-    return _stop_ids(verbalizer, processor)
+    stop = verbalizer.generation_config.eos_token_id
+    stop = [stop] if isinstance(stop, int) else list(stop or [])
+    return sorted({*stop, processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id} - {None})
 
 
 @torch.no_grad()

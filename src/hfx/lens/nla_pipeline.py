@@ -140,6 +140,25 @@ def _train_split(args: NLAArguments):
     return _split(load_activations(args.activations_dir), args.eval_examples)[0]
 
 
+def _train_to_the_end(trainer, model, model_class, folder: Path) -> None:
+    """Train (resuming from the last complete checkpoint, or restoring a run that had finished) and save the model
+    and trainer_state.json (the loss and held-out FVE curves) into `folder`, its arguments as JSON."""
+    from hfx.artifacts import replace_pickled_training_args
+    from hfx.checkpoints import train_or_restore, use_checkpoint_protocol
+
+    use_checkpoint_protocol(trainer)
+    train_or_restore(
+        trainer,
+        lambda checkpoint: model.load_state_dict(
+            model_class.from_pretrained(checkpoint, dtype=model.dtype).state_dict()
+        ),
+    )
+    trainer.save_model(str(folder))
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        replace_pickled_training_args(folder, trainer.args)
+
+
 def _phase_args(training_args, output_dir: Path):
     """The caller's training arguments for one part of a phase, writing into its own folder."""
     phase = copy.copy(training_args)
@@ -175,8 +194,8 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     import datasets
     from trl import SFTTrainer
 
-    from hfx.artifacts import replace_pickled_training_args, write_parquet_atomic
-    from hfx.checkpoints import remove_checkpoints, train_or_restore, use_checkpoint_protocol
+    from hfx.artifacts import write_parquet_atomic
+    from hfx.checkpoints import remove_checkpoints
     from hfx.stages import Stage, stage_fingerprint
 
     from . import nla
@@ -237,16 +256,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         nla.reconstructor_examples(targets, activations.tolist()),
         nla.ReconstructorCollator(stop_ids, processor.tokenizer.pad_token_id),
     )
-    train_or_restore(
-        reconstructor_trainer,
-        lambda checkpoint: reconstructor.load_state_dict(
-            ConsistencyLens.from_pretrained(checkpoint, dtype=reconstructor.dtype).state_dict()
-        ),
-    )
-    reconstructor_trainer.save_model(str(out / "reconstructor"))
-    reconstructor_trainer.save_state()
-    if reconstructor_trainer.is_world_process_zero():
-        replace_pickled_training_args(out / "reconstructor", reconstructor_trainer.args)
+    _train_to_the_end(reconstructor_trainer, reconstructor, ConsistencyLens, out / "reconstructor")
     reconstructor.eval()
 
     # the verbaliser, with the held-out FVE on the way
@@ -263,17 +273,8 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         data_collator=nla.ActivationCollator(processor.tokenizer.pad_token_id),
         callbacks=[_fve_callback(args, processor, reconstructor, activations)],
     )
-    use_checkpoint_protocol(trainer)
-    train_or_restore(
-        trainer,
-        lambda checkpoint: verbalizer.load_state_dict(
-            ActivationVerbalizer.from_pretrained(checkpoint, dtype=verbalizer.dtype).state_dict()
-        ),
-    )
-    trainer.save_model(str(verbalizer_dir))
-    trainer.save_state()  # trainer_state.json: the loss and held-out FVE curves beside the weights
+    _train_to_the_end(trainer, verbalizer, ActivationVerbalizer, verbalizer_dir)
     if trainer.is_world_process_zero():
-        replace_pickled_training_args(verbalizer_dir, phase)
         write_autoencoder_card(out, "sft", args.target)
         stage.finish()
         remove_checkpoints(verbalizer_dir)
@@ -305,8 +306,6 @@ def _reconstructor_trainer(
 ):
     from transformers import TrainingArguments
 
-    from hfx.checkpoints import use_checkpoint_protocol
-
     from .nla import ReconstructorTrainer
 
     reconstructor_args = TrainingArguments(
@@ -325,11 +324,9 @@ def _reconstructor_trainer(
         remove_unused_columns=False,
         save_only_model=False,
     )
-    trainer = ReconstructorTrainer(
+    return ReconstructorTrainer(
         model=reconstructor, args=reconstructor_args, train_dataset=dataset, data_collator=collator
     )
-    use_checkpoint_protocol(trainer)
-    return trainer
 
 
 def run_grpo(args: NLAArguments, grpo_config) -> Path:
@@ -339,8 +336,7 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
     from transformers import AutoTokenizer
     from trl import GRPOTrainer
 
-    from hfx.artifacts import replace_pickled_training_args
-    from hfx.checkpoints import remove_checkpoints, train_or_restore, use_checkpoint_protocol
+    from hfx.checkpoints import remove_checkpoints
     from hfx.stages import Stage, stage_fingerprint
 
     from . import nla
@@ -388,18 +384,9 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
         processing_class=processor,
         callbacks=[_fve_callback(args, processor, reconstructor, torch.tensor(train["activation"]))],
     )
-    use_checkpoint_protocol(trainer)
-    train_or_restore(
-        trainer,
-        lambda checkpoint: verbalizer.load_state_dict(
-            ActivationVerbalizer.from_pretrained(checkpoint, dtype=verbalizer.dtype).state_dict()
-        ),
-    )
-    trainer.save_model(str(verbalizer_dir))
-    trainer.save_state()
+    _train_to_the_end(trainer, verbalizer, ActivationVerbalizer, verbalizer_dir)
     if trainer.is_world_process_zero():
         processor.tokenizer.save_pretrained(verbalizer_dir)
-        replace_pickled_training_args(verbalizer_dir, phase)
         reconstructor.save_pretrained(out / "reconstructor")
         write_autoencoder_card(out, "grpo")
         stage.finish()
