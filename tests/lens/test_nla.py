@@ -156,6 +156,9 @@ def test_targets_of_each_kind(parts):
     rows = {"input_ids": [[1, 2, 3, 4, 5], [6, 7]], "reference_topk_ids": [[9, 8, 7, 6], [5, 4, 3, 2]]}
     assert nla.explanation_targets("context", rows, 3) == [[3, 4, 5], [6, 7]]
     assert nla.explanation_targets("top_predictions", rows, 2) == [[9, 8], [5, 4]]
+    # tokens that end an explanation (end of text, padding) are never part of a target
+    assert nla.explanation_targets("top_predictions", rows, 2, exclude=[8, 4]) == [[9, 7], [5, 3]]
+    assert nla.explanation_targets("context", rows, 3, exclude=[4]) == [[2, 3, 5], [6, 7]]
     continuation = nla.explanation_targets("continuation", rows, 3, base)
     expected = base.generate(torch.tensor([[6, 7]]), max_new_tokens=3, do_sample=False)[0, 2:].tolist()
     assert [len(t) for t in continuation] == [3, 3] and continuation[1] == expected
@@ -196,6 +199,18 @@ def test_sft_then_grpo_then_eval_end_to_end(tmp_path, tiny_model_dir, monkeypatc
     assert [entry["step"] for entry in heldout] == [1, 2]
     assert all(0.0 <= entry["heldout_copy_rate"] <= 1.0 for entry in heldout)
 
+    other = tmp_path / "other-acts"  # GRPO must read the dump its SFT folder was trained on
+    main(
+        ["lens", "dump", "--output_dir", str(other), *model, "--dataset", "sklearn_descr", "--layer", "1"]
+        + ["--context_length", "16", "--max_examples", "20", "--batch_size", "8", "--seed", "1"]
+    )
+    wrong = ["--activations_dir", str(other), *common[2:]]
+    with pytest.raises(SystemExit, match="not the activation dump"):
+        main(
+            ["lens", "grpo", *wrong, "--sft_dir", str(sft), "--output_dir", str(grpo), "--max_steps", "2"]
+            + ["--num_generations", "4"]
+        )
+    assert not grpo.exists()
     main(
         ["lens", "grpo", *common, "--sft_dir", str(sft), "--output_dir", str(grpo), "--max_steps", "2"]
         + ["--num_generations", "4", "--beta", "0.1", "--logging_steps", "1"]

@@ -33,6 +33,7 @@ from pathlib import Path
 import datasets
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -191,23 +192,25 @@ def prompt_of(instruction: str = "") -> list[dict]:
 
 @torch.no_grad()
 def explanation_targets(
-    kind: str, rows: dict, length: int, base=None, batch_size: int = 32
+    kind: str, rows: dict, length: int, base=None, batch_size: int = 32, exclude=()
 ) -> list[list[int]]:
     """Explanations of `length` tokens for the examples in `rows` (columns of an activation dump):
     ``continuation`` (the base model's greedy next tokens after the position; needs `base`), ``top_predictions``
-    (its `length` most likely next tokens at the position, in order) or ``context`` (the last tokens up to and
-    including the position)."""
+    (its most likely next tokens at the position, in order) or ``context`` (the last tokens up to and including
+    the position). Tokens in `exclude` (those that end an explanation) are never part of one."""
+    exclude = set(exclude)
     if kind == "context":
-        return [list(ids[-length:]) for ids in rows["input_ids"]]
+        return [[t for t in ids if t not in exclude][-length:] for ids in rows["input_ids"]]
     if kind == "top_predictions":
-        return [list(ids[:length]) for ids in rows["reference_topk_ids"]]
+        return [[t for t in ids if t not in exclude][:length] for ids in rows["reference_topk_ids"]]
     if kind != "continuation":
         raise ValueError(f"explanation target kind must be one of {TARGET_KINDS}, got {kind!r}.")
     if base is None:
         raise ValueError("continuation targets need the base model.")
     targets = []
     contexts = [list(ids) for ids in rows["input_ids"]]
-    for start in range(0, len(contexts), batch_size):
+    starts = range(0, len(contexts), batch_size)
+    for start in tqdm(starts, desc="continuation targets", unit="batch"):
         ids, mask, _ = left_padded(contexts[start : start + batch_size], base.device)
         out = base.generate(
             input_ids=ids,
@@ -215,6 +218,7 @@ def explanation_targets(
             max_new_tokens=length,
             min_new_tokens=length,
             do_sample=False,
+            suppress_tokens=sorted(exclude) or None,
             pad_token_id=base.generation_config.pad_token_id or 0,
         )
         targets += out[:, ids.shape[1] :].tolist()

@@ -219,16 +219,6 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     layer = train[0]["layer"]
     activations = torch.tensor(train["activation"])
 
-    targets_path = out / "targets.parquet"
-    if targets_path.is_file():
-        targets = datasets.Dataset.from_parquet(str(targets_path))["target_ids"]
-    else:
-        logger.info("Writing %d %s targets of %d tokens", len(train), args.target, args.explanation_length)
-        rows = train.select_columns(["input_ids", "reference_topk_ids"])[:]
-        targets = nla.explanation_targets(args.target, rows, args.explanation_length, base)
-        features = datasets.Features({"target_ids": datasets.Sequence(datasets.Value("int32"))})
-        write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
-
     verbalizer, processor = nla.build_verbalizer(
         base,
         tokenizer,
@@ -237,6 +227,15 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         base_model_name_or_path=models.model_id(args.model_name_or_path),
     )
     stop_ids = nla.stop_ids_of(verbalizer, processor)
+    targets_path = out / "targets.parquet"
+    if targets_path.is_file():
+        targets = datasets.Dataset.from_parquet(str(targets_path))["target_ids"]
+    else:
+        logger.info("Writing %d %s targets of %d tokens", len(train), args.target, args.explanation_length)
+        rows = train.select_columns(["input_ids", "reference_topk_ids"])[:]
+        targets = nla.explanation_targets(args.target, rows, args.explanation_length, base, exclude=stop_ids)
+        features = datasets.Features({"target_ids": datasets.Sequence(datasets.Value("int32"))})
+        write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
 
     # the reconstructor, fitted first to read the targets (it needs nothing from the verbaliser)
     reconstructor = ConsistencyLens.from_base(
@@ -337,7 +336,7 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
     from trl import GRPOTrainer
 
     from hfx.checkpoints import remove_checkpoints
-    from hfx.stages import Stage, stage_fingerprint
+    from hfx.stages import Stage, stage_fingerprint, stage_manifest
 
     from . import nla
     from .modeling_lens import ConsistencyLens
@@ -348,8 +347,15 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
         raise FileNotFoundError(
             f"{args.sft_dir}: no finished `hfx lens sft` folder; run it to the end first."
         )
+    dump = stage_fingerprint(args.activations_dir, DUMP_STAGE)
+    if dump != stage_manifest(args.sft_dir, SFT_STAGE)["inputs"]["activations"]:
+        raise ValueError(
+            f"{args.activations_dir} is not the activation dump {args.sft_dir} was trained on: pass that one as "
+            "--activations_dir (its held-out split must stay held out)."
+        )
     out = Path(grpo_config.output_dir)
-    stage = Stage(out, GRPO_STAGE, _settings(args, grpo_config, GRPO_SETTINGS), {"sft": sft})
+    inputs = {"sft": sft, "activations": dump}
+    stage = Stage(out, GRPO_STAGE, _settings(args, grpo_config, GRPO_SETTINGS), inputs)
     if _begin(stage, args.overwrite) == "done":
         return out
     device = models.training_device(args.device, grpo_config)
