@@ -232,3 +232,18 @@ def test_sft_then_grpo_then_eval_end_to_end(tmp_path, tiny_model_dir, monkeypatc
     results = json.loads((grpo / "eval_results.json").read_text())
     assert results["examples"] == 4 and 0.0 <= results["copy_rate"] <= 1.0
     assert "GRPOTrainer" in (grpo / "README.md").read_text()
+
+
+def test_a_verbalizer_over_a_backbone_with_other_names(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4)).eval()
+    verbalizer, processor = nla.build_verbalizer(base, tokenizer, layer=1)
+    assert verbalizer.config.hidden_size == 32 and verbalizer.config.activation_dim == 32  # GPT-2's n_embd
+    assert verbalizer.lm_head.weight is verbalizer.get_input_embeddings().weight  # tied, as the base's are
+    explanations = nla.explain(verbalizer, processor, torch.randn(2, 32), max_new_tokens=3)
+    assert len(explanations) == 2 and all(len(e) <= 3 for e in explanations)
+    verbalizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.lm_head.weight, verbalizer.lm_head.weight)

@@ -48,8 +48,10 @@ class ActivationVerbalizerConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.layer = layer
         self.base_model_name_or_path = base_model_name_or_path
+        # the backbone's names for its sizes (GPT-2's n_embd is its hidden_size, ...) hold here too
+        self.attribute_map = dict(AutoConfig.for_model(backbone_model_type).attribute_map)
         super().__init__(**kwargs)
-        self.activation_dim = activation_dim or getattr(self, "hidden_size", None)
+        self.activation_dim = activation_dim or self.backbone().hidden_size
 
     @classmethod
     def from_backbone(cls, backbone: PretrainedConfig, **fields) -> ActivationVerbalizerConfig:
@@ -69,7 +71,14 @@ class ActivationVerbalizerConfig(PretrainedConfig):
     def backbone(self) -> PretrainedConfig:
         """The backbone LM's config."""
         values = self.to_dict()
-        for key in (*VERBALIZER_FIELDS, "model_type", "architectures", "auto_map", "transformers_version"):
+        for key in (
+            *VERBALIZER_FIELDS,
+            "model_type",
+            "architectures",
+            "auto_map",
+            "transformers_version",
+            "attribute_map",
+        ):
             values.pop(key, None)
         values.pop("dtype", None)
         values.pop("torch_dtype", None)

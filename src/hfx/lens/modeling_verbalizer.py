@@ -34,7 +34,7 @@ class ActivationVerbalizerModel(PreTrainedModel):
     def __init__(self, config: ActivationVerbalizerConfig):
         super().__init__(config)
         self.language_model = AutoModel.from_config(config.backbone())
-        self.activation_in = nn.Linear(config.activation_dim, config.hidden_size)
+        self.activation_in = nn.Linear(config.activation_dim, self.language_model.config.hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -92,12 +92,15 @@ class ActivationVerbalizer(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: ActivationVerbalizerConfig):
         super().__init__(config)
         self.model = ActivationVerbalizerModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        backbone = self.model.language_model
+        self.lm_head = nn.Linear(backbone.config.hidden_size, backbone.config.vocab_size, bias=False)
+        # the output embeddings tie to the backbone's input embeddings, whatever the backbone names them
+        name = next(n for n, m in backbone.named_modules() if m is backbone.get_input_embeddings())
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}.weight"}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -156,7 +156,7 @@ class ActivationProcessor(ProcessorMixin):
         activations = _activation_list(images)
         if activations:
             data["pixel_values"] = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in activations])
-        return BatchFeature(data, tensor_type=return_tensors if return_tensors != "pt" else None)
+        return BatchFeature(data)
 
 
 def build_verbalizer(
