@@ -247,3 +247,32 @@ def test_a_verbalizer_over_a_backbone_with_other_names(tmp_path, tokenizer):
     verbalizer.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(loaded.lm_head.weight, verbalizer.lm_head.weight)
+
+
+def test_the_reconstructor_loss_is_the_cosine_loss_plus_one_minus_fve(tmp_path):
+    from transformers import TrainingArguments
+
+    class Fixed(torch.nn.Module):  # "reads" each explanation as the vector given for it
+        def __init__(self, vectors):
+            super().__init__()
+            self.vectors = vectors
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def read(self, ids, lengths):
+            return self.vectors[ids[:, 0]] + self.weight
+
+    target = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    mean = torch.tensor([1.0, 1.0])
+    vectors = torch.tensor([[6.0, 8.0], [0.0, 1.0]])  # parallel to the first target, orthogonal to the second
+    inputs = {
+        "explanation_ids": torch.tensor([[0], [1]]),
+        "lengths": torch.tensor([1, 1]),
+        "activations": target,
+    }
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    cosine_only = nla.ReconstructorTrainer(model=Fixed(vectors), args=args)
+    assert float(cosine_only.compute_loss(cosine_only.model, inputs)) == pytest.approx((0 + 2) / 2)
+    both = nla.ReconstructorTrainer(model=Fixed(vectors), args=args, mean=mean, mse_weight=0.5)
+    error = (25 + 2) / 2  # |(6,8)-(3,4)|^2 = 25, |(0,1)-(1,0)|^2 = 2
+    deviation = (13 + 1) / 2  # |(3,4)-(1,1)|^2 = 13, |(1,0)-(1,1)|^2 = 1
+    assert float(both.compute_loss(both.model, inputs)) == pytest.approx(1 + 0.5 * error / deviation)

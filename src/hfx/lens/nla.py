@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -41,7 +41,6 @@ from transformers import (
     ProcessorMixin,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
 )
 
 from hfx.batching import left_padded
@@ -386,17 +385,27 @@ class ReconstructorCollator:
 
 class ReconstructorTrainer(Trainer):
     """Fits a reconstructor (a ConsistencyLens read through :meth:`~ConsistencyLens.read`) to explanations given
-    as text: loss 2 (1 - cos(activation, reconstruction))."""
+    as text. Loss: 2 (1 - cos(activation, reconstruction)) (the anchor's regression on unit-normalised vectors)
+    + `mse_weight` x the squared error over the activations' mean squared deviation from `mean` (1 - FVE, which
+    the cosine alone leaves free: it does not see the reconstruction's norm)."""
+
+    def __init__(self, *args, mean: torch.Tensor | None = None, mse_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if mse_weight and mean is None:
+            raise ValueError("the squared-error term needs the mean activation.")
+        self.mean = mean
+        self.mse_weight = mse_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         reconstruction = model.read(inputs["explanation_ids"], inputs["lengths"])
-        loss = cosine_regression_loss(reconstruction, inputs["activations"])
+        target = inputs["activations"]
+        loss = cosine_regression_loss(reconstruction, target)
+        if self.mse_weight:
+            mean = self.mean.to(target.device)
+            error = ((reconstruction.float() - target) ** 2).sum(-1).mean()
+            deviation = ((target - mean) ** 2).sum(-1).mean().clamp(min=1e-12)
+            loss = loss + self.mse_weight * error / deviation
         return (loss, {"reconstruction": reconstruction}) if return_outputs else loss
-
-
-@dataclass
-class ReconstructorTrainingArguments(TrainingArguments):
-    remove_unused_columns: bool = field(default=False)
 
 
 def explain(

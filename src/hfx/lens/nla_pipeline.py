@@ -86,6 +86,13 @@ class NLAArguments(models.DeviceArguments):
     reconstructor_epochs: float = field(
         default=1.0, metadata={"help": "SFT: epochs of the reconstructor's regression"}
     )
+    reconstructor_mse_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "SFT: weight of the squared error over the activations' variance (1 - FVE) beside the cosine "
+            "loss 2 (1 - cos), which leaves the reconstruction's norm free; 0: the cosine alone, as the anchor"
+        },
+    )
     sft_dir: str = field(
         default="outputs/lens-sft", metadata={"help": "GRPO: the `hfx lens sft` folder it starts from"}
     )
@@ -254,6 +261,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         args,
         nla.reconstructor_examples(targets, activations.tolist()),
         nla.ReconstructorCollator(stop_ids, processor.tokenizer.pad_token_id),
+        activations.mean(0),
     )
     _train_to_the_end(reconstructor_trainer, reconstructor, ConsistencyLens, out / "reconstructor")
     reconstructor.eval()
@@ -301,7 +309,7 @@ def _fve_callback(args: NLAArguments, processor, reconstructor, train_activation
 
 
 def _reconstructor_trainer(
-    reconstructor, training_args, output_dir: Path, args: NLAArguments, dataset, collator
+    reconstructor, training_args, output_dir: Path, args: NLAArguments, dataset, collator, mean
 ):
     from transformers import TrainingArguments
 
@@ -324,7 +332,12 @@ def _reconstructor_trainer(
         save_only_model=False,
     )
     return ReconstructorTrainer(
-        model=reconstructor, args=reconstructor_args, train_dataset=dataset, data_collator=collator
+        model=reconstructor,
+        args=reconstructor_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        mean=mean,
+        mse_weight=args.reconstructor_mse_weight,
     )
 
 
