@@ -7,8 +7,9 @@
 Builds two libraries of the same documents (``hfx cartridge library build``) into ``OUTPUT_ROOT/alone`` (each
 cartridge trained alone) and ``OUTPUT_ROOT/distractors`` (trained beside the others' initial cartridges), then scores
 every condition of :mod:`hfx.cartridges.library_evaluation` on the documents' questions shuffled together, and
-writes ``OUTPUT_ROOT/library_eval.json`` and the markdown table ``OUTPUT_ROOT/library_table.md``. Both builds are
-resumable; a rerun reuses what is finished.
+writes ``OUTPUT_ROOT/library_eval.json`` and the markdown table ``OUTPUT_ROOT/library_table.md``. Both builds and
+the evaluation are resumable (each scored condition is kept in ``OUTPUT_ROOT/rows/``); a rerun reuses what is
+finished.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     start = time.time()
     aliases_file = Path(args.questions_dir) / "aliases.json"
     aliases = json.loads(aliases_file.read_text()) if aliases_file.is_file() else None
-    report = evaluate_library(model, tokenizer, tagged, libraries, aliases=aliases)
+    report = evaluate_library(model, tokenizer, tagged, libraries, aliases=aliases, rows_dir=root / "rows")
     report["evaluation_minutes"] = (time.time() - start) / 60
     report["build_minutes"] = minutes
     report["budget_minutes_per_document"] = args.budget_minutes

@@ -414,7 +414,7 @@ QUESTIONS = {
 }
 
 
-def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_dir):
+def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_dir, monkeypatch):
     from hfx.cartridges.library_evaluation import evaluate_library, format_library_table, mixed_questions
     from hfx.models import load_causal_lm
 
@@ -433,7 +433,7 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     assert sorted(t.document for t in tagged) == sorted(d for d, rows in QUESTIONS.items() for _ in rows)
     model, tokenizer = load_causal_lm(str(tiny_model_dir), device="cpu", dtype="float32")
     report = evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
-                              progress=False)  # fmt: skip
+                              progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
     rows = {row["condition"]: row for row in report["rows"]}
     assert len(rows) == 3 + 2 + 2 * (1 + 2 * 2 + 1)
     assert rows["no context"]["kv_tokens"] == 0 and rows["no context"]["decode_tokens_per_s"] is None
@@ -465,6 +465,27 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
         and "4 multiple-choice questions" in table
         and "name their document" in table
     )  # after the header
+
+    # a rerun reads the rows it has (a killed evaluation resumes); other questions make other rows
+    import hfx.cartridges.library_evaluation as library_evaluation
+
+    (written,) = (tmp_path / "rows").iterdir()
+    (written / "03.json").unlink()  # as if killed while scoring the fourth condition
+    scored = []
+    score = library_evaluation.score_per_question
+
+    def counted(model, tokenizer, condition, *args, **kwargs):
+        scored.append(condition.name)
+        return score(model, tokenizer, condition, *args, **kwargs)
+
+    monkeypatch.setattr(library_evaluation, "score_per_question", counted)
+    again = evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
+                             progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
+    assert scored == [report["rows"][3]["condition"]]
+    assert [r["correct"] for r in again["rows"]] == [r["correct"] for r in report["rows"]]
+    evaluate_library(model, tokenizer, tagged[:-1], libraries, throughput_batch=2, throughput_tokens=2,
+                     progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
+    assert len(scored) == 1 + len(rows) and len(list((tmp_path / "rows").iterdir())) == 2
 
 
 @pytest.mark.integration

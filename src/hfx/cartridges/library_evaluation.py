@@ -10,6 +10,7 @@ cartridges trained alone and trained with distractors, when both libraries are g
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from hfx.cartridges.evaluation import (
     load_questions,
     score_questions,
 )
-from hfx.cartridges.library import CartridgeLibrary
+from hfx.cartridges.library import LIBRARY_FILE, CartridgeLibrary
 from hfx.cartridges.prefix import PrefixKV
 from hfx.statistics import wilson_interval
 
@@ -281,18 +282,48 @@ def evaluate_library(
     throughput_tokens: int = 32,
     progress: bool = True,
     aliases: dict[str, list[str]] | None = None,
+    rows_dir: str | Path | None = None,
     **condition_kwargs,
 ) -> dict:
     """Every condition of :func:`library_conditions` scored on the mixed questions, plus BM25's routing accuracy
     on the questions with their document's names masked (the ids, and the names in ``aliases``: id -> the names the
-    questions call it by), which says how much routing owes to questions that name their document."""
+    questions call it by), which says how much routing owes to questions that name their document.
+
+    With ``rows_dir``, each condition's row is written there as it is scored, under a fingerprint of what makes it
+    (the libraries' manifests, the questions, the model, the settings), and a rerun of the same evaluation reads
+    the rows it has instead of scoring them again: a killed evaluation loses at most the condition in progress."""
+    from hfx.atomic import write_text_atomic
     from hfx.cartridges.routing import mask_document_names
+    from hfx.stages import file_fingerprint, fingerprint
 
     conditions = library_conditions(model, tokenizer, tagged, libraries, **condition_kwargs)
-    rows = [
-        score_per_question(model, tokenizer, c, tagged, throughput_batch, throughput_tokens, progress)
-        for c in conditions
-    ]
+    folder = None
+    if rows_dir is not None:
+        made_by = {
+            "libraries": {
+                label: file_fingerprint(lib.folder / LIBRARY_FILE) for label, lib in libraries.items()
+            },
+            "questions": [[t.document, t.question.question, t.question.answer] for t in tagged],
+            "model": [str(model.config._name_or_path), str(model.dtype), str(model.device.type)],
+            "settings": [throughput_batch, throughput_tokens, condition_kwargs],
+        }
+        folder = Path(rows_dir) / fingerprint(made_by)
+        folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for number, condition in enumerate(conditions):
+        path = folder / f"{number:02d}.json" if folder is not None else None
+        if path is not None and path.is_file():
+            row = json.loads(path.read_text())
+            if row["condition"] == condition.name:
+                logger.info("%s: read from %s", condition.name, path)
+                rows.append(row)
+                continue
+        row = score_per_question(
+            model, tokenizer, condition, tagged, throughput_batch, throughput_tokens, progress
+        )
+        if path is not None:
+            write_text_atomic(path, json.dumps(row) + "\n")
+        rows.append(row)
     first = next(iter(libraries.values()))
     names = list(first.ids) + [name for doc in first.ids for name in (aliases or {}).get(doc, [])]
     masked = [mask_document_names(t.question.question, names) for t in tagged]
