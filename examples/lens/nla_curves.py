@@ -3,7 +3,7 @@ evaluated with `hfx lens eval`; a table and a figure (held-out FVE against the l
 
     hfx lens dump --output_dir outputs/lens-activations --layer 15 --context_length 32 --max_examples 8192 \\
         --dataset pydoc_topics,sklearn_descr
-    python examples/lens/nla_curves.py --targets continuation top_predictions context --lengths 4 8 16 32
+    python examples/lens/nla_curves.py --targets continuation window top_predictions context --lengths 4 8 16 32
     python examples/lens/nla_curves.py --table --plot docs/figures/lens_nla_curves.png
 
 Each run is `hfx lens sft --config examples/lens/configs/nla-sft.yaml --target T --explanation_length K` into
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hfx.atomic import write_text_atomic
 
-TARGETS = ("continuation", "top_predictions", "context")
+TARGETS = ("continuation", "window", "top_predictions", "context")
 LENGTHS = (4, 8, 16, 32)
 
 

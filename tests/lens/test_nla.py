@@ -162,6 +162,9 @@ def test_targets_of_each_kind(parts):
     continuation = nla.explanation_targets("continuation", rows, 3, base)
     expected = base.generate(torch.tensor([[6, 7]]), max_new_tokens=3, do_sample=False)[0, 2:].tolist()
     assert [len(t) for t in continuation] == [3, 3] and continuation[1] == expected
+    # the text around the position: the context's last tokens, then the continuation
+    window = nla.explanation_targets("window", rows, 4, base, context_tokens=1)
+    assert window[1] == [7, *expected]
     with pytest.raises(ValueError, match="must be one of"):
         nla.explanation_targets("summary", rows, 3)
 

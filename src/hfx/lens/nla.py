@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: The placeholder token the verbaliser reads the activation at.
 ACTIVATION_TOKEN = "<|activation|>"
 #: The kinds of explanation targets :func:`explanation_targets` writes.
-TARGET_KINDS = ("continuation", "top_predictions", "context")
+TARGET_KINDS = ("continuation", "window", "top_predictions", "context")
 
 AutoConfig.register(ActivationVerbalizerConfig.model_type, ActivationVerbalizerConfig, exist_ok=True)
 AutoModelForCausalLM.register(ActivationVerbalizerConfig, ActivationVerbalizer, exist_ok=True)
@@ -191,21 +191,41 @@ def prompt_of(instruction: str = "") -> list[dict]:
 
 @torch.no_grad()
 def explanation_targets(
-    kind: str, rows: dict, length: int, base=None, batch_size: int = 32, exclude=()
+    kind: str,
+    rows: dict,
+    length: int,
+    base=None,
+    batch_size: int = 32,
+    exclude=(),
+    context_tokens: int = 2,
 ) -> list[list[int]]:
     """Explanations of `length` tokens for the examples in `rows` (columns of an activation dump):
-    ``continuation`` (the base model's greedy next tokens after the position; needs `base`), ``top_predictions``
-    (its most likely next tokens at the position, in order) or ``context`` (the last tokens up to and including
-    the position). Tokens in `exclude` (those that end an explanation) are never part of one."""
+    ``continuation`` (the base model's greedy next tokens after the position; needs `base`), ``window`` (the last
+    `context_tokens` tokens of the context, the position's own last, then the continuation: the text around the
+    position), ``top_predictions`` (the model's most likely next tokens at the position, in order) or ``context``
+    (the last tokens up to and including the position). Tokens in `exclude` (those that end an explanation) are
+    never part of one."""
     exclude = set(exclude)
     if kind == "context":
         return [[t for t in ids if t not in exclude][-length:] for ids in rows["input_ids"]]
     if kind == "top_predictions":
         return [[t for t in ids if t not in exclude][:length] for ids in rows["reference_topk_ids"]]
+    if kind == "window":
+        if not 0 <= context_tokens <= length:
+            raise ValueError(
+                f"context_tokens must be between 0 and the length {length}, got {context_tokens}."
+            )
+        before = (
+            explanation_targets("context", rows, context_tokens, exclude=exclude) if context_tokens else None
+        )
+        after = explanation_targets("continuation", rows, length - context_tokens, base, batch_size, exclude)
+        return [b + a for b, a in zip(before, after, strict=True)] if before else after
     if kind != "continuation":
         raise ValueError(f"explanation target kind must be one of {TARGET_KINDS}, got {kind!r}.")
     if base is None:
         raise ValueError("continuation targets need the base model.")
+    if length == 0:
+        return [[] for _ in rows["input_ids"]]
     targets = []
     contexts = [list(ids) for ids in rows["input_ids"]]
     starts = range(0, len(contexts), batch_size)

@@ -73,9 +73,13 @@ class NLAArguments(models.DeviceArguments):
     target: str = field(
         default="continuation",
         metadata={
-            "help": "SFT targets: continuation (the base model's greedy next tokens), top_predictions (its most "
-            "likely next tokens at the position) or context (the last tokens of the context: the copying baseline)"
+            "help": "SFT targets: continuation (the base model's greedy next tokens), window (the last "
+            "--context_tokens of the context, then the continuation), top_predictions (its most likely next tokens "
+            "at the position) or context (the last tokens of the context: the copying baseline)"
         },
+    )
+    context_tokens: int = field(
+        default=2, metadata={"help": "SFT, window targets: how many of their tokens end the context"}
     )
     instruction: str = field(
         default="", metadata={"help": "text after the activation in the verbaliser's prompt"}
@@ -240,7 +244,14 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     else:
         logger.info("Writing %d %s targets of %d tokens", len(train), args.target, args.explanation_length)
         rows = train.select_columns(["input_ids", "reference_topk_ids"])[:]
-        targets = nla.explanation_targets(args.target, rows, args.explanation_length, base, exclude=stop_ids)
+        targets = nla.explanation_targets(
+            args.target,
+            rows,
+            args.explanation_length,
+            base,
+            exclude=stop_ids,
+            context_tokens=args.context_tokens,
+        )
         features = datasets.Features({"target_ids": datasets.Sequence(datasets.Value("int32"))})
         write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
 
