@@ -66,7 +66,7 @@ def with_activation_token(tokenizer):
     if ACTIVATION_TOKEN in tokenizer.get_vocab():
         return tokenizer
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": [ACTIVATION_TOKEN]})
+    tokenizer.add_tokens([ACTIVATION_TOKEN], special_tokens=True)  # the tokenizer's own special tokens stay
     return tokenizer
 
 
