@@ -41,3 +41,34 @@ def test_two_processes_train_the_lens_like_one(tmp_path, tiny_model_dir):
     assert len(losses[1]) == len(losses[2]) == 4
     assert losses[2][:2] == pytest.approx(losses[1][:2], rel=1e-3)  # context warm-up: no sampling, same steps
     assert all(math.isfinite(loss) for loss in losses[2][2:])  # KL steps: Gumbel noise differs per process
+
+
+def test_two_processes_run_the_autoencoder_phases(tmp_path, tiny_model_dir):
+    """`hfx lens sft` and `grpo` through examples/lens/nla.py under `accelerate launch --cpu --num_processes 2`:
+    SFTTrainer and GRPOTrainer data-parallel over gloo, one process writing the targets and the folders."""
+    acts, sft, grpo = tmp_path / "acts", tmp_path / "sft", tmp_path / "grpo"
+    main(
+        ["lens", "dump", "--output_dir", str(acts), "--model_name_or_path", str(tiny_model_dir)]
+        + ["--dataset", "sklearn_descr", "--layer", "1", "--context_length", "16", "--max_examples", "24"]
+    )
+    common = [
+        "--activations_dir", str(acts), "--model_name_or_path", str(tiny_model_dir), "--eval_examples", "8",
+        "--explanation_length", "3", "--report_to", "none", "--disable_tqdm", "true",
+        "--per_device_train_batch_size", "4", "--save_steps", "2", "--fve_every", "1", "--fve_examples", "4",
+    ]  # fmt: skip
+    script = ROOT / "examples" / "lens" / "nla.py"
+    for phase, arguments in (
+        ("sft", ["--output_dir", str(sft), "--max_steps", "3"]),
+        (
+            "grpo",
+            ["--sft_dir", str(sft), "--output_dir", str(grpo), "--max_steps", "3", "--num_generations", "4"],
+        ),
+    ):
+        log = tmp_path / f"{phase}.log"
+        finish(start(accelerate_cpu(script, 2, [phase, *common, *arguments]), log), log)
+        assert "starting 2 gloo processes" in log.read_text()
+    for folder, stage in ((sft, "lens-sft"), (grpo, "lens-grpo")):
+        assert (folder / f"hfx_stage_{stage}.done").is_file() and not list(folder.rglob("checkpoint-*"))
+        state = json.loads((folder / "verbalizer" / "trainer_state.json").read_text())
+        assert state["global_step"] == 3
+        assert [e["step"] for e in state["log_history"] if "heldout_fve" in e] == [1, 2, 3]

@@ -5,6 +5,7 @@ the GRPO rewards are the scores they are built from, and `hfx lens sft` -> `grpo
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -261,8 +262,8 @@ def test_the_reconstructor_loss_is_the_cosine_loss_plus_one_minus_fve(tmp_path):
             self.vectors = vectors
             self.weight = torch.nn.Parameter(torch.zeros(1))
 
-        def read(self, ids, lengths):
-            return self.vectors[ids[:, 0]] + self.weight
+        def forward(self, explanation_ids, explanation_lengths):
+            return SimpleNamespace(reconstruction=self.vectors[explanation_ids[:, 0]] + self.weight)
 
     target = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     mean = torch.tensor([1.0, 1.0])

@@ -238,16 +238,25 @@ class ConsistencyLens(PreTrainedModel):
 
     def forward(
         self,
-        activations: torch.Tensor,
+        activations: torch.Tensor | None = None,
         temperature: float = 1.0,
         hard: bool = True,
         sample: bool | None = None,
         context_targets: torch.Tensor | None = None,
         explain: bool = True,
+        explanation_ids: torch.Tensor | None = None,
+        explanation_lengths: torch.Tensor | None = None,
     ) -> LensOutput:
         """Explain and reconstruct `activations`; with `context_targets`, also the context loss of the decoder
         (`explain=False`: that loss alone). Every loss of a training step comes from this one call, which is what
-        DistributedDataParallel needs to synchronise the gradients of all of them."""
+        DistributedDataParallel needs to synchronise the gradients of all of them. Given `explanation_ids` (and
+        their lengths) instead, only reads them back (`read`): the reconstructor's training step."""
+        if explanation_ids is not None:
+            return LensOutput(
+                explanation_ids=explanation_ids,
+                explanation_lengths=explanation_lengths,
+                reconstruction=self.read(explanation_ids, explanation_lengths),
+            )
         output = LensOutput()
         if explain:
             output = self.explain(activations, temperature, hard, sample)

@@ -417,7 +417,11 @@ class ReconstructorTrainer(Trainer):
         self.mse_weight = mse_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        reconstruction = model.read(inputs["explanation_ids"], inputs["lengths"])
+        # through the model's forward, which DistributedDataParallel wraps
+        reconstruction = model(
+            explanation_ids=inputs["explanation_ids"], explanation_lengths=inputs["lengths"]
+        )
+        reconstruction = reconstruction.reconstruction
         target = inputs["activations"]
         loss = cosine_regression_loss(reconstruction, target)
         if self.mse_weight:

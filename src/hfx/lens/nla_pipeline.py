@@ -203,6 +203,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     verbaliser to write them (TRL's SFTTrainer), logging the held-out FVE on the way; a finished folder of the
     same settings is reused."""
     import datasets
+    from accelerate import PartialState
     from trl import SFTTrainer
 
     from hfx.artifacts import write_parquet_atomic
@@ -239,21 +240,24 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     )
     stop_ids = nla.stop_ids_of(verbalizer, processor)
     targets_path = out / "targets.parquet"
-    if targets_path.is_file():
-        targets = datasets.Dataset.from_parquet(str(targets_path))["target_ids"]
-    else:
-        logger.info("Writing %d %s targets of %d tokens", len(train), args.target, args.explanation_length)
-        rows = train.select_columns(["input_ids", "reference_topk_ids"])[:]
-        targets = nla.explanation_targets(
-            args.target,
-            rows,
-            args.explanation_length,
-            base,
-            exclude=stop_ids,
-            context_tokens=args.context_tokens,
-        )
-        features = datasets.Features({"target_ids": datasets.Sequence(datasets.Value("int32"))})
-        write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
+    with PartialState().main_process_first():  # the main process writes them, the others read them
+        if targets_path.is_file():
+            targets = datasets.Dataset.from_parquet(str(targets_path))["target_ids"]
+        else:
+            logger.info(
+                "Writing %d %s targets of %d tokens", len(train), args.target, args.explanation_length
+            )
+            rows = train.select_columns(["input_ids", "reference_topk_ids"])[:]
+            targets = nla.explanation_targets(
+                args.target,
+                rows,
+                args.explanation_length,
+                base,
+                exclude=stop_ids,
+                context_tokens=args.context_tokens,
+            )
+            features = datasets.Features({"target_ids": datasets.Sequence(datasets.Value("int32"))})
+            write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
 
     # the reconstructor, fitted first to read the targets (it needs nothing from the verbaliser)
     reconstructor = ConsistencyLens.from_base(
