@@ -96,10 +96,10 @@ def test_a_budgeted_run_plans_writes_the_plan_and_keeps_it_on_resume(tmp_path, t
         )
 
     with caplog.at_level(logging.INFO, logger="hfx.cartridges.pipeline"):
-        result = run(0.5)
+        result = run(0.25)
     plan = read_plan(out)
-    assert plan is not None and plan.budget_minutes == 0.5
-    assert "Plan for 0.5 min" in caplog.text
+    assert plan is not None and plan.budget_minutes == 0.25
+    assert "Plan for 0.25 min" in caplog.text
     assert plan.num_conversations >= 4 and plan.num_conversations % 2 == 0
     manifest = json.loads((out / "synthesis" / "synthesis_config.json").read_text())
     assert manifest["num_conversations"] == plan.num_conversations
@@ -111,10 +111,10 @@ def test_a_budgeted_run_plans_writes_the_plan_and_keeps_it_on_resume(tmp_path, t
     written = (out / PLAN_FILE).read_text()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hfx.cartridges.pipeline"):
-        run(0.5)
+        run(0.25)
     assert "Resuming with the plan" in caplog.text
     assert (out / PLAN_FILE).read_text() == written
-    with pytest.raises(ValueError, match="planned for --budget_minutes 0.5, not 2"):
+    with pytest.raises(ValueError, match="planned for --budget_minutes 0.25, not 2"):
         run(2)
 
 

@@ -57,16 +57,22 @@ def test_two_processes_run_the_autoencoder_phases(tmp_path, tiny_model_dir):
         "--per_device_train_batch_size", "4", "--save_steps", "2", "--fve_every", "1", "--fve_examples", "4",
     ]  # fmt: skip
     script = ROOT / "examples" / "lens" / "nla.py"
-    for phase, arguments in (
-        ("sft", ["--output_dir", str(sft), "--max_steps", "3"]),
-        (
-            "grpo",
-            ["--sft_dir", str(sft), "--output_dir", str(grpo), "--max_steps", "3", "--num_generations", "4"],
-        ),
-    ):
-        log = tmp_path / f"{phase}.log"
-        finish(start(accelerate_cpu(script, 2, [phase, *common, *arguments]), log), log)
-        assert "starting 2 gloo processes" in log.read_text()
+    arguments = ["sft", *common, "--output_dir", str(sft), "--max_steps", "3", "+", "grpo", *common]
+    arguments += [
+        "--sft_dir",
+        str(sft),
+        "--output_dir",
+        str(grpo),
+        "--max_steps",
+        "3",
+        "--num_generations",
+        "4",
+    ]
+    arguments += ["+", "eval", *common[:6], "--lens", str(grpo)]
+    log = tmp_path / "nla.log"
+    finish(start(accelerate_cpu(script, 2, arguments), log), log)  # one launch, three phases
+    assert "starting 2 gloo processes" in log.read_text()
+    assert json.loads((grpo / "eval_results.json").read_text())["examples"] == 8
     for folder, stage in ((sft, "lens-sft"), (grpo, "lens-grpo")):
         assert (folder / f"hfx_stage_{stage}.done").is_file() and not list(folder.rglob("checkpoint-*"))
         state = json.loads((folder / "verbalizer" / "trainer_state.json").read_text())

@@ -96,7 +96,7 @@ def test_ablation_runner_resumes_after_a_kill(workdir, tmp_path):
             {
                 "base_config": str(workdir / "pretrain.yaml"),
                 "output_dir": str(output),
-                "max_tokens": 8 * 4 * 64,
+                "max_tokens": 4 * 4 * 64,
                 "overrides": {"save_steps": 1, "eval_steps": 2},
                 "axes": {"mlp": ["peer", "dense"], "peer_num_heads": [1, 2]},
             }
@@ -139,14 +139,14 @@ def test_ablation_runner_resumes_after_a_kill(workdir, tmp_path):
         json.loads((output / "runs" / r / "results.json").read_text()) for r in ("mlp-peer", "mlp-dense")
     )
     assert peer["active_params"] == pytest.approx(dense["active_params"], rel=0.01)
-    assert peer["tokens"] == dense["tokens"] == 8 * 4 * 64
+    assert peer["tokens"] == dense["tokens"] == 4 * 4 * 64
     assert (output / "results.png").stat().st_size > 10_000
 
     # A finished run's folder answers only to the arguments that made it: another token budget is refused,
     # naming the argument, and nothing is rerun or rewritten.
     finished = (output / "runs" / "mlp-peer" / "results.json").read_text()
     other = subprocess.run(
-        [*command, "--resume", "--max_tokens", str(4 * 4 * 64)], cwd=ROOT, env=env, capture_output=True,
+        [*command, "--resume", "--max_tokens", str(2 * 4 * 64)], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=600,
     )  # fmt: skip
     assert other.returncode != 0 and "other settings" in other.stderr and "--max_tokens" in other.stderr
