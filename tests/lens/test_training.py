@@ -191,14 +191,20 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(tmp_path):
     assert state["global_step"] == 6
 
 
-def test_evaluation_reports_kl_against_ablations_and_fve(tmp_path):
+def test_evaluation_reports_kl_against_ablations_and_fve(tmp_path, tokenizer):
+    import random
+
     base = tiny_base()
     data = dumped(tmp_path, base)
     mean = torch.tensor(data["activation"]).mean(0)
     lens = ConsistencyLens.from_base(
         base, layer=1, explanation_length=2, decoder_num_layers=1, encoder_num_layers=1, mean_activation=mean
     )
-    results = evaluate_lens(lens, base, data, mean, batch_size=5)
+    results = evaluate_lens(lens, base, data, mean, tokenizer, batch_size=5, samples=3, seed=4)
+    # the samples are examples drawn at random over the whole set (across batches), in dataset order
+    drawn = sorted(random.Random(4).sample(range(len(data)), 3))
+    expected = [tokenizer.decode(data[i]["input_ids"][-24:]) for i in drawn]
+    assert [sample["context"] for sample in results["samples"]] == expected and drawn != [0, 1, 2]
     # a lens that outputs the mean activation is exactly the mean-ablation baseline, with FVE 0
     assert abs(results["kl"]["lens"] - results["kl"]["mean_ablation"]) < 1e-5
     assert abs(results["fve"]) < 1e-5

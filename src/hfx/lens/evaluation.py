@@ -21,6 +21,8 @@ reconstruction (its move relative to the reconstruction's distance from the mean
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -76,13 +78,13 @@ def evaluate_lens(
     mean_activation: torch.Tensor,
     tokenizer=None,
     batch_size: int = 32,
-    samples: int = 8,
+    samples: int = 10,
     seed: int = 0,
 ) -> dict:
     """Every condition of the module's docstring on ``dataset`` (rows with ``activation`` and ``input_ids``);
     returns ``conditions`` (per condition: kl, fve, cosine), the lens's ``copy_rate``, ``fve_vs_empty`` and
-    ``faithfulness``, and sample explanations (with ``tokenizer``). ``seed`` draws the random explanations and the
-    edited tokens."""
+    ``faithfulness``, and ``samples`` explanations of examples drawn at random (with ``tokenizer``), in dataset
+    order. ``seed`` draws them, the random explanations and the edited tokens."""
     lens.eval()
     device = lens.device
     layer = lens.config.layer
@@ -92,6 +94,7 @@ def evaluate_lens(
     end_token = getattr(tokenizer, "eos_token_id", None)
     end_token = 0 if end_token is None else int(end_token)
     generator = torch.Generator().manual_seed(seed)
+    drawn = set(random.Random(seed).sample(range(len(dataset)), min(samples, len(dataset))))
     kl = {name: 0.0 for name in CONDITIONS}
     squared_error = {name: 0.0 for name in CONDITIONS}
     cosine = {name: 0.0 for name in CONDITIONS}
@@ -154,8 +157,8 @@ def evaluate_lens(
             ids[:n] for ids, n in zip(out.explanation_ids.tolist(), lengths.tolist(), strict=True)
         ]
         contexts += [list(ids) for ids in rows["input_ids"]]
-        if tokenizer is not None and len(shown) < samples:
-            for i in range(min(samples - len(shown), batch)):
+        for i in range(batch) if tokenizer is not None else ():
+            if start + i in drawn:
                 shown.append(
                     {
                         "context": tokenizer.decode(rows["input_ids"][i][-24:]),
