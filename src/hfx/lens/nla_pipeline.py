@@ -387,7 +387,7 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
     if _begin(stage, args.overwrite) == "done":
         return out
     device = models.training_device(args.device, grpo_config)
-    dtype = models.resolve_training_dtype(args.dtype, device)
+    dtype = models.resolve_dtype(args.dtype, device)  # as SFT trained it: the weights' dtype is --dtype
     sft_dir = Path(args.sft_dir)
     verbalizer = ActivationVerbalizer.from_pretrained(sft_dir / "verbalizer", dtype=dtype)
     processor = nla.ActivationProcessor(AutoTokenizer.from_pretrained(sft_dir / "verbalizer"))
