@@ -72,6 +72,40 @@ def test_scoring_prefers_the_choice_the_model_finds_likely(tiny_model, tokenizer
     assert accuracy == 1.0 and 0 <= log_ppl < 0.5  # the reference answers are the rigged, likely ones
 
 
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_each_choice_scores_as_if_read_whole_after_the_prefix(tiny_model, tokenizer, with_prefix):
+    """Prompts read once for all their choices, and the prompts' common start once for all of them: each choice
+    still gets the log-likelihood one forward of prefix + prompt + choice gives it."""
+    from hfx.cartridges.corpus import user_turn_ids
+    from hfx.cartridges.evaluation import MCQuestion, score_questions
+    from hfx.cartridges.prefix import PrefixKV, forward_with_prefix
+
+    questions = [  # prompts of different lengths, 2 to 4 choices of different lengths
+        MCQuestion("How many classes does the wine dataset have?", [" 3", " two", " four or more", " 5"], 0),
+        MCQuestion("Which?", [" zebra", " a dog in the park"], 1),
+        MCQuestion("Who collected the measurements, and in which year?", [" Forina, 1988", " nobody"], 0),
+        MCQuestion("Is it?", [" yes", " no", " maybe"], 2),
+    ]
+    prefix = PrefixKV.prefill(tiny_model, tokenizer("The wine dataset has 3 classes.")["input_ids"])
+    condition = Condition("c", prefix if with_prefix else None, prompt_after_system=with_prefix)
+    scores = score_questions(tiny_model, tokenizer, condition, questions, batch_size=6, progress=False)
+    for q_idx, question in enumerate(questions):
+        prompt = user_turn_ids(tokenizer, question.question, after_system=with_prefix)
+        means = []
+        for c_idx, choice in enumerate(question.choices):
+            answer = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                logits = forward_with_prefix(tiny_model, condition.prefix, ids, torch.ones_like(ids)).logits
+            logprobs = torch.log_softmax(logits[0, len(prompt) - 1 : -1], -1)
+            total = logprobs.gather(-1, torch.tensor(answer)[:, None]).sum().item()
+            means.append(total / len(answer))
+            if c_idx == question.answer:
+                assert scores.answer_logprob[q_idx] == pytest.approx(total, abs=1e-4)
+                assert scores.answer_tokens[q_idx] == len(answer)
+        assert scores.correct[q_idx] == (max(range(len(means)), key=means.__getitem__) == question.answer)
+
+
 def test_three_conditions_table(tiny_model, tokenizer):
     from peft import CartridgeConfig, get_peft_model
 

@@ -172,32 +172,41 @@ def score_questions(
     progress: bool = True,
 ) -> QuestionScores:
     """Each question scored under the condition: the choice with the highest mean token log-likelihood is the
-    model's answer; the reference answer's summed log-likelihood and length give the log-perplexity."""
-    if batch_size is None:  # the prefix is copied per row: fewer rows per batch for long documents
+    model's answer; the reference answer's summed log-likelihood and length give the log-perplexity.
+
+    A question's prompt is read once, after the condition's prefix, and each of its choices continues it from
+    that cache (``batch_size`` is the number of choices read per forward): the prompt is not recomputed per choice
+    and the vocabulary projection runs only over the choices' tokens."""
+    if batch_size is None:  # the prefix is copied per choice: fewer per batch for long documents
         prefix_tokens = condition.prefix.num_tokens if condition.prefix is not None else 0
         batch_size = max(2, min(16, 16384 // max(1, prefix_tokens)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    items = []  # (question index, choice index, prompt length, full ids)
-    for q_idx, q in enumerate(questions):
-        prompt = user_turn_ids(tokenizer, q.question, after_system=condition.prompt_after_system)
-        for c_idx, choice in enumerate(q.choices):
-            answer_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
-            items.append((q_idx, c_idx, len(prompt), prompt + answer_ids))
+    prompts, answers = [], []
+    for q in questions:
+        prompts.append(user_turn_ids(tokenizer, q.question, after_system=condition.prompt_after_system))
+        answers.append([tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in q.choices])
     sum_logprob = torch.zeros(len(questions), max(len(q.choices) for q in questions))
     num_tokens = torch.ones_like(sum_logprob)
-    for start in tqdm(
-        range(0, len(items), batch_size), desc=f"score [{condition.name}]", disable=not progress
-    ):
-        batch = items[start : start + batch_size]
-        ids, mask = padded([it[3] for it in batch], pad_id)
-        logits = forward_with_prefix(
-            model, condition.prefix, ids.to(model.device), mask.to(model.device)
-        ).logits
-        for row, (q_idx, c_idx, prompt_len, seq) in enumerate(batch):
-            targets = torch.tensor(seq[prompt_len:], device=logits.device)
-            logprobs = torch.log_softmax(logits[row, prompt_len - 1 : len(seq) - 1].float(), dim=-1)
-            sum_logprob[q_idx, c_idx] = logprobs.gather(-1, targets[:, None]).sum().item()
-            num_tokens[q_idx, c_idx] = len(targets)
+    # what every prompt starts with (the chat template's system and user headers) is read once, after the prefix
+    prefix, common = _with_common_start(model, condition.prefix, prompts)
+    prompts = [prompt[common:] for prompt in prompts]
+    batches, batch, rows = [], [], 0
+    for q_idx, q in enumerate(
+        questions
+    ):  # whole questions, at most batch_size choices (one question at least)
+        if batch and rows + len(q.choices) > batch_size:
+            batches.append(batch)
+            batch, rows = [], 0
+        batch.append(q_idx)
+        rows += len(q.choices)
+    batches.append(batch)
+    for batch in tqdm(batches, desc=f"score [{condition.name}]", disable=not progress):
+        logprobs = _choice_logprobs(model, prefix, [prompts[i] for i in batch],
+                                    [answers[i] for i in batch], pad_id)  # fmt: skip
+        for q_idx, per_choice in zip(batch, logprobs, strict=True):
+            for c_idx, (total, count) in enumerate(per_choice):
+                sum_logprob[q_idx, c_idx] = total
+                num_tokens[q_idx, c_idx] = count
     mean_logprob = sum_logprob / num_tokens
     return QuestionScores(
         [
@@ -207,6 +216,76 @@ def score_questions(
         [sum_logprob[i, q.answer].item() for i, q in enumerate(questions)],
         [int(num_tokens[i, q.answer].item()) for i, q in enumerate(questions)],
     )
+
+
+def _with_common_start(
+    model, prefix: PrefixKV | None, prompts: list[list[int]]
+) -> tuple[PrefixKV | None, int]:
+    """The prefix followed by the tokens all prompts start with (each prompt keeps its last token), and how many
+    tokens that is."""
+    first = prompts[0]
+    common = min(len(prompt) - 1 for prompt in prompts)
+    for prompt in prompts[1:]:
+        common = next((i for i in range(common) if prompt[i] != first[i]), common)
+    if common == 0:
+        return prefix, 0
+    ids = torch.tensor([first[:common]], device=model.device)
+    cache = forward_with_prefix(
+        model, prefix, ids, torch.ones_like(ids), use_cache=True, **_no_logits(model)
+    ).past_key_values
+    return PrefixKV.from_cache(cache), common
+
+
+def _choice_logprobs(
+    model, prefix: PrefixKV | None, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int
+) -> list[list[tuple[float, int]]]:
+    """Per question, per choice: the choice's summed token log-likelihood after the prefix and the prompt, and its
+    token count.
+
+    The prompts but their last token are read once (right-padded, no logits kept); the cache is then copied to
+    one row per choice, and each row reads its prompt's last token and the choice, at the positions that follow
+    its own prompt (the padding between is masked)."""
+    device = model.device
+    shared = [prompt[:-1] for prompt in prompts]
+    owner = [q for q, choices in enumerate(answers) for _ in choices]
+    tails = [[prompts[q][-1], *choice] for q, choices in enumerate(answers) for choice in choices]
+    prefix_tokens = prefix.num_tokens if prefix is not None else 0
+    width = max(len(s) for s in shared)
+    if width:
+        ids, mask = padded(shared, pad_id)
+        cache = forward_with_prefix(
+            model, prefix, ids.to(device), mask.to(device), use_cache=True, **_no_logits(model)
+        ).past_key_values
+        cache.batch_select_indices(torch.tensor(owner, device=device))
+        shared_mask = mask[owner]
+    else:  # one-token prompts: the choices follow the prefix directly
+        cache = prefix.cache(len(owner), model.config) if prefix is not None else None
+        shared_mask = torch.zeros(len(owner), 0, dtype=torch.long)
+    tail_ids, tail_mask = padded(tails, pad_id)
+    attention_mask = torch.cat(
+        [torch.ones(len(owner), prefix_tokens, dtype=torch.long), shared_mask, tail_mask], dim=1
+    )
+    starts = torch.tensor([prefix_tokens + len(shared[q]) for q in owner])
+    position_ids = starts[:, None] + torch.arange(tail_ids.shape[1])[None, :]
+    logits = model(
+        input_ids=tail_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        past_key_values=cache,
+    ).logits
+    found = [[] for _ in answers]
+    for row, (q, tail) in enumerate(zip(owner, tails, strict=True)):
+        targets = torch.tensor(tail[1:], device=logits.device)
+        logprobs = torch.log_softmax(logits[row, : len(tail) - 1].float(), dim=-1)
+        found[q].append((logprobs.gather(-1, targets[:, None]).sum().item(), len(targets)))
+    return found
+
+
+def _no_logits(model) -> dict:
+    """``logits_to_keep=1`` where the model takes it (a prompt read only for its cache)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 @torch.no_grad()
