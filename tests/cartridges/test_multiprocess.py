@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from hfx.artifacts import write_parquet_atomic
 from hfx.cartridges.corpus import user_turn_ids
 from hfx.cartridges.synthesis import FEATURES, load_synthesis
+from hfx.cli import main
 from tests.launching import accelerate_cpu, finish, kill_job, logged_losses, start, wait_for
 
 pytestmark = pytest.mark.integration
@@ -65,10 +66,8 @@ def workdir(tmp_path_factory, tokenizer):
     return root
 
 
-def _launch(
-    workdir: Path, output: str, processes: int, per_device: int, max_steps: int = 6
-) -> subprocess.Popen:
-    arguments = [
+def _arguments(workdir: Path, output: str, per_device: int) -> list[str]:
+    return [
         "--corpus",
         str(workdir / "zorblat.txt"),
         "--model_name_or_path",
@@ -82,7 +81,7 @@ def _launch(
         "--per_device_train_batch_size",
         str(per_device),
         "--max_steps",
-        str(max_steps),
+        "6",
         "--logging_steps",
         "1",
         "--save_steps",
@@ -96,12 +95,16 @@ def _launch(
         "--seed",
         "0",
     ]
+
+
+def _launch(workdir: Path, output: str, processes: int, per_device: int) -> subprocess.Popen:
+    arguments = _arguments(workdir, output, per_device)
     command = accelerate_cpu(ROOT / "examples" / "cartridges" / "train.py", processes, arguments)
     return start(command, workdir / f"{output}.log")
 
 
-def _run(workdir, output, processes, per_device, max_steps=6):
-    process = _launch(workdir, output, processes, per_device, max_steps)
+def _run(workdir, output, processes, per_device):
+    process = _launch(workdir, output, processes, per_device)
     finish(process, workdir / f"{output}.log")
     return logged_losses(workdir / output)
 
@@ -113,7 +116,8 @@ def two_processes(workdir):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(workdir, two_processes):
-    one = _run(workdir, "one", processes=1, per_device=4)
+    main(["cartridge", "train", *_arguments(workdir, "one", per_device=4)])  # one process: this one
+    one = logged_losses(workdir / "one")
     two = two_processes
     assert len(one) == len(two) == 6
     assert one[-1] < one[0]  # it learns
@@ -154,8 +158,11 @@ def test_synthesis_splits_its_shards_over_processes_and_matches_one_process(tmp_
             "--max_question_tokens", "4", "--max_answer_tokens", "4",
         ]  # fmt: skip
         log = tmp_path / f"synthesis-{processes}.log"
-        command = accelerate_cpu(ROOT / "examples" / "cartridges" / "synthesize.py", processes, arguments)
-        finish(start(command, log), log)
+        if processes == 1:  # one process: this one
+            main(["cartridge", "synthesize", *arguments])
+        else:
+            command = accelerate_cpu(ROOT / "examples" / "cartridges" / "synthesize.py", processes, arguments)
+            finish(start(command, log), log)
         datasets[processes] = load_synthesis(output)
         assert len(list((output / "data").glob("train-*.parquet"))) == 4
     assert "synthesize (process 1)" in (tmp_path / "synthesis-2.log").read_text()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hfx.cli import main
 from tests.launching import accelerate_cpu, finish, kill_job, logged_losses, start, wait_for
 from tests.peer_mla.test_training import TINY_MODEL, tiny_config
 
@@ -61,7 +62,9 @@ def two_processes(workdir):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(workdir, two_processes):
-    one = _run(workdir, "one", processes=1, per_device=4)
+    arguments = ["--config", str(workdir / "pretrain.yaml"), "--output_dir", str(workdir / "one")]
+    main(["peer-mla", "pretrain", *arguments, "--per_device_train_batch_size", "4"])  # one process: this one
+    one = logged_losses(workdir / "one")
     assert len(one) == len(two_processes) == STEPS
     assert one[-1] < one[0]  # it learns
     assert two_processes == pytest.approx(one, rel=2e-3, abs=2e-3)
