@@ -190,10 +190,9 @@ def score_questions(
     # what every prompt starts with (the chat template's system and user headers) is read once, after the prefix
     prefix, common = _with_common_start(model, condition.prefix, prompts)
     prompts = [prompt[common:] for prompt in prompts]
+    # whole questions per batch, at most batch_size choices (one question at least)
     batches, batch, rows = [], [], 0
-    for q_idx, q in enumerate(
-        questions
-    ):  # whole questions, at most batch_size choices (one question at least)
+    for q_idx, q in enumerate(questions):
         if batch and rows + len(q.choices) > batch_size:
             batches.append(batch)
             batch, rows = [], 0
@@ -201,8 +200,8 @@ def score_questions(
         rows += len(q.choices)
     batches.append(batch)
     for batch in tqdm(batches, desc=f"score [{condition.name}]", disable=not progress):
-        logprobs = _choice_logprobs(model, prefix, [prompts[i] for i in batch],
-                                    [answers[i] for i in batch], pad_id)  # fmt: skip
+        picked_prompts, picked_answers = [prompts[i] for i in batch], [answers[i] for i in batch]
+        logprobs = _choice_logprobs(model, prefix, picked_prompts, picked_answers, pad_id)
         for q_idx, per_choice in zip(batch, logprobs, strict=True):
             for c_idx, (total, count) in enumerate(per_choice):
                 sum_logprob[q_idx, c_idx] = total
@@ -273,11 +272,13 @@ def _choice_logprobs(
         position_ids=position_ids.to(device),
         past_key_values=cache,
     ).logits
+    targets = tail_ids[:, 1:].to(logits.device)
+    scored = tail_mask[:, 1:].bool().to(logits.device)
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    sums = torch.where(scored, logprobs, 0.0).sum(-1).tolist()  # one copy to the host per batch
     found = [[] for _ in answers]
-    for row, (q, tail) in enumerate(zip(owner, tails, strict=True)):
-        targets = torch.tensor(tail[1:], device=logits.device)
-        logprobs = torch.log_softmax(logits[row, : len(tail) - 1].float(), dim=-1)
-        found[q].append((logprobs.gather(-1, targets[:, None]).sum().item(), len(targets)))
+    for row, q in enumerate(owner):
+        found[q].append((sums[row], len(tails[row]) - 1))
     return found
 
 
