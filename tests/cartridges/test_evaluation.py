@@ -104,6 +104,10 @@ def test_each_choice_scores_as_if_read_whole_after_the_prefix(tiny_model, tokeni
                 assert scores.answer_logprob[q_idx] == pytest.approx(total, abs=1e-4)
                 assert scores.answer_tokens[q_idx] == len(answer)
         assert scores.correct[q_idx] == (max(range(len(means)), key=means.__getitem__) == question.answer)
+        # alone, a question's whole prompt but its last token is the common start: read once as part of the prefix
+        alone = score_questions(tiny_model, tokenizer, condition, [question], progress=False)
+        assert alone.answer_logprob[0] == pytest.approx(scores.answer_logprob[q_idx], abs=1e-4)
+        assert alone.correct[0] == scores.correct[q_idx]
 
 
 def test_three_conditions_table(tiny_model, tokenizer):

@@ -26,6 +26,7 @@ question moves an accuracy by several points, and the intervals say how far a fi
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -284,8 +285,6 @@ def _choice_logprobs(
 
 def _no_logits(model) -> dict:
     """``logits_to_keep=1`` where the model takes it (a prompt read only for its cache)."""
-    import inspect
-
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
