@@ -571,8 +571,14 @@ class CartridgeLibrary:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         prompts = [user_turn_ids(tokenizer, q, after_system=False) for q in questions]
         scores = [[0.0] * len(self.ids) for _ in questions]
+        documents = tqdm(
+            list(enumerate(self.ids)),
+            desc="likelihood router",
+            unit="cartridge",
+            disable=len(prompts) * len(self.ids) < 64 * batch_size,
+        )
         with torch.no_grad():
-            for j, doc_id in enumerate(self.ids):
+            for j, doc_id in documents:
                 prefix = self.prefix([doc_id], model)
                 for start in range(0, len(prompts), batch_size):
                     batch = prompts[start : start + batch_size]
