@@ -63,6 +63,11 @@ def test_timing_a_training_step_leaves_the_model_untouched(tiny_model, tokenizer
     flags = [p.requires_grad for p in tiny_model.parameters()]
     seconds = time_training_step(tiny_model, tokenizer, [row], num_virtual_tokens=4, batch_size=3)
     assert seconds > 0
+    # Frozen tokens before the prefix (a library's distractors) are attended to and take no gradient.
+    assert (
+        time_training_step(tiny_model, tokenizer, [row], num_virtual_tokens=4, batch_size=3, frozen_tokens=6)
+        > 0
+    )
     assert all(p.grad is None for p in tiny_model.parameters())
     assert [p.requires_grad for p in tiny_model.parameters()] == flags
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())

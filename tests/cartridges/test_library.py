@@ -22,7 +22,8 @@ from hfx.cartridges.library import (
     leave_launch,
 )
 from hfx.cartridges.prefix import PrefixKV
-from hfx.cartridges.training import DistractorMixer, distractor_layout
+from hfx.cartridges.synthesis import SynthesisConfig
+from hfx.cartridges.training import DistractorMixer, distractor_layout, expected_distractor_tokens
 
 DOCUMENTS = {
     "zorblat.txt": "The Zorblat protocol was designed in 1987 by Mara Quell at the Ostrava Institute. " * 6,
@@ -207,6 +208,19 @@ def test_distractor_layout_is_a_function_of_seed_and_step():
     assert {place for indices, place in layouts if len(indices) == 3} == {0, 1, 2, 3}
 
 
+def test_the_expected_distractor_tokens_are_the_mean_of_the_drawn_layouts():
+    lengths = [10, 20, 30, 45, 70]
+    for max_distractors in (0, 1, 3, 7):
+        drawn = [
+            sum(lengths[i] for i in distractor_layout(len(lengths), max_distractors, seed=0, step=step)[0])
+            for step in range(4000)
+        ]
+        expected = expected_distractor_tokens(lengths, max_distractors)
+        assert expected == pytest.approx(sum(drawn) / len(drawn), rel=0.05, abs=0.5)
+    assert expected_distractor_tokens(lengths, 7) == 70  # at most all 5 of them: 2.5 x 35 tokens on average
+    assert expected_distractor_tokens([], 7) == 0
+
+
 def random_prefix(model, tokens: int, seed: int) -> PrefixKV:
     generator = torch.Generator().manual_seed(seed)
     config = model.config
@@ -366,6 +380,37 @@ def test_a_library_without_a_manifest_is_refused(tmp_path):
     (tmp_path / "x" / LIBRARY_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         CartridgeLibrary(tmp_path / "x")
+
+
+def test_a_cartridge_trained_beside_distractors_plans_its_steps_with_them(
+    tiny_model, tiny_model_dir, tmp_path, caplog
+):
+    """A budgeted run that mixes distractors times its training step with the average step's distractor tokens
+    in front of the cartridge (a library's steps are slower than a lone cartridge's), and its plan says so."""
+    import logging
+
+    from hfx.cartridges.budget import read_plan
+    from hfx.cartridges.pipeline import run_self_study
+
+    folders = []
+    for i, tokens in enumerate((6, 10)):
+        save_prefix(random_prefix(tiny_model, tokens, seed=i), tmp_path / f"d{i}")
+        folders.append(str(tmp_path / f"d{i}"))
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENTS["quintessa.txt"])
+    with caplog.at_level(logging.INFO, logger="hfx.cartridges.pipeline"):
+        run_self_study(
+            tmp_path / "run",
+            str(doc),
+            synthesis=SynthesisConfig(**{**TINY["synthesis"], "num_conversations": 10_000}),
+            training={**TINY["training"], "distractors": folders, "max_distractors": 2},
+            model_name_or_path=str(tiny_model_dir),
+            device="cpu",
+            budget_minutes=0.25,
+        )
+    plan = read_plan(tmp_path / "run")
+    assert plan.distractor_tokens == 8  # one of the two on average (0, 1 or 2), of 8 tokens on average
+    assert "beside 8 distractor tokens" in caplog.text
 
 
 def test_a_distractor_mixer_leaves_the_forward_alone_without_a_layout(tiny_model, tokenizer):

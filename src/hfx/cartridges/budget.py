@@ -70,6 +70,9 @@ class BudgetPlan:
     steps: int
     #: Seconds evaluation was timed to take (0 when the run has no questions, or for plans made before it was timed).
     evaluation_seconds: float = 0.0
+    #: Distractor tokens beside the cartridge in the average training step (a library's mixing), which the timed
+    #: step held frozen before the cartridge (0 for a cartridge trained alone, or plans made before they were timed).
+    distractor_tokens: int = 0
 
     @property
     def planned_seconds(self) -> float:
@@ -87,8 +90,9 @@ class BudgetPlan:
             f"Plan for {self.budget_minutes:g} min on {self.device}: "
             f"{self.num_conversations} conversations ({self.dtype}, {self.seconds_per_conversation:.2f} s each, "
             f"{synthesis / 60:.1f} min), {self.steps} training steps of {self.per_device_train_batch_size} "
-            f"({self.training_dtype}, {self.num_train_epochs:g} epochs, {self.seconds_per_step:.2f} s each, "
-            f"{training / 60:.1f} min), "
+            f"({self.training_dtype}, {self.num_train_epochs:g} epochs, {self.seconds_per_step:.2f} s each"
+            + (f" beside {self.distractor_tokens} distractor tokens" if self.distractor_tokens else "")
+            + f", {training / 60:.1f} min), "
             f"setup {self.setup_seconds / 60:.1f} min, kept for evaluation and saving "
             f"{self.reserve_seconds / 60:.1f} min"
             + (
@@ -122,6 +126,7 @@ def plan_budget(
     reserve_fraction: float = RESERVE_FRACTION,
     after_training_seconds: float = 0.0,
     evaluation_seconds: float = 0.0,
+    distractor_tokens: int = 0,
 ) -> BudgetPlan:
     """The largest whole number of batches of conversations (at least ``min_conversations``) that fits the budget.
 
@@ -179,18 +184,26 @@ def plan_budget(
         num_conversations=conversations,
         steps=steps(conversations),
         evaluation_seconds=evaluation_seconds,
+        distractor_tokens=distractor_tokens,
     )
 
 
 def time_training_step(
-    model, tokenizer, rows: list[dict], num_virtual_tokens: int, batch_size: int, repeats: int = 3
+    model,
+    tokenizer,
+    rows: list[dict],
+    num_virtual_tokens: int,
+    batch_size: int,
+    repeats: int = 3,
+    frozen_tokens: int = 0,
 ) -> float:
     """Seconds of one cartridge training step (forward and backward of ``batch_size`` rows after a trainable prefix).
 
-    The prefix is a stand-in of the cartridge's size (random keys and values that require grad); only its gradient
-    is computed, as in training, where the base model is frozen. Nothing of ``model`` is changed. The fastest of
-    ``repeats`` timed steps after one warm-up step: on a shared machine a step is slowed by what else runs, never
-    sped up, and one slow probe step once planned a third of the steps the run then had time for.
+    The prefix is a stand-in of the cartridge's size (random keys and values that require grad), after
+    ``frozen_tokens`` that do not (the distractors a library's cartridge trains beside); only the cartridge's
+    gradient is computed, as in training, where the base model is frozen. Nothing of ``model`` is changed. The
+    fastest of ``repeats`` timed steps after one warm-up step: on a shared machine a step is slowed by what else
+    runs, never sped up, and one slow probe step once planned a third of the steps the run then had time for.
     """
     from hfx.cartridges.prefix import PrefixKV, forward_with_prefix
     from hfx.cartridges.training import CartridgeCollator
@@ -204,14 +217,20 @@ def time_training_step(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     generator = torch.Generator().manual_seed(0)
 
-    def tensor():
-        t = torch.randn(1, kv_heads, num_virtual_tokens, head_dim, generator=generator)
-        return t.to(model.device, model.dtype).requires_grad_(True)
+    def tensor(tokens: int, trainable: bool):
+        t = torch.randn(1, kv_heads, tokens, head_dim, generator=generator)
+        return t.to(model.device, model.dtype).requires_grad_(trainable)
 
-    prefix = PrefixKV(
-        [tensor() for _ in range(config.num_hidden_layers)],
-        [tensor() for _ in range(config.num_hidden_layers)],
+    layers = range(config.num_hidden_layers)
+    trained = PrefixKV(
+        [tensor(num_virtual_tokens, True) for _ in layers], [tensor(num_virtual_tokens, True) for _ in layers]
     )
+    prefix = trained
+    if frozen_tokens > 0:
+        frozen = PrefixKV(
+            [tensor(frozen_tokens, False) for _ in layers], [tensor(frozen_tokens, False) for _ in layers]
+        )
+        prefix = PrefixKV.concat([frozen, trained])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = CartridgeCollator(pad_id)([rows[i % len(rows)] for i in range(batch_size)])
     batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -235,7 +254,7 @@ def time_training_step(
             batch["teacher_topk_ids"],
             batch["teacher_topk_logprobs"],
         )
-        torch.autograd.grad(loss, [*prefix.keys, *prefix.values])
+        torch.autograd.grad(loss, [*trained.keys, *trained.values])
         synchronize(model.device)
         seconds.append(time.perf_counter() - start)
     return min(seconds[1:])
@@ -273,6 +292,7 @@ def measure_and_plan(
     probe_batches: int | None = None,
     questions: list | None = None,
     load_seconds: float = 0.0,
+    distractor_tokens: int = 0,
 ) -> tuple[BudgetPlan, dict[int, list[dict]]]:
     """Synthesize the first ``probe_batches`` batches, time a training step and, with ``questions``, the evaluation
     (on a few of them), and plan the run.
@@ -282,6 +302,8 @@ def measure_and_plan(
     synthesizing ``model``'s, a copy of ``model_name_or_path`` is loaded in it for the timing (on a CPU with
     AVX512-BF16 or AMX, bfloat16 training steps and float32 generation are each the faster choice).
     ``load_seconds`` is how long the run's first model load took: training and evaluation each load the model again.
+    ``distractor_tokens``: the distractors beside the cartridge in the average training step (a library's mixing,
+    :func:`~hfx.cartridges.training.expected_distractor_tokens`), timed as frozen tokens before it.
     ``probe_batches`` defaults to :data:`PROBE_BATCHES` of the device. On a GPU, the decode steps (a CUDA graph per
     bucket) that the run's first batches need are built before the probe, so the probe times batches as the run will
     make them and the building counts as setup.
@@ -332,6 +354,7 @@ def measure_and_plan(
         [row for batch in rows.values() for row in batch],
         num_virtual_tokens,
         per_device_train_batch_size,
+        frozen_tokens=distractor_tokens,
     )
     training_dtype_name = dtype_name(step_model.dtype)
     del step_model
@@ -357,5 +380,6 @@ def measure_and_plan(
         training_dtype=training_dtype_name,
         after_training_seconds=evaluation_seconds + 2 * load_seconds,
         evaluation_seconds=evaluation_seconds,
+        distractor_tokens=distractor_tokens,
     )
     return plan, rows

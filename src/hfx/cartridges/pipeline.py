@@ -38,6 +38,7 @@ from hfx.cartridges.training import (
     cartridge_stage,
     check_initialization,
     create_cartridge,
+    expected_distractor_tokens,
     load_cartridge,
     read_metadata,
     write_metadata,
@@ -249,6 +250,14 @@ def _budgeted_synthesis(
             )
         logger.info("Resuming with the plan in %s: %s", output_dir, plan.describe())
     else:
+        distractor_tokens = 0
+        if training.get("distractors"):
+            from peft import PeftConfig
+
+            distractor_tokens = expected_distractor_tokens(
+                [PeftConfig.from_pretrained(str(d)).num_virtual_tokens for d in training["distractors"]],
+                training.get("max_distractors", defaults["max_distractors"].default),
+            )
         plan, ready = measure_and_plan(
             model,
             tokenizer,
@@ -266,6 +275,7 @@ def _budgeted_synthesis(
             server=server,
             questions=questions,
             load_seconds=load_seconds,
+            distractor_tokens=distractor_tokens,
         )
         write_plan(output_dir, plan)
         logger.info(plan.describe())

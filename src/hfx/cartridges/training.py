@@ -181,7 +181,10 @@ class CartridgeTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.distractors is not None:  # the same mix for every micro-batch of a step, and again on resume
             self.distractors.layout = distractor_layout(
-                len(self.distractors.prefixes), self.args.max_distractors, self.args.seed, self.state.global_step
+                len(self.distractors.prefixes),
+                self.args.max_distractors,
+                self.args.seed,
+                self.state.global_step,
             )
         try:
             outputs = model(
@@ -218,13 +221,23 @@ class CartridgeTrainer(Trainer):
             replace_pickled_training_args(output_dir or self.args.output_dir, self.args)
 
 
-def distractor_layout(num_distractors: int, max_distractors: int, seed: int, step: int) -> tuple[list[int], int]:
+def distractor_layout(
+    num_distractors: int, max_distractors: int, seed: int, step: int
+) -> tuple[list[int], int]:
     """The distractors of one training step and the trained cartridge's place among them: ``(indices, place)``,
     the prefix being ``indices[:place] + [trained] + indices[place:]``. Between 0 and ``max_distractors`` of them,
     drawn from ``(seed, step)`` alone, so a resumed run mixes as the uninterrupted one did."""
     rng = random.Random(f"hfx-distractors-{seed}-{step}")
     count = rng.randint(0, min(max_distractors, num_distractors))
     return rng.sample(range(num_distractors), count), rng.randint(0, count)
+
+
+def expected_distractor_tokens(lengths: list[int], max_distractors: int) -> int:
+    """Distractor tokens beside the trained cartridge in the average step of :func:`distractor_layout` over
+    distractors of ``lengths`` tokens: a uniform count in [0, min(max, n)], drawn uniformly from them."""
+    if not lengths:
+        return 0
+    return round(min(max_distractors, len(lengths)) / 2 * sum(lengths) / len(lengths))
 
 
 class DistractorMixer:
