@@ -213,13 +213,15 @@ def test_a_grpo_run_killed_at_a_checkpoint_resumes_from_the_one_before(tmp_path,
     finished(run(LENS_RUN, ["lens", "sft", *common, "--output_dir", sft, "--max_steps", "2"]))
     train = [
         "lens", "grpo", *common, "--sft_dir", sft, "--output_dir", grpo, "--max_steps", "6", "--save_steps", "2",
-        "--num_generations", "4", "--beta", "0.1",
+        "--num_generations", "4", "--beta", "0.1", "--grpo_reconstructor_learning_rate", "1e-3",
     ]  # fmt: skip
     killed(run(LENS_RUN, train, "checkpoint-4"))
     verbalizer = grpo / "verbalizer"
     assert (verbalizer / "checkpoint-4").is_dir() and not (verbalizer / "config.json").exists()
+    assert (verbalizer / "checkpoint-2" / "reconstructor_optimizer.safetensors").is_file()
     log = finished(run(LENS_RUN, train))
     assert "checkpoint-4: incomplete" in log and "Resuming training from" in log and "checkpoint-2" in log
+    assert "The reconstructor and its optimizer resume from" in log
     state = json.loads((verbalizer / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and (grpo / "hfx_stage_lens-grpo.done").is_file()
     assert not list(verbalizer.glob("checkpoint-*"))

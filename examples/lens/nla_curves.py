@@ -1,5 +1,7 @@
 """The natural-language autoencoder's curves: SFT with each kind of target at each explanation length, each run
-evaluated with `hfx lens eval`; a table and a figure (held-out FVE against the length, and against the SFT steps).
+evaluated with `hfx lens eval` and with its reconstructor reading the held-out examples' own targets (what a
+verbaliser that wrote its targets perfectly would reach); a table and a figure (held-out FVE against the length,
+and against the SFT steps).
 
     hfx lens dump --output_dir outputs/lens-activations --layer 15 --context_length 32 --max_examples 8192 \\
         --dataset pydoc_topics,sklearn_descr
@@ -44,6 +46,8 @@ def read_run(folder: Path) -> dict | None:
     if state.is_file():
         history = json.loads(state.read_text())["log_history"]
         curve = [(entry["step"], entry["heldout_fve"]) for entry in history if "heldout_fve" in entry]
+    fit = folder / "target_fit.json"
+    fit = json.loads(fit.read_text()) if fit.is_file() else {}
     return {
         "run": folder.name,
         "target": manifest["target"],
@@ -54,6 +58,8 @@ def read_run(folder: Path) -> dict | None:
         "kl": values["kl"]["lens"],
         "kl_mean_ablation": values["kl"]["mean_ablation"],
         "copy_rate": values["copy_rate"],
+        "target_fve": fit.get("fve"),
+        "target_copy_rate": fit.get("copy_rate"),
         "minutes": json.loads(wall.read_text())["minutes"] if wall.is_file() else None,
         "curve": curve,
     }
@@ -61,15 +67,19 @@ def read_run(folder: Path) -> dict | None:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| target | k | FVE | FVE vs empty | cosine | KL (mean ablation) | copy rate | minutes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | k | FVE | FVE vs empty | cosine | KL (mean ablation) | copy rate | targets read back: FVE "
+        "(copy rate) | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         minutes = f"{row['minutes']:.1f}" if row["minutes"] is not None else "–"
+        fit = "–"
+        if row.get("target_fve") is not None:
+            fit = f"{row['target_fve']:.3f} ({row['target_copy_rate']:.1%})"
         lines.append(
             f"| {row['target']} | {row['length']} | {row['fve']:.3f} | {row['fve_vs_empty']:.3f} | "
             f"{row['cosine']:.3f} | {row['kl']:.3f} ({row['kl_mean_ablation']:.3f}) | {row['copy_rate']:.1%} | "
-            f"{minutes} |"
+            f"{fit} | {minutes} |"
         )
     return "\n".join(lines)
 
@@ -127,10 +137,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     names = [run_name(t, k) for t in args.targets for k in args.lengths]
     if not args.table:
+        from hfx.lens.nla_pipeline import target_fit_of
+
         for target in args.targets:
             for length in args.lengths:
                 out = root / run_name(target, length)
                 if read_run(out) is not None:
+                    target_fit_of(out, args.activations_dir)  # for runs made before SFT wrote it
                     continue
                 start, resumed = time.time(), out.exists()
                 common = [

@@ -72,6 +72,8 @@ def test_two_processes_run_the_autoencoder_phases(tmp_path, tiny_model_dir):
         "3",
         "--num_generations",
         "4",
+        "--grpo_reconstructor_learning_rate",
+        "1e-3",
     ]
     arguments += ["+", "eval", *common[:6], "--lens", str(grpo)]
     log = tmp_path / "nla.log"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from hfx.cli import main
-from hfx.lens import nla
+from hfx.lens import nla, nla_pipeline
 from hfx.lens.modeling_lens import ConsistencyLens
 from hfx.lens.modeling_verbalizer import ActivationVerbalizer, ActivationVerbalizerModel
 from tests.conftest import make_tiny_llama
@@ -121,6 +121,17 @@ def test_explanations_are_cut_at_their_first_stop_token():
     assert penalty(None, None, [[5, 6, 2, 7], [2, 9], [3, 4, 5, 6]]) == [-0.5, 0.0, -1.0]
 
 
+def test_the_copy_penalty_is_minus_the_copy_rate_of_the_explanation_before_its_stop():
+    penalty = nla.CopyPenalty(stop_ids=[2], window=3)
+    contexts = [[40, 41, 5, 6, 7], [5, 6, 7, 8], [9, 9, 9]]
+    # 5 and 6 are in the context's last 3 tokens (5, 6, 7) but not 30; after the stop nothing counts; 5 and 40 fell
+    # out of the window
+    completions = [[5, 30, 6, 30, 2, 7], [2, 5], [5, 40, 31, 9]]
+    assert penalty(None, None, completions, context_ids=contexts) == [-0.5, 0.0, -0.25]
+    with pytest.raises(ValueError, match="context_ids"):
+        penalty(None, None, completions)
+
+
 def test_the_reward_is_the_reconstruction_score_it_is_built_from(parts):
     base, verbalizer, processor, reconstructor = parts
     stop = nla.stop_ids_of(verbalizer, processor)
@@ -150,6 +161,45 @@ def test_the_reward_is_the_reconstruction_score_it_is_built_from(parts):
             )
         kl = float(kl_divergence(logits["reference"], logits["patched"]))
         assert values[i] == pytest.approx(float(cosine[i]) - 0.5 * kl, abs=1e-5)
+
+
+def test_the_reconstructor_trained_beside_grpo_scores_first_then_learns_and_saves_its_state(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    base = make_tiny_llama(tokenizer, layers=2, hidden=32, init_std=0.2)
+
+    def reconstructor():
+        return ConsistencyLens.from_base(
+            base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=2, identity_output=True
+        ).eval()
+
+    stop = [0]
+    completions = [[11, 12, 13, 0], [14, 15, 16, 17], [18, 0, 19, 20], [21, 22, 23, 24]]
+    activations = torch.randn(4, 32)
+    images = [[a.tolist()] for a in activations]
+    lens = reconstructor()
+    fit = nla.ReconstructorFit(lens, stop, pad_id=0, learning_rate=1e-2, mean=activations.mean(0), mse_weight=1.0)
+    reward = nla.ReconstructionReward(lens, stop, pad_id=0, fit=fit)
+    before = nla.ReconstructionReward(reconstructor(), stop, pad_id=0)(None, None, completions, images)
+    logged = {}
+    # the reward is the reconstructor's score before its step on these explanations
+    assert reward(None, None, completions, images, log_metric=logged.__setitem__) == pytest.approx(before)
+    first = logged["reconstructor_loss"]
+    losses = [fit.step(completions, activations) for _ in range(20)]
+    assert losses[-1] < 0.5 * first  # it learns to read these explanations
+    assert not lens.training  # back in eval mode, as the reward reads it
+
+    # save, then load into a fresh reconstructor and optimizer: the next step is the same
+    fit.save(tmp_path)
+    assert (tmp_path / "reconstructor" / "model.safetensors").is_file() and not list(tmp_path.rglob("*.bin"))
+    other = nla.ReconstructorFit(
+        reconstructor(), stop, pad_id=0, learning_rate=1e-2, mean=activations.mean(0), mse_weight=1.0
+    )
+    assert other.load(tmp_path) and not other.load(tmp_path / "nothing")
+    for a, b in zip(lens.parameters(), other.reconstructor.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fit.step(completions, activations) == pytest.approx(other.step(completions, activations), rel=1e-6)
+    for a, b in zip(lens.parameters(), other.reconstructor.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_targets_of_each_kind(parts):
@@ -195,6 +245,9 @@ def test_sft_then_grpo_then_eval_end_to_end(tmp_path, tiny_model_dir, monkeypatc
     assert (sft / "hfx_stage_lens-sft.done").is_file() and not list(sft.rglob("checkpoint-*"))
     assert (sft / "verbalizer" / "training_args.json").is_file() and not list(sft.rglob("*.bin"))
     assert "top_predictions" in (sft / "README.md").read_text()
+    fit = json.loads((sft / "target_fit.json").read_text())  # the reconstructor reading held-out targets
+    assert fit["examples"] == 4 and fit["cosine"] <= 1.0 and 0.0 <= fit["copy_rate"] <= 1.0
+    assert nla_pipeline.target_fit_of(sft) == fit
     sft_reads = len(reads)
     # each SFT step's forward read its batch's activations, and each held-out measurement its 3
     assert reads == [4, 3, 4, 3]
@@ -217,17 +270,25 @@ def test_sft_then_grpo_then_eval_end_to_end(tmp_path, tiny_model_dir, monkeypatc
     assert not grpo.exists()
     main(
         ["lens", "grpo", *common, "--sft_dir", str(sft), "--output_dir", str(grpo), "--max_steps", "2"]
-        + ["--num_generations", "4", "--beta", "0.1", "--logging_steps", "1"]
+        + ["--num_generations", "4", "--beta", "0.1", "--logging_steps", "1", "--copy_penalty", "0.5"]
+        + ["--grpo_reconstructor_learning_rate", "1e-3"]
     )
     # each step: the prompt's prefill in generation, the policy's old log-probs... every forward read them
     grpo_reads = reads[sft_reads:]
     assert len(grpo_reads) >= 3 * 2 and all(n > 0 for n in grpo_reads)
     state = json.loads((grpo / "verbalizer" / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "reward" in entry]
-    assert len(logged) == 2 and {"reconstruction_cosine", "kl", "rewards/length_penalty/mean"} <= set(
-        logged[0]
-    )
-    assert (grpo / "reconstructor" / "model.safetensors").is_file()
+    assert len(logged) == 2 and {
+        "reconstruction_cosine",
+        "reconstructor_loss",
+        "kl",
+        "rewards/length_penalty/mean",
+        "rewards/copy_penalty/mean",
+    } <= set(logged[0])
+    # the reconstructor learned beside the verbaliser: not the one SFT fitted
+    trained = ConsistencyLens.from_pretrained(grpo / "reconstructor").state_dict()
+    fitted = ConsistencyLens.from_pretrained(sft / "reconstructor").state_dict()
+    assert trained.keys() == fitted.keys() and any(not torch.equal(trained[k], fitted[k]) for k in trained)
 
     main(
         ["lens", "eval", "--activations_dir", str(acts), "--eval_examples", "4", *model, "--lens", str(grpo)]

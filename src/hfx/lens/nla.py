@@ -329,7 +329,15 @@ class ReconstructionReward:
 
     __name__ = "reconstruction"
 
-    def __init__(self, reconstructor, stop_ids, pad_id: int, base=None, kl_weight: float = 0.0):
+    def __init__(
+        self,
+        reconstructor,
+        stop_ids,
+        pad_id: int,
+        base=None,
+        kl_weight: float = 0.0,
+        fit: ReconstructorFit | None = None,
+    ):
         if kl_weight and base is None:
             raise ValueError("a KL reward needs the base model.")
         self.reconstructor = reconstructor
@@ -337,6 +345,7 @@ class ReconstructionReward:
         self.pad_id = pad_id
         self.base = base
         self.kl_weight = kl_weight
+        self.fit = fit
 
     @torch.no_grad()
     def scores(self, explanations: list[list[int]], activations, context_ids=None) -> dict[str, torch.Tensor]:
@@ -370,7 +379,126 @@ class ReconstructionReward:
             log_metric("reconstruction_cosine", float(scores["cosine"].mean()))
             if "kl" in scores:
                 log_metric("reconstruction_kl", float(scores["kl"].mean()))
+        if self.fit is not None:  # scored first, then the reconstructor learns to read these explanations
+            loss = self.fit.step(completion_ids, activations)
+            if log_metric is not None:
+                log_metric("reconstructor_loss", loss)
         return scores["reward"].tolist()
+
+
+class ReconstructorFit:
+    """The reconstructor trained beside GRPO, as the anchor trains its reconstructor with its verbaliser: after each
+    batch of sampled explanations is scored, one AdamW step of :func:`reconstructor_loss` on those explanations and
+    their activations (gradients averaged over processes, so every process keeps the same reconstructor).
+    :meth:`save` / :meth:`load` keep it and its optimizer's state in a checkpoint folder (safetensors + JSON)."""
+
+    FOLDER = "reconstructor"
+    OPTIMIZER = "reconstructor_optimizer.safetensors"
+
+    def __init__(
+        self,
+        reconstructor,
+        stop_ids,
+        pad_id: int,
+        learning_rate: float,
+        mean: torch.Tensor | None = None,
+        mse_weight: float = 0.0,
+        max_grad_norm: float = 1.0,
+    ):
+        self.reconstructor = reconstructor
+        self.stop_ids = list(stop_ids)
+        self.pad_id = pad_id
+        self.mean = mean
+        self.mse_weight = mse_weight
+        self.max_grad_norm = max_grad_norm
+        self.parameters = [p for p in reconstructor.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("the reconstructor has no trainable parameters.")
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=0.0)
+
+    def step(self, explanations: list[list[int]], activations) -> float:
+        """One optimizer step on these explanations; returns the loss before it."""
+        import torch.distributed as dist
+
+        device = self.reconstructor.device
+        ids, lengths = explanation_batch(explanations, self.stop_ids, self.pad_id, device)
+        target = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in activations]).to(device)
+        self.reconstructor.train()
+        try:
+            with torch.enable_grad():
+                loss = reconstructor_loss(
+                    self.reconstructor.read(ids, lengths), target, self.mean, self.mse_weight
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for parameter in self.parameters:
+                    grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+                    dist.all_reduce(grad)
+                    parameter.grad = grad / dist.get_world_size()
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+            self.optimizer.step()
+        finally:
+            self.reconstructor.eval()
+        return float(loss.detach())
+
+    def save(self, folder: str | Path) -> None:
+        """The reconstructor (``save_pretrained``) and its optimizer's state into `folder`."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from hfx.atomic import atomic_file
+
+        folder = Path(folder)
+        self.reconstructor.save_pretrained(folder / self.FOLDER)
+        state = self.optimizer.state_dict()
+        tensors = {
+            f"{index}.{name}": value.detach().cpu().contiguous()
+            for index, values in state["state"].items()
+            for name, value in values.items()
+        }
+        groups = json.dumps(state["param_groups"])
+        with atomic_file(folder / self.OPTIMIZER) as temp:
+            save_file(tensors, str(temp), metadata={"param_groups": groups})
+
+    def load(self, folder: str | Path) -> bool:
+        """The reconstructor and optimizer state :meth:`save` wrote into `folder`; False when it holds none."""
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / self.OPTIMIZER).is_file():
+            return False
+        saved = type(self.reconstructor).from_pretrained(folder / self.FOLDER, dtype=self.reconstructor.dtype)
+        self.reconstructor.load_state_dict(saved.state_dict())
+        tensors = load_file(str(folder / self.OPTIMIZER))
+        with safe_open(str(folder / self.OPTIMIZER), "pt") as f:
+            groups = json.loads(f.metadata()["param_groups"])
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        return True
+
+
+class ReconstructorCheckpoints(TrainerCallback):
+    """Writes a :class:`ReconstructorFit` into each checkpoint Trainer saves (before hfx marks it complete), so a
+    resumed GRPO run goes on with the reconstructor and optimizer state of the checkpoint it resumes from."""
+
+    def __init__(self, fit: ReconstructorFit):
+        self.fit = fit
+
+    def on_save(self, args, state, control, **kwargs):
+        from hfx.checkpoints import checkpoint_dir
+
+        folder = checkpoint_dir(args.output_dir, state.global_step)
+        if state.is_world_process_zero and folder.is_dir():
+            self.fit.save(folder)
 
 
 class LengthPenalty:
@@ -384,6 +512,30 @@ class LengthPenalty:
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
         return [-len(until_stop(ids, self.stop_ids)) / self.max_length for ids in completion_ids]
+
+
+class CopyPenalty:
+    """GRPO reward: minus the explanation's copy rate, the share of its tokens found among the last ``window`` tokens
+    of its context (`hfx.lens.evaluation.copy_rate`; needs the dataset's ``context_ids``). An explanation cut
+    empty by a stop token copies nothing."""
+
+    __name__ = "copy_penalty"
+
+    def __init__(self, stop_ids, window: int | None = None):
+        from .evaluation import COPY_WINDOW
+
+        self.stop_ids = set(stop_ids)
+        self.window = COPY_WINDOW if window is None else window
+
+    def __call__(self, prompts, completions, completion_ids, context_ids=None, **kwargs) -> list[float]:
+        from .evaluation import copy_rate
+
+        if context_ids is None:
+            raise ValueError("the copy penalty needs the dataset's context_ids column.")
+        return [
+            -copy_rate([until_stop(ids, self.stop_ids)], [list(context)], self.window)
+            for ids, context in zip(completion_ids, context_ids, strict=True)
+        ]
 
 
 def reconstructor_examples(explanations: list[list[int]], activations) -> datasets.Dataset:
@@ -401,6 +553,26 @@ class ReconstructorCollator:
         ids, lengths = explanation_batch([row["explanation_ids"] for row in rows], self.stop_ids, self.pad_id)
         activations = torch.tensor([row["activation"] for row in rows], dtype=torch.float32)
         return {"explanation_ids": ids, "lengths": lengths, "activations": activations}
+
+
+def reconstructor_loss(
+    reconstruction: torch.Tensor,
+    target: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    mse_weight: float = 0.0,
+) -> torch.Tensor:
+    """The reconstructor's regression loss: 2 (1 - cos(activation, reconstruction)) (the anchor's, on
+    unit-normalised vectors) + `mse_weight` x the squared error over the activations' mean squared deviation from
+    `mean` (1 - FVE, which the cosine alone leaves free: it does not see the reconstruction's norm)."""
+    loss = cosine_regression_loss(reconstruction, target)
+    if mse_weight:
+        if mean is None:
+            raise ValueError("the squared-error term needs the mean activation.")
+        target = target.float()
+        error = ((reconstruction.float() - target) ** 2).sum(-1).mean()
+        deviation = ((target - mean.to(target.device)) ** 2).sum(-1).mean().clamp(min=1e-12)
+        loss = loss + mse_weight * error / deviation
+    return loss
 
 
 class ReconstructorTrainer(Trainer):
@@ -422,13 +594,7 @@ class ReconstructorTrainer(Trainer):
             explanation_ids=inputs["explanation_ids"], explanation_lengths=inputs["lengths"]
         )
         reconstruction = reconstruction.reconstruction
-        target = inputs["activations"]
-        loss = cosine_regression_loss(reconstruction, target)
-        if self.mse_weight:
-            mean = self.mean.to(target.device)
-            error = ((reconstruction.float() - target) ** 2).sum(-1).mean()
-            deviation = ((target - mean) ** 2).sum(-1).mean().clamp(min=1e-12)
-            loss = loss + self.mse_weight * error / deviation
+        loss = reconstructor_loss(reconstruction, inputs["activations"], self.mean, self.mse_weight)
         return (loss, {"reconstruction": reconstruction}) if return_outputs else loss
 
 

@@ -9,6 +9,7 @@ An autoencoder folder holds ``verbalizer/`` (an `ActivationVerbalizer` with its 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 #: The stages (hfx.stages) of the two phases in their folders.
 SFT_STAGE = "lens-sft"
 GRPO_STAGE = "lens-grpo"
+#: SFT's record of the reconstructor reading the held-out examples' own targets (`held_out_target_fit`).
+TARGET_FIT = "target_fit.json"
 #: Arguments that do not change what a phase makes.
 NOT_SETTINGS = ("activations_dir", "sft_dir", "device", "overwrite", "fve_every", "fve_examples")
 #: GRPO's own arguments that change the verbaliser (beside hfx.stages.TRAINER_SETTINGS).
@@ -110,6 +113,21 @@ class NLAArguments(models.DeviceArguments):
     length_penalty: float = field(
         default=0.1,
         metadata={"help": "GRPO: weight of the length penalty (minus the explanation's length / the most)"},
+    )
+    grpo_reconstructor_learning_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "GRPO: learning rate of the reconstructor trained beside the verbaliser, as the anchor trains "
+            "both: one AdamW step of the SFT regression on each batch of sampled explanations, after scoring it; "
+            "0: the reconstructor stays as SFT fitted it"
+        },
+    )
+    copy_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "GRPO: weight of the copy penalty (minus the share of the explanation's tokens found among "
+            "the last 16 tokens of the context)"
+        },
     )
     eval_examples: int = field(
         default=256, metadata={"help": "held-out examples (the last ones), never trained on"}
@@ -207,6 +225,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     from trl import SFTTrainer
 
     from hfx.artifacts import write_parquet_atomic
+    from hfx.atomic import write_text_atomic
     from hfx.checkpoints import remove_checkpoints
     from hfx.stages import Stage, stage_fingerprint
 
@@ -280,6 +299,11 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     )
     _train_to_the_end(reconstructor_trainer, reconstructor, ConsistencyLens, out / "reconstructor")
     reconstructor.eval()
+    fit_path = out / TARGET_FIT
+    if PartialState().is_main_process and not fit_path.is_file():
+        fit = held_out_target_fit(args, base, reconstructor, stop_ids, processor.tokenizer.pad_token_id)
+        write_text_atomic(fit_path, json.dumps(fit, indent=2) + "\n")
+        logger.info("The reconstructor reading the held-out %s targets: %s", args.target, fit)
 
     # the verbaliser, with the held-out FVE on the way
     verbalizer_dir = out / "verbalizer"
@@ -303,6 +327,76 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         remove_checkpoints(out / "reconstructor")
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+@torch.no_grad()
+def held_out_target_fit(args: NLAArguments, base, reconstructor, stop_ids, pad_id: int, batch_size: int = 32):
+    """The reconstructor reading the held-out examples' own targets (written as SFT wrote the training ones): the
+    FVE (against the training mean) and cosine a verbaliser that wrote its targets perfectly would reach, and the
+    targets' own copy rate. What SFT can reach with this kind of target, beside what the verbaliser reaches."""
+    import torch.nn.functional as F
+
+    from . import nla
+    from .evaluation import copy_rate
+    from .pipeline import _split
+
+    train, held_out = _split(load_activations(args.activations_dir), args.eval_examples)
+    mean = torch.tensor(train["activation"]).mean(0)
+    rows = held_out.select_columns(["input_ids", "reference_topk_ids"])[:]
+    targets = nla.explanation_targets(
+        args.target,
+        rows,
+        args.explanation_length,
+        base,
+        exclude=stop_ids,
+        context_tokens=args.context_tokens,
+    )
+    activations = torch.tensor(held_out["activation"])
+    squared_error = squared_deviation = cosine = 0.0
+    device = reconstructor.device
+    for start in range(0, len(targets), batch_size):
+        ids, lengths = nla.explanation_batch(targets[start : start + batch_size], stop_ids, pad_id, device)
+        reconstruction = reconstructor.read(ids, lengths).float().cpu()
+        target = activations[start : start + batch_size].float()
+        squared_error += float(((target - reconstruction) ** 2).sum())
+        squared_deviation += float(((target - mean) ** 2).sum())
+        cosine += float(F.cosine_similarity(target, reconstruction, dim=-1).sum())
+    return {
+        "examples": len(targets),
+        "fve": 1.0 - squared_error / squared_deviation,
+        "cosine": cosine / len(targets),
+        "copy_rate": copy_rate(targets, [list(ids) for ids in rows["input_ids"]]),
+    }
+
+
+def target_fit_of(folder: str | Path, activations_dir: str | None = None) -> dict:
+    """`held_out_target_fit` of a finished SFT folder, read from its settings and its reconstructor (for folders
+    made before SFT wrote it); written to its ``target_fit.json`` and returned."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from hfx.atomic import write_text_atomic
+    from hfx.stages import stage_fingerprint, stage_manifest
+
+    from .modeling_lens import ConsistencyLens
+
+    folder = Path(folder)
+    if (folder / TARGET_FIT).is_file():
+        return json.loads((folder / TARGET_FIT).read_text())
+    manifest = stage_manifest(folder, SFT_STAGE)
+    if manifest is None or stage_fingerprint(folder, SFT_STAGE) is None:
+        raise FileNotFoundError(f"{folder}: no finished `hfx lens sft` folder.")
+    known = {f.name for f in fields(NLAArguments)}
+    settings = {k: v for k, v in manifest["settings"]["autoencoder"].items() if k in known}
+    args = NLAArguments(**settings, activations_dir=activations_dir or NLAArguments.activations_dir)
+    base, _ = models.load_causal_lm(args.model_name_or_path, device="cpu", dtype=args.dtype)
+    reconstructor = ConsistencyLens.from_pretrained(folder / "reconstructor", dtype=base.dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "verbalizer")
+    eos = GenerationConfig.from_pretrained(folder / "verbalizer").eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    stop_ids = sorted({*eos, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
+    fit = held_out_target_fit(args, base, reconstructor, stop_ids, tokenizer.pad_token_id)
+    write_text_atomic(folder / TARGET_FIT, json.dumps(fit, indent=2) + "\n")
+    return fit
 
 
 def _fve_callback(args: NLAArguments, processor, reconstructor, train_activations: torch.Tensor):
@@ -358,12 +452,14 @@ def _reconstructor_trainer(
 
 def run_grpo(args: NLAArguments, grpo_config) -> Path:
     """GRPO from an SFT folder: the verbaliser samples `num_generations` explanations per activation, rewarded by
-    the reconstruction's cosine (minus `kl_reward_weight` x its KL) and the length penalty, with GRPO's KL penalty
-    (`beta`) to the SFT verbaliser; the reconstructor stays as SFT fitted it and is saved beside the result."""
+    the reconstruction's cosine (minus `kl_reward_weight` x its KL), the length penalty and the copy penalty, with
+    GRPO's KL penalty (`beta`) to the SFT verbaliser. The reconstructor stays as SFT fitted it, or with
+    `grpo_reconstructor_learning_rate` learns beside the verbaliser to read its explanations (kept in each
+    checkpoint); it is saved beside the result."""
     from transformers import AutoTokenizer
     from trl import GRPOTrainer
 
-    from hfx.checkpoints import remove_checkpoints
+    from hfx.checkpoints import last_complete_checkpoint, remove_checkpoints
     from hfx.stages import Stage, stage_fingerprint, stage_manifest
 
     from . import nla
@@ -392,22 +488,40 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
     verbalizer = ActivationVerbalizer.from_pretrained(sft_dir / "verbalizer", dtype=dtype)
     processor = nla.ActivationProcessor(AutoTokenizer.from_pretrained(sft_dir / "verbalizer"))
     reconstructor = ConsistencyLens.from_pretrained(sft_dir / "reconstructor", dtype=dtype).to(device).eval()
-    reconstructor.requires_grad_(False)
+    reconstructor.requires_grad_(bool(args.grpo_reconstructor_learning_rate))
     base = None
     if args.kl_reward_weight:
         base = models.load_model(args.model_name_or_path, device=device, dtype=args.dtype)
     train = _train_split(args)
     dataset = nla.grpo_examples(train["activation"], train["input_ids"], args.instruction)
     stop_ids = nla.stop_ids_of(verbalizer, processor)
+    verbalizer_dir = out / "verbalizer"
+    fit, callbacks = None, []
+    if args.grpo_reconstructor_learning_rate:
+        fit = nla.ReconstructorFit(
+            reconstructor,
+            stop_ids,
+            processor.tokenizer.pad_token_id,
+            args.grpo_reconstructor_learning_rate,
+            torch.tensor(train["activation"]).mean(0),
+            args.reconstructor_mse_weight,
+        )
+        last = last_complete_checkpoint(verbalizer_dir)
+        if last is not None and fit.load(last):
+            logger.info("The reconstructor and its optimizer resume from %s", last)
+        callbacks.append(nla.ReconstructorCheckpoints(fit))
     rewards = [
         nla.ReconstructionReward(
-            reconstructor, stop_ids, processor.tokenizer.pad_token_id, base, args.kl_reward_weight
+            reconstructor, stop_ids, processor.tokenizer.pad_token_id, base, args.kl_reward_weight, fit
         ),
         nla.LengthPenalty(stop_ids, args.explanation_length),
     ]
-    verbalizer_dir = out / "verbalizer"
+    weights = [1.0, args.length_penalty]
+    if args.copy_penalty:
+        rewards.append(nla.CopyPenalty(stop_ids))
+        weights.append(args.copy_penalty)
     phase = _phase_args(grpo_config, verbalizer_dir)
-    phase.reward_weights = [1.0, args.length_penalty]
+    phase.reward_weights = weights
     phase.max_completion_length = args.explanation_length
     phase.log_multimodal = False
     trainer = GRPOTrainer(
@@ -416,7 +530,10 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
         args=phase,
         train_dataset=dataset,
         processing_class=processor,
-        callbacks=[_fve_callback(args, processor, reconstructor, torch.tensor(train["activation"]))],
+        callbacks=[
+            *callbacks,
+            _fve_callback(args, processor, reconstructor, torch.tensor(train["activation"])),
+        ],
     )
     _train_to_the_end(trainer, verbalizer, ActivationVerbalizer, verbalizer_dir)
     if trainer.is_world_process_zero():
