@@ -202,6 +202,23 @@ def test_the_reconstructor_trained_beside_grpo_scores_first_then_learns_and_save
         torch.testing.assert_close(a, b)
 
 
+def test_the_reconstructor_examples_add_empty_explanations_with_drawn_activations():
+    explanations = [[1, 2], [3], [4, 5, 6], [7]] * 5
+    activations = [[float(i), -float(i)] for i in range(20)]
+    examples = nla.reconstructor_examples(explanations, activations, empty_fraction=0.1, seed=3)
+    assert len(examples) == 22 and examples["explanation_ids"][:20] == explanations
+    assert examples["explanation_ids"][20:] == [[], []]
+    assert all(a in activations for a in examples["activation"][20:])
+    again = nla.reconstructor_examples(explanations, activations, empty_fraction=0.1, seed=3)
+    assert again["activation"] == examples["activation"]  # seeded
+    assert len(nla.reconstructor_examples(explanations, activations)) == 20
+    with pytest.raises(ValueError, match="empty_fraction"):
+        nla.reconstructor_examples(explanations, activations, empty_fraction=1.0)
+    # an empty explanation is read as one stop token, as the evaluation's empty explanation is
+    ids, lengths = nla.explanation_batch(examples["explanation_ids"][19:], stop_ids=[0], pad_id=0)
+    assert ids.tolist() == [[7], [0], [0]] and lengths.tolist() == [1, 1, 1]
+
+
 def test_targets_of_each_kind(parts):
     base = parts[0]
     rows = {"input_ids": [[1, 2, 3, 4, 5], [6, 7]], "reference_topk_ids": [[9, 8, 7, 6], [5, 4, 3, 2]]}

@@ -538,10 +538,23 @@ class CopyPenalty:
         ]
 
 
-def reconstructor_examples(explanations: list[list[int]], activations) -> datasets.Dataset:
-    return datasets.Dataset.from_dict(
-        {"explanation_ids": [list(e) for e in explanations], "activation": [list(a) for a in activations]}
-    )
+def reconstructor_examples(
+    explanations: list[list[int]], activations, empty_fraction: float = 0.0, seed: int = 0
+) -> datasets.Dataset:
+    """The reconstructor's regression examples, plus ``round(empty_fraction x n)`` with an empty explanation, each
+    paired with an activation drawn (seeded) from `activations`: what the reconstructor learns to answer when it is
+    told nothing (the best it can do without information, near the mean) is then the empty-explanation baseline."""
+    if not 0.0 <= empty_fraction < 1.0:
+        raise ValueError(f"empty_fraction must be in [0, 1), got {empty_fraction}.")
+    explanations = [list(e) for e in explanations]
+    activations = [list(a) for a in activations]
+    extra = round(empty_fraction * len(explanations))
+    if extra:
+        generator = torch.Generator().manual_seed(seed)
+        drawn = torch.randint(0, len(activations), (extra,), generator=generator).tolist()
+        explanations += [[] for _ in drawn]
+        activations += [activations[i] for i in drawn]
+    return datasets.Dataset.from_dict({"explanation_ids": explanations, "activation": activations})
 
 
 @dataclass

@@ -100,6 +100,13 @@ class NLAArguments(models.DeviceArguments):
             "loss 2 (1 - cos), which leaves the reconstruction's norm free; 0: the cosine alone, as the anchor"
         },
     )
+    reconstructor_empty_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "SFT: extra share of the reconstructor's examples with an empty explanation (each with a "
+            "random activation), so that what it answers when told nothing is a fair empty-explanation baseline"
+        },
+    )
     sft_dir: str = field(
         default="outputs/lens-sft", metadata={"help": "GRPO: the `hfx lens sft` folder it starts from"}
     )
@@ -293,7 +300,9 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
         sft_config,
         out / "reconstructor",
         args,
-        nla.reconstructor_examples(targets, activations.tolist()),
+        nla.reconstructor_examples(
+            targets, activations.tolist(), args.reconstructor_empty_fraction, sft_config.seed
+        ),
         nla.ReconstructorCollator(stop_ids, processor.tokenizer.pad_token_id),
         activations.mean(0),
     )
