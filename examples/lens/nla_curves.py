@@ -33,23 +33,42 @@ def run_name(target: str, length: int) -> str:
     return f"{target}-k{length}"
 
 
-def read_run(folder: Path) -> dict | None:
-    """The run's figures, once it has its evaluation."""
+def _recipe(settings: dict) -> str:
+    target = settings["target"]
+    if target == "window":
+        target += f" ({settings.get('context_tokens', 2)} context)"
+    epochs = settings.get("reconstructor_epochs", 1.0)
+    empty = settings.get("reconstructor_empty_fraction", 0.0)
+    return f"{target}; reconstructor {epochs:g} ep{', +empty' if empty else ''}"
+
+
+def read_run(folder: Path, sft_folders: dict[str, Path] | None = None) -> dict | None:
+    """The run's figures (an `hfx lens sft` folder, or an `hfx lens grpo` one whose SFT folder is among
+    `sft_folders`, by fingerprint), once it has its evaluation."""
     results = folder / "eval_results.json"
     if not results.is_file():
         return None
     values = json.loads(results.read_text())
-    manifest = json.loads((folder / "hfx_stage_lens-sft.json").read_text())["settings"]["autoencoder"]
+    grpo = (folder / "hfx_stage_lens-grpo.json").is_file()
+    sft_folder = folder
+    if grpo:
+        sft = json.loads((folder / "hfx_stage_lens-grpo.json").read_text())["inputs"]["sft"]
+        if sft not in (sft_folders or {}):
+            return None
+        sft_folder = sft_folders[sft]
+    manifest = json.loads((sft_folder / "hfx_stage_lens-sft.json").read_text())["settings"]["autoencoder"]
     wall = folder / "wall.json"
     state = folder / "verbalizer" / "trainer_state.json"
     curve = []
     if state.is_file():
         history = json.loads(state.read_text())["log_history"]
         curve = [(entry["step"], entry["heldout_fve"]) for entry in history if "heldout_fve" in entry]
-    fit = folder / "target_fit.json"
-    fit = json.loads(fit.read_text()) if fit.is_file() else {}
+    fit = sft_folder / "target_fit.json"
+    fit = json.loads(fit.read_text()) if fit.is_file() and not grpo else {}
     return {
         "run": folder.name,
+        "phase": "GRPO" if grpo else "SFT",
+        "recipe": _recipe(manifest),
         "target": manifest["target"],
         "length": manifest["explanation_length"],
         "fve": values["fve"],
@@ -67,9 +86,9 @@ def read_run(folder: Path) -> dict | None:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| target | k | FVE | FVE vs empty | cosine | KL (mean ablation) | copy rate | targets read back: FVE "
-        "(copy rate) | minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| phase | targets | k | FVE | FVE vs empty | cosine | KL (mean ablation) | copy rate | targets read back: "
+        "FVE (copy rate) | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         minutes = f"{row['minutes']:.1f}" if row["minutes"] is not None else "–"
@@ -77,7 +96,7 @@ def table(rows: list[dict]) -> str:
         if row.get("target_fve") is not None:
             fit = f"{row['target_fve']:.3f} ({row['target_copy_rate']:.1%})"
         lines.append(
-            f"| {row['target']} | {row['length']} | {row['fve']:.3f} | {row['fve_vs_empty']:.3f} | "
+            f"| {row['phase']} | {row['recipe']} | {row['length']} | {row['fve']:.3f} | {row['fve_vs_empty']:.3f} | "
             f"{row['cosine']:.3f} | {row['kl']:.3f} ({row['kl_mean_ablation']:.3f}) | {row['copy_rate']:.1%} | "
             f"{fit} | {minutes} |"
         )
@@ -93,26 +112,40 @@ def plot(rows: list[dict], path: Path) -> None:
     from hfx.artifacts import save_figure_atomic
 
     fig, (by_length, by_step) = plt.subplots(1, 2, figsize=(10, 4))
-    for target in TARGETS:
-        mine = sorted((r for r in rows if r["target"] == target), key=lambda r: r["length"])
-        if not mine:
-            continue
-        by_length.plot([r["length"] for r in mine], [r["fve"] for r in mine], marker="o", label=target)
-        for r in mine:
-            if r["curve"] and r["length"] == 8:
-                steps, values = zip(*r["curve"], strict=True)
-                by_step.plot(steps, values, marker=".", label=f"{target}, k = 8")
+    sft = [r for r in rows if r["phase"] == "SFT"]
+    for recipe in dict.fromkeys(r["recipe"] for r in sft):
+        mine = sorted((r for r in sft if r["recipe"] == recipe), key=lambda r: r["length"])
+        line = by_length.plot([r["length"] for r in mine], [r["fve"] for r in mine], marker="o", label=recipe)
+        fits = [r for r in mine if r["target_fve"] is not None]
+        if fits:  # what the reconstructor reads back from the targets themselves
+            by_length.plot(
+                [r["length"] for r in fits],
+                [r["target_fve"] for r in fits],
+                marker="o",
+                markerfacecolor="none",
+                linestyle=":",
+                color=line[0].get_color(),
+                label=f"{recipe}: its targets read back",
+            )
+    offset = {r["run"]: r["curve"][-1][0] for r in sft if r["curve"]}
+    for r in rows:
+        if r["curve"] and r["length"] == 8:
+            steps, values = zip(*r["curve"], strict=True)
+            if r["phase"] == "GRPO":  # after its SFT run's steps
+                start = max((v for k, v in offset.items() if k.endswith("-k8")), default=0)
+                steps = [start + s for s in steps]
+            by_step.plot(steps, values, marker=".", label=f"{r['phase']}, {r['recipe']}")
     by_length.set_xscale("log", base=2)
     by_length.set_xlabel("explanation length k (tokens)")
-    by_length.set_ylabel("FVE, held out")
+    by_length.set_ylabel("FVE, 256 held out")
     by_length.axhline(0.6, color="grey", linestyle="--", linewidth=0.8)
-    by_length.legend()
+    by_length.legend(fontsize=7)
     by_length.set_title("after SFT, by explanation length")
-    by_step.set_xlabel("SFT step")
+    by_step.set_xlabel("step (SFT, then GRPO)")
     by_step.set_ylabel("FVE, 64 held-out activations")
     by_step.axhline(0.6, color="grey", linestyle="--", linewidth=0.8)
-    by_step.legend()
-    by_step.set_title("during SFT")
+    by_step.legend(fontsize=7)
+    by_step.set_title("k = 8, during training")
     fig.tight_layout()
     save_figure_atomic(fig, path)
 
@@ -128,6 +161,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model_name_or_path", default="embedded", help="the frozen model (as dumped)")
     parser.add_argument("--eval_examples", type=int, default=256, help="held-out examples (the last ones)")
     parser.add_argument("--output_root", default="outputs/lens-nla")
+    parser.add_argument(
+        "--grpo",
+        nargs="*",
+        default=["outputs/lens-grpo"],
+        help="evaluated `hfx lens grpo` folders, as rows too",
+    )
     parser.add_argument("--table", action="store_true", help="only print the table of the finished runs")
     parser.add_argument("--plot", help="also draw the curves into this PNG")
     parser.add_argument("extra", nargs="*", help="more `hfx lens sft` options, after --")
@@ -165,6 +204,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     json.dumps({"minutes": (time.time() - start) / 60, "resumed": resumed}) + "\n",
                 )
     rows = [row for name in names if (row := read_run(root / name)) is not None]
+    finished = {
+        (run / "hfx_stage_lens-sft.done").read_text().strip(): run
+        for run in sorted(root.glob("*"))
+        if (run / "hfx_stage_lens-sft.done").is_file()
+    }
+    rows += [row for folder in args.grpo if (row := read_run(Path(folder), finished)) is not None]
     print(table(rows))
     if rows:
         write_text_atomic(root / "curves.json", json.dumps(rows, indent=2) + "\n")
