@@ -9,7 +9,8 @@ and against the SFT steps).
     python examples/lens/nla_curves.py --table --plot docs/figures/lens_nla_curves.png
 
 Each run is `hfx lens sft --config examples/lens/configs/nla-sft.yaml --target T --explanation_length K` into
-`<output_root>/<T>-k<K>` (a stage: a finished run is reused, a killed one resumes), then `hfx lens eval`. Runs go
+`<output_root>/<T>-k<K>` (a stage: a finished run of the same settings is reused, one of other settings refused, a
+killed one resumes), then `hfx lens eval` (again whenever the run is newer than its evaluation). Runs go
 one after another; `--table` only reads the finished ones.
 """
 
@@ -72,7 +73,8 @@ def read_run(folder: Path, sft_folders: dict[str, Path] | None = None) -> dict |
         "target": manifest["target"],
         "length": manifest["explanation_length"],
         "fve": values["fve"],
-        "fve_vs_empty": values["fve_vs_empty"],
+        # a reconstructor never shown an empty explanation reads one as noise: no baseline to compare with
+        "fve_vs_empty": values["fve_vs_empty"] if manifest.get("reconstructor_empty_fraction") else None,
         "cosine": values["conditions"]["lens"]["cosine"],
         "kl": values["kl"]["lens"],
         "kl_mean_ablation": values["kl"]["mean_ablation"],
@@ -93,10 +95,11 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         minutes = f"{row['minutes']:.1f}" if row["minutes"] is not None else "–"
         fit = "–"
+        vs_empty = "–" if row["fve_vs_empty"] is None else f"{row['fve_vs_empty']:.3f}"
         if row.get("target_fve") is not None:
             fit = f"{row['target_fve']:.3f} ({row['target_copy_rate']:.1%})"
         lines.append(
-            f"| {row['phase']} | {row['recipe']} | {row['length']} | {row['fve']:.3f} | {row['fve_vs_empty']:.3f} | "
+            f"| {row['phase']} | {row['recipe']} | {row['length']} | {row['fve']:.3f} | {vs_empty} | "
             f"{row['cosine']:.3f} | {row['kl']:.3f} ({row['kl_mean_ablation']:.3f}) | {row['copy_rate']:.1%} | "
             f"{fit} | {minutes} |"
         )
@@ -144,7 +147,8 @@ def plot(rows: list[dict], path: Path) -> None:
     by_step.set_xlabel("step (SFT, then GRPO)")
     by_step.set_ylabel("FVE, 64 held-out activations")
     by_step.axhline(0.6, color="grey", linestyle="--", linewidth=0.8)
-    by_step.legend(fontsize=7)
+    if by_step.lines[1:]:  # a curve beside the 0.6 line
+        by_step.legend(fontsize=7)
     by_step.set_title("k = 8, during training")
     fig.tight_layout()
     save_figure_atomic(fig, path)
@@ -176,14 +180,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     names = [run_name(t, k) for t in args.targets for k in args.lengths]
     if not args.table:
-        from hfx.lens.nla_pipeline import target_fit_of
+        from hfx.lens.nla_pipeline import SFT_STAGE, target_fit_of
+        from hfx.stages import stage_fingerprint
 
         for target in args.targets:
             for length in args.lengths:
                 out = root / run_name(target, length)
-                if read_run(out) is not None:
-                    target_fit_of(out, args.activations_dir)  # for runs made before SFT wrote it
-                    continue
+                before = stage_fingerprint(out, SFT_STAGE)
                 start, resumed = time.time(), out.exists()
                 common = [
                     "--activations_dir",
@@ -192,17 +195,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     args.model_name_or_path,
                 ]
                 common += ["--eval_examples", str(args.eval_examples)]
+                # always asked: a finished run of these settings is reused, one of other settings refused
                 subprocess.run(
                     [hfx, "lens", "sft", "--config", args.config, *common, "--target", target]
                     + ["--explanation_length", str(length), "--output_dir", str(out), *args.extra],
                     check=True,
                     env=env,
                 )
-                subprocess.run([hfx, "lens", "eval", *common, "--lens", str(out)], check=True, env=env)
-                write_text_atomic(
-                    out / "wall.json",
-                    json.dumps({"minutes": (time.time() - start) / 60, "resumed": resumed}) + "\n",
-                )
+                results, marker = out / "eval_results.json", out / f"hfx_stage_{SFT_STAGE}.done"
+                if not results.is_file() or results.stat().st_mtime < marker.stat().st_mtime:
+                    subprocess.run([hfx, "lens", "eval", *common, "--lens", str(out)], check=True, env=env)
+                if before is None:
+                    write_text_atomic(
+                        out / "wall.json",
+                        json.dumps({"minutes": (time.time() - start) / 60, "resumed": resumed}) + "\n",
+                    )
+                target_fit_of(out, args.activations_dir)  # for runs made before SFT wrote it
     rows = [row for name in names if (row := read_run(root / name)) is not None]
     finished = {
         (run / "hfx_stage_lens-sft.done").read_text().strip(): run
