@@ -163,13 +163,20 @@ def test_the_reward_is_the_reconstruction_score_it_is_built_from(parts):
         assert values[i] == pytest.approx(float(cosine[i]) - 0.5 * kl, abs=1e-5)
 
 
-def test_the_reconstructor_trained_beside_grpo_scores_first_then_learns_and_saves_its_state(tmp_path, tokenizer):
+def test_the_reconstructor_trained_beside_grpo_scores_first_then_learns_and_saves_its_state(
+    tmp_path, tokenizer
+):
     torch.manual_seed(0)
     base = make_tiny_llama(tokenizer, layers=2, hidden=32, init_std=0.2)
 
     def reconstructor():
         return ConsistencyLens.from_base(
-            base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=2, identity_output=True
+            base,
+            layer=1,
+            explanation_length=4,
+            decoder_num_layers=1,
+            encoder_num_layers=2,
+            identity_output=True,
         ).eval()
 
     stop = [0]
@@ -177,7 +184,9 @@ def test_the_reconstructor_trained_beside_grpo_scores_first_then_learns_and_save
     activations = torch.randn(4, 32)
     images = [[a.tolist()] for a in activations]
     lens = reconstructor()
-    fit = nla.ReconstructorFit(lens, stop, pad_id=0, learning_rate=1e-2, mean=activations.mean(0), mse_weight=1.0)
+    fit = nla.ReconstructorFit(
+        lens, stop, pad_id=0, learning_rate=1e-2, mean=activations.mean(0), mse_weight=1.0
+    )
     reward = nla.ReconstructionReward(lens, stop, pad_id=0, fit=fit)
     before = nla.ReconstructionReward(reconstructor(), stop, pad_id=0)(None, None, completions, images)
     logged = {}

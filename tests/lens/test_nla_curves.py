@@ -35,9 +35,11 @@ def test_runs_are_reused_refused_when_settings_change_and_tabled(curves, tiny_mo
         "per_device_train_batch_size: 4\nmax_steps: 1\nreconstructor_epochs: 1\nfve_every: 0\nfve_examples: 2\n"
         "report_to: none\ndisable_tqdm: true\nseed: 0\n"
     )
-    args = ["--config", str(config), "--activations_dir", str(acts), "--model_name_or_path", str(tiny_model_dir)]
-    args += ["--eval_examples", "4", "--output_root", str(root), "--targets", "top_predictions", "--lengths", "2"]
-    args += ["--grpo"]
+    args = [
+        "--config", str(config), "--activations_dir", str(acts), "--model_name_or_path", str(tiny_model_dir),
+        "--eval_examples", "4", "--output_root", str(root), "--targets", "top_predictions", "--lengths", "2",
+        "--grpo",
+    ]  # fmt: skip
     rows = curves.main(args)
     run = root / "top_predictions-k2"
     assert [(r["phase"], r["target"], r["length"]) for r in rows] == [("SFT", "top_predictions", 2)]
@@ -45,7 +47,8 @@ def test_runs_are_reused_refused_when_settings_change_and_tabled(curves, tiny_mo
     evaluated, wall = (run / "eval_results.json").stat().st_mtime_ns, (run / "wall.json").read_text()
 
     assert curves.main(args)[0]["fve"] == rows[0]["fve"]  # reused: neither trained nor evaluated again
-    assert (run / "eval_results.json").stat().st_mtime_ns == evaluated and (run / "wall.json").read_text() == wall
+    assert (run / "eval_results.json").stat().st_mtime_ns == evaluated
+    assert (run / "wall.json").read_text() == wall
 
     with pytest.raises(subprocess.CalledProcessError):  # other settings: `hfx lens sft` refuses the folder
         curves.main([*args, "--", "--reconstructor_epochs", "2"])
