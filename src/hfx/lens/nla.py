@@ -658,29 +658,51 @@ def autoencoder_fve(
     """FVE (against `mean`) and mean cosine of the reconstructions of the verbaliser's greedy explanations of
     `activations`, their mean length and (with `contexts`) copy rate: the quick form of `hfx lens eval`'s
     figures that :class:`FVECallback` logs during training."""
-    from .evaluation import copy_rate
-
     stop = stop_ids_of(verbalizer, processor)
     length = reconstructor.config.explanation_length
-    squared_error = squared_deviation = cosine = 0.0
     explanations = []
     for start in range(0, len(activations), batch_size):
         batch = activations[start : start + batch_size].to(reconstructor.device)
-        written = explain(verbalizer, processor, batch, length, instruction)
+        explanations += explain(verbalizer, processor, batch, length, instruction)
+    result = read_back(
+        reconstructor,
+        explanations,
+        activations,
+        mean,
+        stop,
+        processor.tokenizer.pad_token_id,
+        contexts,
+        batch_size,
+    )
+    return result | {"explanation_tokens": sum(map(len, explanations)) / len(explanations)}
+
+
+@torch.no_grad()
+def read_back(
+    reconstructor,
+    explanations: list[list[int]],
+    activations: torch.Tensor,
+    mean: torch.Tensor,
+    stop_ids,
+    pad_id: int,
+    contexts: list[list[int]] | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """The reconstructor reading `explanations` (cut at their first stop token) back: the FVE against `mean` and the
+    mean cosine with `activations`, and (with `contexts`) the explanations' copy rate."""
+    from .evaluation import copy_rate
+
+    squared_error = squared_deviation = cosine = 0.0
+    for start in range(0, len(explanations), batch_size):
         ids, lengths = explanation_batch(
-            written, stop, processor.tokenizer.pad_token_id, reconstructor.device
+            explanations[start : start + batch_size], stop_ids, pad_id, reconstructor.device
         )
         reconstruction = reconstructor.read(ids, lengths).float()
-        target = batch.float()
+        target = activations[start : start + batch_size].to(reconstruction.device).float()
         squared_error += float(((target - reconstruction) ** 2).sum())
         squared_deviation += float(((target - mean.to(target.device)) ** 2).sum())
         cosine += float(F.cosine_similarity(target, reconstruction, dim=-1).sum())
-        explanations += written
-    result = {
-        "fve": 1.0 - squared_error / squared_deviation,
-        "cosine": cosine / len(activations),
-        "explanation_tokens": sum(map(len, explanations)) / len(explanations),
-    }
+    result = {"fve": 1.0 - squared_error / squared_deviation, "cosine": cosine / len(explanations)}
     if contexts is not None:
         result["copy_rate"] = copy_rate(explanations, contexts)
     return result

@@ -273,15 +273,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
             logger.info(
                 "Writing %d %s targets of %d tokens", len(train), args.target, args.explanation_length
             )
-            rows = train.select_columns(["input_ids", "reference_topk_ids"])[:]
-            targets = nla.explanation_targets(
-                args.target,
-                rows,
-                args.explanation_length,
-                base,
-                exclude=stop_ids,
-                context_tokens=args.context_tokens,
-            )
+            targets = _targets(args, train, base, stop_ids)
             features = datasets.Features({"target_ids": datasets.Sequence(datasets.Value("int32"))})
             write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
 
@@ -343,39 +335,36 @@ def held_out_target_fit(args: NLAArguments, base, reconstructor, stop_ids, pad_i
     """The reconstructor reading the held-out examples' own targets (written as SFT wrote the training ones): the
     FVE (against the training mean) and cosine a verbaliser that wrote its targets perfectly would reach, and the
     targets' own copy rate. What SFT can reach with this kind of target, beside what the verbaliser reaches."""
-    import torch.nn.functional as F
-
     from . import nla
-    from .evaluation import copy_rate
     from .pipeline import _split
 
     train, held_out = _split(load_activations(args.activations_dir), args.eval_examples)
-    mean = torch.tensor(train["activation"]).mean(0)
-    rows = held_out.select_columns(["input_ids", "reference_topk_ids"])[:]
-    targets = nla.explanation_targets(
+    targets = _targets(args, held_out, base, stop_ids)
+    fit = nla.read_back(
+        reconstructor,
+        targets,
+        torch.tensor(held_out["activation"]),
+        torch.tensor(train["activation"]).mean(0),
+        stop_ids,
+        pad_id,
+        [list(ids) for ids in held_out["input_ids"]],
+        batch_size,
+    )
+    return {"examples": len(targets), **fit}
+
+
+def _targets(args: NLAArguments, examples, base, stop_ids) -> list[list[int]]:
+    """The SFT targets of `examples` (rows of the activation dump), as `args` asks for them."""
+    from . import nla
+
+    return nla.explanation_targets(
         args.target,
-        rows,
+        examples.select_columns(["input_ids", "reference_topk_ids"])[:],
         args.explanation_length,
         base,
         exclude=stop_ids,
         context_tokens=args.context_tokens,
     )
-    activations = torch.tensor(held_out["activation"])
-    squared_error = squared_deviation = cosine = 0.0
-    device = reconstructor.device
-    for start in range(0, len(targets), batch_size):
-        ids, lengths = nla.explanation_batch(targets[start : start + batch_size], stop_ids, pad_id, device)
-        reconstruction = reconstructor.read(ids, lengths).float().cpu()
-        target = activations[start : start + batch_size].float()
-        squared_error += float(((target - reconstruction) ** 2).sum())
-        squared_deviation += float(((target - mean) ** 2).sum())
-        cosine += float(F.cosine_similarity(target, reconstruction, dim=-1).sum())
-    return {
-        "examples": len(targets),
-        "fve": 1.0 - squared_error / squared_deviation,
-        "cosine": cosine / len(targets),
-        "copy_rate": copy_rate(targets, [list(ids) for ids in rows["input_ids"]]),
-    }
 
 
 def target_fit_of(folder: str | Path, activations_dir: str | None = None) -> dict:
