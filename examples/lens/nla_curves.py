@@ -139,6 +139,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 steps = [start + s for s in steps]
             by_step.plot(steps, values, marker=".", label=f"{r['phase']}, {r['recipe']}")
     by_length.set_xscale("log", base=2)
+    lengths = sorted({r["length"] for r in sft})
+    by_length.set_xticks(lengths, [str(k) for k in lengths])
     by_length.set_xlabel("explanation length k (tokens)")
     by_length.set_ylabel("FVE, 256 held out")
     by_length.axhline(0.6, color="grey", linestyle="--", linewidth=0.8)
