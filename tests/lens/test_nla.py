@@ -274,6 +274,9 @@ def test_sft_then_grpo_then_eval_end_to_end(tmp_path, tiny_model_dir, monkeypatc
     fit = json.loads((sft / "target_fit.json").read_text())  # the reconstructor reading held-out targets
     assert fit["examples"] == 4 and fit["cosine"] <= 1.0 and 0.0 <= fit["copy_rate"] <= 1.0
     assert nla_pipeline.target_fit_of(sft) == fit
+    (sft / "target_fit.json").unlink()  # a folder made before SFT wrote it: computed from its settings
+    recomputed = nla_pipeline.target_fit_of(sft, str(acts))
+    assert recomputed == pytest.approx(fit) and (sft / "target_fit.json").is_file()
     sft_reads = len(reads)
     # each SFT step's forward read its batch's activations, and each held-out measurement its 3
     assert reads == [4, 3, 4, 3]

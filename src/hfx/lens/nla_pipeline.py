@@ -367,9 +367,10 @@ def _targets(args: NLAArguments, examples, base, stop_ids) -> list[list[int]]:
     )
 
 
-def target_fit_of(folder: str | Path, activations_dir: str | None = None) -> dict:
+def target_fit_of(folder: str | Path, activations_dir: str | None = None, device: str | None = None) -> dict:
     """`held_out_target_fit` of a finished SFT folder, read from its settings and its reconstructor (for folders
-    made before SFT wrote it); written to its ``target_fit.json`` and returned."""
+    made before SFT wrote it), on `device` (resolved as every hfx command's); written to its ``target_fit.json``
+    and returned."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from hfx.atomic import write_text_atomic
@@ -386,8 +387,9 @@ def target_fit_of(folder: str | Path, activations_dir: str | None = None) -> dic
     known = {f.name for f in fields(NLAArguments)}
     settings = {k: v for k, v in manifest["settings"]["autoencoder"].items() if k in known}
     args = NLAArguments(**settings, activations_dir=activations_dir or NLAArguments.activations_dir)
-    base, _ = models.load_causal_lm(args.model_name_or_path, device="cpu", dtype=args.dtype)
-    reconstructor = ConsistencyLens.from_pretrained(folder / "reconstructor", dtype=base.dtype).eval()
+    base, _ = models.load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
+    reconstructor = ConsistencyLens.from_pretrained(folder / "reconstructor", dtype=base.dtype)
+    reconstructor = reconstructor.to(base.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder / "verbalizer")
     eos = GenerationConfig.from_pretrained(folder / "verbalizer").eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
