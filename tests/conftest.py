@@ -133,3 +133,19 @@ def tiny_study(tmp_path_factory, tiny_model_dir) -> dict:
         "printed": printed.getvalue(),
         "argv": argv,
     }
+
+
+def example_module(path: Path, name: str):
+    """Yield the example script at `path` imported as module `name` (registered in sys.modules while in use, where
+    its dataclasses look their module up); for module-scoped fixtures of the tests of examples/."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[name]

@@ -1,24 +1,19 @@
 """examples/cartridges/grid.py: the grids' runs, and the table and plot it makes of finished runs (the tiny study's)."""
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import example_module
 
 GRID = Path(__file__).parents[2] / "examples" / "cartridges" / "grid.py"
 
 
 @pytest.fixture(scope="module")
 def grid_module():
-    spec = importlib.util.spec_from_file_location("cartridge_grid", GRID)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from example_module(GRID, "cartridge_grid")
 
 
 def test_the_grids_name_their_runs_and_settings(grid_module):

@@ -1,27 +1,21 @@
 """examples/lens/nla_curves.py on a tiny model: each run is `hfx lens sft` + `hfx lens eval`, a finished run of the
 same settings is reused (not evaluated again), one of other settings refused; the table and plot of the runs."""
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hfx.cli import main
+from tests.conftest import example_module
 
 CURVES = Path(__file__).parents[2] / "examples" / "lens" / "nla_curves.py"
 
 
 @pytest.fixture(scope="module")
 def curves():
-    spec = importlib.util.spec_from_file_location("nla_curves", CURVES)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from example_module(CURVES, "nla_curves")
 
 
 def test_runs_are_reused_refused_when_settings_change_and_tabled(curves, tiny_model_dir, tmp_path, capsys):
