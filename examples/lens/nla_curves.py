@@ -59,6 +59,7 @@ def read_run(folder: Path, sft_folders: dict[str, Path] | None = None) -> dict |
         sft_folder = sft_folders[sft]
     manifest = json.loads((sft_folder / "hfx_stage_lens-sft.json").read_text())["settings"]["autoencoder"]
     wall = folder / "wall.json"
+    wall = json.loads(wall.read_text()) if wall.is_file() else {}
     state = folder / "verbalizer" / "trainer_state.json"
     curve = []
     if state.is_file():
@@ -81,7 +82,8 @@ def read_run(folder: Path, sft_folders: dict[str, Path] | None = None) -> dict |
         "copy_rate": values["copy_rate"],
         "target_fve": fit.get("fve"),
         "target_copy_rate": fit.get("copy_rate"),
-        "minutes": json.loads(wall.read_text())["minutes"] if wall.is_file() else None,
+        "minutes": wall.get("minutes"),
+        "resumed": wall.get("resumed", False),
         "curve": curve,
     }
 
@@ -93,7 +95,9 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        minutes = f"{row['minutes']:.1f}" if row["minutes"] is not None else "–"
+        minutes = "–" if row["minutes"] is None else f"{row['minutes']:.1f}"
+        if row["minutes"] is not None and row["resumed"]:
+            minutes += " (resumed)"
         fit = "–"
         vs_empty = "–" if row["fve_vs_empty"] is None else f"{row['fve_vs_empty']:.3f}"
         if row.get("target_fve") is not None:
@@ -180,15 +184,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     root = Path(args.output_root)
     hfx = str(Path(sys.executable).with_name("hfx"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    names = [run_name(t, k) for t in args.targets for k in args.lengths]
+    from hfx.lens.nla_pipeline import SFT_STAGE
+
     if not args.table:
-        from hfx.lens.nla_pipeline import SFT_STAGE, target_fit_of
-        from hfx.stages import stage_fingerprint
+        from hfx.lens.nla_pipeline import target_fit_of
 
         for target in args.targets:
             for length in args.lengths:
                 out = root / run_name(target, length)
-                before = stage_fingerprint(out, SFT_STAGE)
+                results, marker = out / "eval_results.json", out / f"hfx_stage_{SFT_STAGE}.done"
+                finished_before = marker.is_file()
                 start, resumed = time.time(), out.exists()
                 common = [
                     "--activations_dir",
@@ -204,20 +209,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     check=True,
                     env=env,
                 )
-                results, marker = out / "eval_results.json", out / f"hfx_stage_{SFT_STAGE}.done"
                 if not results.is_file() or results.stat().st_mtime < marker.stat().st_mtime:
                     subprocess.run([hfx, "lens", "eval", *common, "--lens", str(out)], check=True, env=env)
-                if before is None:
+                if not finished_before:  # this call's wall time: all of it, or what a resumed run had left
                     write_text_atomic(
                         out / "wall.json",
                         json.dumps({"minutes": (time.time() - start) / 60, "resumed": resumed}) + "\n",
                     )
                 target_fit_of(out, args.activations_dir)  # for runs made before SFT wrote it
-    rows = [row for name in names if (row := read_run(root / name)) is not None]
-    finished = {
-        (run / "hfx_stage_lens-sft.done").read_text().strip(): run
+    # every evaluated SFT run under the root whose target and length were asked for, whatever its folder's name
+    # (a run of an earlier recipe, moved aside, stays a row)
+    rows = [
+        row
         for run in sorted(root.glob("*"))
-        if (run / "hfx_stage_lens-sft.done").is_file()
+        if (run / f"hfx_stage_{SFT_STAGE}.json").is_file()
+        and (row := read_run(run)) is not None
+        and row["target"] in args.targets
+        and row["length"] in args.lengths
+    ]
+    rows.sort(key=lambda row: (args.targets.index(row["target"]), row["recipe"], row["length"]))
+    finished = {
+        (run / f"hfx_stage_{SFT_STAGE}.done").read_text().strip(): run
+        for run in sorted(root.glob("*"))
+        if (run / f"hfx_stage_{SFT_STAGE}.done").is_file()
     }
     rows += [row for folder in args.grpo if (row := read_run(Path(folder), finished)) is not None]
     print(table(rows))

@@ -1,5 +1,6 @@
 """examples/lens/nla_curves.py on a tiny model: each run is `hfx lens sft` + `hfx lens eval`, a finished run of the
-same settings is reused (not evaluated again), one of other settings refused; the table and plot of the runs."""
+same settings is reused (not evaluated again), one of other settings refused; the table and plot of the runs,
+whatever their folders are called."""
 
 import json
 import subprocess
@@ -54,3 +55,7 @@ def test_runs_are_reused_refused_when_settings_change_and_tabled(curves, tiny_mo
     out = capsys.readouterr().out
     assert "| SFT | top_predictions; reconstructor 1 ep, +empty | 2 |" in out
     assert figure.stat().st_size > 0 and json.loads((root / "curves.json").read_text())[0]["run"] == run.name
+
+    run.rename(root / "earlier-recipe")  # a run moved aside stays a row, under its folder's name
+    assert [r["run"] for r in curves.main([*args, "--table"])] == ["earlier-recipe"]
+    assert [r["run"] for r in curves.main([*args, "--table", "--lengths", "4"])] == []  # not a length asked for
