@@ -1,6 +1,8 @@
 """Natural-language autoencoder, GRPO phase: completion tokens per second of GRPO steps (sampling, the policy's and
 the reference's log-probabilities, the reward, the update) beside sampling alone (the verbaliser's `generate` on the
-same prompts), in one process. Random activations, a verbaliser and a reconstructor copied from the base model.
+same prompts), in one process. Random activations, a verbaliser and a reconstructor copied from the base model,
+the rewards and settings of `examples/lens/configs/nla-grpo.yaml` (reconstruction + length and copy penalties, the
+reconstructor learning beside the verbaliser, beta 0.04).
 
     .venv/bin/python benchmarks/lens_grpo.py                          # the embedded model, CPU
     python benchmarks/lens_grpo.py --random-model smollm2-135m --device cuda   # the GPU check (no weights travel)
@@ -34,12 +36,20 @@ def main():
     parser.add_argument("--prompts", type=int, default=8, help="activations per step")
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--explanation-length", type=int, default=8)
+    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--length-penalty", type=float, default=0.1)
+    parser.add_argument("--copy-penalty", type=float, default=0.25)
+    parser.add_argument(
+        "--reconstructor-learning-rate",
+        type=float,
+        default=2e-5,
+        help="the reconstructor learning beside GRPO (0: kept frozen)",
+    )
     args = parser.parse_args()
 
     from trl import GRPOTrainer
 
     from hfx.lens import nla
-    from hfx.lens.modeling_lens import ConsistencyLens
     from hfx.lens.nla_pipeline import VerbalizerGRPOConfig
 
     device, dtype = models.resolve(args.device, args.dtype)
@@ -61,22 +71,29 @@ def main():
         # GRPO's reference model is loaded from the verbaliser's folder, as after `hfx lens sft`
         verbalizer.save_pretrained(f"{tmp}/verbalizer")
         verbalizer = type(verbalizer).from_pretrained(f"{tmp}/verbalizer", dtype=dtype).to(device)
-        reconstructor = ConsistencyLens.from_base(
-            base,
-            layer=args.layer,
-            explanation_length=args.explanation_length,
-            decoder_num_layers=1,
-            encoder_num_layers=args.layer + 1,
-            identity_output=True,
-        ).to(device)
-        stop = nla.stop_ids_of(verbalizer, processor)
+        reconstructor = nla.build_reconstructor(base, args.layer, args.explanation_length).to(device).eval()
+        stop, pad = nla.stop_ids_of(verbalizer, processor), processor.tokenizer.pad_token_id
+        fit = None
+        if args.reconstructor_learning_rate:
+            fit = nla.ReconstructorFit(reconstructor, stop, pad, args.reconstructor_learning_rate)
+        else:
+            reconstructor.requires_grad_(False)
+        rewards, weights = nla.grpo_rewards(
+            reconstructor,
+            stop,
+            pad,
+            args.explanation_length,
+            args.length_penalty,
+            args.copy_penalty,
+            fit=fit,
+        )
         config = VerbalizerGRPOConfig(
             output_dir=f"{tmp}/grpo",
             per_device_train_batch_size=args.prompts * args.num_generations,
             num_generations=args.num_generations,
             max_completion_length=args.explanation_length,
             max_steps=args.steps,
-            beta=0.1,
+            beta=args.beta,
             save_strategy="no",
             logging_steps=1,
             report_to="none",
@@ -84,15 +101,12 @@ def main():
             log_multimodal=False,
             use_cpu=device.type == "cpu",
             bf16=False,
-            reward_weights=[1.0, 0.1],
+            reward_weights=weights,
             generation_kwargs={"min_new_tokens": args.explanation_length},
         )
         trainer = GRPOTrainer(
             model=verbalizer,
-            reward_funcs=[
-                nla.ReconstructionReward(reconstructor, stop, processor.tokenizer.pad_token_id),
-                nla.LengthPenalty(stop, args.explanation_length),
-            ],
+            reward_funcs=rewards,
             args=config,
             train_dataset=nla.grpo_examples(activations.tolist(), contexts),
             processing_class=processor,
@@ -123,7 +137,7 @@ def main():
                     max_new_tokens=args.explanation_length,
                     min_new_tokens=args.explanation_length,
                     do_sample=True,
-                    pad_token_id=processor.tokenizer.pad_token_id,
+                    pad_token_id=pad,
                 )
         models.synchronize(device)
         generate_seconds = time.perf_counter() - start
@@ -132,7 +146,8 @@ def main():
     print(
         f"GRPO on {device} in {models.dtype_name(dtype)}: {args.steps} steps x {args.prompts} activations x "
         f"{args.num_generations} explanations x {args.explanation_length} tokens (layer {args.layer}, "
-        f"{'random ' + args.random_model if args.random_model else 'embedded model'})"
+        f"{'random ' + args.random_model if args.random_model else 'embedded model'}; beta {args.beta}, copy "
+        f"penalty {args.copy_penalty}, reconstructor lr {args.reconstructor_learning_rate})"
     )
     print(f"RESULT lens-grpo-tokens-per-s {grpo_rate:.1f}")
     print(f"RESULT lens-grpo-generate-tokens-per-s {generate_rate:.1f}")

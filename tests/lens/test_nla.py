@@ -23,9 +23,7 @@ from tests.conftest import make_tiny_llama
 def parts(tokenizer):
     base = make_tiny_llama(tokenizer, layers=2, hidden=32, init_std=0.2)
     verbalizer, processor = nla.build_verbalizer(base, tokenizer, layer=1, activation_norm=4.0)
-    reconstructor = ConsistencyLens.from_base(
-        base, layer=1, explanation_length=4, decoder_num_layers=1, encoder_num_layers=2, identity_output=True
-    ).eval()
+    reconstructor = nla.build_reconstructor(base, layer=1, explanation_length=4).eval()
     return base, verbalizer.eval(), processor, reconstructor
 
 
@@ -132,6 +130,18 @@ def test_the_copy_penalty_is_minus_the_copy_rate_of_the_explanation_before_its_s
         penalty(None, None, completions)
 
 
+def test_grpo_rewards_are_the_reconstruction_the_length_and_the_copy_penalty_weighted(parts):
+    _, verbalizer, processor, reconstructor = parts
+    stop, pad = nla.stop_ids_of(verbalizer, processor), processor.tokenizer.pad_token_id
+    rewards, weights = nla.grpo_rewards(reconstructor, stop, pad, 4, length_penalty=0.1)
+    assert [r.__name__ for r in rewards] == ["reconstruction", "length_penalty"] and weights == [1.0, 0.1]
+    rewards, weights = nla.grpo_rewards(reconstructor, stop, pad, 4, length_penalty=0.2, copy_penalty=0.25)
+    assert [r.__name__ for r in rewards] == ["reconstruction", "length_penalty", "copy_penalty"]
+    assert weights == [1.0, 0.2, 0.25] and rewards[1].max_length == 4
+    with pytest.raises(ValueError, match="base model"):
+        nla.grpo_rewards(reconstructor, stop, pad, 4, kl_weight=0.5)
+
+
 def test_the_reward_is_the_reconstruction_score_it_is_built_from(parts):
     base, verbalizer, processor, reconstructor = parts
     stop = nla.stop_ids_of(verbalizer, processor)
@@ -170,14 +180,7 @@ def test_the_reconstructor_trained_beside_grpo_scores_first_then_learns_and_save
     base = make_tiny_llama(tokenizer, layers=2, hidden=32, init_std=0.2)
 
     def reconstructor():
-        return ConsistencyLens.from_base(
-            base,
-            layer=1,
-            explanation_length=4,
-            decoder_num_layers=1,
-            encoder_num_layers=2,
-            identity_output=True,
-        ).eval()
+        return nla.build_reconstructor(base, layer=1, explanation_length=4).eval()
 
     stop = [0]
     completions = [[11, 12, 13, 0], [14, 15, 16, 17], [18, 0, 19, 20], [21, 22, 23, 24]]

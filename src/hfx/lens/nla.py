@@ -176,6 +176,23 @@ def build_verbalizer(
     return verbalizer, processor
 
 
+def build_reconstructor(base, layer: int, explanation_length: int, base_model_name_or_path=None):
+    """The reconstructor in the anchor's shape: `base` truncated after `layer` reads an explanation, and a linear
+    head (starting as the identity) maps its last position to the activation; a `ConsistencyLens` read through
+    `ConsistencyLens.read`, trained with :func:`reconstructor_loss`."""
+    from .modeling_lens import ConsistencyLens
+
+    return ConsistencyLens.from_base(
+        base,
+        layer=layer,
+        explanation_length=explanation_length,
+        decoder_num_layers=1,
+        encoder_num_layers=layer + 1,
+        identity_output=True,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
 def prompt_of(instruction: str = "") -> list[dict]:
     """The verbaliser's conversational prompt: an empty system turn (so that no default system prompt is
     rendered: every token of the prompt is paid for in every forward of training), then one user turn, the
@@ -536,6 +553,30 @@ class CopyPenalty:
             -copy_rate([until_stop(ids, self.stop_ids)], [list(context)], self.window)
             for ids, context in zip(completion_ids, context_ids, strict=True)
         ]
+
+
+def grpo_rewards(
+    reconstructor,
+    stop_ids,
+    pad_id: int,
+    explanation_length: int,
+    length_penalty: float = 0.1,
+    copy_penalty: float = 0.0,
+    base=None,
+    kl_weight: float = 0.0,
+    fit: ReconstructorFit | None = None,
+) -> tuple[list, list[float]]:
+    """GRPO's reward functions and their ``reward_weights``: the reconstruction (weight 1), the length penalty and,
+    when `copy_penalty` is not zero, the copy penalty."""
+    rewards = [
+        ReconstructionReward(reconstructor, stop_ids, pad_id, base, kl_weight, fit),
+        LengthPenalty(stop_ids, explanation_length),
+    ]
+    weights = [1.0, length_penalty]
+    if copy_penalty:
+        rewards.append(CopyPenalty(stop_ids))
+        weights.append(copy_penalty)
+    return rewards, weights
 
 
 def reconstructor_examples(

@@ -278,14 +278,8 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
             write_parquet_atomic([{"target_ids": t} for t in targets], features, targets_path)
 
     # the reconstructor, fitted first to read the targets (it needs nothing from the verbaliser)
-    reconstructor = ConsistencyLens.from_base(
-        base,
-        layer=layer,
-        explanation_length=args.explanation_length,
-        decoder_num_layers=1,
-        encoder_num_layers=layer + 1,
-        identity_output=True,
-        base_model_name_or_path=models.model_id(args.model_name_or_path),
+    reconstructor = nla.build_reconstructor(
+        base, layer, args.explanation_length, models.model_id(args.model_name_or_path)
     )
     reconstructor_trainer = _reconstructor_trainer(
         reconstructor,
@@ -510,16 +504,17 @@ def run_grpo(args: NLAArguments, grpo_config) -> Path:
         if last is not None and fit.load(last):
             logger.info("The reconstructor and its optimizer resume from %s", last)
         callbacks.append(nla.ReconstructorCheckpoints(fit))
-    rewards = [
-        nla.ReconstructionReward(
-            reconstructor, stop_ids, processor.tokenizer.pad_token_id, base, args.kl_reward_weight, fit
-        ),
-        nla.LengthPenalty(stop_ids, args.explanation_length),
-    ]
-    weights = [1.0, args.length_penalty]
-    if args.copy_penalty:
-        rewards.append(nla.CopyPenalty(stop_ids))
-        weights.append(args.copy_penalty)
+    rewards, weights = nla.grpo_rewards(
+        reconstructor,
+        stop_ids,
+        processor.tokenizer.pad_token_id,
+        args.explanation_length,
+        args.length_penalty,
+        args.copy_penalty,
+        base,
+        args.kl_reward_weight,
+        fit,
+    )
     phase = _phase_args(grpo_config, verbalizer_dir)
     phase.reward_weights = weights
     phase.max_completion_length = args.explanation_length
