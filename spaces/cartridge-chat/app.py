@@ -194,8 +194,8 @@ class ChatUI:
         max_new_tokens: int = 64,
         base_model: str | None = None,
     ) -> Iterator[tuple[str, list[str]]]:
-        """Answer one message through the server's library: the top-``k`` cartridges by ``router`` ("bm25" or
-        "likelihood"), composed; streams (answer, labels of the cartridges used)."""
+        """Answer one message through the server's library: the top-``k`` cartridges by ``router`` (one of
+        ``hfx.cartridges.library.ROUTERS``), composed; streams (answer, labels of the cartridges used)."""
         try:
             yield from self.engine.answer_library(message, k, router, max_new_tokens, base_model)
         except (ValueError, RuntimeError) as err:

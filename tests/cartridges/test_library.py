@@ -13,6 +13,7 @@ import torch
 from hfx.cartridges import library as library_module
 from hfx.cartridges.composition import load_prefix, save_prefix
 from hfx.cartridges.library import (
+    CALIBRATION_QUESTIONS,
     LIBRARY_FILE,
     CartridgeLibrary,
     LibrarySettings,
@@ -357,6 +358,23 @@ def test_likelihood_router_ranks_by_the_questions_likelihood_after_each_cartridg
     assert library.cache_stats()["hits"] == 3
     assert [doc for doc, _ in ranked] == [library.ids[j] for j in sorted(range(3), key=lambda j: -scores[j])]
 
+    # calibrated: minus each cartridge's mean likelihood of the content-free questions
+    bias = library.likelihood_bias(model, tokenizer)
+    calibration = library.likelihoods(list(CALIBRATION_QUESTIONS), model, tokenizer)
+    assert bias == pytest.approx([sum(column) / len(column) for column in zip(*calibration, strict=True)])
+    calibrated = library.route(
+        [question], k=3, router="calibrated_likelihood", model=model, tokenizer=tokenizer
+    )
+    assert calibrated[0] == [
+        (library.ids[j], pytest.approx(scores[j] - bias[j]))
+        for j in sorted(range(3), key=lambda j: -(scores[j] - bias[j]))
+    ]
+    given = library.route([question], k=3, router="likelihood", model=model, tokenizer=tokenizer,
+                          likelihoods=[[0.0, 1.0, 0.5]])  # fmt: skip
+    assert [doc for doc, _ in given[0]] == [library.ids[1], library.ids[2], library.ids[0]]
+    with pytest.raises(ValueError, match="questions"):
+        library.route([question], router="likelihood", model=model, tokenizer=tokenizer, likelihoods=[[0.0]])
+
 
 def test_ask_answers_with_the_routed_cartridges(built, tiny_model_dir, capsys):
     from hfx.cli import main
@@ -480,7 +498,7 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     report = evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
                               progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
     rows = {row["condition"]: row for row in report["rows"]}
-    assert len(rows) == 3 + 2 + 2 * (1 + 2 * 2 + 1)
+    assert len(rows) == 3 + 2 + 2 * (1 + 3 * 2 + 1)  # three routers, k = 1 and 2
     assert rows["no context"]["kv_tokens"] == 0 and rows["no context"]["decode_tokens_per_s"] is None
     assert (
         rows["ICL, 3 of 3 documents that fit"]["kv_tokens"]
@@ -492,6 +510,7 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
         top1 = rows[f"routed top-1, bm25 ({label})"]
         assert top1["routing_accuracy"] == 1.0 and top1["kv_tokens"] == 8  # the questions name their document
         assert rows[f"routed top-2, likelihood ({label})"]["kv_tokens"] == 16
+        assert rows[f"routed top-1, calibrated_likelihood ({label})"]["kv_tokens"] == 8
     rag, rag3 = (
         rows["RAG, BM25 chunks at the routed top-2 KV tokens"],
         rows["RAG, BM25 chunks at the routed top-2 KV tokens x3"],
@@ -515,22 +534,38 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     import hfx.cartridges.library_evaluation as library_evaluation
 
     (written,) = (tmp_path / "rows").iterdir()
-    (written / "03.json").unlink()  # as if killed while scoring the fourth condition
-    scored = []
+    files = {json.loads(f.read_text())["condition"]: f for f in written.glob("row-*.json")}
+    assert len(files) == len(rows) and len(list(written.glob("likelihoods-*.json"))) == 2  # one per library
+    files[report["rows"][3]["condition"]].unlink()  # as if killed while scoring the fourth condition
+    scored, computed = [], []
     score = library_evaluation.score_per_question
+    likelihoods = CartridgeLibrary.likelihoods
 
     def counted(model, tokenizer, condition, *args, **kwargs):
         scored.append(condition.name)
         return score(model, tokenizer, condition, *args, **kwargs)
 
+    def counted_likelihoods(self, questions, *args, **kwargs):
+        computed.append(len(questions))
+        return likelihoods(self, questions, *args, **kwargs)
+
     monkeypatch.setattr(library_evaluation, "score_per_question", counted)
+    monkeypatch.setattr(CartridgeLibrary, "likelihoods", counted_likelihoods)
     again = evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
                              progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
     assert scored == [report["rows"][3]["condition"]]
+    assert computed == []  # the questions' likelihoods are read back, the calibration kept by each library
     assert [r["correct"] for r in again["rows"]] == [r["correct"] for r in report["rows"]]
+
+    # rows are found by their condition, whatever their file is called (the numbered files of earlier versions too)
+    files[report["rows"][5]["condition"]].rename(written / "05.json")
+    scored.clear()
+    evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
+                     progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
+    assert scored == []
     evaluate_library(model, tokenizer, tagged[:-1], libraries, throughput_batch=2, throughput_tokens=2,
                      progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
-    assert len(scored) == 1 + len(rows) and len(list((tmp_path / "rows").iterdir())) == 2
+    assert len(scored) == len(rows) and len(list((tmp_path / "rows").iterdir())) == 2
 
 
 @pytest.mark.integration

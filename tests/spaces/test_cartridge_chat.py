@@ -515,10 +515,10 @@ def test_library_mode_routes_each_question_and_shows_the_cartridges_used(library
         expect(routed).to_contain_text("answer 1 (bm25): kelvara.md (p=8)")
         expect(memory).to_contain_text("cartridge: 2 parts, 16 tokens")
 
-        page.locator("#router label", has_text="likelihood").click()
+        page.locator("#router label", has_text="calibrated_likelihood").click()
         page.fill("#message textarea", "What does the Quintessa lighthouse burn?")
         page.keyboard.press("Enter")
-        expect(routed).to_contain_text("answer 2 (likelihood):", timeout=ANSWER_MS)
+        expect(routed).to_contain_text("answer 2 (calibrated_likelihood):", timeout=ANSWER_MS)
         expect(status).to_contain_text("Answered in", timeout=ANSWER_MS)
         expect(page.locator("#cartridge-chat [data-testid=bot]")).to_have_count(2)
         assert errors == []

@@ -444,9 +444,23 @@ def _make_initial_cartridges(
 # ----------------------------------------------------------------------------------------------------------------
 # Using a library: route a question to its documents' cartridges and answer with them composed.
 
-#: The routers of :meth:`CartridgeLibrary.route`: BM25 over the documents' text (bm25s), and the question's mean
-#: token log-likelihood after each document's cartridge (the library's own cartridges, no text needed).
-ROUTERS = ("bm25", "likelihood")
+#: The routers of :meth:`CartridgeLibrary.route`: BM25 over the documents' text (bm25s); the question's mean token
+#: log-likelihood after each document's cartridge (the library's own cartridges, no text needed); and the same,
+#: calibrated: minus the cartridge's mean log-likelihood of content-free questions (:data:`CALIBRATION_QUESTIONS`),
+#: so that a cartridge that makes every question likely does not win them all.
+ROUTERS = ("bm25", "likelihood", "calibrated_likelihood")
+
+#: Questions about no document in particular: the log-likelihood a cartridge gives them is its bias.
+CALIBRATION_QUESTIONS = (
+    "What is this about?",
+    "What does the document say?",
+    "Which of the following is true?",
+    "What is the main topic of the text?",
+    "How many are there?",
+    "Who made it, and when?",
+    "What are its main features?",
+    "Can you summarize the description?",
+)
 
 
 @dataclass
@@ -505,6 +519,7 @@ class CartridgeLibrary:
         self.cache_bytes = cache_bytes
         self._bm25 = None
         self._prefixes = None
+        self._bias = None
 
     @property
     def ids(self) -> list[str]:
@@ -541,9 +556,16 @@ class CartridgeLibrary:
         return self._bm25
 
     def route(
-        self, questions: list[str], k: int = 1, router: str = "bm25", model=None, tokenizer=None
+        self,
+        questions: list[str],
+        k: int = 1,
+        router: str = "bm25",
+        model=None,
+        tokenizer=None,
+        likelihoods: list[list[float]] | None = None,
     ) -> list[list[tuple[str, float]]]:
-        """The top-``k`` documents of each question, best first, with the router's scores."""
+        """The top-``k`` documents of each question, best first, with the router's scores. ``likelihoods``: the
+        questions' :meth:`likelihoods` when they are already computed (both likelihood routers read them)."""
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}.")
         if k < 1:
@@ -551,8 +573,17 @@ class CartridgeLibrary:
         if router == "bm25":
             return self.bm25().route_many(list(questions), k)
         if model is None or tokenizer is None:
-            raise ValueError("The likelihood router scores with the base model: pass model and tokenizer.")
-        scores = self.likelihoods(questions, model, tokenizer)
+            raise ValueError(f"The {router} router scores with the base model: pass model and tokenizer.")
+        if likelihoods is not None and (
+            len(likelihoods) != len(questions) or any(len(row) != len(self.ids) for row in likelihoods)
+        ):
+            raise ValueError(
+                f"likelihoods must be [questions][documents] = [{len(questions)}][{len(self.ids)}] for this library."
+            )
+        scores = likelihoods if likelihoods is not None else self.likelihoods(questions, model, tokenizer)
+        if router == "calibrated_likelihood":
+            bias = self.likelihood_bias(model, tokenizer)
+            scores = [[value - b for value, b in zip(row, bias, strict=True)] for row in scores]
         ranked = []
         for row in scores:
             order = sorted(range(len(self.ids)), key=lambda j: (-row[j], j))[: min(k, len(self.ids))]
@@ -591,6 +622,15 @@ class CartridgeLibrary:
                     for row, value in enumerate(mean.tolist()):
                         scores[start + row][j] = value
         return scores
+
+    def likelihood_bias(self, model, tokenizer) -> list[float]:
+        """Each cartridge's mean of :meth:`likelihoods` over :data:`CALIBRATION_QUESTIONS` (computed once per model
+        dtype and device): what the calibrated router subtracts."""
+        key = (model.dtype, model.device)
+        if self._bias is None or self._bias[0] != key:
+            rows = self.likelihoods(list(CALIBRATION_QUESTIONS), model, tokenizer)
+            self._bias = (key, [sum(column) / len(column) for column in zip(*rows, strict=True)])
+        return list(self._bias[1])
 
     # -- answering -------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from hfx.cartridges.evaluation import (
     load_questions,
     score_questions,
 )
-from hfx.cartridges.library import LIBRARY_FILE, CartridgeLibrary
+from hfx.cartridges.library import LIBRARY_FILE, ROUTERS, CartridgeLibrary
 from hfx.cartridges.prefix import PrefixKV
 from hfx.statistics import wilson_interval
 
@@ -151,19 +151,49 @@ def documents_that_fit(library: CartridgeLibrary, tokenizer, max_tokens: int) ->
     return kept
 
 
+def question_likelihoods(
+    library: CartridgeLibrary,
+    questions: list[str],
+    model,
+    tokenizer,
+    folder: str | Path | None = None,
+    label: str = "",
+) -> list[list[float]]:
+    """:meth:`CartridgeLibrary.likelihoods` of the questions; with ``folder`` (one evaluation's, named by what
+    makes it), read from ``likelihoods-<label>.json`` there when an earlier run wrote it, else computed and written."""
+    from hfx.atomic import write_text_atomic
+    from hfx.stages import fingerprint
+
+    path = None
+    if folder is not None:
+        path = Path(folder) / f"likelihoods-{fingerprint([label, library.ids, questions])}.json"
+        if path.is_file():
+            logger.info("%s: likelihoods read from %s", label or library.folder, path)
+            return json.loads(path.read_text())["likelihoods"]
+    scores = library.likelihoods(questions, model, tokenizer)
+    if path is not None:
+        write_text_atomic(
+            path, json.dumps({"label": label, "ids": library.ids, "likelihoods": scores}) + "\n"
+        )
+    return scores
+
+
 def library_conditions(
     model,
     tokenizer,
     tagged: list[TaggedQuestion],
     libraries: dict[str, CartridgeLibrary],
-    routers: tuple[str, ...] = ("bm25", "likelihood"),
+    routers: tuple[str, ...] = ROUTERS,
     ks: tuple[int, ...] = (1, 2),
     rag_multiples: tuple[int, ...] = (1, 3),
     rag_chunk_tokens: int = 128,
     max_context_tokens: int | None = None,
+    likelihoods_dir: str | Path | None = None,
 ) -> list[PerQuestionCondition]:
     """The conditions of the table. ``libraries`` maps a label ("trained alone", "with distractors") to a library
-    of the same documents; RAG's budget follows the routed cartridges of the last library at the largest k."""
+    of the same documents; RAG's budget follows the routed cartridges of the last library at the largest k. The
+    questions' likelihoods under each library's cartridges are computed once for both likelihood routers (and,
+    with ``likelihoods_dir``, kept there for a rerun of the same evaluation)."""
     from hfx.cartridges.corpus import document_prefix_ids, document_prefix_ids_within
     from hfx.cartridges.routing import ChunkRetriever
 
@@ -218,8 +248,13 @@ def library_conditions(
 
     routed_by = {}  # (label, router, k) -> per question routed ids
     for label, library in libraries.items():
+        likelihoods = None
+        if any(router != "bm25" for router in routers):
+            likelihoods = question_likelihoods(library, questions, model, tokenizer, likelihoods_dir, label)
         for router in routers:
-            ranked = library.route(questions, k=max(ks), router=router, model=model, tokenizer=tokenizer)
+            ranked = library.route(
+                questions, k=max(ks), router=router, model=model, tokenizer=tokenizer, likelihoods=likelihoods
+            )
             for k in ks:
                 routed_by[(label, router, k)] = [tuple(doc for doc, _ in r[:k]) for r in ranked]
 
@@ -296,7 +331,6 @@ def evaluate_library(
     from hfx.cartridges.routing import mask_document_names
     from hfx.stages import file_fingerprint, fingerprint
 
-    conditions = library_conditions(model, tokenizer, tagged, libraries, **condition_kwargs)
     folder = None
     if rows_dir is not None:
         made_by = {
@@ -309,20 +343,25 @@ def evaluate_library(
         }
         folder = Path(rows_dir) / fingerprint(made_by)
         folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for number, condition in enumerate(conditions):
-        path = folder / f"{number:02d}.json" if folder is not None else None
-        if path is not None and path.is_file():
-            row = json.loads(path.read_text())
-            if row["condition"] == condition.name:
-                logger.info("%s: read from %s", condition.name, path)
-                rows.append(row)
-                continue
+    conditions = library_conditions(
+        model, tokenizer, tagged, libraries, likelihoods_dir=folder, **condition_kwargs
+    )
+    scored = {}  # the rows an earlier run of this evaluation wrote, by their condition
+    earlier = [*folder.glob("[0-9]*.json"), *folder.glob("row-*.json")] if folder is not None else []
+    for path in sorted(earlier):
+        scored[json.loads(path.read_text())["condition"]] = path
+    rows, scored_now = [], []
+    for condition in conditions:
+        if condition.name in scored:
+            logger.info("%s: read from %s", condition.name, scored[condition.name])
+            rows.append(json.loads(scored[condition.name].read_text()))
+            continue
         row = score_per_question(
             model, tokenizer, condition, tagged, throughput_batch, throughput_tokens, progress
         )
-        if path is not None:
-            write_text_atomic(path, json.dumps(row) + "\n")
+        scored_now.append(condition.name)
+        if folder is not None:  # named by its condition: one added later leaves the others' rows to be read
+            write_text_atomic(folder / f"row-{fingerprint(condition.name)[:12]}.json", json.dumps(row) + "\n")
         rows.append(row)
     first = next(iter(libraries.values()))
     names = list(first.ids) + [name for doc in first.ids for name in (aliases or {}).get(doc, [])]
@@ -343,6 +382,7 @@ def evaluate_library(
         "routing_with_names_masked": routing_masked,
         "questions_naming_their_document": named,
         "libraries": {label: str(library.folder) for label, library in libraries.items()},
+        "scored_this_run": scored_now,
     }
 
 
