@@ -58,4 +58,4 @@ def test_runs_are_reused_refused_when_settings_change_and_tabled(curves, tiny_mo
 
     run.rename(root / "earlier-recipe")  # a run moved aside stays a row, under its folder's name
     assert [r["run"] for r in curves.main([*args, "--table"])] == ["earlier-recipe"]
-    assert [r["run"] for r in curves.main([*args, "--table", "--lengths", "4"])] == []  # not a length asked for
+    assert curves.main([*args, "--table", "--lengths", "4"]) == []  # not a length asked for
