@@ -624,9 +624,9 @@ class CartridgeLibrary:
         return scores
 
     def likelihood_bias(self, model, tokenizer) -> list[float]:
-        """Each cartridge's mean of :meth:`likelihoods` over :data:`CALIBRATION_QUESTIONS` (computed once per model
+        """Each cartridge's mean of :meth:`likelihoods` over :data:`CALIBRATION_QUESTIONS` (computed once per model,
         dtype and device): what the calibrated router subtracts."""
-        key = (model.dtype, model.device)
+        key = (model.config.name_or_path, model.dtype, model.device)
         if self._bias is None or self._bias[0] != key:
             rows = self.likelihoods(list(CALIBRATION_QUESTIONS), model, tokenizer)
             self._bias = (key, [sum(column) / len(column) for column in zip(*rows, strict=True)])
