@@ -10,8 +10,10 @@ and against the SFT steps).
 
 Each run is `hfx lens sft --config examples/lens/configs/nla-sft.yaml --target T --explanation_length K` into
 `<output_root>/<T>-k<K>` (a stage: a finished run of the same settings is reused, one of other settings refused, a
-killed one resumes), then `hfx lens eval` (again whenever the run is newer than its evaluation). Runs go
-one after another; `--table` only reads the finished ones.
+killed one resumes), then `hfx lens eval` (again whenever the run, or its reconstructor's config, is newer than
+its evaluation). Runs made before SFT capped the reconstructor's output norm or wrote `target_fit.json` (every
+finished run under the root, and the `--grpo` folders) get them and are evaluated again. Runs go one after another;
+`--table` only reads the finished ones.
 """
 
 from __future__ import annotations
@@ -187,21 +189,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from hfx.lens.nla_pipeline import SFT_STAGE
 
     if not args.table:
-        from hfx.lens.nla_pipeline import target_fit_of
+        from hfx.lens.nla_pipeline import GRPO_STAGE, cap_output_norm, target_fit_of
+
+        common = ["--activations_dir", args.activations_dir, "--model_name_or_path", args.model_name_or_path]
+        common += ["--eval_examples", str(args.eval_examples)]
+
+        def evaluate(folder: Path, marker: Path) -> None:
+            """`hfx lens eval`, unless its results are newer than the run and its reconstructor's config."""
+            results = folder / "eval_results.json"
+            made = max(marker.stat().st_mtime, (folder / "reconstructor" / "config.json").stat().st_mtime)
+            if not results.is_file() or results.stat().st_mtime < made:
+                subprocess.run([hfx, "lens", "eval", *common, "--lens", str(folder)], check=True, env=env)
 
         for target in args.targets:
             for length in args.lengths:
                 out = root / run_name(target, length)
-                results, marker = out / "eval_results.json", out / f"hfx_stage_{SFT_STAGE}.done"
+                marker = out / f"hfx_stage_{SFT_STAGE}.done"
                 finished_before = marker.is_file()
                 start, resumed = time.time(), out.exists()
-                common = [
-                    "--activations_dir",
-                    args.activations_dir,
-                    "--model_name_or_path",
-                    args.model_name_or_path,
-                ]
-                common += ["--eval_examples", str(args.eval_examples)]
                 # always asked: a finished run of these settings is reused, one of other settings refused
                 subprocess.run(
                     [hfx, "lens", "sft", "--config", args.config, *common, "--target", target]
@@ -209,14 +214,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     check=True,
                     env=env,
                 )
-                if not results.is_file() or results.stat().st_mtime < marker.stat().st_mtime:
-                    subprocess.run([hfx, "lens", "eval", *common, "--lens", str(out)], check=True, env=env)
+                evaluate(out, marker)
                 if not finished_before:  # this call's wall time: all of it, or what a resumed run had left
                     write_text_atomic(
                         out / "wall.json",
                         json.dumps({"minutes": (time.time() - start) / 60, "resumed": resumed}) + "\n",
                     )
-                target_fit_of(out, args.activations_dir)  # for runs made before SFT wrote it
+        # every finished run under the root (and the GRPO folders): runs made before SFT capped the reconstructor's
+        # output norm, or wrote target_fit.json, get them, and are evaluated again
+        for out in sorted(root.glob("*")):
+            if (out / f"hfx_stage_{SFT_STAGE}.done").is_file():
+                cap_output_norm(out, args.activations_dir)
+                evaluate(out, out / f"hfx_stage_{SFT_STAGE}.done")
+                target_fit_of(out, args.activations_dir)
+        for folder in map(Path, args.grpo):
+            if (folder / f"hfx_stage_{GRPO_STAGE}.done").is_file():
+                cap_output_norm(folder, args.activations_dir)
+                evaluate(folder, folder / f"hfx_stage_{GRPO_STAGE}.done")
     # every evaluated SFT run under the root whose target and length were asked for, whatever its folder's name
     # (a run of an earlier recipe, moved aside, stays a row)
     rows = [

@@ -112,6 +112,21 @@ def test_the_reconstructor_reads_each_explanation_up_to_its_length(tokenizer, re
     torch.testing.assert_close(padded[0], full[0])  # ids and one-hot rows read the same
 
 
+def test_the_reconstruction_norm_is_capped_where_the_config_says(tokenizer):
+    base = make_tiny_llama(tokenizer, layers=2, hidden=32, init_std=0.2)
+    reconstructor = nla.build_reconstructor(base, layer=1, explanation_length=4).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 9, 9, 9]])
+    with torch.no_grad():
+        free = reconstructor.read(ids)
+        norms = free.norm(dim=-1)
+        reconstructor.config.max_output_norm = float(norms.mean())  # between the two
+        capped = reconstructor.read(ids)
+    longer, shorter = int(norms.argmax()), int(norms.argmin())
+    torch.testing.assert_close(capped[shorter], free[shorter])  # within the cap: unchanged
+    assert float(capped[longer].norm()) == pytest.approx(float(norms.mean()), rel=1e-5)  # scaled onto it
+    assert float(F.cosine_similarity(capped[longer], free[longer], dim=0)) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_explanations_are_cut_at_their_first_stop_token():
     ids, lengths = nla.explanation_batch([[5, 6, 2, 7], [2, 9], [3]], stop_ids=[2], pad_id=0)
     assert ids.tolist() == [[5, 6], [2, 0], [3, 0]] and lengths.tolist() == [2, 1, 1]
@@ -281,6 +296,19 @@ def test_sft_then_grpo_then_eval_end_to_end(tmp_path, tiny_model_dir, monkeypatc
     recomputed = nla_pipeline.target_fit_of(sft, str(acts))
     assert recomputed == pytest.approx(fit) and (sft / "target_fit.json").is_file()
     sft_reads = len(reads)
+    # the reconstructor's output norm is capped at the training activations' largest norm
+    from hfx.lens.data import load_activations
+
+    train_norms = torch.tensor(load_activations(acts)["activation"][:-4]).norm(dim=-1)
+    config = ConsistencyLens.config_class.from_pretrained(sft / "reconstructor")
+    assert config.max_output_norm == pytest.approx(float(train_norms.max()))
+    assert not nla_pipeline.cap_output_norm(sft, str(acts))  # it has one: nothing to do
+    config.max_output_norm = None  # as a folder made before SFT set it
+    config.save_pretrained(sft / "reconstructor")
+    assert nla_pipeline.cap_output_norm(sft, str(acts)) and not (sft / "target_fit.json").exists()
+    capped = ConsistencyLens.config_class.from_pretrained(sft / "reconstructor").max_output_norm
+    assert capped == pytest.approx(float(train_norms.max()))
+    assert nla_pipeline.target_fit_of(sft, str(acts)) == pytest.approx(fit)
     # each SFT step's forward read its batch's activations, and each held-out measurement its 3
     assert reads == [4, 3, 4, 3]
     state = json.loads((sft / "verbalizer" / "trainer_state.json").read_text())

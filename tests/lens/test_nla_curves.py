@@ -45,6 +45,17 @@ def test_runs_are_reused_refused_when_settings_change_and_tabled(curves, tiny_mo
     assert (run / "eval_results.json").stat().st_mtime_ns == evaluated
     assert (run / "wall.json").read_text() == wall
 
+    # a run made before SFT capped the reconstructor's output norm gets the cap and is evaluated again
+    from hfx.lens.modeling_lens import ConsistencyLens
+
+    config = ConsistencyLens.config_class.from_pretrained(run / "reconstructor")
+    cap, config.max_output_norm = config.max_output_norm, None
+    config.save_pretrained(run / "reconstructor")
+    curves.main(args)
+    assert ConsistencyLens.config_class.from_pretrained(run / "reconstructor").max_output_norm == cap
+    assert (run / "eval_results.json").stat().st_mtime_ns > evaluated and (run / "target_fit.json").is_file()
+    evaluated = (run / "eval_results.json").stat().st_mtime_ns
+
     with pytest.raises(subprocess.CalledProcessError):  # other settings: `hfx lens sft` refuses the folder
         curves.main([*args, "--", "--reconstructor_epochs", "2"])
     assert (run / "eval_results.json").stat().st_mtime_ns == evaluated

@@ -27,6 +27,10 @@ class ConsistencyLensConfig(PretrainedConfig):
             whose most recent token is the one the activation shows most clearly.
         read_token (`bool`): append a learned read token after the explanation and read there (otherwise the
             reading is at the explanation's last token).
+        max_output_norm (`float` or `None`): the reconstruction's norm is capped at this (scaled down onto it when
+            longer); `hfx lens sft` sets it to the training activations' largest norm, so that no explanation is
+            read as a vector outside the activations' range (a run of one repeated token can drive the encoder's
+            residual stream to several times its usual norm). `None`: no cap.
     """
 
     model_type = "consistency_lens"
@@ -44,6 +48,7 @@ class ConsistencyLensConfig(PretrainedConfig):
         read_token: bool = False,
         write_backwards: bool = False,
         initializer_range: float = 0.02,
+        max_output_norm: float | None = None,
         **kwargs,
     ):
         if isinstance(backbone_config, PretrainedConfig):
@@ -58,6 +63,7 @@ class ConsistencyLensConfig(PretrainedConfig):
         self.read_token = read_token
         self.write_backwards = write_backwards
         self.initializer_range = initializer_range
+        self.max_output_norm = max_output_norm
         backbone = self.backbone() if backbone_config is not None else None
         self.activation_dim = activation_dim or (backbone.hidden_size if backbone is not None else None)
         if backbone is not None:

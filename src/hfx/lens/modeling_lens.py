@@ -200,7 +200,7 @@ class ConsistencyLens(PreTrainedModel):
             last = lengths - 1
         index = self.config.encoder_output_layer % (self.config.backbone_num_layers("encoder") + 1)
         if index == 0:
-            return self.activation_out(inputs[rows, last])
+            return self._capped(self.activation_out(inputs[rows, last]))
         # The output of encoder layer `index - 1` as the residual stream carries it (no final norm), at each row's
         # last real position: causal attention keeps the padding after it out of its reading.
         captured = {}
@@ -213,7 +213,15 @@ class ConsistencyLens(PreTrainedModel):
             self.encoder(inputs_embeds=inputs)
         finally:
             handle.remove()
-        return self.activation_out(captured["hidden"])
+        return self._capped(self.activation_out(captured["hidden"]))
+
+    def _capped(self, reconstruction: torch.Tensor) -> torch.Tensor:
+        """Scaled down onto `config.max_output_norm` where longer (unchanged when it is `None`)."""
+        cap = self.config.max_output_norm
+        if cap is None:
+            return reconstruction
+        norm = reconstruction.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return reconstruction * (cap / norm).clamp(max=1.0).to(reconstruction.dtype)
 
     def context_loss(
         self, activations: torch.Tensor, targets: torch.Tensor

@@ -281,6 +281,7 @@ def run_sft(args: NLAArguments, sft_config) -> Path:
     reconstructor = nla.build_reconstructor(
         base, layer, args.explanation_length, models.model_id(args.model_name_or_path)
     )
+    reconstructor.config.max_output_norm = output_norm_cap(activations)
     reconstructor_trainer = _reconstructor_trainer(
         reconstructor,
         sft_config,
@@ -359,6 +360,36 @@ def _targets(args: NLAArguments, examples, base, stop_ids) -> list[list[int]]:
         exclude=stop_ids,
         context_tokens=args.context_tokens,
     )
+
+
+def output_norm_cap(activations: torch.Tensor) -> float:
+    """The reconstructor's ``max_output_norm``: the largest norm among the training activations."""
+    return float(activations.float().norm(dim=-1).max())
+
+
+def cap_output_norm(folder: str | Path, activations_dir: str | None = None) -> bool:
+    """Give the reconstructor of an `hfx lens sft` or `hfx lens grpo` folder made before SFT set it its
+    ``max_output_norm`` (from the training split of ``activations_dir``, the dump it was trained on), and drop its
+    ``target_fit.json``, read without the cap (:func:`target_fit_of` makes it again). Returns whether it changed
+    anything; its evaluation is then older than its reconstructor's config."""
+    from hfx.atomic import write_text_atomic
+
+    from .modeling_lens import ConsistencyLens
+
+    folder = Path(folder)
+    config = ConsistencyLens.config_class.from_pretrained(folder / "reconstructor")
+    if config.max_output_norm is not None:
+        return False
+    args = NLAArguments(activations_dir=activations_dir or NLAArguments.activations_dir)
+    for name in (f"hfx_stage_{SFT_STAGE}.json", f"hfx_stage_{GRPO_STAGE}.json"):
+        if (folder / name).is_file():
+            args.eval_examples = json.loads((folder / name).read_text())["settings"]["autoencoder"][
+                "eval_examples"
+            ]
+    config.max_output_norm = output_norm_cap(torch.tensor(_train_split(args)["activation"]))
+    write_text_atomic(folder / "reconstructor" / "config.json", config.to_json_string())
+    (folder / TARGET_FIT).unlink(missing_ok=True)
+    return True
 
 
 def target_fit_of(folder: str | Path, activations_dir: str | None = None, device: str | None = None) -> dict:
