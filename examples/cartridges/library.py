@@ -3,6 +3,7 @@
     .venv/bin/python examples/cartridges/library.py --budget_minutes 6
     accelerate launch examples/cartridges/library.py --budget_minutes 6     # processes share the documents
     .venv/bin/python examples/cartridges/library.py --table                 # only the table of a finished run
+    .venv/bin/python examples/cartridges/library.py --routing_only          # the routers alone, built libraries
 
 Builds two libraries of the same documents (``hfx cartridge library build``) into ``OUTPUT_ROOT/alone`` (each
 cartridge trained alone) and ``OUTPUT_ROOT/distractors`` (trained beside the others' initial cartridges), then scores
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--table", action="store_true", help="Only print the table of a finished evaluation.")
+    parser.add_argument(
+        "--routing_only",
+        action="store_true",
+        help="Only each router's routing accuracy on the built libraries (no answers scored); the questions' "
+        "likelihoods it computes are kept in OUTPUT_ROOT/rows for the full evaluation.",
+    )
     args = parser.parse_args(argv)
     root = Path(args.output_root)
     if args.table:
@@ -54,8 +61,36 @@ def main(argv: list[str] | None = None) -> dict | None:
         build_library,
         leave_launch,
     )
-    from hfx.cartridges.library_evaluation import evaluate_library, format_library_table, mixed_questions
+    from hfx.cartridges.library_evaluation import (
+        evaluate_library,
+        format_library_table,
+        mixed_questions,
+        routing_accuracy,
+    )
     from hfx.models import load_causal_lm
+
+    if args.routing_only:
+        libraries = {
+            "trained alone": CartridgeLibrary(root / "alone"),
+            "with distractors": CartridgeLibrary(root / "distractors"),
+        }
+        model, tokenizer = load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
+        tagged = mixed_questions(libraries["with distractors"], args.questions_dir)
+        start = time.time()
+        routing = routing_accuracy(model, tokenizer, tagged, libraries, likelihoods_dir=root / "rows")
+        report = {
+            "routing": routing,
+            "num_questions": len(tagged),
+            "minutes": (time.time() - start) / 60,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+        }
+        write_text_atomic(root / "routing.json", json.dumps(report, indent=2) + "\n")
+        routers = list(next(iter(routing.values())))
+        print(f"| library | {' | '.join(routers)} |\n|---|{'---|' * len(routers)}")
+        for label, values in routing.items():
+            print(f"| {label} | {' | '.join(f'{values[r]:.3f}' for r in routers)} |")
+        return report
 
     process_index, num_processes, local_index = leave_launch()
     device = args.device

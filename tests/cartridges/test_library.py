@@ -15,6 +15,7 @@ from hfx.cartridges.composition import load_prefix, save_prefix
 from hfx.cartridges.library import (
     CALIBRATION_QUESTIONS,
     LIBRARY_FILE,
+    ROUTERS,
     CartridgeLibrary,
     LibrarySettings,
     build_library,
@@ -478,7 +479,12 @@ QUESTIONS = {
 
 
 def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_dir, monkeypatch):
-    from hfx.cartridges.library_evaluation import evaluate_library, format_library_table, mixed_questions
+    from hfx.cartridges.library_evaluation import (
+        evaluate_library,
+        format_library_table,
+        mixed_questions,
+        routing_accuracy,
+    )
     from hfx.models import load_causal_lm
 
     alone = build_library(
@@ -533,9 +539,11 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     # a rerun reads the rows it has (a killed evaluation resumes); other questions make other rows
     import hfx.cartridges.library_evaluation as library_evaluation
 
-    (written,) = (tmp_path / "rows").iterdir()
+    (written,) = [path for path in (tmp_path / "rows").iterdir() if path.is_dir()]
     files = {json.loads(f.read_text())["condition"]: f for f in written.glob("row-*.json")}
-    assert len(files) == len(rows) and len(list(written.glob("likelihoods-*.json"))) == 2  # one per library
+    assert (
+        len(files) == len(rows) and len(list((tmp_path / "rows").glob("likelihoods-*.json"))) == 2
+    )  # a library
     files[report["rows"][3]["condition"]].unlink()  # as if killed while scoring the fourth condition
     scored, computed = [], []
     score = library_evaluation.score_per_question
@@ -565,7 +573,20 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     assert scored == []
     evaluate_library(model, tokenizer, tagged[:-1], libraries, throughput_batch=2, throughput_tokens=2,
                      progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
-    assert len(scored) == len(rows) and len(list((tmp_path / "rows").iterdir())) == 2
+    assert len(scored) == len(rows) and len([p for p in (tmp_path / "rows").iterdir() if p.is_dir()]) == 2
+    assert (
+        len(list((tmp_path / "rows").glob("likelihoods-*.json"))) == 4
+    )  # other questions, other likelihoods
+
+    # the routing alone reads the same likelihoods
+    computed.clear()
+    routing = routing_accuracy(model, tokenizer, tagged, libraries, likelihoods_dir=tmp_path / "rows")
+    assert computed == [] and set(routing) == set(libraries)
+    for label in libraries:
+        assert set(routing[label]) == {f"{r} top-{k}" for r in ROUTERS for k in (1, 2)}
+        assert routing[label]["bm25 top-1"] == rows[f"routed top-1, bm25 ({label})"]["routing_accuracy"]
+        top2 = rows[f"routed top-2, calibrated_likelihood ({label})"]["routing_accuracy"]
+        assert routing[label]["calibrated_likelihood top-2"] == top2
 
 
 @pytest.mark.integration

@@ -152,30 +152,61 @@ def documents_that_fit(library: CartridgeLibrary, tokenizer, max_tokens: int) ->
 
 
 def question_likelihoods(
-    library: CartridgeLibrary,
-    questions: list[str],
-    model,
-    tokenizer,
-    folder: str | Path | None = None,
-    label: str = "",
+    library: CartridgeLibrary, questions: list[str], model, tokenizer, folder: str | Path | None = None
 ) -> list[list[float]]:
-    """:meth:`CartridgeLibrary.likelihoods` of the questions; with ``folder`` (one evaluation's, named by what
-    makes it), read from ``likelihoods-<label>.json`` there when an earlier run wrote it, else computed and written."""
+    """:meth:`CartridgeLibrary.likelihoods` of the questions; with ``folder``, kept there under a fingerprint of
+    what makes them (the library's manifest, the model, the questions): read back when an earlier run wrote them,
+    else computed and written."""
     from hfx.atomic import write_text_atomic
-    from hfx.stages import fingerprint
+    from hfx.stages import file_fingerprint, fingerprint
 
     path = None
     if folder is not None:
-        path = Path(folder) / f"likelihoods-{fingerprint([label, library.ids, questions])}.json"
+        made_by = [
+            file_fingerprint(library.folder / LIBRARY_FILE),
+            [str(model.config.name_or_path), str(model.dtype), str(model.device.type)],
+            list(questions),
+        ]
+        path = Path(folder) / f"likelihoods-{fingerprint(made_by)}.json"
         if path.is_file():
-            logger.info("%s: likelihoods read from %s", label or library.folder, path)
+            logger.info("%s: likelihoods read from %s", library.folder, path)
             return json.loads(path.read_text())["likelihoods"]
     scores = library.likelihoods(questions, model, tokenizer)
     if path is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
         write_text_atomic(
-            path, json.dumps({"label": label, "ids": library.ids, "likelihoods": scores}) + "\n"
+            path,
+            json.dumps({"library": str(library.folder), "ids": library.ids, "likelihoods": scores}) + "\n",
         )
     return scores
+
+
+def routing_accuracy(
+    model,
+    tokenizer,
+    tagged: list[TaggedQuestion],
+    libraries: dict[str, CartridgeLibrary],
+    routers: tuple[str, ...] = ROUTERS,
+    ks: tuple[int, ...] = (1, 2),
+    likelihoods_dir: str | Path | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per library label, per ``"<router> top-<k>"``: the share of questions whose document is among the routed
+    ones (no answers scored: the routing alone)."""
+    questions = [t.question.question for t in tagged]
+    result = {}
+    for label, library in libraries.items():
+        likelihoods = None
+        if any(router != "bm25" for router in routers):
+            likelihoods = question_likelihoods(library, questions, model, tokenizer, likelihoods_dir)
+        result[label] = {}
+        for router in routers:
+            ranked = library.route(
+                questions, k=max(ks), router=router, model=model, tokenizer=tokenizer, likelihoods=likelihoods
+            )
+            for k in ks:
+                hits = [t.document in {d for d, _ in r[:k]} for t, r in zip(tagged, ranked, strict=True)]
+                result[label][f"{router} top-{k}"] = sum(hits) / len(hits)
+    return result
 
 
 def library_conditions(
@@ -193,7 +224,7 @@ def library_conditions(
     """The conditions of the table. ``libraries`` maps a label ("trained alone", "with distractors") to a library
     of the same documents; RAG's budget follows the routed cartridges of the last library at the largest k. The
     questions' likelihoods under each library's cartridges are computed once for both likelihood routers (and,
-    with ``likelihoods_dir``, kept there for a rerun of the same evaluation)."""
+    with ``likelihoods_dir``, kept there: :func:`question_likelihoods`)."""
     from hfx.cartridges.corpus import document_prefix_ids, document_prefix_ids_within
     from hfx.cartridges.routing import ChunkRetriever
 
@@ -250,7 +281,7 @@ def library_conditions(
     for label, library in libraries.items():
         likelihoods = None
         if any(router != "bm25" for router in routers):
-            likelihoods = question_likelihoods(library, questions, model, tokenizer, likelihoods_dir, label)
+            likelihoods = question_likelihoods(library, questions, model, tokenizer, likelihoods_dir)
         for router in routers:
             ranked = library.route(
                 questions, k=max(ks), router=router, model=model, tokenizer=tokenizer, likelihoods=likelihoods
@@ -344,7 +375,7 @@ def evaluate_library(
         folder = Path(rows_dir) / fingerprint(made_by)
         folder.mkdir(parents=True, exist_ok=True)
     conditions = library_conditions(
-        model, tokenizer, tagged, libraries, likelihoods_dir=folder, **condition_kwargs
+        model, tokenizer, tagged, libraries, likelihoods_dir=rows_dir, **condition_kwargs
     )
     scored = {}  # the rows an earlier run of this evaluation wrote, by their condition
     earlier = [*folder.glob("[0-9]*.json"), *folder.glob("row-*.json")] if folder is not None else []
