@@ -181,6 +181,28 @@ def question_likelihoods(
     return scores
 
 
+def routed_by_each(
+    library: CartridgeLibrary,
+    questions: list[str],
+    routers: tuple[str, ...],
+    k: int,
+    model,
+    tokenizer,
+    likelihoods_dir: str | Path | None = None,
+) -> dict[str, list[list[tuple[str, float]]]]:
+    """Per router, :meth:`CartridgeLibrary.route`'s top-``k`` of each question; the questions' likelihoods are
+    computed once for both likelihood routers (:func:`question_likelihoods`)."""
+    likelihoods = None
+    if any(router != "bm25" for router in routers):
+        likelihoods = question_likelihoods(library, questions, model, tokenizer, likelihoods_dir)
+    return {
+        router: library.route(
+            questions, k=k, router=router, model=model, tokenizer=tokenizer, likelihoods=likelihoods
+        )
+        for router in routers
+    }
+
+
 def routing_accuracy(
     model,
     tokenizer,
@@ -195,14 +217,9 @@ def routing_accuracy(
     questions = [t.question.question for t in tagged]
     result = {}
     for label, library in libraries.items():
-        likelihoods = None
-        if any(router != "bm25" for router in routers):
-            likelihoods = question_likelihoods(library, questions, model, tokenizer, likelihoods_dir)
         result[label] = {}
-        for router in routers:
-            ranked = library.route(
-                questions, k=max(ks), router=router, model=model, tokenizer=tokenizer, likelihoods=likelihoods
-            )
+        routed = routed_by_each(library, questions, routers, max(ks), model, tokenizer, likelihoods_dir)
+        for router, ranked in routed.items():
             for k in ks:
                 hits = [t.document in {d for d, _ in r[:k]} for t, r in zip(tagged, ranked, strict=True)]
                 result[label][f"{router} top-{k}"] = sum(hits) / len(hits)
@@ -224,7 +241,7 @@ def library_conditions(
     """The conditions of the table. ``libraries`` maps a label ("trained alone", "with distractors") to a library
     of the same documents; RAG's budget follows the routed cartridges of the last library at the largest k. The
     questions' likelihoods under each library's cartridges are computed once for both likelihood routers (and,
-    with ``likelihoods_dir``, kept there: :func:`question_likelihoods`)."""
+    with ``likelihoods_dir``, kept there: :func:`routed_by_each`)."""
     from hfx.cartridges.corpus import document_prefix_ids, document_prefix_ids_within
     from hfx.cartridges.routing import ChunkRetriever
 
@@ -279,13 +296,8 @@ def library_conditions(
 
     routed_by = {}  # (label, router, k) -> per question routed ids
     for label, library in libraries.items():
-        likelihoods = None
-        if any(router != "bm25" for router in routers):
-            likelihoods = question_likelihoods(library, questions, model, tokenizer, likelihoods_dir)
-        for router in routers:
-            ranked = library.route(
-                questions, k=max(ks), router=router, model=model, tokenizer=tokenizer, likelihoods=likelihoods
-            )
+        routed = routed_by_each(library, questions, routers, max(ks), model, tokenizer, likelihoods_dir)
+        for router, ranked in routed.items():
             for k in ks:
                 routed_by[(label, router, k)] = [tuple(doc for doc, _ in r[:k]) for r in ranked]
 
