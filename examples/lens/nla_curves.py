@@ -30,6 +30,8 @@ from hfx.atomic import write_text_atomic
 
 TARGETS = ("continuation", "window", "top_predictions", "context")
 LENGTHS = (4, 8, 16, 32)
+#: The figure's FVE axis starts here (below the mean's 0); runs below it are marked at the floor with their value.
+FLOOR = -0.25
 
 
 def run_name(target: str, length: int) -> str:
@@ -120,7 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     from hfx.artifacts import save_figure_atomic
 
-    fig, (by_length, by_step) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (by_length, by_step) = plt.subplots(1, 2, figsize=(10, 5.6))
     sft = [r for r in rows if r["phase"] == "SFT"]
     for recipe in dict.fromkeys(r["recipe"] for r in sft):
         mine = sorted((r for r in sft if r["recipe"] == recipe), key=lambda r: r["length"])
@@ -144,19 +146,33 @@ def plot(rows: list[dict], path: Path) -> None:
                 start = max((v for k, v in offset.items() if k.endswith("-k8")), default=0)
                 steps = [start + s for s in steps]
             by_step.plot(steps, values, marker=".", label=f"{r['phase']}, {r['recipe']}")
+    # a run far below the mean's level is drawn at the floor with its value (a curve: its range in the legend)
+    for axis in (by_length, by_step):
+        low = min(y for line in axis.lines for y in line.get_ydata())
+        if low < FLOOR:
+            axis.set_ylim(bottom=FLOOR - 0.05)
+            for line in list(axis.lines):
+                below = [(x, y) for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True) if y < FLOOR]
+                if below and line.get_marker() == "o":
+                    for x, y in below:
+                        axis.plot([x], [FLOOR], marker="v", color=line.get_color())
+                        axis.annotate(f"{y:.2f}", (x, FLOOR), textcoords="offset points", xytext=(6, -3))
+                elif below:
+                    values = [y for _, y in below]
+                    line.set_label(f"{line.get_label()} (below: {min(values):.2f} to {max(values):.2f})")
     by_length.set_xscale("log", base=2)
     lengths = sorted({r["length"] for r in sft})
     by_length.set_xticks(lengths, [str(k) for k in lengths])
     by_length.set_xlabel("explanation length k (tokens)")
     by_length.set_ylabel("FVE, 256 held out")
     by_length.axhline(0.6, color="grey", linestyle="--", linewidth=0.8)
-    by_length.legend(fontsize=7)
+    by_length.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     by_length.set_title("after SFT, by explanation length")
     by_step.set_xlabel("step (SFT, then GRPO)")
     by_step.set_ylabel("FVE, 64 held-out activations")
     by_step.axhline(0.6, color="grey", linestyle="--", linewidth=0.8)
     if by_step.lines[1:]:  # a curve beside the 0.6 line
-        by_step.legend(fontsize=7)
+        by_step.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     by_step.set_title("k = 8, during training")
     fig.tight_layout()
     save_figure_atomic(fig, path)
