@@ -148,7 +148,7 @@ def plot(rows: list[dict], path: Path) -> None:
             by_step.plot(steps, values, marker=".", label=f"{r['phase']}, {r['recipe']}")
     # a run far below the mean's level is drawn at the floor with its value (a curve: its range in the legend)
     for axis in (by_length, by_step):
-        low = min(y for line in axis.lines for y in line.get_ydata())
+        low = min((y for line in axis.lines for y in line.get_ydata()), default=0.0)
         if low < FLOOR:
             axis.set_ylim(bottom=FLOOR - 0.05)
             for line in list(axis.lines):
