@@ -193,6 +193,28 @@ def _cartridge_library_build(argv: list[str]) -> None:
     print(f"library in {report.library} ({report.library / 'library.json'})")
 
 
+def _cartridge_library_tune(argv: list[str]) -> None:
+    from hfx.cartridges.library_tuning import LibraryTuneCommand, LibraryTuningArguments, tune_library
+
+    command, args = _parser(
+        "hfx cartridge library tune", LibraryTuneCommand, LibraryTuningArguments
+    ).parse_args_and_config(argv)
+    report = tune_library(
+        command.library,
+        args.output_dir,
+        args,
+        model_name_or_path=command.model_name_or_path,
+        overwrite=command.overwrite,
+    )
+    if report.status == "done":
+        print(
+            f"{report.library} is up to date ({report.steps} steps, {report.minutes:.1f} min); nothing to do"
+        )
+    else:
+        loss = f", loss {report.train_loss:.3f}" if report.train_loss is not None else ""
+        print(f"tuned library in {report.library}: {report.steps} steps in {report.minutes:.1f} min{loss}")
+
+
 def _cartridge_library_ask(argv: list[str]) -> None:
     from hfx.cartridges.library import ROUTERS, CartridgeLibrary
     from hfx.models import load_causal_lm
@@ -546,6 +568,17 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "--output_dir, --budget_minutes, --distractors.",
         "hfx cartridge library build --documents sklearn_descr --output_dir outputs/library --budget_minutes 6",
         'hfx cartridge library ask OUTPUT_DIR "How many samples does the iris dataset have?"',
+    ),
+    ("cartridge", "library", "tune"): Command(
+        _cartridge_library_tune,
+        "a built library -> its cartridges tuned together, so that any mix of them composes",
+        "Train all of a library's cartridges together on their own synthesized conversations: each step puts one "
+        "document's cartridge among a changing set of the others (0 to --max_others, random order) and trains every "
+        "cartridge in the prefix, the document's own to answer and the others to keep out of its answers. Writes a "
+        "new library folder (resumable, reused when up to date). Trainer options as TrainingArguments "
+        "(--num_train_epochs, --max_steps, --learning_rate); --conversations_per_step.",
+        "hfx cartridge library tune --library outputs/library --output_dir outputs/library-tuned",
+        'hfx cartridge library ask outputs/library-tuned "How many samples does the iris dataset have?"',
     ),
     ("cartridge", "library", "ask"): Command(
         _cartridge_library_ask,

@@ -67,14 +67,27 @@ def load_prefix(
     config = PeftConfig.from_pretrained(str(adapter_dir))
     p, width = check_cartridge_weights(adapter_dir, config.num_virtual_tokens, prompt_width(config))
     embeddings = load_file(Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME)["prompt_embeddings"]  # [p, width]
-    heads = config.num_attention_heads
-    head_dim = config.token_dim // heads
+    prefix = prefix_from_embeddings(
+        embeddings.to(device=device), config.num_layers, config.num_attention_heads, dtype=dtype
+    )
+    return PrefixKV([k.contiguous() for k in prefix.keys], [v.contiguous() for v in prefix.values])
+
+
+def prefix_from_embeddings(
+    embeddings: torch.Tensor, num_layers: int, num_heads: int, dtype: torch.dtype | None = None
+) -> PrefixKV:
+    """The KV prefix a CARTRIDGE adapter's ``prompt_embeddings`` ``[p, layers * 2 * heads * head_dim]`` feeds the
+    model, as views of it (differentiable: a cartridge being trained), in ``dtype``."""
+    p = embeddings.shape[0]
+    head_dim = embeddings.shape[1] // (num_layers * 2 * num_heads)
     # PEFT's layout (get_prompt): [p, layers, 2, heads, head_dim] -> per layer [1, heads, p, head_dim].
-    kv = embeddings.view(p, config.num_layers * 2, heads, head_dim).permute(1, 2, 0, 3)
-    kv = kv.to(device=device, dtype=dtype)
-    keys = [kv[2 * i].unsqueeze(0).contiguous() for i in range(config.num_layers)]
-    values = [kv[2 * i + 1].unsqueeze(0).contiguous() for i in range(config.num_layers)]
-    return PrefixKV(keys, values)
+    kv = embeddings.view(p, num_layers * 2, num_heads, head_dim).permute(1, 2, 0, 3)
+    if dtype is not None:
+        kv = kv.to(dtype)
+    return PrefixKV(
+        [kv[2 * i].unsqueeze(0) for i in range(num_layers)],
+        [kv[2 * i + 1].unsqueeze(0) for i in range(num_layers)],
+    )
 
 
 def save_prefix(

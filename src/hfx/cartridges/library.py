@@ -214,6 +214,12 @@ def build_library(
         raise ValueError("A library chooses each cartridge's distractors itself; set settings.distractors.")
     SynthesisConfig(**settings.synthesis)  # unknown or invalid synthesis settings stop here
     output_dir = Path(output_dir)
+    existing = read_library_manifest(output_dir)
+    if existing is not None and "tuning" in existing:
+        raise ValueError(
+            f"{output_dir} is a tuned library (`hfx cartridge library tune` of {existing['tuning']['source']}); "
+            "build into its source, then tune it again."
+        )
     documents = collect_documents(sources)
     tokenizer = load_tokenizer(settings.model_name_or_path)
     report = BuildReport(output_dir)
@@ -507,6 +513,11 @@ class CartridgeLibrary:
         if manifest is None:
             raise FileNotFoundError(
                 f"{self.folder}: no {LIBRARY_FILE}; build one with `hfx cartridge library build`."
+            )
+        tuning = self.folder / "hfx_stage_library-tuning"  # a tuned library's stage (a shared copy has none)
+        if tuning.with_suffix(".json").is_file() and not tuning.with_suffix(".done").is_file():
+            raise ValueError(
+                f"{self.folder}: its tuning has not finished; run `hfx cartridge library tune` again to finish it."
             )
         self.manifest = manifest
         self.documents = [LibraryDocument(**d) for d in manifest["documents"]]

@@ -187,13 +187,7 @@ class CartridgeTrainer(Trainer):
                 self.state.global_step,
             )
         try:
-            outputs = model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                output_hidden_states=True,
-                logits_to_keep=1,  # the loss projects only the labelled positions itself
-                use_cache=False,
-            )
+            outputs = self.student_forward(model, inputs)
         finally:
             if self.distractors is not None:
                 self.distractors.layout = None
@@ -214,6 +208,17 @@ class CartridgeTrainer(Trainer):
                 # DDP averages gradients over processes: scale back up so the step is sum / (all tokens).
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def student_forward(self, model, inputs):
+        """The student's forward over a batch, with the final hidden states (the loss projects only the labelled
+        positions itself)."""
+        return model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call=_internal_call)
