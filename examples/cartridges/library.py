@@ -6,11 +6,12 @@
     .venv/bin/python examples/cartridges/library.py --routing_only          # the routers alone, built libraries
 
 Builds two libraries of the same documents (``hfx cartridge library build``) into ``OUTPUT_ROOT/alone`` (each
-cartridge trained alone) and ``OUTPUT_ROOT/distractors`` (trained beside the others' initial cartridges), then scores
-every condition of :mod:`hfx.cartridges.library_evaluation` on the documents' questions shuffled together, and
-writes ``OUTPUT_ROOT/library_eval.json`` and the markdown table ``OUTPUT_ROOT/library_table.md``. Both builds and
-the evaluation are resumable (each scored condition is kept in ``OUTPUT_ROOT/rows/``); a rerun reuses what is
-finished.
+cartridge trained alone) and ``OUTPUT_ROOT/distractors`` (trained beside the others' initial cartridges), tunes the
+first one's cartridges together into ``OUTPUT_ROOT/tuned`` (``hfx cartridge library tune``, ``--tune_epochs``; 0
+skips it), then scores every condition of :mod:`hfx.cartridges.library_evaluation` on the documents' questions
+shuffled together, and writes ``OUTPUT_ROOT/library_eval.json`` and the markdown table
+``OUTPUT_ROOT/library_table.md``. The builds, the tuning and the evaluation are resumable (each scored condition is
+kept in ``OUTPUT_ROOT/rows/``); a rerun reuses what is finished.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--model_name_or_path", default="embedded")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--tune_epochs",
+        type=float,
+        default=1.0,
+        help="Epochs of tuning the cartridges trained alone together (over all documents' conversations); 0: none.",
+    )
     parser.add_argument("--table", action="store_true", help="Only print the table of a finished evaluation.")
     parser.add_argument(
         "--routing_only",
@@ -67,13 +74,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         mixed_questions,
         routing_accuracy,
     )
+    from hfx.cartridges.library_tuning import LibraryTuningArguments, tune_library
     from hfx.models import load_causal_lm
 
-    if args.routing_only:
-        libraries = {
+    def libraries_on_disk() -> dict:
+        found = {
             "trained alone": CartridgeLibrary(root / "alone"),
             "with distractors": CartridgeLibrary(root / "distractors"),
         }
+        if args.tune_epochs > 0:
+            found["tuned together"] = CartridgeLibrary(root / "tuned")
+        return found
+
+    if args.routing_only:
+        libraries = libraries_on_disk()
         model, tokenizer = load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
         tagged = mixed_questions(libraries["with distractors"], args.questions_dir)
         start = time.time()
@@ -125,10 +139,19 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"{_pending(root / 'distractors')}; run this again once they are."
             )
         time.sleep(10)
-    libraries = {
-        "trained alone": CartridgeLibrary(root / "alone"),
-        "with distractors": CartridgeLibrary(root / "distractors"),
-    }
+    if args.tune_epochs > 0:
+        start = time.time()
+        tuning = tune_library(
+            root / "alone",
+            root / "tuned",
+            LibraryTuningArguments(
+                str(root / "tuned"), num_train_epochs=args.tune_epochs, use_cpu=device == "cpu"
+            ),
+            model_name_or_path=args.model_name_or_path,
+        )
+        minutes["tuned"] = (time.time() - start) / 60
+        print(f"tuned: {tuning.status}, {tuning.steps} steps ({minutes['tuned']:.1f} min)")
+    libraries = libraries_on_disk()
     model, tokenizer = load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
     tagged = mixed_questions(libraries["with distractors"], args.questions_dir)
     start = time.time()
@@ -141,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         label: sum(d.report.get("minutes", 0.0) for d in library.documents)
         for label, library in libraries.items()
     }
+    if "tuned together" in libraries:  # the tuning's own minutes, on top of its source library's
+        report["tuning"] = libraries["tuned together"].manifest["tuning"]
     report["build_minutes_this_run"] = minutes
     report["budget_minutes_per_document"] = args.budget_minutes
     report["num_processes"] = num_processes

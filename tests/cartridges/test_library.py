@@ -539,8 +539,8 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     # a rerun reads the rows it has (a killed evaluation resumes); other questions make other rows
     import hfx.cartridges.library_evaluation as library_evaluation
 
-    (written,) = [path for path in (tmp_path / "rows").iterdir() if path.is_dir()]
-    files = {json.loads(f.read_text())["condition"]: f for f in written.glob("row-*.json")}
+    store = tmp_path / "rows" / library_evaluation.ROWS_FOLDER
+    files = {json.loads(f.read_text())["condition"]: f for f in store.glob("*.json")}
     assert (
         len(files) == len(rows) and len(list((tmp_path / "rows").glob("likelihoods-*.json"))) == 2
     )  # a library
@@ -565,15 +565,35 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     assert computed == []  # the questions' likelihoods are read back, the calibration kept by each library
     assert [r["correct"] for r in again["rows"]] == [r["correct"] for r in report["rows"]]
 
-    # rows are found by their condition, whatever their file is called (the numbered files of earlier versions too)
-    files[report["rows"][5]["condition"]].rename(written / "05.json")
+    # a library added to the evaluation scores its own rows only (the others' and RAG's are read back)
+    copy = tmp_path / "copy"
+    shutil.copytree(alone.library, copy)
     scored.clear()
-    evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
-                     progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
-    assert scored == []
+    evaluate_library(model, tokenizer, tagged, {**libraries, "copy": CartridgeLibrary(copy)}, throughput_batch=2,
+                     throughput_tokens=2, progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
+    assert scored and all(name.endswith("(copy)") for name in scored) and len(scored) == 1 + 3 * 2 + 1
+
+    # rows kept by earlier versions, one folder per set of libraries with numbered files, are adopted once
+    from hfx.stages import file_fingerprint, fingerprint
+
+    legacy = tmp_path / "rows" / fingerprint({
+        "libraries": {label: file_fingerprint(lib.folder / LIBRARY_FILE) for label, lib in libraries.items()},
+        "questions": [[t.document, t.question.question, t.question.answer] for t in tagged],
+        "model": [str(model.config._name_or_path), str(model.dtype), str(model.device.type)],
+        "settings": [2, 2, {}],
+    })  # fmt: skip
+    legacy.mkdir()
+    for index, row in enumerate(report["rows"]):
+        (legacy / f"{index:02d}.json").write_text(json.dumps(row) + "\n")
+    shutil.rmtree(store)
+    scored.clear()
+    again = evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
+                             progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
+    assert scored == [] and len(list(store.glob("*.json"))) == len(rows)
+    assert [r["correct"] for r in again["rows"]] == [r["correct"] for r in report["rows"]]
     evaluate_library(model, tokenizer, tagged[:-1], libraries, throughput_batch=2, throughput_tokens=2,
                      progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
-    assert len(scored) == len(rows) and len([p for p in (tmp_path / "rows").iterdir() if p.is_dir()]) == 2
+    assert len(scored) == len(rows) and len(list(store.glob("*.json"))) == 2 * len(rows)
     assert (
         len(list((tmp_path / "rows").glob("likelihoods-*.json"))) == 4
     )  # other questions, other likelihoods

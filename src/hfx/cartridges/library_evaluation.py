@@ -30,6 +30,7 @@ from hfx.cartridges.evaluation import (
 )
 from hfx.cartridges.library import LIBRARY_FILE, ROUTERS, CartridgeLibrary
 from hfx.cartridges.prefix import PrefixKV
+from hfx.stages import file_fingerprint, fingerprint
 from hfx.statistics import wilson_interval
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class PerQuestionCondition:
     prompt_after_system: bool
     context_tokens: list[int] = field(default_factory=list)
     routed: list[tuple[str, ...]] | None = None
+    #: A fingerprint of what ``make`` reads beyond the keys (a library's manifest, a prefilled text): with the keys,
+    #: what makes the row (:func:`evaluate_library` keeps rows under it).
+    reads: str | None = None
 
 
 def score_per_question(
@@ -158,7 +162,6 @@ def question_likelihoods(
     what makes them (the library's manifest, the model, the questions): read back when an earlier run wrote them,
     else computed and written."""
     from hfx.atomic import write_text_atomic
-    from hfx.stages import file_fingerprint, fingerprint
 
     path = None
     if folder is not None:
@@ -283,14 +286,21 @@ def library_conditions(
             if window
             else (document_prefix_ids(tokenizer, all_text), False)
         )
-        prefix = PrefixKV.prefill(model, ids)
+        prefilled: list[PrefixKV] = []  # on first use: a row read back needs no prefill
+
+        def everything(key: tuple, ids=ids) -> PrefixKV:
+            if not prefilled:
+                prefilled.append(PrefixKV.prefill(model, ids))
+            return prefilled[0]
+
         conditions.append(
             PerQuestionCondition(
                 f"ICL, {len(fitting)} of {len(first.ids)} documents that fit",
                 [("all",)] * n,
-                lambda key, prefix=prefix: prefix,
+                everything,
                 True,
                 [len(ids)] * n,
+                reads=fingerprint(ids),
             )
         )
 
@@ -331,23 +341,26 @@ def library_conditions(
             return library.prefix(list(key), model)
 
         everything = tuple(library.ids)
+        manifest = file_fingerprint(library.folder / LIBRARY_FILE)
         conditions.append(
             PerQuestionCondition(f"all {len(everything)} cartridges composed ({label})", [everything] * n,
-                                 composed, False, [0] * n)
+                                 composed, False, [0] * n, reads=manifest)
         )  # fmt: skip
         for router in routers:
             for k in ks:
                 routed = routed_by[(label, router, k)]
                 conditions.append(
                     PerQuestionCondition(
-                        f"routed top-{k}, {router} ({label})", list(routed), composed, False, [0] * n, routed
+                        f"routed top-{k}, {router} ({label})", list(routed), composed, False, [0] * n, routed,
+                        reads=manifest,
                     )
-                )
+                )  # fmt: skip
         conditions.append(
             PerQuestionCondition(
-                f"oracle cartridge ({label})", [(t.document,) for t in tagged], composed, False, [0] * n
+                f"oracle cartridge ({label})", [(t.document,) for t in tagged], composed, False, [0] * n,
+                reads=manifest,
             )
-        )
+        )  # fmt: skip
     return conditions
 
 
@@ -368,43 +381,39 @@ def evaluate_library(
     questions call it by), which says how much routing owes to questions that name their document.
 
     With ``rows_dir``, each condition's row is written there as it is scored, under a fingerprint of what makes it
-    (the libraries' manifests, the questions, the model, the settings), and a rerun of the same evaluation reads
-    the rows it has instead of scoring them again: a killed evaluation loses at most the condition in progress."""
+    (its prefixes' keys and what they read: the library it uses, the text it prefills; the questions, the model,
+    the settings), and a rerun reads the rows it has instead of scoring them again: a killed evaluation loses at
+    most the condition in progress, and a library added to the evaluation scores only its own rows. Rows kept by
+    earlier versions (one folder per set of libraries) are adopted once."""
     from hfx.atomic import write_text_atomic
     from hfx.cartridges.routing import mask_document_names
-    from hfx.stages import file_fingerprint, fingerprint
 
-    folder = None
+    conditions = library_conditions(
+        model, tokenizer, tagged, libraries, likelihoods_dir=rows_dir, **condition_kwargs
+    )
+    store = None
     if rows_dir is not None:
-        made_by = {
-            "libraries": {
-                label: file_fingerprint(lib.folder / LIBRARY_FILE) for label, lib in libraries.items()
-            },
+        base = {
             "questions": [[t.document, t.question.question, t.question.answer] for t in tagged],
             "model": [str(model.config._name_or_path), str(model.dtype), str(model.device.type)],
             "settings": [throughput_batch, throughput_tokens, condition_kwargs],
         }
-        folder = Path(rows_dir) / fingerprint(made_by)
-        folder.mkdir(parents=True, exist_ok=True)
-    conditions = library_conditions(
-        model, tokenizer, tagged, libraries, likelihoods_dir=rows_dir, **condition_kwargs
-    )
-    scored = {}  # the rows an earlier run of this evaluation wrote, by their condition
-    earlier = [*folder.glob("[0-9]*.json"), *folder.glob("row-*.json")] if folder is not None else []
-    for path in sorted(earlier):
-        scored[json.loads(path.read_text())["condition"]] = path
+        store = Path(rows_dir) / ROWS_FOLDER
+        if not all((store / f"{row_key(c, base)}.json").is_file() for c in conditions):
+            _adopt_earlier_rows(model, tokenizer, tagged, libraries, rows_dir, base, condition_kwargs)
     rows, scored_now = [], []
     for condition in conditions:
-        if condition.name in scored:
-            logger.info("%s: read from %s", condition.name, scored[condition.name])
-            rows.append(json.loads(scored[condition.name].read_text()))
+        path = store / f"{row_key(condition, base)}.json" if store is not None else None
+        if path is not None and path.is_file():
+            logger.info("%s: read from %s", condition.name, path)
+            rows.append(json.loads(path.read_text()))
             continue
         row = score_per_question(
             model, tokenizer, condition, tagged, throughput_batch, throughput_tokens, progress
         )
         scored_now.append(condition.name)
-        if folder is not None:  # named by its condition: one added later leaves the others' rows to be read
-            write_text_atomic(folder / f"row-{fingerprint(condition.name)[:12]}.json", json.dumps(row) + "\n")
+        if path is not None:
+            write_text_atomic(path, json.dumps(row) + "\n")
         rows.append(row)
     first = next(iter(libraries.values()))
     names = list(first.ids) + [name for doc in first.ids for name in (aliases or {}).get(doc, [])]
@@ -427,6 +436,54 @@ def evaluate_library(
         "libraries": {label: str(library.folder) for label, library in libraries.items()},
         "scored_this_run": scored_now,
     }
+
+
+#: The folder of ``rows_dir`` that keeps each scored row under :func:`row_key`.
+ROWS_FOLDER = "conditions"
+
+
+def row_key(condition: PerQuestionCondition, base: dict) -> str:
+    """What makes a condition's row: its name, its prefixes' keys and what they read, and ``base`` (the questions,
+    the model, the settings)."""
+    return fingerprint(
+        {**base, "condition": condition.name, "keys": condition.keys, "reads": condition.reads}
+    )
+
+
+def _adopt_earlier_rows(model, tokenizer, tagged, libraries, rows_dir, base, condition_kwargs) -> None:
+    """Rows that earlier versions kept in one folder per set of libraries (named by a fingerprint of the libraries'
+    manifests and ``base``): for each set of these ``libraries`` (in their order) that has such a folder, its
+    conditions are made again and each kept row is stored under its condition's :func:`row_key`."""
+    from itertools import combinations
+
+    from hfx.atomic import write_text_atomic
+
+    labels = list(libraries)
+    store = Path(rows_dir) / ROWS_FOLDER
+    for size in range(len(labels), 0, -1):
+        for chosen in combinations(labels, size):
+            subset = {label: libraries[label] for label in chosen}
+            made_by = {
+                "libraries": {
+                    label: file_fingerprint(library.folder / LIBRARY_FILE)
+                    for label, library in subset.items()
+                },
+                **base,
+            }
+            folder = Path(rows_dir) / fingerprint(made_by)
+            kept = {}
+            for path in sorted([*folder.glob("[0-9]*.json"), *folder.glob("row-*.json")]):
+                row = json.loads(path.read_text())
+                kept[row["condition"]] = row
+            if not kept:
+                continue
+            for condition in library_conditions(
+                model, tokenizer, tagged, subset, likelihoods_dir=rows_dir, **condition_kwargs
+            ):
+                path = store / f"{row_key(condition, base)}.json"
+                if condition.name in kept and not path.is_file():
+                    write_text_atomic(path, json.dumps(kept[condition.name]) + "\n")
+                    logger.info("%s: adopted from %s", condition.name, folder)
 
 
 def format_library_table(report: dict) -> str:
