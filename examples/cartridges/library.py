@@ -7,8 +7,8 @@
 
 Builds two libraries of the same documents (``hfx cartridge library build``) into ``OUTPUT_ROOT/alone`` (each
 cartridge trained alone) and ``OUTPUT_ROOT/distractors`` (trained beside the others' initial cartridges), tunes the
-first one's cartridges together into ``OUTPUT_ROOT/tuned`` (``hfx cartridge library tune``, ``--tune_epochs``; 0
-skips it), then scores every condition of :mod:`hfx.cartridges.library_evaluation` on the documents' questions
+first one's cartridges together into ``OUTPUT_ROOT/tuned`` (``hfx cartridge library tune``; ``--tune_epochs``, one
+library per value, ``OUTPUT_ROOT/tuned-<E>ep`` for E other than 1; 0 skips it), then scores every condition of :mod:`hfx.cartridges.library_evaluation` on the documents' questions
 shuffled together, and writes ``OUTPUT_ROOT/library_eval.json`` and the markdown table
 ``OUTPUT_ROOT/library_table.md``. The builds, the tuning and the evaluation are resumable (each scored condition is
 kept in ``OUTPUT_ROOT/rows/``); a rerun reuses what is finished.
@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--tune_epochs",
         type=float,
-        default=1.0,
-        help="Epochs of tuning the cartridges trained alone together (over all documents' conversations); 0: none.",
+        nargs="+",
+        default=[1.0],
+        help="Epochs of tuning the cartridges trained alone together (over all documents' conversations), a tuned "
+        "library per value; 0: none.",
     )
     parser.add_argument("--table", action="store_true", help="Only print the table of a finished evaluation.")
     parser.add_argument(
@@ -77,13 +79,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     from hfx.cartridges.library_tuning import LibraryTuningArguments, tune_library
     from hfx.models import load_causal_lm
 
+    tuned_epochs = [e for e in args.tune_epochs if e > 0]
+
+    def tuned_label(epochs: float) -> str:
+        return "tuned together" if epochs == 1 else f"tuned together, {epochs:g} epochs"
+
+    def tuned_folder(epochs: float) -> Path:
+        return root / ("tuned" if epochs == 1 else f"tuned-{epochs:g}ep")
+
     def libraries_on_disk() -> dict:
         found = {
             "trained alone": CartridgeLibrary(root / "alone"),
             "with distractors": CartridgeLibrary(root / "distractors"),
         }
-        if args.tune_epochs > 0:
-            found["tuned together"] = CartridgeLibrary(root / "tuned")
+        for epochs in tuned_epochs:
+            found[tuned_label(epochs)] = CartridgeLibrary(tuned_folder(epochs))
         return found
 
     if args.routing_only:
@@ -139,18 +149,20 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"{_pending(root / 'distractors')}; run this again once they are."
             )
         time.sleep(10)
-    if args.tune_epochs > 0:
+    for epochs in tuned_epochs:
         start = time.time()
         tuning = tune_library(
             root / "alone",
-            root / "tuned",
+            tuned_folder(epochs),
             LibraryTuningArguments(
-                str(root / "tuned"), num_train_epochs=args.tune_epochs, use_cpu=device == "cpu"
+                str(tuned_folder(epochs)), num_train_epochs=epochs, use_cpu=device == "cpu"
             ),
             model_name_or_path=args.model_name_or_path,
         )
-        minutes["tuned"] = (time.time() - start) / 60
-        print(f"tuned: {tuning.status}, {tuning.steps} steps ({minutes['tuned']:.1f} min)")
+        minutes[tuned_label(epochs)] = (time.time() - start) / 60
+        print(
+            f"{tuned_label(epochs)}: {tuning.status}, {tuning.steps} steps ({minutes[tuned_label(epochs)]:.1f} min)"
+        )
     libraries = libraries_on_disk()
     model, tokenizer = load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
     tagged = mixed_questions(libraries["with distractors"], args.questions_dir)
@@ -164,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         label: sum(d.report.get("minutes", 0.0) for d in library.documents)
         for label, library in libraries.items()
     }
-    if "tuned together" in libraries:  # the tuning's own minutes, on top of its source library's
-        report["tuning"] = libraries["tuned together"].manifest["tuning"]
+    # each tuning's own steps and minutes, on top of its source library's
+    report["tuning"] = {tuned_label(e): libraries[tuned_label(e)].manifest["tuning"] for e in tuned_epochs}
     report["build_minutes_this_run"] = minutes
     report["budget_minutes_per_document"] = args.budget_minutes
     report["num_processes"] = num_processes
