@@ -165,6 +165,18 @@ def test_tuning_writes_a_library_that_loads_and_differs_and_a_rerun_reuses_it(
     assert checkpoints(out / TUNING_DIR) == []  # a finished tuning keeps the cartridges, not the checkpoints
     assert tuned.route(["When was the Zorblat protocol designed?"], k=1)[0][0][0] == "zorblat.txt"
 
+    from hfx.cartridges.library import push_library_to_hub
+
+    shared = push_library_to_hub(out, "someone/tuned", dry_run_dir=tmp_path / "upload")["folder"]
+    assert (
+        CartridgeLibrary(shared).manifest["tuning"]["steps"] == 3
+    )  # a shared tuned library loads and routes
+    assert (
+        CartridgeLibrary(shared).route(["When was the Zorblat protocol designed?"], k=1)[0][0][0]
+        == "zorblat.txt"
+    )
+    torch.testing.assert_close(embeddings_of(shared)["zorblat.txt"], after["zorblat.txt"])
+
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     again = tune_library(source, out, tuning_args(tmp_path, max_steps=3))
     assert again.status == "done" and again.steps == 3
