@@ -14,6 +14,7 @@ A rebuild trains only the documents that are missing or whose text or settings c
 interrupted, and removes the documents that are no longer given. ``library.json`` is rewritten after each cartridge,
 so a kill loses at most the cartridge in progress. Processes of a launch share the documents (document ``i`` goes to
 process ``i % num_processes``), each training its own alone on its own device; a file lock orders their writes.
+A built library's cartridges can then be tuned together into a new library (:mod:`hfx.cartridges.library_tuning`).
 """
 
 from __future__ import annotations

@@ -238,14 +238,7 @@ class LibraryTuner(CartridgeTrainer):
 
     def student_forward(self, model, inputs):
         self.last_order = self.layout(int(inputs["document"]))
-        return model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            order=self.last_order,
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
+        return super().student_forward(model, inputs, order=self.last_order)
 
 
 # -- the tuned library ------------------------------------------------------------------------------------------

@@ -209,15 +209,16 @@ class CartridgeTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
-    def student_forward(self, model, inputs):
+    def student_forward(self, model, inputs, **extra):
         """The student's forward over a batch, with the final hidden states (the loss projects only the labelled
-        positions itself)."""
+        positions itself); ``extra`` goes to the model (a subclass's own inputs)."""
         return model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             output_hidden_states=True,
             logits_to_keep=1,
             use_cache=False,
+            **extra,
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
