@@ -247,6 +247,13 @@ def test_a_downloaded_library_without_synthesis_is_refused_clearly(source, tmp_p
         tune_library(copy, copy, tuning_args(tmp_path, max_steps=1))
 
 
+def test_a_launch_of_several_processes_is_refused_before_any_work(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process"):
+        tune_library(source, tmp_path / "tuned", tuning_args(tmp_path, max_steps=1))
+    assert not (tmp_path / "tuned").exists()
+
+
 def test_the_tune_command_runs_and_reruns(source, tmp_path, capsys):
     from hfx.cli import main
 

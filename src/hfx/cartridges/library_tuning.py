@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -295,6 +296,11 @@ def tune_library(
     from hfx.cartridges.synthesis import load_synthesis
     from hfx.models import load_model, load_tokenizer, model_id, resolve_training_dtype
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "A library's tuning runs in one process (one GPU or the CPU): every step may touch every cartridge. "
+            "Run it without `accelerate launch`, or with --num_processes 1."
+        )
     source, output_dir = Path(source), Path(output_dir)
     if source.resolve() == output_dir.resolve():
         raise ValueError(f"{output_dir}: a tuned library goes into a folder of its own, not its source's.")
