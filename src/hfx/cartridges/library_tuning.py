@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, TrainingArguments
+from transformers import DynamicCache
 
 from hfx.atomic import write_text_atomic
 from hfx.cartridges.composition import check_same_base, prefix_from_embeddings, save_prefix
 from hfx.cartridges.library import LIBRARY_FILE, LIBRARY_FORMAT, CartridgeLibrary, LibraryDocument
-from hfx.cartridges.training import CartridgeCollator, CartridgeTrainer
+from hfx.cartridges.training import CartridgeCollator, CartridgeTrainer, CartridgeTrainerDefaults
 from hfx.checkpoints import remove_checkpoints, train_or_restore
 from hfx.stages import Stage, file_fingerprint, fingerprint, trainer_settings
 
@@ -47,7 +47,7 @@ WEIGHTS_FILE = "model.safetensors"  # what Trainer writes for a model that is no
 
 
 @dataclass
-class LibraryTuningArguments(TrainingArguments):
+class LibraryTuningArguments(CartridgeTrainerDefaults):
     """``TrainingArguments`` of a library's tuning: one optimizer step is one document's ``conversations_per_step``
     conversations behind its cartridge and 0 to ``max_others`` of the others, in a random order."""
 
@@ -65,27 +65,12 @@ class LibraryTuningArguments(TrainingArguments):
             "help": "The most other cartridges beside the document's own in one step (0 to this, uniformly)."
         },
     )
-    model_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the frozen base (the cartridges stay float32): auto = bfloat16 where native."
-        },
-    )
     learning_rate: float = field(
         default=2e-2,
         metadata={"help": "Adam learning rate (the cartridges are trained already: below theirs)."},
     )
-    weight_decay: float = field(default=0.0)
-    lr_scheduler_type: str = field(default="cosine")
     num_train_epochs: float = field(default=1.0)
     per_device_train_batch_size: int = field(default=1)  # one step's group of conversations is one item
-    logging_steps: float = field(default=5)
-    save_strategy: str = field(default="steps")
-    save_steps: float = field(default=25)
-    save_total_limit: int | None = field(default=2)
-    report_to: None | str | list[str] = field(default="none")
-    remove_unused_columns: bool = field(default=False)
-    dataloader_drop_last: bool = field(default=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -166,12 +151,13 @@ class DocumentGroupCollator:
     def __init__(self, pad_token_id: int):
         self.rows = CartridgeCollator(pad_token_id)
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict:
         if len(items) != 1:
             raise ValueError(
                 f"One document's group per batch, got {len(items)} (per_device_train_batch_size must be 1)."
             )
-        return {**self.rows(items[0]["rows"]), "document": torch.tensor(items[0]["document"])}
+        # the document stays a Python int: the step's layout is drawn on the host, with no device round trip
+        return {**self.rows(items[0]["rows"]), "document": int(items[0]["document"])}
 
 
 class MixedCartridges(torch.nn.Module):

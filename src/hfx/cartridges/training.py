@@ -56,7 +56,32 @@ ATTENDED_TOKENS_WINDOW = 8192
 
 
 @dataclass
-class CartridgeTrainingArguments(TrainingArguments):
+class CartridgeTrainerDefaults(TrainingArguments):
+    """``TrainingArguments`` defaults shared by everything that trains cartridges on a frozen base (one cartridge,
+    a library's tuned together): the base's dtype, no weight decay, cosine decay to 0, checkpoints every 25 steps."""
+
+    model_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen base model during training (the cartridges stay float32): auto = "
+            "bfloat16 where the device multiplies it natively (a GPU, a CPU with AVX512-BF16 or AMX), else float32."
+        },
+    )
+    weight_decay: float = field(default=0.0)
+    #: Decays to 0 at the run's last step: a constant lr leaves the last cartridge wherever the noise of the last
+    #: steps put it (the study's curves: answer log-ppl 3.08 at the end with cosine, 3.48 constant).
+    lr_scheduler_type: str = field(default="cosine")
+    logging_steps: float = field(default=5)
+    save_strategy: str = field(default="steps")
+    save_steps: float = field(default=25)
+    save_total_limit: int | None = field(default=2)
+    report_to: None | str | list[str] = field(default="none")
+    remove_unused_columns: bool = field(default=False)
+    dataloader_drop_last: bool = field(default=False)
+
+
+@dataclass
+class CartridgeTrainingArguments(CartridgeTrainerDefaults):
     """``TrainingArguments`` with the cartridge's own settings and defaults (Adam, lr 6e-2, cosine decay to 0)."""
 
     num_virtual_tokens: int = field(default=128, metadata={"help": "Cartridge size p: KV tokens per layer."})
@@ -67,27 +92,12 @@ class CartridgeTrainingArguments(TrainingArguments):
         default=DEFAULT_INITIALIZATION,
         metadata={"help": f"How to initialize the cartridge: {', '.join(INITIALIZATIONS)}."},
     )
-    model_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the frozen base model during training (the cartridge stays float32): auto = "
-            "bfloat16 where the device multiplies it natively (a GPU, a CPU with AVX512-BF16 or AMX), else float32."
-        },
-    )
     learning_rate: float = field(
         default=6e-2,
         metadata={"help": "Adam learning rate (self-study uses 2e-2; 6e-2 learns more in a short run)."},
     )
-    weight_decay: float = field(default=0.0)
-    #: Decays to 0 at the run's last step: a constant lr leaves the last cartridge wherever the noise of the last
-    #: steps put it (the study's curves: answer log-ppl 3.08 at the end with cosine, 3.48 constant).
-    lr_scheduler_type: str = field(default="cosine")
     per_device_train_batch_size: int = field(default=8)
     num_train_epochs: float = field(default=2.0)
-    logging_steps: float = field(default=5)
-    save_strategy: str = field(default="steps")
-    save_steps: float = field(default=25)
-    save_total_limit: int | None = field(default=2)
     distractors: list[str] | None = field(
         default=None,
         metadata={
@@ -100,9 +110,6 @@ class CartridgeTrainingArguments(TrainingArguments):
         default=7,
         metadata={"help": "The most distractor prefixes in one step (each step draws 0 to this many)."},
     )
-    report_to: None | str | list[str] = field(default="none")
-    remove_unused_columns: bool = field(default=False)
-    dataloader_drop_last: bool = field(default=False)
 
     def __post_init__(self):
         super().__post_init__()
