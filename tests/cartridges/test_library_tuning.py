@@ -218,6 +218,10 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_and_ends_where_an_uninterru
     a, b = embeddings_of(tmp_path / "whole"), embeddings_of(out)
     for doc in a:
         torch.testing.assert_close(a[doc], b[doc], atol=1e-5, rtol=1e-4)
+    # killed after library.json was written but before the stage's marker: not taken for a finished library
+    (out / "hfx_stage_library-tuning.done").unlink()
+    with pytest.raises(ValueError, match="has not finished"):
+        CartridgeLibrary(out)
 
 
 def test_a_rebuilt_source_cartridge_tunes_again(source, tmp_path):
