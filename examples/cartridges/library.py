@@ -7,8 +7,8 @@
 
 Builds two libraries of the same documents (``hfx cartridge library build``) into ``OUTPUT_ROOT/alone`` (each
 cartridge trained alone) and ``OUTPUT_ROOT/distractors`` (trained beside the others' initial cartridges), tunes the
-first one's cartridges together into ``OUTPUT_ROOT/tuned`` (``hfx cartridge library tune``; ``--tune_epochs``, one
-library per value, ``OUTPUT_ROOT/tuned-<E>ep`` for E other than 1; 0 skips it), then scores every condition of :mod:`hfx.cartridges.library_evaluation` on the documents' questions
+first one's cartridges together into ``OUTPUT_ROOT/tuned`` (``hfx cartridge library tune``; ``--tune_epochs``, 1 and
+2 by default, one library per value, ``OUTPUT_ROOT/tuned-<E>ep`` for E other than 1; 0 skips it), then scores every condition of :mod:`hfx.cartridges.library_evaluation` on the documents' questions
 shuffled together, and writes ``OUTPUT_ROOT/library_eval.json`` and the markdown table
 ``OUTPUT_ROOT/library_table.md``. The builds, the tuning and the evaluation are resumable (each scored condition is
 kept in ``OUTPUT_ROOT/rows/``); a rerun reuses what is finished.
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "--tune_epochs",
         type=float,
         nargs="+",
-        default=[1.0],
+        default=[1.0, 2.0],
         help="Epochs of tuning the cartridges trained alone together (over all documents' conversations), a tuned "
         "library per value; 0: none.",
     )

@@ -69,7 +69,8 @@ class LibraryTuningArguments(CartridgeTrainerDefaults):
         default=2e-2,
         metadata={"help": "Adam learning rate (the cartridges are trained already: below theirs)."},
     )
-    num_train_epochs: float = field(default=1.0)
+    #: The library table: all 8 composed 0.421 after 1 epoch, 0.457 after 2 (0.347 untuned; oracle ICL 0.547).
+    num_train_epochs: float = field(default=2.0)
     per_device_train_batch_size: int = field(default=1)  # one step's group of conversations is one item
 
     def __post_init__(self):
