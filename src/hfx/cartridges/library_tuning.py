@@ -34,7 +34,12 @@ from transformers import DynamicCache
 from hfx.atomic import write_text_atomic
 from hfx.cartridges.composition import check_same_base, prefix_from_embeddings, save_prefix
 from hfx.cartridges.library import LIBRARY_FILE, LIBRARY_FORMAT, CartridgeLibrary, LibraryDocument
-from hfx.cartridges.training import CartridgeCollator, CartridgeTrainer, CartridgeTrainerDefaults
+from hfx.cartridges.training import (
+    CartridgeCollator,
+    CartridgeTrainer,
+    CartridgeTrainerDefaults,
+    read_metadata,
+)
 from hfx.checkpoints import remove_checkpoints, train_or_restore
 from hfx.stages import Stage, file_fingerprint, fingerprint, trainer_settings
 
@@ -330,8 +335,11 @@ def tune_library(
     heads = {PeftConfig.from_pretrained(str(d)).num_attention_heads for d in dirs}
     if len(heads) != 1:
         raise ValueError(f"{source}: cartridges with different numbers of heads ({sorted(heads)}).")
+    sinks = {read_metadata(d).get("num_frozen_tokens", 1) for d in dirs}  # each cartridge's frozen sink stays
+    if len(sinks) != 1:
+        raise ValueError(f"{source}: cartridges with different numbers of frozen tokens ({sorted(sinks)}).")
     embeddings = [load_file(d / "adapter_model.safetensors")["prompt_embeddings"] for d in dirs]
-    student = MixedCartridges(model, embeddings, heads.pop()).to(model.device)
+    student = MixedCartridges(model, embeddings, heads.pop(), num_frozen_tokens=sinks.pop()).to(model.device)
     datasets = [load_synthesis(synthesis_dir(library, d)) for d in library.documents]
     groups = document_groups([len(d) for d in datasets], args.conversations_per_step, args.seed)
     trainer = LibraryTuner(
