@@ -68,3 +68,20 @@ def test_no_gap_no_share():
     }
     with pytest.raises(ValueError, match=r"\[3, 3, 2\]"):
         gap_share([1, 0, 1], [1, 1, 1], [1, 0])
+
+
+def test_paired_difference_is_tighter_than_the_separate_intervals_and_centred_on_the_difference():
+    from hfx.statistics import paired_difference
+
+    rng = np.random.default_rng(1)
+    hard = rng.random(400) < 0.5  # questions both conditions find hard
+    first = (~hard) | (rng.random(400) < 0.15)
+    second = (~hard) & (rng.random(400) < 0.9)
+    diff, interval = paired_difference(first, second)
+    assert diff == pytest.approx(first.mean() - second.mean())
+    assert interval.low < diff < interval.high and interval.low > 0  # first is better, and it shows
+    a, b = wilson_interval(int(first.sum()), 400), wilson_interval(int(second.sum()), 400)
+    assert interval.high - interval.low < (a.high - a.low + b.high - b.low) / 2
+    assert paired_difference(first, second) == (diff, interval)  # seeded
+    with pytest.raises(ValueError, match="same number"):
+        paired_difference(first, second[:-1])

@@ -31,6 +31,24 @@ def _pending(folder: Path) -> list[str]:
     return manifest["pending"]
 
 
+def paired_comparisons(report: dict) -> list[str]:
+    """Each library's composition of all its cartridges against the one trained alone and against oracle ICL, paired
+    on the same questions (bootstrap 95% intervals)."""
+    from hfx.statistics import paired_difference
+
+    rows = {row["condition"]: row for row in report["rows"]}
+    composed = {name.rsplit("(", 1)[1].rstrip(")"): name for name in rows if name.startswith("all ")}
+    pairs = [
+        (name, composed["trained alone"]) for label, name in composed.items() if label != "trained alone"
+    ]
+    pairs += [(name, "oracle ICL (the question's document)") for name in composed.values()]
+    lines = []
+    for first, second in pairs:
+        diff, interval = paired_difference(rows[first]["correct"], rows[second]["correct"])
+        lines.append(f"{first} - {second}: {diff:+.3f} ({interval.low:+.3f} to {interval.high:+.3f})")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -61,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     root = Path(args.output_root)
     if args.table:
         print((root / "library_table.md").read_text())
+        print("\n".join(paired_comparisons(json.loads((root / "library_eval.json").read_text()))))
         return None
 
     from hfx.atomic import write_text_atomic
@@ -184,9 +203,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     report["device"] = str(model.device)
     report["dtype"] = str(model.dtype).removeprefix("torch.")
     table = format_library_table(report)
+    report["paired"] = paired_comparisons(report)
     write_text_atomic(root / "library_eval.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(root / "library_table.md", table + "\n")
-    print(table)
+    print(
+        table + "\n\nPaired on the same questions (bootstrap 95% intervals):\n" + "\n".join(report["paired"])
+    )
     return report
 
 
