@@ -68,8 +68,6 @@ def gap_share(
 ) -> GapShare:
     """The share of the lower -> upper gap that ``middle`` closes, from per-question scores (1/0 for correct, or
     any per-question number), and its paired percentile bootstrap interval over questions."""
-    from scipy.stats import bootstrap
-
     scores = [np.asarray(x, dtype=float) for x in (lower, upper, middle)]
     n = len(scores[0])
     if n < 2 or any(len(x) != n for x in scores):
@@ -86,17 +84,7 @@ def gap_share(
     point = float(share(*scores))
     if not np.isfinite(point):
         return GapShare(None, None, n)
-    result = bootstrap(
-        scores,
-        share,
-        paired=True,
-        vectorized=True,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    low, high = _paired_bootstrap(scores, share, confidence, n_resamples, seed)
     interval = Interval(low, high, confidence) if np.isfinite(low) and np.isfinite(high) else None
     return GapShare(point, interval, n)
 
@@ -110,14 +98,29 @@ def paired_difference(
 ) -> tuple[float, Interval]:
     """``mean(first) - mean(second)`` over the same questions (per-question 1/0 or any number), and its paired
     percentile bootstrap interval (``scipy.stats.bootstrap``, seeded)."""
-    from scipy.stats import bootstrap
-
     a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
     if len(a) < 2 or len(a) != len(b):
         raise ValueError(f"need the same number (>= 2) of per-question scores, got {len(a)} and {len(b)}.")
-    result = bootstrap(
+    low, high = _paired_bootstrap(
         (a, b),
         lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis),
+        confidence,
+        n_resamples,
+        seed,
+    )
+    interval = Interval(low, high, confidence)
+    return float(a.mean() - b.mean()), interval
+
+
+def _paired_bootstrap(
+    samples, statistic, confidence: float, n_resamples: int, seed: int
+) -> tuple[float, float]:
+    """The percentile interval of ``statistic`` over ``samples`` resampled by whole questions (paired), seeded."""
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        samples,
+        statistic,
         paired=True,
         vectorized=True,
         n_resamples=n_resamples,
@@ -125,7 +128,4 @@ def paired_difference(
         method="percentile",
         rng=np.random.default_rng(seed),
     )
-    interval = Interval(
-        float(result.confidence_interval.low), float(result.confidence_interval.high), confidence
-    )
-    return float(a.mean() - b.mean()), interval
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
