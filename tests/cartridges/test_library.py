@@ -590,6 +590,7 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     again = evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
                              progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
     assert scored == [] and len(list(store.glob("*.json"))) == len(rows)
+    assert (legacy / library_evaluation.ADOPTED_MARKER).is_file()  # adopted once: not read again
     assert [r["correct"] for r in again["rows"]] == [r["correct"] for r in report["rows"]]
     evaluate_library(model, tokenizer, tagged[:-1], libraries, throughput_batch=2, throughput_tokens=2,
                      progress=False, rows_dir=tmp_path / "rows")  # fmt: skip

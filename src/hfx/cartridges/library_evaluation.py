@@ -440,6 +440,8 @@ def evaluate_library(
 
 #: The folder of ``rows_dir`` that keeps each scored row under :func:`row_key`.
 ROWS_FOLDER = "conditions"
+#: Written into a folder of rows kept by earlier versions once its rows are adopted: it is not read again.
+ADOPTED_MARKER = "adopted"
 
 
 def row_key(condition: PerQuestionCondition, base: dict) -> str:
@@ -471,6 +473,8 @@ def _adopt_earlier_rows(model, tokenizer, tagged, libraries, rows_dir, base, con
                 **base,
             }
             folder = Path(rows_dir) / fingerprint(made_by)
+            if (folder / ADOPTED_MARKER).is_file():  # its rows are in the store already
+                continue
             kept = {}
             for path in sorted([*folder.glob("[0-9]*.json"), *folder.glob("row-*.json")]):
                 row = json.loads(path.read_text())
@@ -484,6 +488,7 @@ def _adopt_earlier_rows(model, tokenizer, tagged, libraries, rows_dir, base, con
                 if condition.name in kept and not path.is_file():
                     write_text_atomic(path, json.dumps(kept[condition.name]) + "\n")
                     logger.info("%s: adopted from %s", condition.name, folder)
+            write_text_atomic(folder / ADOPTED_MARKER, "")
 
 
 def format_library_table(report: dict) -> str:
