@@ -68,6 +68,29 @@ def main(argv: list[str] | None = None) -> dict | None:
         help="Epochs of tuning the cartridges trained alone together (over all documents' conversations), a tuned "
         "library per value; 0: none.",
     )
+    parser.add_argument(
+        "--compression",
+        type=int,
+        default=8,
+        help="Each cartridge has 1/compression of its document's tokens (hfx cartridge library build --compression).",
+    )
+    parser.add_argument(
+        "--libraries",
+        nargs="+",
+        choices=["alone", "distractors"],
+        default=["alone", "distractors"],
+        help="Which libraries to build and score: cartridges trained alone, trained with distractors.",
+    )
+    parser.add_argument("--routers", nargs="+", default=None, help="Routers to score; default: all.")
+    parser.add_argument(
+        "--ks", type=int, nargs="+", default=None, help="Routed top-k to score; default: 1 2."
+    )
+    parser.add_argument(
+        "--rag_chunk_tokens",
+        type=int,
+        default=None,
+        help="Tokens per RAG chunk (default 128); RAG's budget is the routed cartridges' KV tokens at the largest k.",
+    )
     parser.add_argument("--table", action="store_true", help="Only print the table of a finished evaluation.")
     parser.add_argument(
         "--routing_only",
@@ -98,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from hfx.cartridges.library_tuning import LibraryTuningArguments, tune_library
     from hfx.models import load_causal_lm
 
-    tuned_epochs = [e for e in args.tune_epochs if e > 0]
+    tuned_epochs = [e for e in args.tune_epochs if e > 0] if "alone" in args.libraries else []
 
     def tuned_label(epochs: float) -> str:
         return "tuned together" if epochs == 1 else f"tuned together, {epochs:g} epochs"
@@ -106,11 +129,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     def tuned_folder(epochs: float) -> Path:
         return root / ("tuned" if epochs == 1 else f"tuned-{epochs:g}ep")
 
+    built = {"alone": ("trained alone", "none"), "distractors": ("with distractors", "initial")}
+    built = {folder: built[folder] for folder in built if folder in args.libraries}
+
     def libraries_on_disk() -> dict:
-        found = {
-            "trained alone": CartridgeLibrary(root / "alone"),
-            "with distractors": CartridgeLibrary(root / "distractors"),
-        }
+        found = {label: CartridgeLibrary(root / folder) for folder, (label, _) in built.items()}
         for epochs in tuned_epochs:
             found[tuned_label(epochs)] = CartridgeLibrary(tuned_folder(epochs))
         return found
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.routing_only:
         libraries = libraries_on_disk()
         model, tokenizer = load_causal_lm(args.model_name_or_path, device=args.device, dtype=args.dtype)
-        tagged = mixed_questions(libraries["with distractors"], args.questions_dir)
+        tagged = mixed_questions(next(iter(libraries.values())), args.questions_dir)
         start = time.time()
         routing = routing_accuracy(model, tokenizer, tagged, libraries, likelihoods_dir=root / "rows")
         report = {
@@ -143,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if torch.cuda.is_available():
             device = f"cuda:{local_index % torch.cuda.device_count()}"
     minutes = {}
-    for label, distractors in (("alone", "none"), ("distractors", "initial")):
+    for label, (_, distractors) in built.items():
         start = time.time()
         report = build_library(
             args.documents,
@@ -153,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             dtype=args.dtype,
             process_index=process_index,
             num_processes=num_processes,
+            compression=args.compression,
+            tune_epochs=0,  # tuned below into libraries of their own, so that the table has both
         )
         minutes[label] = (time.time() - start) / 60
         print(
@@ -161,11 +186,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if process_index != 0:
         return None
     deadline = time.time() + 60 * (2 * args.budget_minutes * len(args.documents) + 30)
-    while any(_pending(root / label) for label in ("alone", "distractors")):  # the other processes' documents
+    while any(_pending(root / label) for label in built):  # the other processes' documents
         if time.time() > deadline:
             raise SystemExit(
-                f"{root}: other processes' documents are still unfinished: {_pending(root / 'alone')}, "
-                f"{_pending(root / 'distractors')}; run this again once they are."
+                f"{root}: other processes' documents are still unfinished: "
+                f"{ {label: _pending(root / label) for label in built} }; run this again once they are."
             )
         time.sleep(10)
     for epochs in tuned_epochs:
@@ -184,11 +209,17 @@ def main(argv: list[str] | None = None) -> dict | None:
         )
     libraries = libraries_on_disk()
     model, tokenizer = load_causal_lm(args.model_name_or_path, device=device, dtype=args.dtype)
-    tagged = mixed_questions(libraries["with distractors"], args.questions_dir)
+    tagged = mixed_questions(next(iter(libraries.values())), args.questions_dir)
     start = time.time()
     aliases_file = Path(args.questions_dir) / "aliases.json"
     aliases = json.loads(aliases_file.read_text()) if aliases_file.is_file() else None
-    report = evaluate_library(model, tokenizer, tagged, libraries, aliases=aliases, rows_dir=root / "rows")
+    # only the settings given: a default run keeps the rows it has under the same keys
+    given = {"routers": args.routers and tuple(args.routers), "ks": args.ks and tuple(args.ks)}
+    given["rag_chunk_tokens"] = args.rag_chunk_tokens
+    condition_kwargs = {name: value for name, value in given.items() if value is not None}
+    report = evaluate_library(
+        model, tokenizer, tagged, libraries, aliases=aliases, rows_dir=root / "rows", **condition_kwargs
+    )
     report["evaluation_minutes"] = (time.time() - start) / 60
     # what each library's cartridges took to train, as their documents recorded it (a rerun keeps finished ones)
     report["build_minutes"] = {
@@ -199,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     report["tuning"] = {tuned_label(e): libraries[tuned_label(e)].manifest["tuning"] for e in tuned_epochs}
     report["build_minutes_this_run"] = minutes
     report["budget_minutes_per_document"] = args.budget_minutes
+    report["compression"] = args.compression
     report["num_processes"] = num_processes
     report["device"] = str(model.device)
     report["dtype"] = str(model.dtype).removeprefix("torch.")

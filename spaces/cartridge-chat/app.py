@@ -43,6 +43,14 @@ from hfx.models import model_id  # noqa: E402
 
 logger = logging.getLogger("cartridge-chat")
 
+
+def _kind_of(library) -> str:
+    """How the served library's cartridges were trained: tuned together (the build's default) or each alone."""
+    if library is None:
+        return "none"
+    return "cartridges tuned together" if "tuning" in library.manifest else "cartridges trained alone"
+
+
 CSS = """
 #memory { font-size: 14px; }
 #status:empty { display: none; }
@@ -259,7 +267,7 @@ def build_app(engine: ChatEngine) -> gr.Blocks:
                     library_mode = gr.Checkbox(
                         value=library is not None,
                         label=f"route each question through the library ({len(library.ids) if library else 0} "
-                        "documents) instead of the cartridges above",
+                        f"documents, {_kind_of(library)}) instead of the cartridges above",
                         elem_id="library-mode",
                     )
                     router = gr.Radio(list(ROUTERS), value="bm25", label="router", elem_id="router")

@@ -190,6 +190,12 @@ def _cartridge_library_build(argv: list[str]) -> None:
         print(f"kept {len(report.kept)} up-to-date cartridges: {', '.join(report.kept)}")
     if report.removed:
         print(f"removed {', '.join(report.removed)} (no longer among the documents)")
+    tuning = report.tuning
+    if tuning is not None:
+        done = "up to date" if tuning.status == "done" else "tuned"
+        print(
+            f"cartridges tuned together in {tuning.library} ({done}: {tuning.steps} steps, {tuning.minutes:.1f} min)"
+        )
     print(f"library in {report.library} ({report.library / 'library.json'})")
 
 
@@ -562,10 +568,11 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         _cartridge_library_build,
         "many documents -> a library of cartridges trained to be mixed (library.json)",
         "Train one cartridge per document (the main job, --budget_minutes per document) into one folder with a "
-        "manifest, each beside a changing mix of the others' so that they compose (--distractors). A rerun trains "
-        "only new documents and those whose text or settings changed, resumes an interrupted one and removes those "
-        "no longer given. Under `accelerate launch` the processes share the documents. Main options: --documents, "
-        "--output_dir, --budget_minutes, --distractors.",
+        "manifest, then tune them together so that any mix of them composes (OUTPUT_DIR/tuned, which the library "
+        "serves; --tune_epochs, 2 by default, 0: none). A rerun trains only new documents and those whose text or "
+        "settings changed, resumes an interrupted one, removes those no longer given, and tunes again only when a "
+        "cartridge changed. Under `accelerate launch` the processes share the documents; the first one tunes. Main "
+        "options: --documents, --output_dir, --budget_minutes, --tune_epochs, --compression.",
         "hfx cartridge library build --documents sklearn_descr --output_dir outputs/library --budget_minutes 6",
         'hfx cartridge library ask OUTPUT_DIR "How many samples does the iris dataset have?"',
     ),
@@ -575,7 +582,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "Train all of a library's cartridges together on their own synthesized conversations: each step puts one "
         "document's cartridge among a changing set of the others (0 to --max_others, random order) and trains every "
         "cartridge in the prefix, the document's own to answer and the others to keep out of its answers. Writes a "
-        "new library folder (resumable, reused when up to date). Trainer options as TrainingArguments "
+        "new library folder (resumable, reused when up to date); `build` does this into LIB/tuned by default, this "
+        "command tunes a copy with other settings. Trainer options as TrainingArguments "
         "(--num_train_epochs, --max_steps, --learning_rate); --conversations_per_step.",
         "hfx cartridge library tune --library outputs/library --output_dir outputs/library-tuned",
         'hfx cartridge library ask outputs/library-tuned "How many samples does the iris dataset have?"',

@@ -76,7 +76,7 @@ def built(tmp_path_factory, tiny_model_dir):
     """A library of the three documents, built once for the module's reading tests."""
     root = tmp_path_factory.mktemp("library")
     docs = write_documents(root / "docs", DOCUMENTS)
-    report = build_library([str(docs)], root / "lib", tiny_settings(tiny_model_dir))
+    report = build_library([str(docs)], root / "lib", tiny_settings(tiny_model_dir), tune_epochs=0)
     return {"root": root, "docs": docs, "lib": root / "lib", "report": report}
 
 
@@ -106,7 +106,7 @@ def test_rebuild_trains_only_changed_documents_and_removes_the_missing(built, tm
     docs = write_documents(tmp_path / "docs", DOCUMENTS)
     before = mtimes(lib)
 
-    unchanged = build_library([str(docs)], lib, tiny_settings(tiny_model_dir))
+    unchanged = build_library([str(docs)], lib, tiny_settings(tiny_model_dir), tune_epochs=0)
     assert unchanged.trained == {} and sorted(unchanged.kept) == sorted(DOCUMENTS) and unchanged.removed == []
     assert {k: v for k, v in mtimes(lib).items() if k != LIBRARY_FILE} == {
         k: v for k, v in before.items() if k != LIBRARY_FILE
@@ -115,7 +115,7 @@ def test_rebuild_trains_only_changed_documents_and_removes_the_missing(built, tm
     (docs / "kelvara.md").write_text(DOCUMENTS["kelvara.md"] + "It was first described in 1911.")
     (docs / "quintessa.txt").unlink()
     zorblat_before = {k: v for k, v in mtimes(lib).items() if k.startswith("cartridges/zorblat.txt/")}
-    changed = build_library([str(docs)], lib, tiny_settings(tiny_model_dir))
+    changed = build_library([str(docs)], lib, tiny_settings(tiny_model_dir), tune_epochs=0)
     assert changed.trained == {"kelvara.md": "its text changed"}
     assert changed.kept == ["zorblat.txt"] and changed.removed == ["quintessa.txt"]
     assert not (lib / "cartridges" / "quintessa.txt").exists()
@@ -129,7 +129,7 @@ def test_rebuild_trains_only_changed_documents_and_removes_the_missing(built, tm
 
     other = tiny_settings(tiny_model_dir)
     other.training["learning_rate"] = 1e-2
-    retrained = build_library([str(docs)], lib, other)
+    retrained = build_library([str(docs)], lib, other, tune_epochs=0)
     assert retrained.trained == {"kelvara.md": "its settings changed", "zorblat.txt": "its settings changed"}
 
 
@@ -149,14 +149,16 @@ def test_a_killed_build_keeps_what_finished_and_resumes(tmp_path, tiny_model_dir
 
     monkeypatch.setattr(pipeline, "run_self_study", killed_on_the_second)
     with pytest.raises(KeyboardInterrupt):
-        build_library([str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"))
+        build_library([str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"), tune_epochs=0)
     manifest = json.loads((lib / LIBRARY_FILE).read_text())
     assert [d["id"] for d in manifest["documents"]] == ["kelvara.md"]
     assert manifest["pending"] == ["quintessa.txt", "zorblat.txt"]
     assert CartridgeLibrary(lib).ids == ["kelvara.md"]  # usable with what finished
 
     monkeypatch.setattr(pipeline, "run_self_study", real_run)
-    resumed = build_library([str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"))
+    resumed = build_library(
+        [str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"), tune_epochs=0
+    )
     assert resumed.trained == {"quintessa.txt": "unfinished", "zorblat.txt": "new"}
     assert resumed.kept == ["kelvara.md"]
     assert json.loads((lib / LIBRARY_FILE).read_text())["pending"] == []
@@ -166,12 +168,15 @@ def test_processes_share_the_documents(tmp_path, tiny_model_dir):
     docs = write_documents(tmp_path / "docs", DOCUMENTS)
     lib = tmp_path / "lib"
     settings = tiny_settings(tiny_model_dir, distractors="none")
-    second = build_library([str(docs)], lib, settings, process_index=1, num_processes=2)
+    second = build_library([str(docs)], lib, settings, process_index=1, num_processes=2, tune_epochs=1)
     assert list(second.trained) == ["quintessa.txt"]  # documents 1, 3, ... of the sorted folder
+    assert second.tuning is None  # the first process tunes
     assert json.loads((lib / LIBRARY_FILE).read_text())["pending"] == ["kelvara.md", "zorblat.txt"]
-    first = build_library([str(docs)], lib, settings, process_index=0, num_processes=2)
+    first = build_library([str(docs)], lib, settings, process_index=0, num_processes=2, tune_epochs=1)
     assert sorted(first.trained) == ["kelvara.md", "zorblat.txt"]
-    assert json.loads((lib / LIBRARY_FILE).read_text())["pending"] == []
+    assert first.tuning.status == "new" and first.tuning.steps == 3  # all three, once every one was trained
+    manifest = json.loads((lib / LIBRARY_FILE).read_text())
+    assert manifest["pending"] == [] and manifest["tuned"] == "tuned"
 
 
 def test_leave_launch_takes_the_launchers_variables():
@@ -488,7 +493,10 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
     from hfx.models import load_causal_lm
 
     alone = build_library(
-        [str(built["docs"])], tmp_path / "alone", tiny_settings(tiny_model_dir, distractors="none")
+        [str(built["docs"])],
+        tmp_path / "alone",
+        tiny_settings(tiny_model_dir, distractors="none"),
+        tune_epochs=0,
     )
     questions_dir = tmp_path / "questions"
     questions_dir.mkdir()
@@ -634,6 +642,9 @@ def test_accelerate_launch_shares_the_documents_between_processes(tmp_path, tiny
     for document in manifest["documents"]:
         metadata = json.loads((lib / document["cartridge"] / "hfx_cartridge.json").read_text())
         assert metadata["num_processes"] == 1  # trained alone, not in one data-parallel job with the other
+    # then tuned together by the first process once the other's documents were finished (the default)
+    assert manifest["tuned"] == "tuned" and printed.count("cartridges tuned together in") == 1
+    assert CartridgeLibrary(lib).manifest["tuning"]["steps"] == 2 * 3
 
 
 # -- sharing ------------------------------------------------------------------------------------------------------
@@ -696,13 +707,13 @@ def test_from_pretrained_names_a_missing_library_offline(monkeypatch):
 def test_a_run_of_other_settings_without_its_entry_is_started_over(tmp_path, tiny_model_dir):
     docs = write_documents(tmp_path / "docs", {"zorblat.txt": DOCUMENTS["zorblat.txt"]})
     lib = tmp_path / "lib"
-    build_library([str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"))
+    build_library([str(docs)], lib, tiny_settings(tiny_model_dir, distractors="none"), tune_epochs=0)
     (
         lib / "cartridges" / "zorblat.txt" / "library_entry.json"
     ).unlink()  # killed before its entry was written
     other = tiny_settings(tiny_model_dir, distractors="none")
     other.training["learning_rate"] = 1e-2
-    report = build_library([str(docs)], lib, other)
+    report = build_library([str(docs)], lib, other, tune_epochs=0)
     assert report.trained == {"zorblat.txt": "unfinished"}
     stage = json.loads(
         (lib / "cartridges" / "zorblat.txt" / "cartridge" / "hfx_stage_cartridge.json").read_text()

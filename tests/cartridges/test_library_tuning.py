@@ -34,7 +34,7 @@ def source(tmp_path_factory, tiny_model_dir):
     """A library of three documents whose cartridges were trained alone."""
     root = tmp_path_factory.mktemp("tuning")
     docs = write_documents(root / "docs", DOCUMENTS)
-    build_library([str(docs)], root / "lib", tiny_settings(tiny_model_dir, distractors="none"))
+    build_library([str(docs)], root / "lib", tiny_settings(tiny_model_dir, distractors="none"), tune_epochs=0)
     return root / "lib"
 
 
@@ -183,7 +183,12 @@ def test_tuning_writes_a_library_that_loads_and_differs_and_a_rerun_reuses_it(
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
 
     with pytest.raises(ValueError, match="tuned library"):
-        build_library([str(source.parent / "docs")], out, tiny_settings(tiny_model_dir, distractors="none"))
+        build_library(
+            [str(source.parent / "docs")],
+            out,
+            tiny_settings(tiny_model_dir, distractors="none"),
+            tune_epochs=0,
+        )
     with pytest.raises(ValueError, match="learning_rate"):  # other settings into the same folder: refused
         tune_library(source, out, tuning_args(tmp_path, max_steps=3, learning_rate=1e-3))
 
@@ -278,3 +283,77 @@ def test_the_tune_command_runs_and_reruns(source, tmp_path, capsys):
     assert "tuned library in" in capsys.readouterr().out
     main(argv)
     assert "up to date (2 steps" in capsys.readouterr().out
+
+
+def test_build_tunes_by_default_and_the_library_serves_the_tuned_cartridges(
+    source, tmp_path, tiny_model_dir, monkeypatch
+):
+    """`build` tunes the cartridges together into LIB/tuned once they are all trained, and LIB serves them; a rerun
+    reuses the tuning; a changed document is retrained and retuned, and until it is retuned the library names no
+    tuning (it serves the current cartridges trained alone)."""
+    from hfx.cartridges import library_tuning
+    from hfx.cartridges.library import push_library_to_hub
+
+    lib = tmp_path / "lib"
+    shutil.copytree(source, lib)
+    docs = write_documents(tmp_path / "docs", DOCUMENTS)
+    settings = tiny_settings(tiny_model_dir, distractors="none")
+
+    first = build_library([str(docs)], lib, settings)  # the defaults: tuned together, 2 epochs
+    assert first.trained == {} and first.tuning.status == "new"
+    assert first.tuning.steps == 2 * 3  # one group of 4 conversations per document and epoch
+    assert json.loads((lib / "library.json").read_text())["tuned"] == "tuned"
+    served, alone = CartridgeLibrary(lib), CartridgeLibrary(lib, tuned=False)
+    assert served.folder == lib / "tuned" and alone.folder == lib and served.ids == alone.ids
+    assert served.manifest["tuning"]["steps"] == 6 and served.manifest["tuning"]["source"] == str(lib)
+    tuned_embeddings, alone_embeddings = embeddings_of(lib), embeddings_of(source)
+    for doc in served.ids:
+        assert not torch.allclose(tuned_embeddings[doc], alone_embeddings[doc])
+    torch.testing.assert_close(embeddings_of(lib / "tuned"), tuned_embeddings)
+    shared = push_library_to_hub(lib, "someone/lib", dry_run_dir=tmp_path / "upload")["folder"]
+    torch.testing.assert_close(
+        embeddings_of(shared), tuned_embeddings
+    )  # what a library pushes is what it serves
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (lib / "tuned").rglob("*.safetensors")}
+    again = build_library([str(docs)], lib, settings)
+    assert again.trained == {} and again.tuning.status == "done"
+    assert {p: p.stat().st_mtime_ns for p in (lib / "tuned").rglob("*.safetensors")} == mtimes
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the tuning killed as it starts, after the changed document was retrained
+
+    (docs / "kelvara.md").write_text(DOCUMENTS["kelvara.md"] + "It was first described in 1911.")
+    monkeypatch.setattr(library_tuning, "tune_library", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_library([str(docs)], lib, settings)
+    assert "tuned" not in json.loads((lib / "library.json").read_text())
+    assert CartridgeLibrary(lib).folder == lib and "1911" in CartridgeLibrary(lib).text("kelvara.md")
+    monkeypatch.undo()
+    retuned = build_library([str(docs)], lib, settings)
+    assert (
+        retuned.trained == {} and retuned.tuning.status == "new"
+    )  # the kelvara cartridge changed: tuned again
+    assert (
+        "1911" in CartridgeLibrary(lib).text("kelvara.md") and CartridgeLibrary(lib).folder == lib / "tuned"
+    )
+
+    untuned = build_library([str(docs)], lib, settings, tune_epochs=0)
+    assert untuned.tuning is None and CartridgeLibrary(lib).folder == lib
+    assert build_library([str(docs)], lib, settings).tuning.status == "done"  # the tuning was kept
+    assert CartridgeLibrary(lib).folder == lib / "tuned"
+
+
+def test_a_library_naming_a_tuning_of_other_documents_is_refused(source, tmp_path):
+    lib = tmp_path / "lib"
+    shutil.copytree(source, lib)
+    tune_library(lib, lib / "tuned", tuning_args(tmp_path, max_steps=1))
+    manifest = json.loads((lib / "library.json").read_text())
+    (lib / "library.json").write_text(json.dumps({**manifest, "tuned": "tuned"}))
+    assert CartridgeLibrary(lib).folder == lib / "tuned"
+    tuned_manifest = json.loads((lib / "tuned" / "library.json").read_text())
+    tuned_manifest["documents"][0]["text_sha256"] = "0" * 64
+    (lib / "tuned" / "library.json").write_text(json.dumps(tuned_manifest))
+    with pytest.raises(ValueError, match="not the tuning of .* current documents"):
+        CartridgeLibrary(lib)
+    assert CartridgeLibrary(lib, tuned=False).folder == lib

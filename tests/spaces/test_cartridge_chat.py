@@ -489,7 +489,9 @@ def library_server(tmp_path_factory, tiny_model_dir):
 
     directory = tmp_path_factory.mktemp("library-chat")
     docs = write_documents(directory / "docs", DOCUMENTS)
-    build_library([str(docs)], directory / "lib", tiny_settings(tiny_model_dir, distractors="none"))
+    build_library(  # trained alone, then tuned together (one epoch: three steps), as a library is by default
+        [str(docs)], directory / "lib", tiny_settings(tiny_model_dir, distractors="none"), tune_epochs=1
+    )
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [sys.executable, str(APP), "--port", str(port), "--base-model", str(tiny_model_dir)]
@@ -508,6 +510,7 @@ def test_library_mode_routes_each_question_and_shows_the_cartridges_used(library
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(library_server)
         expect(page.locator("#library-mode input")).to_be_checked()
+        expect(page.locator("#library-mode")).to_contain_text("3 documents, cartridges tuned together")
         page.fill("#message textarea", "Where does Kelvara moss grow?")
         page.click("#send")
         status, routed, memory = page.locator("#status"), page.locator("#routed"), page.locator("#memory")

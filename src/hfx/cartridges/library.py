@@ -8,13 +8,20 @@
 * ``initial/<slug>/``: each document's cartridge before training (the KV of its most attended tokens), the
   distractors that other documents' cartridges are trained beside (:class:`~hfx.cartridges.training.DistractorMixer`);
 * ``cartridges/<slug>/``: each document's main job (synthesis, cartridge, plan), a set of stages (:mod:`hfx.stages`),
-  with ``library_entry.json`` saying which text and settings it is for.
+  with ``library_entry.json`` saying which text and settings it is for;
+* ``tuned/``: the cartridges tuned together once every document has its own (:mod:`hfx.cartridges.library_tuning`),
+  a library folder of its own; ``library.json`` names it (``"tuned"``) once the tuning is finished for the current
+  cartridges, and :class:`CartridgeLibrary` then serves them (``tuned=False``: the cartridges trained alone).
 
 A rebuild trains only the documents that are missing or whose text or settings changed, resumes the one a kill
 interrupted, and removes the documents that are no longer given. ``library.json`` is rewritten after each cartridge,
 so a kill loses at most the cartridge in progress. Processes of a launch share the documents (document ``i`` goes to
 process ``i % num_processes``), each training its own alone on its own device; a file lock orders their writes.
-A built library's cartridges can then be tuned together into a new library (:mod:`hfx.cartridges.library_tuning`).
+
+Mixing is on by default: each cartridge is first trained alone, then the library's cartridges are tuned together
+(``tune_epochs``, 2 by default; 0 leaves them as trained alone), so that any mix of them keeps each document's
+answers. A changed document retunes the whole library (the tuning is joint); a rebuild that changes nothing reuses
+the tuning. The tuning runs on the first process once every process's documents are finished.
 """
 
 from __future__ import annotations
@@ -45,7 +52,11 @@ LIBRARY_FORMAT = 1
 #: so every document trains independently, in any order, on any process), or their trained cartridges where they
 #: exist (the initial ones otherwise).
 DISTRACTOR_SOURCES = ("none", "initial", "trained")
-DEFAULT_DISTRACTORS = "initial"
+#: Cartridges are trained alone, then tuned together (``build_library(tune_epochs=...)``): trained beside fixed
+#: distractors, they composed no better than alone and were weaker alone.
+DEFAULT_DISTRACTORS = "none"
+#: Where a library keeps its cartridges tuned together (a library folder inside it).
+TUNED_FOLDER = "tuned"
 
 
 @dataclass
@@ -73,6 +84,8 @@ class BuildReport:
     trained: dict[str, str] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    #: what the tuning together did (:class:`~hfx.cartridges.library_tuning.TuningReport`), None when not tuned
+    tuning: object | None = None
 
 
 def text_sha256(text: str) -> str:
@@ -179,9 +192,13 @@ class LibrarySettings:
         }
 
 
-def _num_virtual_tokens(training: dict, num_tokens: int) -> int:
+#: A document's cartridge has 1/DEFAULT_COMPRESSION of its tokens unless the build says otherwise.
+DEFAULT_COMPRESSION = 8
+
+
+def _num_virtual_tokens(training: dict, num_tokens: int, compression: int = DEFAULT_COMPRESSION) -> int:
     p = training.get("num_virtual_tokens")
-    return int(p) if p else max(1, num_tokens // 8)
+    return int(p) if p else max(1, num_tokens // compression)
 
 
 def build_library(
@@ -192,19 +209,33 @@ def build_library(
     dtype: str = "auto",
     process_index: int = 0,
     num_processes: int = 1,
+    compression: int = DEFAULT_COMPRESSION,
+    tune_epochs: float | None = None,
 ) -> BuildReport:
     """Build or update the library in ``output_dir`` from the documents of ``sources`` (see the module's docstring).
 
     Each document's cartridge is the main job (:func:`hfx.cartridges.pipeline.run_self_study`) with ``settings``
     (a per-document ``budget_minutes``); with ``settings.distractors`` other than ``"none"`` it is trained beside a
     changing mix of the other documents' cartridges. ``process_index`` / ``num_processes`` share the documents among
-    the processes of a launch, each training alone on ``device``.
+    the processes of a launch, each training alone on ``device``. Each cartridge has ``1/compression`` of its
+    document's tokens (at least one) unless ``settings.training`` sets ``num_virtual_tokens`` for all; p is part of
+    what makes a cartridge, so another compression retrains every document whose p it changes.
+
+    Then the cartridges are tuned together into ``output_dir/tuned`` for ``tune_epochs`` (None: the tuning's
+    default, :class:`~hfx.cartridges.library_tuning.LibraryTuningArguments`; 0: not tuned), on the first process
+    once every document is finished, on ``device``.
     """
     from hfx.cartridges.synthesis import SynthesisConfig
     from hfx.cartridges.training import CartridgeTrainingArguments
     from hfx.models import load_tokenizer
 
     settings = settings or LibrarySettings()
+    if tune_epochs is not None and tune_epochs < 0:
+        raise ValueError(f"tune_epochs={tune_epochs}: give a number of epochs >= 0 (0: no tuning together).")
+    if int(compression) != compression or compression < 1:
+        raise ValueError(
+            f"compression={compression}: give a whole number >= 1 (p = a document's tokens // it)."
+        )
     if settings.distractors not in DISTRACTOR_SOURCES:
         raise ValueError(f"distractors must be one of {DISTRACTOR_SOURCES}, got {settings.distractors!r}.")
     known_training = set(CartridgeTrainingArguments.__dataclass_fields__)
@@ -230,7 +261,7 @@ def build_library(
         slug = document_slug(doc_id, taken)
         taken.add(slug)
         num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        p = _num_virtual_tokens(settings.training, num_tokens)
+        p = _num_virtual_tokens(settings.training, num_tokens, int(compression))
         entries.append(
             LibraryDocument(
                 id=doc_id,
@@ -272,6 +303,44 @@ def build_library(
             _write_manifest(output_dir, entries, settings)
     with lock:
         _write_manifest(output_dir, entries, settings)
+    if tune_epochs != 0 and process_index == 0 and len(entries) > 1:  # one cartridge has nothing to mix with
+        _wait_for_others(output_dir, lock)
+        report.tuning = _tune_together(output_dir, settings, tune_epochs, device)
+        with lock:
+            _write_manifest(output_dir, entries, settings, tuned=TUNED_FOLDER)
+    return report
+
+
+def _wait_for_others(output_dir: Path, lock: FileLock, poll_seconds: float = 10.0) -> None:
+    """Until every document of the library is finished (the other processes of a launch train theirs)."""
+    import time
+
+    waited = 0.0
+    while True:
+        with lock:
+            pending = (read_library_manifest(output_dir) or {}).get("pending", [])
+        if not pending:
+            return
+        if waited % 300 < poll_seconds:
+            logger.info("library: tuning waits for the other processes' documents: %s", ", ".join(pending))
+        time.sleep(poll_seconds)
+        waited += poll_seconds
+
+
+def _tune_together(
+    output_dir: Path, settings: LibrarySettings, tune_epochs: float | None, device: str | None
+):
+    """The library's cartridges tuned together into ``output_dir/tuned`` (a stage: reused when current; other
+    tuning settings tune it again, as other settings retrain a document)."""
+    from hfx.cartridges.library_tuning import LibraryTuningArguments, tune_library
+
+    tuned = output_dir / TUNED_FOLDER
+    extra = {} if tune_epochs is None else {"num_train_epochs": float(tune_epochs)}
+    args = LibraryTuningArguments(str(tuned), use_cpu=device == "cpu", **extra)
+    report = tune_library(
+        output_dir, tuned, args, model_name_or_path=settings.model_name_or_path, overwrite=True
+    )
+    logger.info("library: cartridges tuned together (%s, %d steps)", report.status, report.steps)
     return report
 
 
@@ -378,8 +447,12 @@ def _remove_stale(output_dir: Path, entries: list[LibraryDocument]) -> list[str]
     return removed
 
 
-def _write_manifest(output_dir: Path, entries: list[LibraryDocument], settings: LibrarySettings) -> None:
-    """``library.json`` with the documents whose cartridge is finished and current (the others are in progress)."""
+def _write_manifest(
+    output_dir: Path, entries: list[LibraryDocument], settings: LibrarySettings, tuned: str | None = None
+) -> None:
+    """``library.json`` with the documents whose cartridge is finished and current (the others are in progress);
+    ``tuned``: the folder of their tuning together, only once it is finished for them (any other write drops it, so a
+    library being rebuilt never names a stale tuning)."""
     finished = []
     for entry in entries:
         recorded = _read_entry(_run_folder(output_dir, entry))
@@ -393,6 +466,8 @@ def _write_manifest(output_dir: Path, entries: list[LibraryDocument], settings: 
         "documents": finished,
         "pending": [e.id for e in entries if e.id not in {d["id"] for d in finished}],
     }
+    if tuned is not None and not manifest["pending"]:
+        manifest["tuned"] = tuned
     write_text_atomic(output_dir / LIBRARY_FILE, json.dumps(manifest, indent=2) + "\n")
 
 
@@ -486,10 +561,14 @@ class CartridgeLibrary:
     """A built library (``library.json`` and its folders), read-only: routing, composed prefixes, answers.
 
     ``cache_bytes`` bounds the loaded cartridges kept in the model's device memory (least recently used go first).
+    A library whose cartridges were tuned together (``library.json`` names the folder) serves the tuned ones;
+    ``tuned=False`` serves those trained alone. :attr:`folder` is the folder served.
     """
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, cache_bytes: int = 2 << 30) -> CartridgeLibrary:
+    def from_pretrained(
+        cls, name_or_path: str | Path, cache_bytes: int = 2 << 30, tuned: bool = True
+    ) -> CartridgeLibrary:
         """A library from a local folder or a Hub model repo (downloaded to the Hub cache), as
         :func:`push_library_to_hub` uploads it."""
         path = Path(name_or_path).expanduser()
@@ -506,15 +585,25 @@ class CartridgeLibrary:
                 raise FileNotFoundError(
                     f"{name_or_path}: neither a library folder nor a downloadable Hub repo ({type(err).__name__}: {err})."
                 ) from err
-        return cls(path, cache_bytes=cache_bytes)
+        return cls(path, cache_bytes=cache_bytes, tuned=tuned)
 
-    def __init__(self, folder: str | Path, cache_bytes: int = 2 << 30):
+    def __init__(self, folder: str | Path, cache_bytes: int = 2 << 30, tuned: bool = True):
         self.folder = Path(folder)
         manifest = read_library_manifest(self.folder)
         if manifest is None:
             raise FileNotFoundError(
                 f"{self.folder}: no {LIBRARY_FILE}; build one with `hfx cartridge library build`."
             )
+        if tuned and manifest.get("tuned"):
+            built = manifest
+            self.folder = self.folder / manifest["tuned"]
+            manifest = read_library_manifest(self.folder)
+            same = [(d["id"], d["text_sha256"]) for d in (manifest or {}).get("documents", [])]
+            if same != [(d["id"], d["text_sha256"]) for d in built["documents"]]:
+                raise ValueError(
+                    f"{self.folder}: not the tuning of {folder}'s current documents; run the build again (or load "
+                    "it with tuned=False for the cartridges trained alone)."
+                )
         tuning = self.folder / "hfx_stage_library-tuning"  # a tuned library's stage (a shared copy has none)
         if tuning.with_suffix(".json").is_file() and not tuning.with_suffix(".done").is_file():
             raise ValueError(
@@ -764,7 +853,20 @@ class LibraryBuildArguments(DeviceArguments):
     max_distractors: int = field(default=7, metadata={"help": "The most distractors in one training step."})
     num_virtual_tokens: int | None = field(
         default=None,
-        metadata={"help": "Cartridge size p for every document; default 1/8 of each one's tokens."},
+        metadata={"help": "Cartridge size p for every document; default: see --compression."},
+    )
+    tune_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Epochs of tuning the trained cartridges together (into OUTPUT_DIR/tuned, what the library then "
+            "serves) so that any mix of them keeps each document's answers; default: the tuning's (2); 0: none."
+        },
+    )
+    compression: int = field(
+        default=DEFAULT_COMPRESSION,
+        metadata={
+            "help": "Each cartridge has 1/compression of its document's tokens (unless --num_virtual_tokens)."
+        },
     )
     num_train_epochs: float | None = field(default=None, metadata={"help": "Default: the main job's."})
     learning_rate: float | None = field(default=None, metadata={"help": "Default: the main job's."})
@@ -814,6 +916,8 @@ def build_from_arguments(args: LibraryBuildArguments, synthesis) -> BuildReport:
         dtype=args.dtype,
         process_index=process_index,
         num_processes=num_processes,
+        compression=args.compression,
+        tune_epochs=args.tune_epochs,
     )
 
 

@@ -11,7 +11,9 @@ random order, and trains every cartridge in the prefix on the teacher's answers:
 the others to leave them as the teacher gives them. No new synthesis is needed: the conversations are the ones each
 cartridge was trained on.
 
-The result is a new library folder, a stage (:mod:`hfx.stages`): the source library's documents with the tuned
+``hfx cartridge library build`` does this by default, into ``LIB/tuned`` (which the library then serves);
+:func:`tune_library` and ``hfx cartridge library tune`` tune into any folder, with any settings. The result is a new
+library folder, a stage (:mod:`hfx.stages`): the source library's documents with the tuned
 cartridges, its ``library.json`` naming the source and the tuning. A rerun with the same settings and source reuses
 it; a killed run resumes from its last checkpoint; a rebuilt source cartridge tunes the library again.
 """
@@ -296,7 +298,7 @@ def tune_library(
     source, output_dir = Path(source), Path(output_dir)
     if source.resolve() == output_dir.resolve():
         raise ValueError(f"{output_dir}: a tuned library goes into a folder of its own, not its source's.")
-    library = CartridgeLibrary(source)
+    library = CartridgeLibrary(source, tuned=False)  # what the build trained, each alone
     if library.manifest.get("pending"):
         raise ValueError(
             f"{source}: documents {', '.join(library.manifest['pending'])} have no cartridge yet; finish the build "
