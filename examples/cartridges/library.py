@@ -32,8 +32,8 @@ def _pending(folder: Path) -> list[str]:
 
 
 def paired_comparisons(report: dict) -> list[str]:
-    """Each library's composition of all its cartridges against the one trained alone and against oracle ICL, paired
-    on the same questions (bootstrap 95% intervals)."""
+    """Each library's composition of all its cartridges against the one trained alone and against oracle ICL, and
+    its routed top-1 (BM25) against each RAG row, paired on the same questions (bootstrap 95% intervals)."""
     from hfx.statistics import paired_difference
 
     rows = {row["condition"]: row for row in report["rows"]}
@@ -42,6 +42,8 @@ def paired_comparisons(report: dict) -> list[str]:
         (name, composed["trained alone"]) for label, name in composed.items() if label != "trained alone"
     ]
     pairs += [(name, "oracle ICL (the question's document)") for name in composed.values()]
+    rag = [name for name in rows if name.startswith("RAG")]
+    pairs += [(name, other) for name in rows if name.startswith("routed top-1, bm25 (") for other in rag]
     lines = []
     for first, second in pairs:
         diff, interval = paired_difference(rows[first]["correct"], rows[second]["correct"])
