@@ -581,6 +581,16 @@ def test_the_library_table_scores_every_condition(built, tmp_path, tiny_model_di
                      throughput_tokens=2, progress=False, rows_dir=tmp_path / "rows")  # fmt: skip
     assert scored and all(name.endswith("(copy)") for name in scored) and len(scored) == 1 + 3 * 2 + 1
 
+    # an evaluation of other conditions (one router, k = 1) reads the rows it shares with this one: it scores only
+    # RAG at the routed top-1 tokens, its only new conditions
+    scored.clear()
+    subset = evaluate_library(model, tokenizer, tagged, libraries, throughput_batch=2, throughput_tokens=2,
+                              progress=False, rows_dir=tmp_path / "rows", routers=("bm25",), ks=(1,))  # fmt: skip
+    rag_top1 = "RAG, BM25 chunks at the routed top-1 KV tokens"
+    assert scored == [rag_top1, f"{rag_top1} x3"]
+    shared = {r["condition"]: r for r in subset["rows"] if not r["condition"].startswith("RAG")}
+    assert shared and all(rows[name]["correct"] == row["correct"] for name, row in shared.items())
+
     # rows kept by earlier versions, one folder per set of libraries with numbered files, are adopted once
     from hfx.stages import file_fingerprint, fingerprint
 

@@ -396,7 +396,10 @@ def evaluate_library(
         base = {
             "questions": [[t.document, t.question.question, t.question.answer] for t in tagged],
             "model": [str(model.config._name_or_path), str(model.dtype), str(model.device.type)],
-            "settings": [throughput_batch, throughput_tokens, condition_kwargs],
+            # what the condition settings (routers, k, RAG's chunks and multiples, the window) change is in each
+            # condition's name, keys and reads, so a row is shared by evaluations of other subsets of conditions;
+            # the empty entry stood for them once and keeps the rows stored then under their keys
+            "settings": [throughput_batch, throughput_tokens, {}],
         }
         store = Path(rows_dir) / ROWS_FOLDER
         if not all((store / f"{row_key(c, base)}.json").is_file() for c in conditions):
@@ -471,6 +474,7 @@ def _adopt_earlier_rows(model, tokenizer, tagged, libraries, rows_dir, base, con
                     for label, library in subset.items()
                 },
                 **base,
+                "settings": [*base["settings"][:2], condition_kwargs],  # as these folders were named
             }
             folder = Path(rows_dir) / fingerprint(made_by)
             if (folder / ADOPTED_MARKER).is_file():  # its rows are in the store already
