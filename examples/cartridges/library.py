@@ -215,10 +215,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     start = time.time()
     aliases_file = Path(args.questions_dir) / "aliases.json"
     aliases = json.loads(aliases_file.read_text()) if aliases_file.is_file() else None
-    # only the settings given: a default run keeps the rows it has under the same keys
-    given = {"routers": args.routers and tuple(args.routers), "ks": args.ks and tuple(args.ks)}
-    given["rag_chunk_tokens"] = args.rag_chunk_tokens
-    condition_kwargs = {name: value for name, value in given.items() if value is not None}
+    given = {"routers": args.routers, "ks": args.ks, "rag_chunk_tokens": args.rag_chunk_tokens}
+    condition_kwargs = {  # the conditions' own defaults for what is not given
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in given.items()
+        if value is not None
+    }
     report = evaluate_library(
         model, tokenizer, tagged, libraries, aliases=aliases, rows_dir=root / "rows", **condition_kwargs
     )
