@@ -33,6 +33,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 from tqdm.auto import tqdm
@@ -40,6 +41,9 @@ from tqdm.auto import tqdm
 from hfx.atomic import write_text_atomic
 from hfx.models import DeviceArguments
 from hfx.stages import Stage, StageMismatch, fingerprint
+
+if TYPE_CHECKING:
+    from hfx.cartridges.library_tuning import TuningReport
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +88,8 @@ class BuildReport:
     trained: dict[str, str] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    #: what the tuning together did (:class:`~hfx.cartridges.library_tuning.TuningReport`), None when not tuned
-    tuning: object | None = None
+    #: what the tuning together did, None when not tuned
+    tuning: TuningReport | None = None
 
 
 def text_sha256(text: str) -> str:
@@ -304,7 +308,8 @@ def build_library(
     with lock:
         _write_manifest(output_dir, entries, settings)
     if tune_epochs != 0 and process_index == 0 and len(entries) > 1:  # one cartridge has nothing to mix with
-        _wait_for_others(output_dir, lock)
+        if num_processes > 1:  # alone, a document left unfinished stops the tuning with a clear error instead
+            _wait_for_others(output_dir, lock)
         report.tuning = _tune_together(output_dir, settings, tune_epochs, device)
         with lock:
             _write_manifest(output_dir, entries, settings, tuned=TUNED_FOLDER)
