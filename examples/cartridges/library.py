@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         "library per value; 0: none.",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of every cartridge's synthesis and training (another seed makes other cartridges: give it an "
+        "--output_root of its own).",
+    )
+    parser.add_argument(
         "--compression",
         type=int,
         default=8,
@@ -113,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         LibrarySettings,
         build_library,
         leave_launch,
+        process_device,
     )
     from hfx.cartridges.library_evaluation import (
         evaluate_library,
@@ -161,19 +169,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         return report
 
     process_index, num_processes, local_index = leave_launch()
-    device = args.device
-    if device is None and num_processes > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{local_index % torch.cuda.device_count()}"
+    device = process_device(args.device, num_processes, local_index)
+    # the default seed is not written out, so that a library built before this option keeps its manifest
+    synthesis = {"seed": args.seed} if args.seed else {}
     minutes = {}
     for label, (_, distractors) in built.items():
         start = time.time()
         report = build_library(
             args.documents,
             root / label,
-            LibrarySettings(args.model_name_or_path, args.budget_minutes, distractors=distractors),
+            LibrarySettings(args.model_name_or_path, args.budget_minutes, synthesis, distractors=distractors),
             device=device,
             dtype=args.dtype,
             process_index=process_index,

@@ -22,6 +22,7 @@ from hfx.cartridges.library import (
     document_slug,
     document_title,
     leave_launch,
+    process_device,
 )
 from hfx.cartridges.prefix import PrefixKV
 from hfx.cartridges.synthesis import SynthesisConfig
@@ -184,6 +185,38 @@ def test_leave_launch_takes_the_launchers_variables():
     assert leave_launch(environ) == (3, 4, 1)
     assert environ == {"PATH": "/bin"}
     assert leave_launch({}) == (0, 1, 0)
+
+
+def test_each_process_of_a_launch_is_narrowed_to_its_own_gpu():
+    # a launch's processes, after leave_launch: each one sees only its GPU, round robin over the visible ones
+    for local_index, expected in [(0, "0"), (1, "1"), (2, "0")]:
+        environ = {}
+        assert process_device(None, 3, local_index, environ, device_count=2) == "cuda:0"
+        assert environ == {"CUDA_VISIBLE_DEVICES": expected}
+    environ = {"CUDA_VISIBLE_DEVICES": "3, 5"}  # the visible ones, as the user narrowed them
+    assert process_device("cuda", 2, 1, environ) == "cuda:0" and environ["CUDA_VISIBLE_DEVICES"] == "5"
+    # a single process asked for cuda:N trains there, not on Trainer's first GPU
+    environ = {"CUDA_VISIBLE_DEVICES": "3,5,6"}
+    assert process_device("cuda:2", 1, 0, environ) == "cuda:0" and environ["CUDA_VISIBLE_DEVICES"] == "6"
+    with pytest.raises(ValueError, match="sees 3 GPU"):
+        process_device("cuda:3", 1, 0, {"CUDA_VISIBLE_DEVICES": "3,5,6"})
+    # nothing to narrow: the CPU, no GPU, a single process without an index
+    for device, num_processes, environ, count in [
+        ("cpu", 2, {}, 4),
+        (None, 2, {}, 0),
+        (None, 2, {"CUDA_VISIBLE_DEVICES": ""}, 4),
+        (None, 1, {}, 4),
+        ("cuda", 1, {}, 4),
+    ]:
+        kept = dict(environ)
+        assert process_device(device, num_processes, 1, environ, device_count=count) == device
+        assert environ == kept
+    environ = {"ACCELERATE_USE_CPU": "True"}  # `accelerate launch --cpu` on a machine with GPUs
+    assert (
+        process_device(None, 2, 1, environ, device_count=4) == "cpu" and "CUDA_VISIBLE_DEVICES" not in environ
+    )
+    with pytest.raises(ValueError, match="first visible GPU"):
+        build_library([], "unused", device="cuda:1")
 
 
 def test_slugs_titles_and_duplicate_ids(tmp_path):

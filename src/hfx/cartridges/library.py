@@ -242,6 +242,11 @@ def build_library(
         )
     if settings.distractors not in DISTRACTOR_SOURCES:
         raise ValueError(f"distractors must be one of {DISTRACTOR_SOURCES}, got {settings.distractors!r}.")
+    if device is not None and str(device).startswith("cuda:") and str(device) != "cuda:0":
+        raise ValueError(
+            f"device={device!r}: Trainer trains on the first visible GPU (cuda:0); narrow this process to the GPU "
+            "first (CUDA_VISIBLE_DEVICES, or process_device(), which `hfx cartridge library build` calls)."
+        )
     known_training = set(CartridgeTrainingArguments.__dataclass_fields__)
     unknown = sorted(set(settings.training) - known_training)
     if unknown:
@@ -827,6 +832,54 @@ def leave_launch(environ=None) -> tuple[int, int, int]:
     return position
 
 
+def process_device(
+    device: str | None, num_processes: int, local_index: int, environ=None, device_count: int | None = None
+) -> str | None:
+    """The device a library build's process trains on, with this process narrowed to that one GPU.
+
+    Trainer does not take a device: outside a distributed job it trains on the first visible GPU, and spreads a
+    step over every visible GPU with ``DataParallel``. So a process of a launch (after :func:`leave_launch`),
+    or a single process asked for ``cuda:N``, sets ``CUDA_VISIBLE_DEVICES`` (in ``environ``, ``os.environ`` by
+    default) to its own GPU: the ``local_index``-th visible one in a launch (round robin when there are more
+    processes than GPUs), the N-th for ``cuda:N``. Every stage (synthesis, training, tuning) then runs there, as
+    ``cuda:0``. A launch with ``--cpu`` gives ``"cpu"``; anything else (the CPU, no GPU visible, a single process
+    without an index) is returned as given.
+    Must run before CUDA is initialized in this process (before any ``torch.cuda`` call but ``device_count``)."""
+    import os
+
+    import torch
+
+    environ = os.environ if environ is None else environ
+    if device is not None and device not in ("cuda", "auto") and not device.startswith("cuda:"):
+        return device
+    if device is None and environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return "cpu"  # `accelerate launch --cpu`, which Trainer follows too
+    if device is not None and device.startswith("cuda:"):
+        index = int(device.split(":", 1)[1])
+    elif num_processes > 1:
+        index = local_index
+    else:
+        return device
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [part.strip() for part in visible.split(",") if part.strip()]
+    else:  # NVML's count: it does not initialize CUDA
+        ids = [str(i) for i in range(torch.cuda.device_count() if device_count is None else device_count)]
+    if not ids:
+        return device
+    if device is not None and device.startswith("cuda:") and index >= len(ids):
+        raise ValueError(
+            f"--device {device}: this process sees {len(ids)} GPU(s) (cuda:0 to cuda:{len(ids) - 1})."
+        )
+    if torch.cuda.is_initialized():
+        raise RuntimeError(
+            "CUDA is already initialized in this process, so it cannot be narrowed to one GPU; "
+            "set CUDA_VISIBLE_DEVICES before starting it."
+        )
+    environ["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
+    return "cuda:0"
+
+
 @dataclass
 class LibraryBuildArguments(DeviceArguments):
     documents: list[str] = field(
@@ -885,14 +938,10 @@ def build_from_arguments(args: LibraryBuildArguments, synthesis) -> BuildReport:
     """`hfx cartridge library build`: this process's share of the documents, on its own device."""
     import dataclasses
 
-    import torch
-
     from hfx.cartridges.synthesis import SynthesisConfig
 
     process_index, num_processes, local_index = leave_launch()
-    device = args.device
-    if device is None and num_processes > 1 and torch.cuda.is_available():
-        device = f"cuda:{local_index % torch.cuda.device_count()}"
+    device = process_device(args.device, num_processes, local_index)
     training = {
         name: getattr(args, name)
         for name in ("num_virtual_tokens", "num_train_epochs", "learning_rate", "model_dtype")
