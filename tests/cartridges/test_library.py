@@ -219,6 +219,14 @@ def test_each_process_of_a_launch_is_narrowed_to_its_own_gpu():
         build_library([], "unused", device="cuda:1")
 
 
+def test_a_process_whose_cuda_is_initialized_is_not_narrowed(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="already initialized"):
+        process_device(None, 2, 1, device_count=2)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
 def test_slugs_titles_and_duplicate_ids(tmp_path):
     assert document_slug("rcv1") == "rcv1"
     assert document_slug("a/b c.txt") != document_slug("a_b c.txt")

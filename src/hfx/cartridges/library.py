@@ -871,7 +871,7 @@ def process_device(
         raise ValueError(
             f"--device {device}: this process sees {len(ids)} GPU(s) (cuda:0 to cuda:{len(ids) - 1})."
         )
-    if torch.cuda.is_initialized():
+    if environ is os.environ and torch.cuda.is_initialized():  # too late for this process to see fewer GPUs
         raise RuntimeError(
             "CUDA is already initialized in this process, so it cannot be narrowed to one GPU; "
             "set CUDA_VISIBLE_DEVICES before starting it."
