@@ -66,11 +66,19 @@ def profile(model, tokenizer, corpus, config: SynthesisConfig, rows: int) -> Non
     from hfx.cartridges.synthesis import synthesize_batch
 
     synthesize_batch(model, tokenizer, corpus, config, 0)  # warm-up
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    cuda = model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
         synthesize_batch(model, tokenizer, corpus, config, 1)
+        synchronize(model.device)
+        wall = time.perf_counter() - start
     events = prof.key_averages()
-    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows))
+    if cuda:  # the GPU's busy time (its kernels, copies and fills) against the batch's wall time, profiled
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        print(f"the device busy {busy:.3f} s of the profiled batch's {wall:.3f} s")
+        print(f"RESULT synthesis_profile_device_busy_share {busy / wall:.3f}")
     total = sum(e.self_cpu_time_total for e in events)
     groups = {
         "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
@@ -80,36 +88,81 @@ def profile(model, tokenizer, corpus, config: SynthesisConfig, rows: int) -> Non
     for group, names in groups.items():
         share = sum(e.self_cpu_time_total for e in events if e.key in names) / total
         print(f"RESULT synthesis_profile_{group}_share {share:.3f}")
-    # The loop's own overhead beside the model's time: one more batch with the model's forward timed (the device
-    # synchronized around each call), against the whole batch.
-    from hfx.models import synchronize
+    phases(model, tokenizer, corpus, config)
 
-    forward = model.forward
-    model_seconds = 0.0
 
-    def timed_forward(*args, **kwargs):
-        nonlocal model_seconds
-        synchronize(model.device)
-        start = time.perf_counter()
-        out = forward(*args, **kwargs)
-        synchronize(model.device)
-        model_seconds += time.perf_counter() - start
-        return out
+def phases(model, tokenizer, corpus, config: SynthesisConfig) -> dict[str, float]:
+    """Where one batch's wall time goes, on any device: each part timed with the device synchronized around it.
 
-    model.forward = timed_forward
+    The chunk's prefill; in each decode call, the prompts' prefill (the model's eager forward), the decode steps
+    (one replayed CUDA graph each on a GPU: its kernels' time, and its launch) and the rest of the call (the
+    prompts' padding and mask, the tokens back to the host); the re-scoring of quoted conversations; and the host's
+    work around them (chat templates, tokenizing, detokenizing, the rows). A GPU that waits on the host shows here
+    as a large host share beside short decode steps."""
+    import hfx.cartridges.synthesis as synthesis_module
+    from hfx.cartridges.prefix import PrefixKV
+    from hfx.cartridges.synthesis import synthesize_batch
+
+    device = model.device
+    decoder = decoder_for(model)
+    seconds: dict[str, float] = dict.fromkeys(
+        ("chunk prefill", "prompt prefill", "decode steps", "decode call, rest", "re-scoring"), 0.0
+    )
+    calls = dict.fromkeys(seconds, 0)
+    inside: list[str] = []  # the part being timed (an inner part's time is taken out of its outer part's)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            if inside and inside[-1] in ("chunk prefill", "re-scoring", "decode steps"):
+                return fn(*args, **kwargs)  # the model's forward inside these counts as theirs
+            synchronize(device)
+            inside.append(name)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize(device)
+                spent = time.perf_counter() - start
+                inside.pop()
+                seconds[name] += spent
+                calls[name] += 1
+                if inside:
+                    seconds[inside[-1]] -= spent
+
+        return wrapper
+
+    prefill = PrefixKV.__dict__["prefill"]
+    rescore = synthesis_module.rescore
+    synthesize_batch(model, tokenizer, corpus, config, 0)  # warm-up: this batch's buckets built
+    PrefixKV.prefill = classmethod(timed("chunk prefill", prefill.__func__))
+    synthesis_module.rescore = timed("re-scoring", rescore)
+    decoder.generate = timed("decode call, rest", decoder.generate)
+    decoder._run_step = timed("decode steps", decoder._run_step)
+    model.forward = timed("prompt prefill", model.forward)
     try:
-        synchronize(model.device)
+        synchronize(device)
         start = time.perf_counter()
-        synthesize_batch(model, tokenizer, corpus, config, 0)
-        synchronize(model.device)
+        rows = synthesize_batch(model, tokenizer, corpus, config, 1)
+        synchronize(device)
         batch_seconds = time.perf_counter() - start
     finally:
+        PrefixKV.prefill = prefill
+        synthesis_module.rescore = rescore
+        for name in ("generate", "_run_step"):
+            del decoder.__dict__[name]
         del model.forward  # the class's forward again
+    seconds["host"] = batch_seconds - sum(seconds.values())
     print(
-        f"one batch: {batch_seconds:.2f} s, of which the model's forward {model_seconds:.2f} s (eager calls; a "
-        "replayed CUDA graph is not a call, its time counts as the loop's)"
+        f"one batch of {len(rows)} conversations: {batch_seconds:.3f} s ({1000 * batch_seconds / max(1, len(rows)):.2f}"
+        " ms each), the device synchronized around each part:"
     )
-    print(f"RESULT synthesis_loop_overhead_share {1 - model_seconds / batch_seconds:.3f}")
+    for name, spent in seconds.items():
+        count = f"{calls[name]} calls, {1000 * spent / calls[name]:.2f} ms each" if calls.get(name) else ""
+        print(f"  {name:18s} {spent:8.3f} s  {100 * spent / batch_seconds:5.1f}%  {count}")
+        print(
+            f"RESULT synthesis_phase_{name.replace(',', '').replace(' ', '_')}_share {spent / batch_seconds:.3f}"
+        )
+    return seconds
 
 
 def main() -> None:
@@ -141,7 +194,12 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="also profile one batch with torch.profiler and print its N most expensive operators",
+        help="also profile one batch with torch.profiler and print its N most expensive operators (and --phases)",
+    )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time the parts of one more batch (prefills, decode steps, the host's work around them)",
     )
     args = parser.parse_args()
 
@@ -189,6 +247,8 @@ def main() -> None:
             config,
             args.profile,
         )
+    if args.phases and not args.profile:
+        phases(model, tokenizer, corpus, config)
     if args.cpu_reference:
         print(f"vs the CPU reference {args.cpu_reference:.3f} conv/s: {batched / args.cpu_reference:.1f}x")
         print(

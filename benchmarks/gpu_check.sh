@@ -8,13 +8,16 @@
 #
 # The parts (GPU_CHECK_PARTS, words separated by spaces; default "tests bench", under 8 minutes):
 #   tests     the `gpu` tests (fp32 against the CPU, and bf16)
-#   bench     synthesis at 16 conversations per chunk and at the device-sized batch (graph captures and compilations
-#             after warm-up), quanta gradients in bf16, cartridge vs ICL decode at a fixed and at the peak batch,
-#             the PEER kernel, a PEER-MLA vs dense training step, and GRPO steps of the lens's verbaliser
-#             (tokens/s beside sampling alone)
+#   bench     in order of what is still to be shown: synthesis at 16 conversations per chunk and at the device-sized
+#             batch (graph captures and compilations after warm-up, and where one batch's time goes: prefills,
+#             decode steps, the host's work), cartridge vs ICL decode at the peak batch, quanta gradients in bf16, a
+#             PEER-MLA vs dense training step (with a profile of one step of each: kernels, device busy share), the
+#             main job's plans under a 3-minute budget for the default mix and half generated (planned, not run),
+#             decode at a fixed batch, the PEER kernel, and GRPO steps of the lens's verbaliser
 #   main-job  `hfx cartridge run --budget_minutes 3` end to end on a random model of the embedded shape, with the
 #             default mix and with half generated conversations: each plan and its wall time against the budget
-#             (two 3-minute runs do not fit the 8 minutes beside the rest: a second call, with its own budget)
+#             (two 3-minute runs do not fit the 8 minutes beside the rest: a second call, with its own budget);
+#             main-job-default and main-job-half name one of the two
 #
 # The wheels of .whl/ that fit this Python are installed (no deps, no index) into $HFX_SITE (default /tmp/hfx-site),
 # which goes first on PYTHONPATH, then src/ and the repository root: the carried transformers/peft/... shadow the
@@ -23,8 +26,9 @@
 # not import, or when a CUDA tensor or a Triton kernel cannot run.
 #
 # Logs and the summary go to $OUT when it is set, else outputs/gpu-check/. Each step has its own time limit, and all
-# of them share one budget (GPU_CHECK_BUDGET seconds, default 450: under 8 minutes), so one hung step cannot eat the others' time and
-# the summary table is printed before a caller's 10-minute limit; a step that no longer fits is reported "not run".
+# of them share one budget (GPU_CHECK_BUDGET seconds, default 465 with tests or bench: under 8 minutes; 540 for the
+# main job alone), so one hung step cannot eat the others' time and the summary table is printed before a caller's
+# 10-minute limit; a step that no longer fits is reported "not run".
 # A failed step is reported in the table and the script goes on. The exit status is 0 only when every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -34,8 +38,8 @@ PYTHON=${PYTHON:-python3}
 HFX_SITE=${HFX_SITE:-/tmp/hfx-site}
 PARTS=" ${GPU_CHECK_PARTS:-tests bench} "
 part() { [[ $PARTS == *" $1 "* ]]; }
-# 450 s (under 8 minutes) for the tests and benchmarks; the main job's two 3-minute runs take a call of their own
-if [[ $PARTS == " main-job " ]]; then BUDGET=${GPU_CHECK_BUDGET:-540}; else BUDGET=${GPU_CHECK_BUDGET:-450}; fi
+# 465 s (under 8 minutes) for the tests and benchmarks; the main job's two 3-minute runs take a call of their own
+if part tests || part bench; then BUDGET=${GPU_CHECK_BUDGET:-465}; else BUDGET=${GPU_CHECK_BUDGET:-540}; fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Triton, torch.compile and the HF libraries write caches under $HOME: give them a writable one.
 if ! { [ -n "${HOME:-}" ] && [ -d "$HOME" ] && [ -w "$HOME" ]; }; then
@@ -335,33 +339,39 @@ if part tests; then
 fi
 
 # 3. Benchmarks (each prints `RESULT <name> <value>` lines) and 4. the main job under a 3-minute budget, in order of
-#    what the check is for: synthesis first, then the main job with the default mix (when GPU_CHECK_PARTS names
-#    main-job: its plan is what the GPU's speeds buy), the other benchmarks, and last the main job with half generated
-#    conversations (a step that no longer fits the budget is reported "not run").
+#    what is still to be shown: synthesis first, then the main job with the default mix (when GPU_CHECK_PARTS names
+#    it: its plan is what the GPU's speeds buy), the peak-batch decode, quanta and PEER-MLA (targets not yet met),
+#    the main job's plans (when no run of it is asked for), the other benchmarks, and last the main job with half
+#    generated conversations (a step that no longer fits the budget is reported "not run").
 # CPU references: the same commands with --device cpu on the 2-core CI machine (docs/devices.md, "The GPU check"): 16
 # per chunk with these 64 conversations, the CPU's own device-sized batch (32) for the second, and the conversations
 # the main job plans there for the same budget and mix.
 if part bench; then
     bench synthesis-16 75 benchmarks/cartridges_synthesis.py --random-model smollm2-135m --conversations 64 \
         --batch 16 --skip-single --device cuda --cpu-reference "${SYNTHESIS_CPU_REFERENCE:-0.944}"
-    bench synthesis-device 90 benchmarks/cartridges_synthesis.py --random-model smollm2-135m --conversations 2048 \
-        --batch auto --skip-single --device cuda --cpu-reference "${SYNTHESIS_CPU_REFERENCE_DEVICE:-1.111}"
+    bench synthesis-device 100 benchmarks/cartridges_synthesis.py --random-model smollm2-135m --conversations 2048 \
+        --batch auto --skip-single --phases --device cuda --cpu-reference "${SYNTHESIS_CPU_REFERENCE_DEVICE:-1.111}"
 fi
-if part main-job; then
+if part main-job || part main-job-default; then
     bench main-job-default 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --device cuda \
         --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE:-64}"
 fi
 if part bench; then
-    bench quanta-gradients 60 benchmarks/quanta_gradients.py --device cuda --random-model --tokens 64 --batch-size 32
-    bench decode 60 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 2048 8192 32768 \
-        --p 2048 --batch 32 --new-tokens 32 --repeats 2 --device cuda
     bench decode-peak 120 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 32768 131072 \
         --p 2048 --new-tokens 128 --repeats 3 --peak-memory-gib 60 --skip-fixed --device cuda
+    bench quanta-gradients 60 benchmarks/quanta_gradients.py --device cuda --random-model --tokens 64 --batch-size 32
+    bench peer-train-step 75 benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton --profile 15
+    if ! part main-job && ! part main-job-default && ! part main-job-half; then  # the runs print their own plans
+        bench main-job-plan 100 benchmarks/cartridges_main_job.py --plan-only --budget-minutes 3 \
+            --continuation-fraction 1.0 0.5 --device cuda \
+            --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE:-64}" "${MAIN_JOB_CPU_REFERENCE_HALF:-64}"
+    fi
+    bench decode 60 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 2048 8192 32768 \
+        --p 2048 --batch 32 --new-tokens 32 --repeats 2 --device cuda
     bench peer-kernel 45 benchmarks/peer_kernel.py --device cuda
-    bench peer-train-step 60 benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton
     bench lens-grpo 75 benchmarks/lens_grpo.py --random-model smollm2-135m --device cuda --steps 6 --prompts 32
 fi
-if part main-job; then
+if part main-job || part main-job-half; then
     bench main-job-half 230 benchmarks/cartridges_main_job.py --budget-minutes 3 --continuation-fraction 0.5 \
         --device cuda --cpu-reference-conversations "${MAIN_JOB_CPU_REFERENCE_HALF:-64}"
 fi
