@@ -101,9 +101,20 @@ def peak_throughput(
         # the largest batch of the decode loop's ladder whose KV fits the budget
         batch = bucket_at_most(min(args.max_batch, budget // per_sequence))
         tps = decode_throughput(
-            model, tokenizer, condition, prompts_for(batch), new_tokens=args.new_tokens, repeats=args.repeats
+            model,
+            tokenizer,
+            condition,
+            prompts_for(batch),
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            max_seconds=args.max_seconds,
         )
         row.append((batch, tps))
+        # as soon as it is known: a run stopped by its time limit still shows the conditions it measured
+        print(
+            f"  {condition.name}: batch {batch} ({batch * per_sequence / 2**30:.1f} GiB of KV), {tps:.0f} tok/s",
+            flush=True,
+        )
         if model.device.type == "cuda":
             from hfx.generation import decoder_for
 
@@ -184,6 +195,12 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="fewer timed repeats of a peak batch when they would take longer than this (one at least)",
+    )
     parser.add_argument("--device", default=None, help="default: accelerate's device of this process")
     parser.add_argument(
         "--dtype", default="auto", help="default: bfloat16 on a GPU that supports it, else float32"

@@ -144,6 +144,24 @@ def test_three_conditions_table(tiny_model, tokenizer):
         assert low <= result.accuracy <= high and f"{result.accuracy:.3f} ({low:.2f}–{high:.2f})" in table
 
 
+def test_decode_throughput_times_its_repeats_unless_they_would_pass_the_time_given(tiny_model, tokenizer):
+    from hfx.cartridges.evaluation import decode_throughput
+    from hfx.generation import decoder_for
+
+    icl = icl_condition(tiny_model, tokenizer, "Some document. " * 20)
+    decoder = decoder_for(tiny_model)  # on the CPU, eager: no untimed first call
+
+    def timed_calls(**limits):
+        before = decoder.stats.calls
+        tokens_per_s = decode_throughput(tiny_model, tokenizer, icl, ["Why?", "How?"], new_tokens=2, **limits)
+        assert tokens_per_s > 0
+        return decoder.stats.calls - before
+
+    assert timed_calls(repeats=3) == 3
+    assert timed_calls(repeats=3, max_seconds=60.0) == 3
+    assert timed_calls(repeats=3, max_seconds=0.0) == 1  # one timed call at least
+
+
 def test_an_evaluation_with_non_finite_scores_is_refused(tiny_model, tokenizer):
     with torch.no_grad():
         tiny_model.model.norm.weight[0] = float("nan")

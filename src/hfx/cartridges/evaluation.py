@@ -290,12 +290,19 @@ def _no_logits(model) -> dict:
 
 @torch.no_grad()
 def decode_throughput(
-    model, tokenizer, condition: Condition, prompts: list[str], new_tokens: int = 32, repeats: int = 1
+    model,
+    tokenizer,
+    condition: Condition,
+    prompts: list[str],
+    new_tokens: int = 32,
+    repeats: int = 1,
+    max_seconds: float | None = None,
 ) -> float:
     """Greedy decode tokens/s of ``prompts`` as one batch after the condition's prefix: exactly ``new_tokens`` per
     prompt, through the decode loop synthesis uses (:func:`hfx.generation.decoder_for`: bucketed shapes, a CUDA
     graph per bucket on a GPU, built once per process). Where the loop builds its step on first use (a GPU, or
-    compiled), one untimed call comes first; the result is the mean over ``repeats`` timed calls."""
+    compiled), one untimed call comes first; the result is the mean over ``repeats`` timed calls, or over those
+    that fit ``max_seconds`` of timed calls (one at least)."""
     from hfx.generation import decoder_for
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -309,6 +316,8 @@ def decode_throughput(
         decode()
     seconds = []
     for _ in range(repeats):
+        if seconds and max_seconds is not None and sum(seconds) + seconds[-1] > max_seconds:
+            break  # one more call would go past the time given
         synchronize(model.device)  # time the decode itself, not work queued before it
         start = time.perf_counter()
         decode()
