@@ -95,11 +95,30 @@ def peak_throughput(
     from hfx.generation import bucket_at_most
 
     budget = int(args.peak_memory_gib * 2**30)
+    per_sequence = {
+        c.name: kv_bytes_per_sequence(model, c.prefix.num_tokens, tokenizer, args.new_tokens)
+        for c in (icl, cartridge)
+    }
+    # the largest batch of the decode loop's ladder whose KV fits the budget
+    batches = {
+        name: bucket_at_most(min(args.max_batch, budget // size)) for name, size in per_sequence.items()
+    }
+    # Each decode step reads the whole cache it holds: where that reading bounds a step, tokens/s come to about
+    # bandwidth / KV per sequence whatever the batch, so the cartridge's tokens/s exceed ICL's by about the ratio of
+    # their KV per sequence; beyond it only by what ICL's smaller batch pays more per token for the rest (the
+    # weights read once per step, launches). The KV ratio is printed beside the measured one.
+    kv_ratio = per_sequence[icl.name] / per_sequence[cartridge.name]
+    context = icl.prefix.num_tokens
+    print(
+        f"  KV per sequence (the cache length the loop allocates): ICL {per_sequence[icl.name] / 2**20:.0f} MiB, "
+        f"cartridge {per_sequence[cartridge.name] / 2**20:.0f} MiB: {kv_ratio:.1f}x, about the most the throughput "
+        "ratio reaches where reading the cache bounds a decode step",
+        flush=True,
+    )
+    print(f"RESULT cartridge_decode_peak_kv_ratio_{context} {kv_ratio:.3f}")
     row = []
     for condition in (icl, cartridge):
-        per_sequence = kv_bytes_per_sequence(model, condition.prefix.num_tokens, tokenizer, args.new_tokens)
-        # the largest batch of the decode loop's ladder whose KV fits the budget
-        batch = bucket_at_most(min(args.max_batch, budget // per_sequence))
+        batch = batches[condition.name]
         tps = decode_throughput(
             model,
             tokenizer,
@@ -112,7 +131,8 @@ def peak_throughput(
         row.append((batch, tps))
         # as soon as it is known: a run stopped by its time limit still shows the conditions it measured
         print(
-            f"  {condition.name}: batch {batch} ({batch * per_sequence / 2**30:.1f} GiB of KV), {tps:.0f} tok/s",
+            f"  {condition.name}: batch {batch} ({batch * per_sequence[condition.name] / 2**30:.1f} GiB of KV), "
+            f"{tps:.0f} tok/s",
             flush=True,
         )
         if model.device.type == "cuda":

@@ -13,6 +13,16 @@ from hfx.models import seeded
 from tests.conftest import make_tiny_llama
 
 
+def test_cache_lengths_follow_the_ladder_then_steps_of_512():
+    from hfx.generation import bucket_length
+
+    assert [bucket_length(n) for n in (1, 65, 700, 1500, 2048)] == [64, 128, 768, 1536, 2048]
+    # a long cache wastes less than one step: a 2,048-token cartridge with its prompt and answer, a 32k context
+    assert [bucket_length(n) for n in (2049, 2208, 32928, 131232)] == [2560, 2560, 33280, 131584]
+    for n in range(2049, 40000, 997):
+        assert n <= bucket_length(n) < n + 512 and bucket_length(n) % 512 == 0
+
+
 def test_bucket_ladder():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 33)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
     assert [bucket(n, 64) for n in (1, 64, 65, 129, 200, 700)] == [64, 64, 128, 192, 256, 768]
