@@ -1,4 +1,5 @@
-"""Measurement helpers shared by the benchmarks: interleaved timing and peak resident memory of one call."""
+"""Measurement helpers shared by the benchmarks: interleaved timing, peak resident memory of one call, and a profile
+of one call (its operators or kernels, and on a GPU how busy the device was)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,39 @@ def interleaved_times(
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def profile_call(fn: Callable[[], object], label: str, device, rows: int, tag: str) -> dict[str, float]:
+    """Run ``fn`` once under ``torch.profiler`` and print its ``rows`` most expensive operators (kernels on a GPU,
+    by device time), how many kernels it launched and the share of its wall time the device was busy: a low share
+    means the device waits on launches or on the host, a high one on its kernels. ``fn`` must leave the device
+    synchronized. Prints ``RESULT <tag>_kernels`` and ``<tag>_device_busy_share`` on a GPU, ``<tag>_operators`` on a
+    CPU (each operator one launch on a GPU), and returns the same numbers."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    print(f"\n{label}: {wall * 1000:.1f} ms profiled")
+    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows))
+    if cuda:
+        kernels = [
+            e
+            for e in events
+            if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA
+        ]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        launches = sum(e.count for e in kernels)
+        print(f"{label}: {launches} kernels, the device busy {busy * 1000:.1f} ms of {wall * 1000:.1f} ms")
+        print(f"RESULT {tag}_kernels {launches}")
+        print(f"RESULT {tag}_device_busy_share {busy / wall:.3f}")
+        return {"kernels": launches, "device_busy_share": busy / wall}
+    operators = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"{label}: {operators} aten operators (nested calls included)")
+    print(f"RESULT {tag}_operators {operators}")
+    return {"operators": operators}

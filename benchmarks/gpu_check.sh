@@ -360,7 +360,8 @@ if part bench; then
     bench decode-peak 120 benchmarks/cartridges_decode.py --random-model llama-3.2-1b --contexts 32768 131072 \
         --p 2048 --new-tokens 128 --repeats 3 --max-seconds 12 --peak-memory-gib 60 --skip-fixed \
         --device cuda
-    bench quanta-gradients 60 benchmarks/quanta_gradients.py --device cuda --random-model --tokens 64 --batch-size 32
+    bench quanta-gradients 75 benchmarks/quanta_gradients.py --device cuda --random-model --tokens 64 --batch-size 32 \
+        --profile 12
     bench peer-train-step 75 benchmarks/peer_mla_train_step.py --device cuda --peer-kernel triton --profile 15
     if ! part main-job && ! part main-job-default && ! part main-job-half; then  # the runs print their own plans
         bench main-job-plan 100 benchmarks/cartridges_main_job.py --plan-only --budget-minutes 3 \

@@ -28,6 +28,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from _measure import profile_call
 
 from hfx.models import resolve_device, synchronize
 from hfx.peer_mla.analysis import analyze_parameters
@@ -58,35 +59,6 @@ def make_step(model, batch, precision: str, device: torch.device):
         return loss
 
     return step
-
-
-def profile_step(step, label: str, device: torch.device, rows: int) -> None:
-    """One more step under torch.profiler: its operators (kernels on a GPU) by self time, how many kernels it
-    launched and, on a GPU, the share of the step's wall time the device was busy (low: the step waits on
-    launches; high: on its kernels)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        step()  # synchronizes the device at its end
-        wall = time.perf_counter() - start
-    events = prof.key_averages()
-    print(f"\n{label}: one step, {wall * 1000:.1f} ms profiled")
-    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows))
-    tag = label.replace(", ", "_")
-    if cuda:
-        kernels = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
-        busy = sum(e.self_device_time_total for e in kernels) / 1e6
-        launches = sum(e.count for e in kernels)
-        print(f"{label}: {launches} kernels, the device busy {busy * 1000:.1f} ms of {wall * 1000:.1f} ms")
-        print(f"RESULT peer_mla_step_kernels_{tag} {launches}")
-        print(f"RESULT peer_mla_step_device_busy_share_{tag} {busy / wall:.3f}")
-    else:  # on the CPU, operators stand in for kernels (each one launch on a GPU)
-        operators = sum(e.count for e in events if e.key.startswith("aten::"))
-        print(f"{label}: {operators} aten operators (nested calls included)")
-        print(f"RESULT peer_mla_step_operators_{tag} {operators}")
 
 
 def main():
@@ -173,7 +145,13 @@ def main():
         results[precision] = {mlp: tokens / statistics.median(t) for mlp, t in times.items()}
         if args.profile:
             for mlp, fn in steps.items():
-                profile_step(fn, f"{mlp}, {precision}", device, args.profile)
+                profile_call(
+                    fn,
+                    f"{mlp}, {precision}: one step",
+                    device,
+                    args.profile,
+                    f"peer_mla_step_{mlp}_{precision}",
+                )
         del steps
 
     print("| precision | PEER-MLA tokens/s | dense tokens/s | PEER / dense | PEER vs fp32 | dense vs fp32 |")

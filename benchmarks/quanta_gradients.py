@@ -24,6 +24,7 @@ import argparse
 import time
 
 import torch
+from _measure import profile_call
 from _random_models import SHAPES, random_causal_lm
 
 from hfx import models
@@ -77,6 +78,13 @@ def main():
         const="smollm2-135m",
         choices=sorted(SHAPES),
         help="a random-weight model of this shape (default smollm2-135m) on random token ids, no weights",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one batch of the sketch and of the exact mode: N operators (kernels on a GPU)",
     )
     args = parser.parse_args()
 
@@ -166,6 +174,15 @@ def main():
     print(f"RESULT quanta_sketch_vs_exact {ex_s / sk_s:.2f}")
     print(f"RESULT quanta_sketch_cosine_error {sketch_error.max():.4f}")
     print(f"RESULT quanta_sketch_setup_s {setup[args.projection_dim]:.3f}")
+    if args.profile:
+        batch = (contexts[: args.batch_size], targets[: args.batch_size])
+        for engine, tag in ((sketch, "sketch"), (exact, "exact")):
+
+            def one_batch(engine=engine):
+                engine(*batch)
+                models.synchronize(device)
+
+            profile_call(one_batch, f"hfx batched, {tag}: one batch", device, args.profile, f"quanta_{tag}")
 
 
 if __name__ == "__main__":
