@@ -44,12 +44,38 @@ def interleaved_times(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+#: Operators that only make views or read metadata: no kernel runs for them on a GPU.
+VIEW_OPERATORS = frozenset(
+    "alias as_strided chunk detach expand lift_fresh narrow permute reshape _reshape_alias select slice split "
+    "split_with_sizes squeeze t transpose unbind unsqueeze view _unsafe_view".split()
+)
+
+
+def count_operators(fn: Callable[[], object]) -> int:
+    """How many ATen operators that do work (views left out) one call of ``fn`` dispatches: each is a kernel launch
+    on a GPU (a custom operator's own kernels, such as Triton's, count once), so on a CPU this stands in for the
+    launch count a launch-bound GPU pays for."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEW_OPERATORS:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        fn()
+    return counter.count
+
+
 def profile_call(fn: Callable[[], object], label: str, device, rows: int, tag: str) -> dict[str, float]:
     """Run ``fn`` once under ``torch.profiler`` and print its ``rows`` most expensive operators (kernels on a GPU,
     by device time), how many kernels it launched and the share of its wall time the device was busy: a low share
     means the device waits on launches or on the host, a high one on its kernels. ``fn`` must leave the device
     synchronized. Prints ``RESULT <tag>_kernels`` and ``<tag>_device_busy_share`` on a GPU, ``<tag>_operators`` on a
-    CPU (each operator one launch on a GPU), and returns the same numbers."""
+    CPU (:func:`count_operators` on one more call), and returns the same numbers."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -74,7 +100,7 @@ def profile_call(fn: Callable[[], object], label: str, device, rows: int, tag: s
         print(f"RESULT {tag}_kernels {launches}")
         print(f"RESULT {tag}_device_busy_share {busy / wall:.3f}")
         return {"kernels": launches, "device_busy_share": busy / wall}
-    operators = sum(e.count for e in events if e.key.startswith("aten::"))
-    print(f"{label}: {operators} aten operators (nested calls included)")
+    operators = count_operators(fn)
+    print(f"{label}: {operators} operators that launch work (views left out), counted on one more call")
     print(f"RESULT {tag}_operators {operators}")
     return {"operators": operators}
