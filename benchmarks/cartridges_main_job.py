@@ -86,8 +86,10 @@ def main() -> None:
         tokenizer.save_pretrained(model_dir)
         if args.plan_only:
             plans = plan_only(args, model_dir, Path(tmp), device)
-            for fraction, (plan, wall) in zip(args.continuation_fraction, plans, strict=True):
+            for fraction, plan, wall in plans:
                 report(args, fraction, plan, wall, references, planned_only=True)
+            if len(plans) < len(args.continuation_fraction):
+                raise SystemExit(1)  # a mix with no plan that fits
             return
         fraction = args.continuation_fraction[0]
         start = time.perf_counter()
@@ -117,9 +119,9 @@ def mix_name(continuation_fraction: float) -> str:
     return f"{round(100 * (1 - continuation_fraction))}gen"
 
 
-def plan_only(args, model_dir: Path, tmp: Path, device) -> list[tuple[dict, float]]:
-    """The plan of each mix, made as ``run_self_study`` makes it (its own planning function), and the seconds each
-    took from the model's load (the first) or from the end of the previous plan."""
+def plan_only(args, model_dir: Path, tmp: Path, device) -> list[tuple[float, dict, float]]:
+    """(mix, plan, seconds) of each mix that a plan fits, the plan made as ``run_self_study`` makes it (its own
+    planning function); the seconds count a model load, as the mix's own run would."""
     from hfx.cartridges.corpus import load_corpus
     from hfx.cartridges.evaluation import load_questions
     from hfx.cartridges.pipeline import _budgeted_synthesis
@@ -158,7 +160,8 @@ def plan_only(args, model_dir: Path, tmp: Path, device) -> list[tuple[dict, floa
             print(f"{mix_name(fraction)}: no plan fits: {error}")
             print(f"RESULT main_job_conversations_{mix_name(fraction)} 0")
             continue
-        plans.append((json.loads((output_dir / "plan.json").read_text()), time.perf_counter() - start))
+        plan = json.loads((output_dir / "plan.json").read_text())
+        plans.append((fraction, plan, time.perf_counter() - start))
     return plans
 
 

@@ -53,8 +53,8 @@ def bucket(n: int, floor: int = 1) -> int:
 
 
 #: Beyond this many cached tokens the cache length is rounded up to a multiple of :data:`LONG_LENGTH_STEP` instead
-#: (a long context is rarely varied, and 1.5x of it would be memory and attention spent on nothing: a cartridge of
-#: 2,048 tokens with its prompt and answer, 2,208 cached tokens, would take 3,072 on the ladder, 2,560 here).
+#: (a long context is rarely varied, and 1.5x of it would be memory and attention spent on nothing: a 2,048-token
+#: cartridge with a prompt and 128 new tokens, about 2,200 cached tokens, would take 3,072 on the ladder, 2,560 here).
 LONG_LENGTH = 2048
 LONG_LENGTH_STEP = 512
 
