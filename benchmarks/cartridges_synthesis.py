@@ -96,7 +96,7 @@ def phases(model, tokenizer, corpus, config: SynthesisConfig) -> dict[str, float
 
     The chunk's prefill; in each decode call, the prompts' prefill (the model's eager forward), the decode steps
     (one replayed CUDA graph each on a GPU: its kernels' time, and its launch) and the rest of the call (the
-    prompts' padding and mask, the tokens back to the host); the re-scoring of quoted conversations; and the host's
+    prompts' padding and mask, the first token's choice, the tokens back to the host); the re-scoring of quoted conversations; and the host's
     work around them (chat templates, tokenizing, detokenizing, the rows). A GPU that waits on the host shows here
     as a large host share beside short decode steps."""
     import hfx.cartridges.synthesis as synthesis_module
