@@ -7,8 +7,10 @@ from hfx.cartridges.synthesis import (
     QUOTED_KINDS,
     SEED_KINDS,
     SynthesisConfig,
+    expected_coverage,
     load_synthesis,
     sample_chunk,
+    sparse_coverage_warning,
     synthesize,
 )
 
@@ -156,6 +158,30 @@ def test_quotes_answer_with_the_passage_around_the_quoted_words(tmp_path, tiny_m
     assert set(plain["seed_kind"]) == {"continuation"}
     with pytest.raises(ValueError, match="quote_fraction"):
         SynthesisConfig(quote_fraction=-0.1)
+
+
+def test_a_synthesis_that_reads_little_of_a_long_document_says_so(
+    tmp_path, tiny_model, tokenizer, corpus, caplog
+):
+    short = SynthesisConfig(num_conversations=512, conversations_per_chunk=256)  # chunks of 2048 tokens
+    assert (
+        expected_coverage(short, 1500) == 1.0
+    )  # a document shorter than a chunk is read whole by every batch
+    assert sparse_coverage_warning(short, 1500) is None
+    # 100k tokens: two batches of 256 read two windows of 2048 tokens (~4%); 32 per chunk read 16 (~28%)
+    assert expected_coverage(short, 100_000) == pytest.approx(1 - (1 - 2048 / 100_000) ** 2)
+    smaller = SynthesisConfig(num_conversations=512, conversations_per_chunk=32)
+    assert expected_coverage(short, 100_000) < 0.05 < 0.25 < expected_coverage(smaller, 100_000) < 0.3
+    message = sparse_coverage_warning(short, 100_000)
+    assert "512 conversations at 256 per chunk read 2 chunks of about 2048 tokens: about 4%" in message
+    assert "conversations_per_chunk" in message
+    # logged once by the synthesis that starts (this corpus: 3 batches of 40-80 tokens of ~600)
+    config = SynthesisConfig(**CONFIG)
+    assert expected_coverage(config, corpus.num_tokens) < 0.5
+    with caplog.at_level("WARNING", logger="hfx.cartridges.synthesis"):
+        synthesize(tiny_model, tokenizer, corpus, tmp_path / "synth", config, progress=False)
+        synthesize(tiny_model, tokenizer, corpus, tmp_path / "synth", config, progress=False)  # done: quiet
+    assert sum("per chunk read 3 chunks" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_synthesis_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_model, tokenizer, corpus):

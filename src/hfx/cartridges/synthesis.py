@@ -226,6 +226,28 @@ def resolve_conversations_per_chunk(
     return dataclasses.replace(config, conversations_per_chunk=size or CPU_CONVERSATIONS_PER_CHUNK)
 
 
+def expected_coverage(config: SynthesisConfig, num_tokens: int) -> float:
+    """The share of a document of ``num_tokens`` tokens that ``config``'s batches are expected to read: each batch
+    reads one random window (:func:`sample_chunk`) of about the mean chunk length."""
+    length = min(num_tokens, (config.chunk_min_tokens + config.chunk_max_tokens) / 2)
+    return 1.0 - (1.0 - length / num_tokens) ** config.num_batches
+
+
+def sparse_coverage_warning(config: SynthesisConfig, num_tokens: int, below: float = 0.5) -> str | None:
+    """What to tell a user whose synthesis is expected to read less than ``below`` of the document (large batches
+    of one chunk each, on a long document); None when it reads enough."""
+    coverage = expected_coverage(config, num_tokens)
+    if coverage >= below:
+        return None
+    length = min(num_tokens, (config.chunk_min_tokens + config.chunk_max_tokens) // 2)
+    return (
+        f"{config.num_conversations} conversations at {config.conversations_per_chunk} per chunk read "
+        f"{config.num_batches} chunks of about {length} tokens: about {100 * coverage:.0f}% of the document's "
+        f"{num_tokens} tokens, and the cartridge learns little of the rest. Fewer conversations per chunk "
+        "(conversations_per_chunk) read more of it, in smaller batches; more conversations, too."
+    )
+
+
 def sample_chunk(num_tokens: int, config: SynthesisConfig, rng: random.Random) -> tuple[int, int]:
     """A random token window ``[start, end)`` of a corpus of ``num_tokens`` tokens."""
     length = min(num_tokens, rng.randint(config.chunk_min_tokens, config.chunk_max_tokens))
@@ -777,6 +799,9 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
         state.wait_for_everyone()  # every process has seen the marker before it goes
         if state.is_main_process:
             stage.reopen()
+    warning = sparse_coverage_warning(config, corpus.num_tokens)
+    if warning and left and state.is_main_process:
+        logger.warning("%s: %s", output_dir, warning)
     if isinstance(generator, LocalBatches) and config.continuation_fraction < 1 and left:
         if generator.decoder.cuda_graphs:  # a graph per bucket now, not one at a time during the run
             logger.info("Decode steps built for %d buckets", generator.warm_up(corpus, config))
