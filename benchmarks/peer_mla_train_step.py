@@ -44,9 +44,8 @@ from hfx.peer_mla.training import (
 
 
 def make_step(model, batch, precision: str, device: torch.device):
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-4, fused=True
-    )  # a few kernels per step, on any device
+    # fused: a few kernels per step, on any device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision in ("bf16", "fp8") else nullcontext()
     )
