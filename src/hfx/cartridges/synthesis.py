@@ -229,8 +229,11 @@ def resolve_conversations_per_chunk(
 def expected_coverage(config: SynthesisConfig, num_tokens: int) -> float:
     """The share of a document of ``num_tokens`` tokens that ``config``'s batches are expected to read: each batch
     reads one random window (:func:`sample_chunk`) of about the mean chunk length."""
-    length = min(num_tokens, (config.chunk_min_tokens + config.chunk_max_tokens) / 2)
-    return 1.0 - (1.0 - length / num_tokens) ** config.num_batches
+    return 1.0 - (1.0 - _mean_chunk_tokens(config, num_tokens) / num_tokens) ** config.num_batches
+
+
+def _mean_chunk_tokens(config: SynthesisConfig, num_tokens: int) -> float:
+    return min(num_tokens, (config.chunk_min_tokens + config.chunk_max_tokens) / 2)
 
 
 def sparse_coverage_warning(config: SynthesisConfig, num_tokens: int, below: float = 0.5) -> str | None:
@@ -239,10 +242,9 @@ def sparse_coverage_warning(config: SynthesisConfig, num_tokens: int, below: flo
     coverage = expected_coverage(config, num_tokens)
     if coverage >= below:
         return None
-    length = min(num_tokens, (config.chunk_min_tokens + config.chunk_max_tokens) // 2)
     return (
         f"{config.num_conversations} conversations at {config.conversations_per_chunk} per chunk read "
-        f"{config.num_batches} chunks of about {length} tokens: about {100 * coverage:.0f}% of the document's "
+        f"{config.num_batches} chunks of about {_mean_chunk_tokens(config, num_tokens):.0f} tokens: about {100 * coverage:.0f}% of the document's "
         f"{num_tokens} tokens, and the cartridge learns little of the rest. Fewer conversations per chunk "
         "(conversations_per_chunk) read more of it, in smaller batches; more conversations, too."
     )
@@ -800,7 +802,7 @@ def _synthesize(tokenizer, corpus, output_dir, config, model_name, progress, gen
         if state.is_main_process:
             stage.reopen()
     warning = sparse_coverage_warning(config, corpus.num_tokens)
-    if warning and left and state.is_main_process:
+    if warning and status != "done" and state.is_main_process:  # once, as a synthesis starts or resumes
         logger.warning("%s: %s", output_dir, warning)
     if isinstance(generator, LocalBatches) and config.continuation_fraction < 1 and left:
         if generator.decoder.cuda_graphs:  # a graph per bucket now, not one at a time during the run
